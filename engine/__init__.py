@@ -1,0 +1,17 @@
+"""Universality engine: train many small models at once and compare what they learned.
+
+Shape letters used in names throughout the package (``acts_SxTxN`` is an array of shape (S, T, N)):
+
+  S  runs: the stacked leading axis of models (seeds x groups x hyperparameters, flattened)
+  G  elements of a group (its order |G|); A, B, C index group elements in the roles a, b and c = a·b
+  P  input pairs (a, b) of a composition task, P = G² before the train/test split
+  T  inputs (tokens, pairs) over which activations are collected
+  B  a batch of inputs
+  N  neurons (hidden units) of one model
+  V  vocabulary / output classes (padded group order in a mixed-group bucket)
+  D  dimension of an irreducible representation
+  R  irreducible representations of a group
+  K  checkpointed steps
+"""
+
+__version__ = "0.1.0"
