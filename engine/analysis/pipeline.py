@@ -1,0 +1,349 @@
+"""The whole analysis of the runs of one group: per-run records and per-group aggregates, as plain JSON.
+
+``analyze_group(group, irreps, apply_fn, matrices_fn, params_by_step, runs, key=...)`` evaluates every
+checkpoint on all |G|² pairs, runs the passes of ``representation`` and ``cross_seed`` and returns::
+
+  {"group": {...}, "runs": [record, ...], "aggregate": {...}}
+
+Every number is a Python float/int (non-finite values become ``None``); irreps are named by
+``Irrep.name``; ``S×S`` matrices are nested lists in the order of ``runs``.
+
+``group``:
+  ``name``, ``order``; ``irreps``: list of {``name``, ``dim``, ``frobenius_schur``} (trivial first);
+  ``steps``: the checkpoint steps analysed (ascending; the last is the final step of every record);
+  ``threshold``: the key-irrep threshold on the logit similarity; ``universal_threshold``.
+
+``runs[i]`` (one per run, in the order of ``runs``):
+  ``run``: the run's description as given (e.g. {group, seed, seed_index, lr, weight_decay, train_frac}).
+  ``loss_all``, ``accuracy_all``: cross-entropy and accuracy over all |G|² pairs at the final step.
+  ``logit_similarity``: {irrep: mean cosine between centred logits and tr ρ(a·b·c⁻¹)} at the final step.
+  ``fraction_explained``: Σ over non-trivial irreps of similarity²; ``fraction_explained_key``: the same
+    sum over key irreps only.
+  ``key_irreps``: irreps with similarity > ``threshold``, in the irreps' order.
+  ``learning_order``: {irrep: first checkpoint step with similarity > threshold, or None if never}.
+  ``key_irreps_in_order``: key irreps sorted by that step (ties: larger similarity at that step first);
+    ``first_learned``: the first of them (None if no key irreps).
+  ``similarity_by_step``: {irrep: [similarity at each of ``group.steps``]}.
+  ``fve``: {matrix: {irrep: fraction of its squared norm in that irrep's span}} for ``embed_a``,
+    ``embed_b``, ``unembed`` (rows c), ``pre_a``/``pre_b`` (total embeddings, when ``matrices_fn`` gives
+    them) and ``hidden`` (the hidden layer over all pairs projected on functions of a·b; its sum over irreps
+    is ``fve_hidden_ab_total``, the share of the hidden layer that is a function of a·b).
+  ``losses``: (MLP, when ``pre_a``/``pre_b`` are given) {``full``, ``restricted`` (key irreps only),
+    ``excluded`` (key irreps removed), ``excluded_each``: {irrep: loss with that irrep removed}}, else None.
+  ``neurons``: {``source``: ``"pre_activation"`` (P_a[a] + P_b[b]) or ``"hidden"`` (activations as
+    functions of a·b, for models without additive pre-activations), ``dead``: number of constant neurons,
+    ``dominant_counts``: {irrep: live neurons whose dominant non-trivial irrep it is},
+    ``mean_dominant_share``: mean over live neurons of the dominant irrep's share of the non-constant part,
+    ``in_key_irreps``: fraction of live neurons whose dominant irrep is a key irrep of this run,
+    ``universal_fraction``: live neurons with excess correlation > ``universal_threshold`` (None for S = 1),
+    ``mean_excess``: their mean excess correlation}.
+
+``aggregate`` (over the runs of the group):
+  ``n_runs``; ``key_irrep_counts``: {irrep: runs in which it is key} (the paper's table);
+  ``key_irrep_sets``: [{``irreps``: [...], ``count``}] most frequent first; ``first_learned_counts``:
+  {irrep: runs that learned it first}; ``mean_fraction_explained``; ``mean_loss_all``.
+  ``correlation`` (S ≥ 2, else None): ``mean_max``, ``mean_baseline_max`` (over live neurons and other runs),
+  ``mean_excess``, ``universal_fraction`` (over all live neurons), ``excess_histogram`` {``edges``,
+  ``counts``}, ``irrep_agreement`` / ``irrep_agreement_universal``: {``rate``, ``chance``, ``count``} (does a
+  neuron's best match in another run share its dominant irrep; the second over universal neurons only).
+  ``matching`` (S ≥ 2): ``mean_matched_corr`` S×S (Hungarian one-to-one matching; 1 on the diagonal) and
+  ``mean_offdiagonal``.
+  ``cka``, ``procrustes``, ``mutual_knn``: S×S matrices of the hidden representations on all pairs, and
+  ``mean_offdiagonal`` of each under ``similarity_means``.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine import groups as groups_lib
+from engine.analysis import cross_seed
+from engine.analysis import representation as rep
+
+ApplyFn = Callable[[Any, Any, Any], tuple[Any, Any]]
+
+
+def _clean(x):
+  """JSON-ready: numpy scalars to Python, non-finite floats to None, arrays to nested lists."""
+  if isinstance(x, dict):
+    return {str(k): _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_clean(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return _clean(np.asarray(x).tolist())
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if np.isfinite(x) else None
+  return x
+
+
+def _run_description(run) -> Any:
+  if isinstance(run, Mapping):
+    return dict(run)
+  if hasattr(run, "_asdict"):
+    return dict(run._asdict())
+  return str(run)
+
+
+def evaluate_all_pairs(apply_fn: ApplyFn, params_S, n_runs: int, order: int,
+                       batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Logits ``[S, G, G, G]`` (padded classes sliced off) and hidden ``[S, G, G, N]`` on all pairs.
+
+  ``batch_size`` bounds the pairs per ``apply_fn`` call (all |G|² at once when None).
+  """
+  a_P = np.repeat(np.arange(order, dtype=np.int32), order)
+  b_P = np.tile(np.arange(order, dtype=np.int32), order)
+  step = a_P.size if not batch_size else int(batch_size)
+  logits, hidden = [], []
+  for lo in range(0, a_P.size, step):
+    a_SxB = np.broadcast_to(a_P[lo:lo + step], (n_runs, min(step, a_P.size - lo)))
+    b_SxB = np.broadcast_to(b_P[lo:lo + step], a_SxB.shape)
+    lg, hd = apply_fn(params_S, a_SxB, b_SxB)
+    lg, hd = np.asarray(lg), np.asarray(hd)
+    if lg.ndim != 3 or lg.shape[:2] != a_SxB.shape or lg.shape[2] < order:
+      raise ValueError(f"apply_fn must return logits [{n_runs}, B, V>={order}], got {lg.shape}")
+    if hd.ndim != 3 or hd.shape[:2] != a_SxB.shape:
+      raise ValueError(f"apply_fn must return hidden [{n_runs}, B, N], got {hd.shape}")
+    logits.append(lg[..., :order].astype(np.float32))
+    hidden.append(hd.astype(np.float32))
+  logits_SxPxC = np.concatenate(logits, axis=1)
+  hidden_SxPxN = np.concatenate(hidden, axis=1)
+  return (logits_SxPxC.reshape(n_runs, order, order, order),
+          hidden_SxPxN.reshape(n_runs, order, order, -1))
+
+
+def matrices_fn_for(cfg) -> Callable[[Any], dict]:
+  """``matrices_fn`` for ``engine.models``: vmapped ``embedding_matrices`` plus, for the MLP, the total
+  embeddings ``pre_a = embed_a · W1[:E]`` and ``pre_b = embed_b · W1[E:]`` ``[S, V, N]`` that the per-neuron
+  split and the restricted / excluded losses need (unless ``embedding_matrices`` already provides them)."""
+  from engine import models  # pylint: disable=import-outside-toplevel
+
+  def one(params):
+    mats = dict(models.embedding_matrices(params, cfg))
+    if cfg.model == "mlp" and "pre_a" not in mats:
+      e = params["embed_a"].shape[1]
+      mats["pre_a"] = params["embed_a"] @ params["linear"][:e]
+      mats["pre_b"] = params["embed_b"] @ params["linear"][e:]
+    return mats
+
+  return jax.jit(jax.vmap(one))
+
+
+@jax.jit
+def _loss_accuracy(logits_SxAxBxC, table):
+  logp = jax.nn.log_softmax(logits_SxAxBxC, axis=-1)
+  target = jnp.broadcast_to(table[None, :, :, None], logp.shape[:3] + (1,))
+  loss_S = -jnp.take_along_axis(logp, target, axis=-1).mean(axis=(1, 2, 3))
+  acc_S = (jnp.argmax(logp, axis=-1) == table[None]).mean(axis=(1, 2))
+  return loss_S, acc_S
+
+
+def neuron_irreps_from_hidden(hidden_SxAxBxN, group, irreps) -> dict:
+  """Per-neuron split of each neuron's activation, as a function of a·b, over irreps.
+
+  For models whose pre-activation is not P_a[a] + P_b[b] (the transformer): a neuron's share in irrep ρ is
+  the share of its (mean-removed) activation in the span of (a, b) ↦ ρ_ij(a·b); the trivial share is the
+  part that is not a function of a·b. Same keys as ``representation.neuron_irreps``.
+  """
+  tables = rep.irrep_tables(group, irreps)
+  h = jnp.asarray(hidden_SxAxBxN, jnp.float32)
+  s, g, _, n = h.shape
+  h = h - h.mean(axis=(1, 2), keepdims=True)
+  # hidden_fve per neuron: move neurons into the run axis.
+  per_SNxR = rep.hidden_fve(jnp.moveaxis(h, 3, 1).reshape(s * n, g, g, 1), group, tables)
+  share = np.array(per_SNxR, dtype=np.float32).reshape(s, n, -1)
+  share[..., 0] = np.clip(1.0 - share[..., 1:].sum(-1), 0.0, 1.0)
+  nontrivial = share[..., 1:]
+  dominant = (np.argmax(nontrivial, axis=-1) + 1).astype(np.int32) if share.shape[-1] > 1 else np.zeros(
+      (s, n), np.int32)
+  rest = nontrivial.sum(-1)
+  dom_share = np.where(rest > 1e-12, nontrivial.max(-1, initial=0.0) / np.maximum(rest, 1e-12), 0.0)
+  return {"share_SxNxR": share, "dominant_SxN": dominant, "dominant_share_SxN": dom_share}
+
+
+def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_fn: Callable[[Any], dict],
+                  params_by_step: Mapping[int, Any], runs: Sequence[Any], *,
+                  threshold: float = rep.DEFAULT_THRESHOLD, key=None,
+                  universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, knn_k: int = 10,
+                  knn_inputs: int = 1024, batch_size: int | None = None, backend: str = "auto") -> dict:
+  """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
+
+  Args:
+    group: the runs' group; irreps: ``engine.irreps.real_irreps(group)`` (or ``representation.IrrepTables``).
+    apply_fn: ``(params_S, a_SxB, b_SxB) -> (logits_SxBxV, hidden_SxBxN)``; classes ≥ |G| are ignored.
+    matrices_fn: ``params_S -> {name: [S, V, X]}`` with at least ``embed_a``, ``embed_b``, ``unembed``;
+      ``pre_a``/``pre_b`` enable the per-neuron split and the ablation losses (``matrices_fn_for``).
+    params_by_step: checkpoint step -> parameters stacked over the runs; the largest step is final.
+    runs: one description per run (leading axis of the parameters).
+    threshold: key-irrep threshold on the logit similarity; universal_threshold: on excess correlation.
+    key: PRNG key for the rotation baseline and the k-NN subsample (required when there are ≥ 2 runs).
+    knn_k, knn_inputs: mutual k-NN alignment settings; batch_size: pairs per ``apply_fn`` call.
+    backend: ``kernels.correlation`` backend.
+  """
+  tables = rep.irrep_tables(group, irreps)
+  runs = list(runs)
+  n_runs, g = len(runs), group.order
+  if n_runs == 0:
+    raise ValueError("runs is empty")
+  if not params_by_step:
+    raise ValueError("params_by_step is empty")
+  steps = sorted(int(k) for k in params_by_step)
+  if key is None and n_runs >= 2:
+    raise ValueError("key is required to compare two or more runs (rotation baseline)")
+  names = tables.names
+
+  sims = []
+  for step in steps:
+    logits, hidden = evaluate_all_pairs(apply_fn, params_by_step[step], n_runs, g, batch_size)
+    sims.append(np.asarray(rep.logit_similarity(logits, group, tables)))
+  sim_KxSxR = np.stack(sims)
+  sim_SxR = sim_KxSxR[-1]
+  key_SxR = np.asarray(rep.key_irreps(sim_SxR, threshold))
+  frac_S = np.asarray(rep.fraction_explained(sim_SxR))
+  frac_key_S = np.sum(np.where(key_SxR, sim_SxR, 0.0) ** 2, axis=1)
+  order_SxR = np.asarray(rep.learning_order(np.asarray(steps), sim_KxSxR, threshold))
+  loss_S, acc_S = (np.asarray(x) for x in _loss_accuracy(jnp.asarray(logits), jnp.asarray(tables.table)))
+
+  final_params = params_by_step[steps[-1]]
+  mats = {k: np.asarray(v) for k, v in matrices_fn(final_params).items()}
+  fves = {}
+  for name, m in mats.items():
+    if m.ndim == 3 and m.shape[0] == n_runs and m.shape[1] >= g:
+      fves[name] = np.asarray(rep.fve(m[:, :g], group, tables))
+  hidden_fve_SxR = np.asarray(rep.hidden_fve(hidden, group, tables))
+
+  losses = None
+  if "pre_a" in mats and "pre_b" in mats:
+    neurons = {k: np.asarray(v) for k, v in
+               rep.neuron_irreps(mats["pre_a"][:, :g], mats["pre_b"][:, :g], group, tables).items()}
+    source = "pre_activation"
+    abl = rep.ablation_losses(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"], key_SxR, group,
+                              tables)
+    losses = {k: np.asarray(v) for k, v in abl.items()}
+  else:
+    neurons = neuron_irreps_from_hidden(hidden, group, tables)
+    source = "hidden"
+
+  acts_SxTxN = hidden.reshape(n_runs, g * g, -1)
+  dead_SxN = ~np.asarray(cross_seed.live_neurons(acts_SxTxN))
+  corr = None
+  if n_runs >= 2:
+    k_corr, k_knn = jax.random.split(key)
+    corr = {k: np.asarray(v) for k, v in cross_seed.neuron_correlations(
+        acts_SxTxN, key=k_corr, universal_threshold=universal_threshold, backend=backend).items()}
+    dead_SxN = corr["dead_SxN"].astype(bool) | dead_SxN
+    matching = cross_seed.match_neurons(acts_SxTxN)
+    sim_mats = {k: np.asarray(v) for k, v in cross_seed.representation_similarity(
+        acts_SxTxN, k=min(knn_k, min(knn_inputs, g * g) - 1), knn_inputs=knn_inputs, key=k_knn).items()}
+  else:
+    sim_mats = {k: np.asarray(v) for k, v in cross_seed.representation_similarity(
+        acts_SxTxN, k=min(knn_k, min(knn_inputs, g * g) - 1), knn_inputs=knn_inputs,
+        key=key if key is not None else jax.random.key(0)).items()}
+
+  records = []
+  for i, run in enumerate(runs):
+    live = ~dead_SxN[i]
+    key_names = [names[r] for r in range(len(names)) if key_SxR[i, r]]
+    learned = {names[r]: (int(order_SxR[i, r]) if order_SxR[i, r] >= 0 else None) for r in range(len(names))}
+    # Irreps crossing at the same checkpoint are ordered by their similarity there (largest first).
+    in_order = sorted((r for r in range(len(names)) if key_SxR[i, r] and order_SxR[i, r] >= 0),
+                      key=lambda r: (order_SxR[i, r], -sim_KxSxR[steps.index(order_SxR[i, r]), i, r], r))
+    in_order += [r for r in range(len(names)) if key_SxR[i, r] and order_SxR[i, r] < 0]
+    dom = neurons["dominant_SxN"][i][live]
+    rec = {
+        "run": _run_description(run),
+        "loss_all": loss_S[i], "accuracy_all": acc_S[i],
+        "logit_similarity": dict(zip(names, sim_SxR[i])),
+        "fraction_explained": frac_S[i], "fraction_explained_key": frac_key_S[i],
+        "key_irreps": key_names,
+        "learning_order": learned,
+        "key_irreps_in_order": [names[r] for r in in_order],
+        "first_learned": names[in_order[0]] if in_order else None,
+        "similarity_by_step": {names[r]: sim_KxSxR[:, i, r] for r in range(len(names))},
+        "fve": {**{m: dict(zip(names, v[i])) for m, v in fves.items()},
+                "hidden": dict(zip(names, hidden_fve_SxR[i]))},
+        "fve_hidden_ab_total": hidden_fve_SxR[i].sum(),
+        "losses": None if losses is None else {
+            "full": losses["full_S"][i], "restricted": losses["restricted_S"][i],
+            "excluded": losses["excluded_S"][i],
+            "excluded_each": dict(zip(names, losses["excluded_each_SxR"][i]))},
+        "neurons": {
+            "source": source, "dead": int(np.sum(~live)),
+            "dominant_counts": {names[r]: int(np.sum(dom == r)) for r in range(len(names))},
+            "mean_dominant_share": float(np.mean(neurons["dominant_share_SxN"][i][live])) if live.any()
+                                   else None,
+            "in_key_irreps": float(np.mean(key_SxR[i][dom])) if dom.size else None,
+            "universal_fraction": None if corr is None else corr["universal_fraction_S"][i],
+            "mean_excess": None if corr is None else (
+                float(np.nanmean(corr["excess_SxN"][i][live])) if live.any() else None),
+        },
+    }
+    records.append(rec)
+
+  aggregate = _aggregate(records, names, corr, neurons, dead_SxN, sim_mats,
+                         None if n_runs < 2 else matching, n_runs)
+  out = {
+      "group": {"name": group.name, "order": g, "steps": steps, "threshold": float(threshold),
+                "universal_threshold": float(universal_threshold),
+                "irreps": [{"name": n, "dim": int(d), "frobenius_schur": int(fs)}
+                           for n, d, fs in zip(names, tables.dims, tables.frobenius_schur)]},
+      "runs": records,
+      "aggregate": aggregate,
+  }
+  return _clean(out)
+
+
+def _offdiag_mean(m_SxS: np.ndarray):
+  s = m_SxS.shape[0]
+  if s < 2:
+    return None
+  vals = m_SxS[~np.eye(s, dtype=bool)]
+  vals = vals[np.isfinite(vals)]
+  return float(vals.mean()) if vals.size else None
+
+
+def _aggregate(records, names, corr, neurons, dead_SxN, sim_mats, matching, n_runs) -> dict:
+  key_counts = {n: sum(n in r["key_irreps"] for r in records) for n in names}
+  sets = collections.Counter(tuple(r["key_irreps"]) for r in records)
+  first = collections.Counter(r["first_learned"] for r in records if r["first_learned"] is not None)
+  agg = {
+      "n_runs": n_runs,
+      "key_irrep_counts": key_counts,
+      "key_irrep_sets": [{"irreps": list(k), "count": c}
+                         for k, c in sorted(sets.items(), key=lambda kv: (-kv[1], kv[0]))],
+      "first_learned_counts": {n: first.get(n, 0) for n in names},
+      "mean_fraction_explained": float(np.nanmean([r["fraction_explained"] for r in records])),
+      "mean_loss_all": float(np.nanmean([r["loss_all"] for r in records])),
+      "cka": sim_mats["cka"], "procrustes": sim_mats["procrustes"], "mutual_knn": sim_mats["mutual_knn"],
+      "similarity_means": {k: _offdiag_mean(v) for k, v in sim_mats.items()},
+      "correlation": None, "matching": None,
+  }
+  if corr is not None:
+    s = n_runs
+    live_SxN = ~dead_SxN
+    other = ~np.eye(s, dtype=bool)
+    sel = live_SxN[:, :, None] & other[:, None, :]
+    excess = corr["excess_SxN"][live_SxN]
+    counts, edges = np.histogram(excess[np.isfinite(excess)], bins=20, range=(-0.5, 1.0))
+    agg["correlation"] = {
+        "mean_max": float(np.nanmean(corr["max_SxNxS"][sel])) if sel.any() else None,
+        "mean_baseline_max": float(np.nanmean(corr["baseline_max_SxNxS"][sel])) if sel.any() else None,
+        "mean_excess": float(np.nanmean(excess)) if excess.size else None,
+        "universal_fraction": float(np.sum(corr["universal_SxN"] & live_SxN) / max(live_SxN.sum(), 1)),
+        "excess_histogram": {"edges": edges, "counts": counts},
+        "irrep_agreement": cross_seed.irrep_agreement(corr["argmax_SxNxS"], neurons["dominant_SxN"],
+                                                      dead_SxN),
+        "irrep_agreement_universal": cross_seed.irrep_agreement(
+            corr["argmax_SxNxS"], neurons["dominant_SxN"], dead_SxN, corr["universal_SxN"]),
+    }
+    agg["matching"] = {"mean_matched_corr": matching["mean_matched_SxS"],
+                       "mean_offdiagonal": _offdiag_mean(matching["mean_matched_SxS"])}
+  return agg

@@ -1,0 +1,135 @@
+"""Orbax checkpoints of the stacked training state of all runs.
+
+A run directory holds ``checkpoints/<step>/state`` (Orbax, written asynchronously and committed atomically
+by every process of a multi-host job). Steps follow a log-spaced schedule plus the last step, because the
+analyses need early checkpoints to find the order in which features are learned.
+
+Restoring picks the newest checkpoint that restores cleanly: a truncated or corrupt one is reported with a
+warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside ``checkpoints/`` (never deleted; a
+read-only reader only skips it), and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or a checkpoint directory that cannot be written."""
+
+
+def log_spaced_steps(total_steps: int, num: int, multiple: int = 1) -> list[int]:
+  """``num`` roughly log-spaced steps in ``[0, total_steps]``, rounded to multiples of ``multiple``.
+
+  Always contains 0 (the initialisation) and ``total_steps``; duplicates after rounding are dropped.
+  """
+  if total_steps <= 0 or num <= 0 or multiple <= 0:
+    raise ValueError(f"log_spaced_steps needs positive arguments, got {total_steps}, {num}, {multiple}")
+  raw = np.geomspace(multiple, total_steps, num=max(num - 1, 1))
+  rounded = np.round(raw / multiple).astype(np.int64) * multiple
+  steps = {0, int(total_steps)} | {int(s) for s in rounded if 0 < s <= total_steps}
+  return sorted(steps)
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+  """ShapeDtypeStructs for ``tree``; each leaf keeps its own sharding unless ``sharding`` is given."""
+
+  def one(x):
+    x_sharding = sharding if sharding is not None else getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x_sharding)
+
+  return jax.tree.map(one, tree)
+
+
+class Checkpointer:
+  """Saves and restores one pytree (the stacked train state) per step under ``directory``."""
+
+  def __init__(self, directory: str | os.PathLike, *, async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(os.fspath(directory))
+    if not read_only:
+      try:
+        os.makedirs(self.directory, exist_ok=True)
+      except OSError as e:
+        raise CheckpointError(f"cannot create checkpoint directory {self.directory}: {e.strerror}") from None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+    self.read_only = read_only
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+
+  def steps(self) -> list[int]:
+    """Committed checkpoint steps, ascending."""
+    self._manager.reload()
+    return sorted(int(s) for s in self._manager.all_steps())
+
+  def save(self, step: int, state: Any) -> None:
+    """Starts an asynchronous save of ``state`` at ``step`` (a step that exists already is kept)."""
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+
+  def restore(self, abstract_state: Any, step: int | None = None,
+              fallback: bool = True) -> tuple[int, Any]:
+    """Restores the checkpoint at ``step`` (default: the newest) into the layout of ``abstract_state``.
+
+    With ``fallback``, a checkpoint that fails to restore is moved aside and the previous one is tried.
+    Raises CheckpointError when none restores.
+    """
+    candidates = self.steps() if step is None else [int(step)]
+    if step is not None and int(step) not in self.steps():
+      raise CheckpointError(f"no checkpoint at step {step} in {self.directory} (have {self.steps()})")
+    for s in reversed(candidates):
+      try:
+        restored = self._manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return s, restored["state"]
+      except Exception as e:  # Orbax raises many types (ValueError, OSError, JSON errors) for bad data.
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if not fallback:
+          raise CheckpointError(f"checkpoint {s} in {self.directory} does not restore: {reason}") from None
+        logging.warning("checkpoint %d in %s is corrupt (%s); falling back to the previous one",
+                        s, self.directory, reason)
+        print(f"WARNING: checkpoint {s} is corrupt ({reason}); falling back to the previous one", flush=True)
+        self._quarantine(s)
+    raise CheckpointError(f"no restorable checkpoint in {self.directory}")
+
+  def _quarantine(self, step: int) -> None:
+    """Moves a corrupt step directory aside so that a resumed run can write that step again."""
+    if self.read_only or jax.process_index() != 0:
+      return
+    src = os.path.join(self.directory, str(step))
+    dst_dir = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    os.makedirs(dst_dir, exist_ok=True)
+    dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.isdir(src):
+      os.replace(src, dst)
+    self._manager.reload()
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def restore_latest(directory: str, abstract_state: Any):
+  """Convenience for notebooks: (step, state) of the newest restorable checkpoint, read-only."""
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    return ckpt.restore(abstract_state, fallback=False)
+  finally:
+    ckpt.close()

@@ -1,0 +1,171 @@
+"""The two architectures of *A Toy Model of Universality* (Chughtai, Chan, Nanda 2023), as pure functions.
+
+``init(key, cfg, vocab, order)`` returns a dict of float32 arrays; ``apply(params, a_B, b_B, cfg)`` returns
+``(logits_BxV, hidden_BxN)``, ``hidden`` being the ReLU layer the analyses read (MLP: its ``hidden`` neurons;
+transformer: the ``d_mlp`` neurons of the last block at the ``=`` position).
+
+MLP: ``logits = ReLU(concat(W_a[a], W_b[b]) · W1) · U``, computed in the factorised form
+``ReLU(P_a[a] + P_b[b]) · U`` with ``P_a = W_a · W1[:E]``, ``P_b = W_b · W1[E:]``: the same function and the
+same gradients, but the first layer costs two ``V×E×N`` products instead of a ``B×2E×N`` one.
+
+Transformer: tokens ``a b =``, learned positional embeddings, ``n_layers`` blocks of causal multi-head
+attention and a ReLU MLP (with biases), residual connections, no LayerNorm; logits read at ``=``.
+
+Initialisation follows the paper's code base (Nanda's grokking transformer): every weight is
+``N(0, 1/fan_in)`` with ``fan_in`` the input width of its matrix product; embedding tables are
+``N(0, 1/width)``; biases start at 0. Each row of a table indexed by a group element (and each unembedding
+column) is drawn from its own key ``fold_in(key, row)``, so a group of order ``n`` padded into a bucket of
+vocabulary ``V > n`` gets exactly the weights it gets alone; rows ``>= order`` are zero and, having zero
+gradient and zero weight-decay pull, stay zero.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+
+def hidden_size(cfg) -> int:
+  """N: the number of ReLU neurons ``apply`` returns."""
+  return int(cfg.hidden if cfg.model == "mlp" else cfg.d_mlp)
+
+
+def _key(key, name: str):
+  """A key per parameter name (stable across versions: crc32 of the name)."""
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _normal(key, name: str, shape, fan_in: int):
+  return jax.random.normal(_key(key, name), shape, jnp.float32) / jnp.sqrt(jnp.float32(fan_in))
+
+
+def _rows(key, name: str, vocab: int, order, width: int, fan_in: int):
+  """``[vocab, width]`` with row r drawn from ``fold_in(key_name, r)``; rows ``>= order`` are zero."""
+  k = _key(key, name)
+  rows = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(k, r), (width,), jnp.float32))(
+      jnp.arange(vocab))
+  keep = (jnp.arange(vocab) < order)[:, None]
+  return jnp.where(keep, rows / jnp.sqrt(jnp.float32(fan_in)), 0.0)
+
+
+def init(key, cfg, vocab: int, order=None) -> dict:
+  """Parameters of ``cfg.model`` for a group of ``order`` elements padded to ``vocab`` classes.
+
+  Args:
+    key: a PRNG key; the whole initialisation is a function of it.
+    cfg: the config (``model`` and the width fields are read).
+    vocab: V, static: the padded number of classes (the bucket's largest group order).
+    order: the run's true group order (an int or a traced int32 scalar); defaults to ``vocab``.
+  """
+  if vocab < 1:
+    raise ValueError(f"vocab must be >= 1, got {vocab}")
+  order = vocab if order is None else order
+  if cfg.model == "mlp":
+    e, n = cfg.embed_dim, cfg.hidden
+    return {
+        "embed_a": _rows(key, "embed_a", vocab, order, e, e),
+        "embed_b": _rows(key, "embed_b", vocab, order, e, e),
+        "linear": _normal(key, "linear", (2 * e, n), 2 * e),
+        "unembed": _rows(key, "unembed", vocab, order, n, n).T,   # [N, V]: column c reads out class c
+    }
+  if cfg.model == "transformer":
+    d, h, m = cfg.d_model, cfg.n_heads, cfg.d_mlp
+    dh = d // h
+    blocks = []
+    for l in range(cfg.n_layers):
+      p = f"block{l}/"
+      blocks.append({
+          "wq": _normal(key, p + "wq", (h, d, dh), d),
+          "wk": _normal(key, p + "wk", (h, d, dh), d),
+          "wv": _normal(key, p + "wv", (h, d, dh), d),
+          "wo": _normal(key, p + "wo", (h, dh, d), d),
+          "w_in": _normal(key, p + "w_in", (d, m), d),
+          "b_in": jnp.zeros((m,), jnp.float32),
+          "w_out": _normal(key, p + "w_out", (m, d), m),
+          "b_out": jnp.zeros((d,), jnp.float32),
+      })
+    return {
+        "embed": _rows(key, "embed", vocab, order, d, d),           # token rows of the group elements
+        "embed_eq": _normal(key, "embed_eq", (d,), d),              # the '=' token
+        "pos": _normal(key, "pos", (3, d), d),
+        "blocks": blocks,
+        "unembed": _rows(key, "unembed", vocab, order, d, d).T,     # [d_model, V]
+    }
+  raise ValueError(f"unknown model {cfg.model!r}; expected 'mlp' or 'transformer'")
+
+
+def _mlp(params, a_B, b_B):
+  e = params["embed_a"].shape[1]
+  w1 = params["linear"]
+  # Project the tables once (V×E×N) instead of every pair (B×2E×N): the gather commutes with the product.
+  pa_VxN = params["embed_a"] @ w1[:e]
+  pb_VxN = params["embed_b"] @ w1[e:]
+  hidden_BxN = jax.nn.relu(pa_VxN[a_B] + pb_VxN[b_B])
+  return hidden_BxN @ params["unembed"], hidden_BxN
+
+
+def mlp_apply_concat(params, a_B, b_B):
+  """The MLP in its literal form (concatenate, then multiply): the reference the factorised form must equal."""
+  x_Bx2E = jnp.concatenate([params["embed_a"][a_B], params["embed_b"][b_B]], axis=-1)
+  hidden_BxN = jax.nn.relu(x_Bx2E @ params["linear"])
+  return hidden_BxN @ params["unembed"], hidden_BxN
+
+
+def _attention(blk, x_BxLxD, q_BxQxD):
+  """Causal multi-head attention of the last ``Q`` positions of ``x`` (queries ``q``) over all positions."""
+  n_pos, n_q = x_BxLxD.shape[1], q_BxQxD.shape[1]
+  dh = blk["wq"].shape[-1]
+  q = jnp.einsum("bqd,hde->bhqe", q_BxQxD, blk["wq"])
+  k = jnp.einsum("bld,hde->bhle", x_BxLxD, blk["wk"])
+  v = jnp.einsum("bld,hde->bhle", x_BxLxD, blk["wv"])
+  scores = jnp.einsum("bhqe,bhle->bhql", q, k) / jnp.sqrt(jnp.float32(dh))
+  causal_QxL = jnp.arange(n_pos)[None, :] <= jnp.arange(n_pos - n_q, n_pos)[:, None]
+  scores = jnp.where(causal_QxL[None, None], scores, -jnp.inf)
+  z = jnp.einsum("bhql,bhle->bhqe", jax.nn.softmax(scores, axis=-1), v)
+  return jnp.einsum("bhqe,hed->bqd", z, blk["wo"])
+
+
+def _transformer(params, a_B, b_B):
+  d = params["pos"].shape[1]
+  eq_BxD = jnp.broadcast_to(params["embed_eq"], (a_B.shape[0], d))
+  x_BxLxD = jnp.stack([params["embed"][a_B], params["embed"][b_B], eq_BxD], axis=1) + params["pos"][None]
+  hidden_BxN = None
+  for l, blk in enumerate(params["blocks"]):
+    last = l == len(params["blocks"]) - 1
+    # Only the '=' position feeds the logits, so the last block computes queries and MLP there alone.
+    q_BxQxD = x_BxLxD[:, -1:] if last else x_BxLxD
+    r_BxQxD = q_BxQxD + _attention(blk, x_BxLxD, q_BxQxD)
+    hidden = jax.nn.relu(r_BxQxD @ blk["w_in"] + blk["b_in"][None, None])
+    r_BxQxD = r_BxQxD + hidden @ blk["w_out"] + blk["b_out"][None, None]
+    x_BxLxD = r_BxQxD
+    hidden_BxN = hidden[:, -1]
+  return x_BxLxD[:, -1] @ params["unembed"], hidden_BxN
+
+
+def apply(params, a_B, b_B, cfg):
+  """Logits ``[B, V]`` (unmasked; classes ``>= order`` are padding) and the ReLU layer ``[B, N]``."""
+  if jnp.ndim(a_B) != 1 or jnp.shape(a_B) != jnp.shape(b_B):
+    raise ValueError(f"a and b must be 1-D batches of equal length, got {jnp.shape(a_B)}, {jnp.shape(b_B)}")
+  if cfg.model == "mlp":
+    return _mlp(params, a_B, b_B)
+  if cfg.model == "transformer":
+    return _transformer(params, a_B, b_B)
+  raise ValueError(f"unknown model {cfg.model!r}; expected 'mlp' or 'transformer'")
+
+
+def embedding_matrices(params, cfg) -> dict:
+  """The maps the irrep analyses project: 'embed_a', 'embed_b' ``[V, E]`` and 'unembed' ``[V, N]``.
+
+  Rows index group elements / classes. For the transformer both embeddings are the token embedding rows of
+  the group elements, 'unembed' is the neuron-to-logit map ``(W_out · W_U)ᵀ`` of the last block (row c: the
+  direction in neuron space that raises logit c), and 'unembed_resid' ``[V, d_model]`` is ``W_Uᵀ`` itself.
+  """
+  if cfg.model == "mlp":
+    return {"embed_a": params["embed_a"], "embed_b": params["embed_b"], "unembed": params["unembed"].T}
+  if cfg.model == "transformer":
+    w_out = params["blocks"][-1]["w_out"]
+    return {"embed_a": params["embed"], "embed_b": params["embed"],
+            "unembed": (w_out @ params["unembed"]).T, "unembed_resid": params["unembed"].T}
+  raise ValueError(f"unknown model {cfg.model!r}; expected 'mlp' or 'transformer'")

@@ -1,0 +1,114 @@
+"""The composition task of a finite group, split and padded for training many runs in one program.
+
+Every run sees all ``|G|²`` pairs ``(a, b) -> a·b`` of its group, shuffled by a seeded permutation: the first
+``round(train_frac · |G|²)`` pairs train, the rest test. The permutation depends only on (base seed, seed
+index, group), so splits at different train fractions of the same seed are nested.
+
+A bucket stacks runs over the leading ``S`` axis. Groups of different orders are padded to the bucket's
+largest order ``V``: logits of classes ``>= order`` are masked to ``-inf`` by the loss, and padded pairs carry
+weight 0. Train and test pairs are stored in separate arrays, each padded only to the bucket maximum of its
+own count, so a train step never spends FLOPs on test pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from engine import groups as groups_lib
+
+
+def group_tag(group: groups_lib.Group) -> int:
+  """A 31-bit integer from the group's content hash: mixes the group into every seed derivation."""
+  return int(group.key[:8], 16) & 0x7FFFFFFF
+
+
+def n_train_pairs(order: int, train_frac: float) -> int:
+  """Number of training pairs: ``round(train_frac · order²)``, at least 1."""
+  if not 0 < train_frac <= 1:
+    raise ValueError(f"train_frac must lie in (0, 1], got {train_frac}")
+  return int(min(order * order, max(1, round(train_frac * order * order))))
+
+
+def pair_permutation(group: groups_lib.Group, seed: int, seed_index: int) -> np.ndarray:
+  """int32 ``[|G|²]``: the seeded order of the pair indices ``p = a·|G| + b`` (train pairs come first)."""
+  if seed < 0 or seed_index < 0:
+    raise ValueError(f"seed and seed_index must be >= 0, got {seed}, {seed_index}")
+  rng = np.random.default_rng(np.random.SeedSequence([seed, seed_index, group_tag(group), 0x5A17]))
+  return rng.permutation(group.order * group.order).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One run's task: pairs as int32 ``[P, 3]`` rows ``(a, b, a·b)``, train first then test."""
+  group: groups_lib.Group
+  pairs_Px3: np.ndarray
+  n_train: int
+
+  @property
+  def train_Px3(self) -> np.ndarray:
+    return self.pairs_Px3[:self.n_train]
+
+  @property
+  def test_Px3(self) -> np.ndarray:
+    return self.pairs_Px3[self.n_train:]
+
+
+def split(group: groups_lib.Group, train_frac: float, seed: int, seed_index: int) -> Split:
+  """The seeded train/test split of ``group``'s composition task."""
+  n = group.order
+  perm = pair_permutation(group, seed, seed_index)
+  a, b = perm // n, perm % n
+  pairs = np.stack([a, b, group.table[a, b]], axis=1).astype(np.int32)
+  return Split(group=group, pairs_Px3=pairs, n_train=n_train_pairs(n, train_frac))
+
+
+class TaskData(NamedTuple):
+  """A bucket of runs, padded. ``P``: bucket max of train counts, ``Q``: of test counts (at least 1).
+
+  Weights are ``1/count`` on real pairs and 0 on padding, so ``Σ w · loss`` is the mean over real pairs.
+  Padded pairs are ``(0, 0) -> 0``, a valid index in every group.
+  """
+  train_a_SxP: np.ndarray
+  train_b_SxP: np.ndarray
+  train_c_SxP: np.ndarray
+  train_w_SxP: np.ndarray
+  n_train_S: np.ndarray
+  test_a_SxQ: np.ndarray
+  test_b_SxQ: np.ndarray
+  test_c_SxQ: np.ndarray
+  test_w_SxQ: np.ndarray
+  order_S: np.ndarray
+
+  @property
+  def vocab(self) -> int:
+    """V: the bucket's largest group order."""
+    return int(self.order_S.max())
+
+
+def _pad(rows: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Stacks ``[k_s, 3]`` pair arrays into ``[S, width, 3]`` plus float32 weights ``[S, width]``."""
+  out = np.zeros((len(rows), width, 3), np.int32)
+  w = np.zeros((len(rows), width), np.float32)
+  for s, r in enumerate(rows):
+    out[s, :len(r)] = r
+    if len(r):
+      w[s, :len(r)] = np.float32(1.0 / len(r))
+  return out, w
+
+
+def stack(splits: Sequence[Split]) -> TaskData:
+  """Pads and stacks the splits of a bucket of runs (any mix of groups) along a leading ``S`` axis."""
+  if not splits:
+    raise ValueError("stack needs at least one split")
+  p = max(s.n_train for s in splits)
+  q = max(1, max(len(s.test_Px3) for s in splits))
+  train, train_w = _pad([s.train_Px3 for s in splits], p)
+  test, test_w = _pad([s.test_Px3 for s in splits], q)
+  return TaskData(
+      train_a_SxP=train[..., 0], train_b_SxP=train[..., 1], train_c_SxP=train[..., 2], train_w_SxP=train_w,
+      n_train_S=np.asarray([s.n_train for s in splits], np.int32),
+      test_a_SxQ=test[..., 0], test_b_SxQ=test[..., 1], test_c_SxQ=test[..., 2], test_w_SxQ=test_w,
+      order_S=np.asarray([s.group.order for s in splits], np.int32))
