@@ -6,6 +6,10 @@ leading ``S`` axis in row-major order of that product — groups outermost, seed
 
   s = (((g · n_lr + i_lr) · n_wd + i_wd) · n_frac + i_frac) · seeds + k
 
+when every group sweeps the same train fractions. A group named in ``train_frac_by_group`` trains at that
+one fraction instead (n_frac = 1 for it), so the paper's studies, where each group has its own fraction, are
+one program too.
+
 A run's initial parameters, data split and minibatch stream depend only on ``(seed, seed index, group)``
 where the seed index is ``seed_offset + k``; never on the run's position in the grid. Two runs that differ
 only in lr, weight decay or train fraction therefore start from the same weights (a controlled comparison),
@@ -44,6 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.lr = "1e-3"            # comma-separated learning rates (a sweep axis)
   cfg.weight_decay = "1.0"   # comma-separated weight decays (a sweep axis)
   cfg.train_frac = "0.4"     # comma-separated fractions of the |G|² pairs used for training (a sweep axis)
+  cfg.train_frac_by_group = ""  # per-group fractions overriding train_frac, e.g. "S5=0.4,S6=0.25" (as in
+                                # the paper, where each group has its own); groups not named use train_frac
   cfg.b1 = 0.9               # Adam first-moment decay
   cfg.b2 = 0.98              # Adam second-moment decay
   cfg.eps = 1e-8             # Adam denominator epsilon
@@ -51,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.steps = 1000           # optimiser steps per run
   cfg.eval_every = 100       # steps between metric evaluations; must divide steps
   cfg.batch_size = 0         # 0: full batch (the paper); otherwise pairs sampled with replacement per step
+  # Launch (engine.launch): checkpoints and what happens at the end.
+  cfg.num_checkpoints = 24   # log-spaced checkpoints (plus step 0 and the last step) for learning order
+  cfg.analyze = True         # run engine.analysis and write the report when training ends
   # Execution (changes speed, not results beyond float rounding).
   cfg.run_chunk = 0          # runs vmapped together on each device; 0: auto (1 on CPU, where one model's
                              # activations then stay in cache; all of a device's runs on GPU/TPU)
@@ -128,11 +137,39 @@ def validate(cfg) -> None:
   for v in parse_floats(cfg.train_frac, "train_frac"):
     if not 0 < v <= 1:
       raise ValueError(f"config.train_frac: must lie in (0, 1], got {v}")
+  by_group = train_frac_by_group(cfg)
+  unknown = sorted(set(by_group) - set(group_specs(cfg)))
+  if unknown:
+    raise ValueError(f"config.train_frac_by_group: {unknown} not in config.groups")
+  _int_field(cfg, "num_checkpoints", 2)
+  if not isinstance(cfg.analyze, bool):
+    raise ValueError(f"config.analyze: expected True or False, got {cfg.analyze!r}")
   for name in ("b1", "b2"):
     if not 0 <= float(cfg[name]) < 1:
       raise ValueError(f"config.{name}: must lie in [0, 1), got {cfg[name]}")
   if not float(cfg.eps) > 0:
     raise ValueError(f"config.eps: must be > 0, got {cfg.eps}")
+
+
+def train_frac_by_group(cfg) -> dict[str, float]:
+  """``"S5=0.4, S6=0.25"`` -> ``{"S5": 0.4, "S6": 0.25}`` (validated)."""
+  text = cfg.train_frac_by_group
+  if not isinstance(text, str):
+    raise ValueError(f"config.train_frac_by_group: expected a string like 'S5=0.4,S6=0.25', got {text!r}")
+  out = {}
+  for item in (t.strip() for t in text.split(",")):
+    if not item:
+      continue
+    spec, sep, value = item.partition("=")
+    try:
+      frac = float(value)
+    except ValueError:
+      frac = None
+    if not sep or frac is None or not 0 < frac <= 1:
+      raise ValueError(f"config.train_frac_by_group: cannot read {item!r}; expected GROUP=FRACTION with "
+                       "the fraction in (0, 1]")
+    out[spec.strip()] = frac
+  return out
 
 
 def runs(cfg) -> list[dict]:
@@ -143,10 +180,12 @@ def runs(cfg) -> list[dict]:
   """
   validate(cfg)
   out = []
+  by_group = train_frac_by_group(cfg)
   for spec in group_specs(cfg):
+    fracs = (by_group[spec],) if spec in by_group else parse_floats(cfg.train_frac, "train_frac")
     for lr in parse_floats(cfg.lr, "lr"):
       for wd in parse_floats(cfg.weight_decay, "weight_decay"):
-        for frac in parse_floats(cfg.train_frac, "train_frac"):
+        for frac in fracs:
           for k in range(cfg.seeds):
             out.append(dict(group=spec, seed=int(cfg.seed), seed_index=int(cfg.seed_offset) + k, lr=lr,
                             weight_decay=wd, train_frac=frac))

@@ -169,3 +169,14 @@ def test_unwritable_workdir(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(launch.LaunchError, match="cannot create workdir"):
     launch.run_study(small_config(), str(blocker / "run"), progress=False)
+
+
+def test_train_frac_by_group_overrides_the_sweep():
+  cfg = small_config(groups="C7,S3,D4", train_frac="0.3,0.5", train_frac_by_group="S3=0.8")
+  rows = config_lib.runs(cfg)
+  fracs = {(r["group"], r["train_frac"]) for r in rows}
+  assert fracs == {("C7", 0.3), ("C7", 0.5), ("S3", 0.8), ("D4", 0.3), ("D4", 0.5)}
+  assert len(rows) == (2 + 1 + 2) * cfg.seeds
+  for bad, needle in [("S4=0.5", "not in config.groups"), ("S3=1.5", "cannot read"), ("S3", "cannot read")]:
+    with pytest.raises(ValueError, match=needle):
+      config_lib.validate(small_config(groups="C7,S3", train_frac_by_group=bad))
