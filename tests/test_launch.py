@@ -180,3 +180,18 @@ def test_train_frac_by_group_overrides_the_sweep():
   for bad, needle in [("S4=0.5", "not in config.groups"), ("S3=1.5", "cannot read"), ("S3", "cannot read")]:
     with pytest.raises(ValueError, match=needle):
       config_lib.validate(small_config(groups="C7,S3", train_frac_by_group=bad))
+
+
+def test_diverging_member_is_named_in_metrics_and_log(tmp_path, capsys):
+  cfg = small_config(groups="C7", lr="1e-2,1e3", steps=40)
+  launch.run_study(cfg, str(tmp_path), progress=False)
+  printed = capsys.readouterr().out
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  named = [n for rec in lines for n in rec["newly_diverged"]]
+  assert named and all("lr1000" in n for n in named)
+  assert len(set(named)) == len(named)  # each divergence is reported once
+  for n in named:
+    assert f"run {n} diverged" in printed
+  final = lines[-1]
+  assert final["diverged"] == [0.0, 0.0, 1.0, 1.0]
+  assert all(np.isfinite(final["train_loss"][:2]))
