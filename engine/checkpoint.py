@@ -11,6 +11,7 @@ read-only reader only skips it), and the previous one is used.
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import time
 from typing import Any
@@ -51,18 +52,41 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> A
 class Checkpointer:
   """Saves and restores one pytree (the stacked train state) per step under ``directory``."""
 
-  def __init__(self, directory: str | os.PathLike, *, async_save: bool = True, read_only: bool = False):
+  def __init__(self, directory: str | os.PathLike, *, async_save: bool = True, read_only: bool = False,
+               this_process_only: bool = False):
+    """Opens (and unless ``read_only`` creates) the checkpoint directory.
+
+    Saving and restoring are collective in a multi-process job: every process must take part. A reader
+    that runs on one process alone (a notebook, the report written by process 0) passes
+    ``this_process_only=True`` (read-only), which declares the current process the only participant so
+    that Orbax skips its cross-process barriers.
+    """
+    if this_process_only and not read_only:
+      raise ValueError("this_process_only=True is for read-only access")
     self.directory = os.path.abspath(os.fspath(directory))
     if not read_only:
       try:
         os.makedirs(self.directory, exist_ok=True)
       except OSError as e:
         raise CheckpointError(f"cannot create checkpoint directory {self.directory}: {e.strerror}") from None
+    extra = {}
+    if this_process_only:
+      me = jax.process_index()
+      extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me})
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+        enable_async_checkpointing=async_save and not read_only, cleanup_tmp_directories=not read_only,
+        **extra)
     self.read_only = read_only
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+    absl_logger = pylogging.getLogger("absl")
+    level = absl_logger.level
+    if read_only:  # Orbax warns at every read-only open that it will not save; reading is the point.
+      absl_logger.setLevel(max(level, pylogging.ERROR))
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+    finally:
+      absl_logger.setLevel(level)
 
   def steps(self) -> list[int]:
     """Committed checkpoint steps, ascending."""

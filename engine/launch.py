@@ -50,7 +50,7 @@ def config_to_dict(cfg: ml_collections.ConfigDict) -> dict:
   return json.loads(cfg.to_json_best_effort(sort_keys=True))
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -105,7 +105,7 @@ def check_or_write_config(workdir: str, cfg: ml_collections.ConfigDict) -> bool:
       raise LaunchError(f"workdir {workdir} belongs to a different config (differs in: {', '.join(keys)}); "
                         "use a new workdir or the same config")
     return True
-  _atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+  atomic_write(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
   return False
 
 
@@ -132,10 +132,10 @@ class MetricsLog:
     if not enabled:
       return
     if resume_step is None:
-      _atomic_write(path, "")
+      atomic_write(path, "")
     elif os.path.exists(path):
       kept = [line for line in self._lines() if json.loads(line)["step"] <= resume_step]
-      _atomic_write(path, "".join(line + "\n" for line in kept))
+      atomic_write(path, "".join(line + "\n" for line in kept))
 
   def _lines(self) -> list[str]:
     out = []
@@ -245,7 +245,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
     trainer = train_lib.make_train(cfg, mesh=make_mesh())
     rows = _runs_rows(trainer)
     if is_main:
-      _atomic_write(os.path.join(workdir, "runs.json"), json.dumps(rows, indent=1) + "\n")
+      atomic_write(os.path.join(workdir, "runs.json"), json.dumps(rows, indent=1) + "\n")
     final = _train_loop(cfg, trainer, rows, workdir, resuming, progress and is_main, is_main)
   do_analyze = cfg.get("analyze", True) if analyze is None else analyze
   if do_analyze:
@@ -316,9 +316,9 @@ def _train_loop(cfg, trainer, rows, workdir, resuming, show_progress, is_main) -
 
 def _analyze_and_report(workdir: str, progress: bool) -> dict[str, Any]:
   """Runs engine.analysis and engine.report on the finished workdir (process 0 writes the files)."""
-  from engine.analysis import workdir as analysis_workdir
+  from engine import analysis
   from engine import report
-  out: dict[str, Any] = {"summary": analysis_workdir.analyze(workdir, progress=progress)}
+  out: dict[str, Any] = {"summary": analysis.analyze(workdir, progress=progress)}
   if jax.process_index() == 0:
     out["report"] = report.write_report(workdir)
   return out

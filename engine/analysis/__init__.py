@@ -27,3 +27,5 @@ from engine.analysis.representation import learning_order
 from engine.analysis.representation import logit_fourier_power
 from engine.analysis.representation import logit_similarity
 from engine.analysis.representation import neuron_irreps
+from engine.analysis.workdir import analyze
+from engine.analysis.workdir import load_summary

@@ -68,14 +68,14 @@ from engine.analysis import representation as rep
 ApplyFn = Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
-def _clean(x):
+def to_json(x):
   """JSON-ready: numpy scalars to Python, non-finite floats to None, arrays to nested lists."""
   if isinstance(x, dict):
-    return {str(k): _clean(v) for k, v in x.items()}
+    return {str(k): to_json(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_clean(v) for v in x]
+    return [to_json(v) for v in x]
   if isinstance(x, (np.ndarray, jax.Array)):
-    return _clean(np.asarray(x).tolist())
+    return to_json(np.asarray(x).tolist())
   if isinstance(x, (bool, np.bool_)):
     return bool(x)
   if isinstance(x, (int, np.integer)):
@@ -298,7 +298,7 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
       "runs": records,
       "aggregate": aggregate,
   }
-  return _clean(out)
+  return to_json(out)
 
 
 def _offdiag_mean(m_SxS: np.ndarray):

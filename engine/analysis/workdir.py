@@ -24,20 +24,11 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 
-from engine import groups as groups_lib
-from engine import irreps as irreps_lib
 from engine import launch
-from engine import models
 from engine.analysis import pipeline
 
 SUMMARY = os.path.join("analysis", "summary.json")
-
-
-def _apply_fn(cfg):
-  """Vmapped, jitted ``models.apply`` over any number of runs (a subset of the run directory)."""
-  return jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, cfg)))
 
 
 def analyze(workdir: str, *, step: int | None = None, threshold: float = 0.05,
@@ -49,49 +40,21 @@ def analyze(workdir: str, *, step: int | None = None, threshold: float = 0.05,
   """
   from engine import replay
   run = replay.open(workdir)
-  cfg = run.config
-  steps = [s for s in run.steps if step is None or s <= step]
-  if not steps:
-    raise ValueError(f"no checkpoint at or before step {step} in {workdir}")
-  metrics = run.metrics()
-  final = {k: v[-1] for k, v in metrics.items() if k != "step"} if len(metrics["step"]) else {}
-  apply_fn = _apply_fn(cfg)
-  matrices_fn = pipeline.matrices_fn_for(cfg)
-  rows = run.runs
-  records: list[dict] = [dict(r, index=i) for i, r in enumerate(rows)]
-  for i, rec in enumerate(records):
-    rec["final"] = {k: _num(v[i]) for k, v in final.items()}
-    acc = rec["final"].get("test_acc")
-    rec["generalised"] = bool(acc is not None and acc >= launch.GENERALISED_ACC)
-  out_groups = {}
-  specs = list(dict.fromkeys(r["group"] for r in rows))
-  for gi, spec in enumerate(specs):
-    sub = run.select(group=spec)
-    group = groups_lib.get(spec)
-    irreps = irreps_lib.real_irreps(group)
-    params_by_step = {s: sub.params(s) for s in steps}
-    if progress:
-      print(f"analysing {spec}: {len(sub)} runs x {len(steps)} checkpoints", flush=True)
-    res = pipeline.analyze_group(group, irreps, apply_fn, matrices_fn, params_by_step, sub.runs,
-                                 threshold=threshold, universal_threshold=universal_threshold,
-                                 key=jax.random.fold_in(jax.random.PRNGKey(seed), gi))
-    for i, rec in zip(sub.index, res["runs"]):
-      rec = {k: v for k, v in rec.items() if k != "run"}
-      records[int(i)].update(rec)
-    out_groups[spec] = {"group": res["group"], "aggregate": res["aggregate"],
-                        "runs": [int(i) for i in sub.index]}
-  summary = {"workdir": os.path.abspath(workdir), "steps": steps, "threshold": threshold,
-             "universal_threshold": universal_threshold, "runs": records, "groups": out_groups}
-  summary = pipeline._clean(summary)
+  if progress:
+    print(f"Analysing {len(run)} runs of {', '.join(run.groups)} at {len(run.steps)} checkpoints", flush=True)
+  per_group = run.analyze(step, threshold=threshold, universal_threshold=universal_threshold, seed=seed)
+  records = sorted((rec for res in per_group.values() for rec in res["runs"]), key=lambda r: r["index"])
+  final = step if step is not None else run.steps[-1]
+  summary = {"workdir": os.path.abspath(workdir), "steps": [s for s in run.steps if s <= final],
+             "threshold": threshold, "universal_threshold": universal_threshold, "runs": records,
+             "groups": {spec: {"group": res["group"], "aggregate": res["aggregate"],
+                               "runs": [r["index"] for r in res["runs"]]}
+                        for spec, res in per_group.items()}}
+  summary = pipeline.to_json(summary)
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
-    launch._atomic_write(os.path.join(workdir, SUMMARY), json.dumps(summary, indent=1) + "\n")
+    launch.atomic_write(os.path.join(workdir, SUMMARY), json.dumps(summary, indent=1) + "\n")
   return summary
-
-
-def _num(x):
-  x = float(np.asarray(x))
-  return x if np.isfinite(x) else None
 
 
 def load_summary(workdir: str) -> dict[str, Any]:

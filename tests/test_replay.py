@@ -1,0 +1,252 @@
+"""engine.replay: selection, apply against hand-restored params and logged metrics, re-analysis, neurons."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from engine import checkpoint, config as config_lib, groups, launch, models, replay, tasks, train
+
+BASE_SEED = 5  # differs from every seed number, so select(seed=k) cannot pass by reading the base seed
+
+
+def small_study(tmp_path_factory) -> str:
+  """One tiny analysed and reported study per test session, shared by the replay, report and notebook
+  tests: C7 and S3, three seeds, 200 steps, checkpoints at a few log-spaced steps."""
+  root = tmp_path_factory.getbasetemp() / "replay_study"
+  if (root / "report" / "index.md").exists():
+    return str(root)
+  cfg = config_lib.default_config()
+  cfg.groups = "C7,S3"
+  cfg.seeds = 3
+  cfg.seed = BASE_SEED
+  cfg.embed_dim = 16
+  cfg.hidden = 16
+  cfg.lr = "1e-2"
+  cfg.train_frac = "0.6"
+  cfg.steps = 200
+  cfg.eval_every = 10
+  cfg.num_checkpoints = 6
+  cfg.analyze = True
+  launch.run_study(cfg, str(root), progress=False)
+  return str(root)
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+  return small_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def run(study):
+  return replay.open(study)
+
+
+def _rows(study):
+  with open(os.path.join(study, "runs.json")) as f:
+    return json.load(f)
+
+
+def _hand_params(study, step):
+  """The stacked params of all runs at ``step``, restored without engine.replay."""
+  with open(os.path.join(study, "config.json")) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  trainer = train.make_train(cfg)
+  ckpt = checkpoint.Checkpointer(os.path.join(study, "checkpoints"), read_only=True)
+  try:
+    _, state = ckpt.restore(launch.host_state_spec(trainer), step=step, fallback=False)
+  finally:
+    ckpt.close()
+  return cfg, jax.tree.map(np.asarray, state.params)
+
+
+def test_select_seed_is_seed_number_and_filters_like_brute_force(study, run):
+  rows = _rows(study)
+  assert all(r["seed"] == BASE_SEED for r in rows)
+  for k in range(3):
+    got = run.select(seed=k)
+    assert got.index.tolist() == [i for i, r in enumerate(rows) if r["seed_index"] == k]
+    assert all(r["seed_index"] == k for r in got.runs) and len(got) == 2
+  s3 = run.select(group="S3", seed=[0, 2])
+  assert s3.index.tolist() == [i for i, r in enumerate(rows) if r["group"] == "S3" and r["seed_index"] in (0, 2)]
+  assert run.select(base_seed=BASE_SEED).index.tolist() == list(range(len(rows)))
+  assert run.select(lr=0.01 + 1e-12, train_frac=0.6).index.tolist() == list(range(len(rows)))  # float tolerance
+  # A view of a view intersects; it shares restored state with its parent.
+  assert run.select(group="C7").select(seed=1).index.tolist() == [1]
+  assert run.select(index=[4, 0]).index.tolist() == [0, 4]
+  assert run.select(name=rows[3]["name"]).index.tolist() == [3]
+
+
+def test_select_errors(run):
+  with pytest.raises(ValueError, match="unknown field 'colour'"):
+    run.select(colour="red")
+  with pytest.raises(ValueError, match="no run matches"):
+    run.select(group="S5")
+  with pytest.raises(ValueError, match="no run matches"):
+    run.select(seed=BASE_SEED)  # the base seed is not a seed number here
+  with pytest.raises(ValueError, match="spans groups"):
+    run.plot.similarity_heatmap()
+  with pytest.raises(ValueError, match="3 runs match"):
+    run.plot.learning_order(group="S3")
+
+
+def test_apply_equals_models_apply_on_hand_restored_params(study, run):
+  step = run.steps[len(run.steps) // 2]
+  cfg, params = _hand_params(study, step)
+  rng = np.random.default_rng(0)
+  a_B, b_B = rng.integers(0, 6, 40), rng.integers(0, 6, 40)
+  sel = run.select(group="S3")
+  logits, hidden = sel.apply(step, (a_B, b_B))
+  assert logits.shape == (3, 40, 7) and hidden.shape == (3, 40, 16)
+  for j, i in enumerate(sel.index):
+    one = jax.tree.map(lambda x: x[i], params)
+    ref_logits, ref_hidden = models.apply(one, a_B.astype(np.int32), b_B.astype(np.int32), cfg)
+    np.testing.assert_allclose(logits[j, :, :6], np.asarray(ref_logits)[:, :6], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hidden[j], np.asarray(ref_hidden), rtol=1e-5, atol=1e-5)
+  assert np.all(logits[..., 6] == -np.inf)  # S3 runs in a bucket padded to |C7| = 7 classes
+  # Every accepted form of the inputs gives the same numbers.
+  pairs = np.stack([a_B, b_B], axis=1)
+  np.testing.assert_array_equal(sel.apply(step, pairs)[0], logits)
+  np.testing.assert_array_equal(sel.apply(step, a_B, b_B)[0], logits)
+  np.testing.assert_array_equal(sel.apply(step, np.broadcast_to(pairs, (3, 40, 2)), batch_size=7)[1], hidden)
+  # Default inputs: every pair of the group, in the order a·|G| + b.
+  full_logits, _ = sel.apply(step)
+  np.testing.assert_array_equal(full_logits[:, 6 * a_B + b_B], logits)
+
+
+def test_apply_reproduces_logged_test_accuracy_and_loss(study, run):
+  metrics = launch.read_metrics(study)
+  for step in (run.steps[2], run.steps[-1]):
+    row = int(np.flatnonzero(metrics["step"] == step)[0])
+    for spec in ("C7", "S3"):
+      sel = run.select(group=spec)
+      grp = groups.get(spec)
+      splits = [tasks.split(grp, r["train_frac"], r["seed"], r["seed_index"]) for r in sel.runs]
+      test = np.stack([s.test_Px3 for s in splits])
+      logits, _ = sel.apply(step, test[..., :2])
+      pred = np.argmax(logits, axis=-1)
+      acc = np.mean(pred == test[..., 2], axis=1)
+      np.testing.assert_allclose(acc, metrics["test_acc"][row, sel.index], rtol=0, atol=1e-6)
+      lse = np.log(np.sum(np.exp(logits[..., :grp.order].astype(np.float64)), axis=-1))
+      picked = np.take_along_axis(logits, test[..., 2:3], axis=-1)[..., 0]
+      np.testing.assert_allclose((lse - picked).mean(axis=1), metrics["test_loss"][row, sel.index],
+                                 rtol=2e-4, atol=1e-5)
+
+
+def test_apply_and_step_errors(run):
+  sel = run.select(group="S3")
+  with pytest.raises(ValueError, match="group elements"):
+    sel.apply(None, (np.array([0, 6]), np.array([1, 1])))  # 6 is not an element of S3
+  with pytest.raises(ValueError, match="integer"):
+    sel.apply(None, (np.array([0.5]), np.array([1.0])))
+  with pytest.raises(ValueError, match="pairs"):
+    sel.apply(None, np.zeros((4, 3), np.int32))
+  with pytest.raises(ValueError, match="no checkpoint at step 7"):
+    sel.apply(7)
+  with pytest.raises(ValueError, match=r"\[3, B\]"):
+    sel.apply(None, (np.zeros((2, 4), np.int32), np.zeros((2, 4), np.int32)))
+
+
+def _assert_same(a, b, path="", rtol=1e-5):
+  """Deep equality of JSON-like values, floats to ``rtol``."""
+  if isinstance(a, dict):
+    assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} vs {sorted(b)}"
+    for k in a:
+      _assert_same(a[k], b[k], f"{path}.{k}", rtol)
+  elif isinstance(a, list):
+    assert isinstance(b, list) and len(a) == len(b), f"{path}: lengths differ"
+    for i, (x, y) in enumerate(zip(a, b)):
+      _assert_same(x, y, f"{path}[{i}]", rtol)
+  elif isinstance(a, float) and isinstance(b, float):
+    assert np.isclose(a, b, rtol=rtol, atol=1e-6), f"{path}: {a} vs {b}"
+  else:
+    assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def test_analyze_final_step_equals_summary(study, run):
+  path = os.path.join(study, "analysis", "summary.json")
+  before = open(path, "rb").read()
+  res = run.analyze()
+  summary = json.loads(before)
+  assert list(res) == ["C7", "S3"]
+  for spec, entry in res.items():
+    _assert_same(entry["group"], summary["groups"][spec]["group"], spec)
+    _assert_same(entry["aggregate"], summary["groups"][spec]["aggregate"], spec)
+    assert [r["index"] for r in entry["runs"]] == summary["groups"][spec]["runs"]
+    for rec in entry["runs"]:
+      _assert_same(rec, summary["runs"][rec["index"]], f"run {rec['index']}")
+  assert open(path, "rb").read() == before  # nothing written
+
+
+def test_analyze_earlier_step_matches_recorded_similarity(study, run):
+  summary = run.summary()
+  k = 2
+  step = run.steps[k]
+  res = run.select(group="S3").analyze(step=step)["S3"]  # all seeds: the compiled passes are reused
+  assert res["group"]["steps"] == run.steps[:k + 1]
+  metrics = launch.read_metrics(study)
+  row = int(np.flatnonzero(metrics["step"] == step)[0])
+  for rec in res["runs"]:
+    saved = summary["runs"][rec["index"]]
+    for name, sim in rec["logit_similarity"].items():  # the summary kept every checkpoint's similarity
+      assert np.isclose(sim, saved["similarity_by_step"][name][k], rtol=1e-5, atol=1e-6)
+    assert all(v is None or v <= step for v in rec["learning_order"].values())
+    assert rec["final"]["test_acc"] == pytest.approx(metrics["test_acc"][row, rec["index"]])
+  assert res["aggregate"]["n_runs"] == 3
+
+
+def test_neuron_correlations_reproduce_summary_histogram(run):
+  summary = run.summary()
+  for spec in ("C7", "S3"):
+    res = run.neuron_correlations(group=spec, universal_threshold=summary["universal_threshold"])
+    live = ~res["dead_SxN"]
+    saved = summary["groups"][spec]["aggregate"]["correlation"]
+    counts, _ = np.histogram(res["excess_SxN"][live], bins=20, range=(-0.5, 1.0))
+    assert counts.tolist() == saved["excess_histogram"]["counts"]
+    assert counts.sum() == live.sum() > 0
+    s = res["max_SxNxS"].shape[0]
+    sel = live[:, :, None] & ~np.eye(s, dtype=bool)[:, None, :]
+    assert np.nanmean(res["max_SxNxS"][sel]) == pytest.approx(saved["mean_max"], rel=1e-5)
+    assert np.nanmean(res["baseline_max_SxNxS"][sel]) == pytest.approx(saved["mean_baseline_max"], rel=1e-5)
+
+
+def test_compare_neurons_against_float64_reference(study, run):
+  cfg, params = _hand_params(study, run.steps[-1])
+  cmp = run.compare_neurons(0, 2, group="S3")
+  ia, ib = (i for i, r in enumerate(_rows(study)) if r["group"] == "S3" and r["seed_index"] in (0, 2))
+  a_T, b_T = np.repeat(np.arange(6, dtype=np.int32), 6), np.tile(np.arange(6, dtype=np.int32), 6)
+  h = [np.asarray(models.apply(jax.tree.map(lambda x: x[i], params), a_T, b_T, cfg)[1], np.float64)
+       for i in (ia, ib)]
+  live = [x.std(axis=0) > 1e-6 for x in h]
+  ref = np.corrcoef(h[0][:, live[0]].T, h[1][:, live[1]].T)[:live[0].sum(), live[0].sum():]
+  np.testing.assert_allclose(cmp["corr_NxM"][np.ix_(live[0], live[1])], ref, atol=1e-4)
+  assert np.isnan(cmp["corr_NxM"][~live[0]]).all()
+  perm = cmp["perm_N"]
+  assert sorted(perm.tolist()) == list(range(16))  # one-to-one
+  both = live[0] & live[1][perm]
+  np.testing.assert_allclose(cmp["matched_corr_N"][both], cmp["corr_NxM"][both, perm[both]], atol=1e-5)
+  # The matching beats the identity and random permutations on total correlation.
+  total = lambda p: np.nansum(np.nan_to_num(cmp["corr_NxM"])[np.arange(16), p])
+  rng = np.random.default_rng(1)
+  assert all(total(perm) >= total(rng.permutation(16)) - 1e-9 for _ in range(50))
+  # Dominant irreps agree with the per-run counts saved in the summary.
+  saved = run.summary()["runs"]
+  for dom, live_n, i in ((cmp["dominant_a_N"], cmp["live_a_N"], ia), (cmp["dominant_b_M"], cmp["live_b_M"], ib)):
+    counts = {n: int(np.sum(dom[live_n] == r)) for r, n in enumerate(cmp["irreps"])}
+    assert counts == saved[i]["neurons"]["dominant_counts"]
+
+
+def test_plot_helpers_return_figures(run):
+  figs = [run.plot.learning_curves(), run.plot.similarity_heatmap("S3"), run.plot.key_irreps("C7"),
+          run.plot.learning_order(seed=1, group="C7"), run.plot.learning_order_group("S3"),
+          run.plot.cka("S3"), run.plot.cka("C7", measure="matching"), run.plot.neurons(0, 1, group="C7")]
+  for fig in figs:
+    assert isinstance(fig, Figure) and fig.axes
+  assert len(figs[0].axes) == 2  # one panel per group
+  assert len(figs[0].axes[1].lines) >= 2 * 3  # train and test curve of each S3 run
+  with pytest.raises(ValueError, match="unknown measure"):
+    run.plot.cka("S3", measure="cosine")
