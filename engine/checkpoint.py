@@ -74,16 +74,16 @@ class Checkpointer:
       me = jax.process_index()
       extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
           primary_host=me, active_processes={me})
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save and not read_only, cleanup_tmp_directories=not read_only,
-        **extra)
     self.read_only = read_only
     absl_logger = pylogging.getLogger("absl")
     level = absl_logger.level
     if read_only:  # Orbax warns at every read-only open that it will not save; reading is the point.
       absl_logger.setLevel(max(level, pylogging.ERROR))
     try:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, create=not read_only, read_only=read_only,
+          enable_async_checkpointing=async_save and not read_only, cleanup_tmp_directories=not read_only,
+          **extra)
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
     finally:
       absl_logger.setLevel(level)
