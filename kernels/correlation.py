@@ -10,7 +10,10 @@ and reduced where it is made (inside the Pallas kernel, or inside one XLA fusion
 Numerics are float32 throughout and stable for activations far from zero: data are shifted by a reference
 sample before any sum, batches are merged with the parallel update of Chan, Golub & LeVeque (means, M2
 and co-moments, never raw Σx² or Σxy), and a neuron whose variance is zero (relative to its mean) is
-*dead*: it correlates 0 with everything, appears in ``dead_SxN`` and never produces a NaN.
+*dead*: it correlates 0 with everything, appears in ``dead_SxN`` and never produces a NaN. Chan's
+co-moment update ``C += C_b + (n_a·n_b/n)·δδᵀ`` is applied as one matrix product of the batch centred on
+its own mean with one extra column ``sqrt(n_a·n_b/n)·δ`` (:func:`_chan_batch`): the exact parallel
+update, at the cost of one GEMM-accumulate into the co-moment, in place.
 
 The baseline (``baseline='rotation'``) mixes model ``j``'s neurons by a random orthogonal (Haar) matrix
 ``Q_j`` before taking the same maximum. Rotated neurons are linear mixtures of the centred activations, so
@@ -19,8 +22,8 @@ for their variances) and the data are read once for both the maximum and its bas
 
 Entry points:
   * :func:`max_correlation` — activations in memory (an array) or a re-iterable source of batches (a
-    callable returning an iterator); picks the Pallas kernel or the XLA path, and row blocks with several
-    passes over the source when the co-moment of all neurons exceeds ``memory_bytes``.
+    callable returning an iterator); picks the Pallas kernel or the XLA path. A source is accumulated as
+    the upper triangle of co-moment tiles, in several passes over it when those exceed ``memory_bytes``.
   * :func:`excess_correlation` — max, baseline and their difference (mean over the other models).
   * :func:`init` / :func:`update` / :func:`finalize` — the streaming accumulator (:class:`CoMoments`).
   * :func:`comoments`, :func:`correlation_matrix`, :func:`correlation_from_comoments` — the full matrix
@@ -46,6 +49,7 @@ BASELINES = (None, "rotation")
 DEFAULT_MEMORY_BYTES = 1 << 30
 DEFAULT_DEAD_RTOL = 1e-6
 _HIGHEST = lax.Precision.HIGHEST
+_NT = (((1,), (1,)), ((), ()))  # contract the last axis of both operands: A·Bᵀ
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
 Source = Callable[[], Iterator]
@@ -179,10 +183,24 @@ def _rotated_inv_std(q_SxNxN, within_SxNxN, dead_SxN, tol_SxN):
   return q, _inv_std(var_SxN, var_SxN <= tol_rot_SxN)
 
 
+def _max_argmax(x, axis):
+  """Max along ``axis`` and the first index attaining it.
+
+  Two plain reductions (max, then min of the indices where the max is attained) rather than one
+  variadic (value, index) reduction: XLA:CPU vectorises the plain ones and runs the variadic one element
+  by element, about 5× slower on a correlation tile.
+  """
+  best = jnp.max(x, axis=axis)
+  idx = lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+  arg = jnp.min(jnp.where(x == jnp.expand_dims(best, axis), idx, x.shape[axis]), axis=axis)
+  empty = best == -jnp.inf
+  return jnp.where(empty, 0.0, best), jnp.where(empty, -1, arg)
+
+
 def _reduce_rows(cov_RxSxN, rowinv_R, colinv_SxN, row_start, *, exclude_self):
   """Normalise a co-moment row block and reduce it to (max, argmax) over each model's neurons.
 
-  Written as one elementwise-then-reduce expression so XLA fuses it: the normalised block is not stored.
+  Written as elementwise-then-reduce expressions so XLA fuses them: the normalised block is not stored.
   ``row_start`` (may be traced) is the flattened index of row 0, used to exclude each neuron itself.
   """
   r, s, n = cov_RxSxN.shape
@@ -192,10 +210,24 @@ def _reduce_rows(cov_RxSxN, rowinv_R, colinv_SxN, row_start, *, exclude_self):
     col = (lax.broadcasted_iota(jnp.int32, (r, s, n), 1) * n
            + lax.broadcasted_iota(jnp.int32, (r, s, n), 2))
     corr = jnp.where(row == col, -jnp.inf, corr)
-  best_RxS = jnp.max(corr, axis=-1)
-  arg_RxS = jnp.argmax(corr, axis=-1).astype(jnp.int32)
-  empty = best_RxS == -jnp.inf
-  return jnp.where(empty, 0.0, best_RxS), jnp.where(empty, -1, arg_RxS)
+  return _max_argmax(corr, -1)
+
+
+def _reduce_cols(cov_GxNxC, inv_GxN, colinv_C, col_start, *, exclude_self):
+  """The column reading of a co-moment block: for every column, (max, argmax) over each row model's N
+  neurons, each ``C×G``. Reducing over the major axis keeps the columns contiguous (vector lanes).
+
+  ``col_start`` (may be traced) is the flattened index of column 0 relative to row 0.
+  """
+  g, n, c = cov_GxNxC.shape
+  # The column's own inverse std is a positive factor common to the whole reduction: applied afterwards.
+  x = cov_GxNxC * inv_GxN[:, :, None]
+  if exclude_self:
+    row = lax.broadcasted_iota(jnp.int32, x.shape, 0) * n + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    x = jnp.where(row == col_start + lax.broadcasted_iota(jnp.int32, x.shape, 2), -jnp.inf, x)
+  best_GxC, arg_GxC = _max_argmax(x, 1)
+  best_GxC = jnp.clip(best_GxC * colinv_C[None, :], -1.0, 1.0)
+  return best_GxC.T, arg_GxC.T
 
 
 def _moments(acts_SxTxN):
@@ -270,37 +302,52 @@ def init(n_models: int, n_neurons: int, *, rows: tuple[int, int] | None = None,
                    finite=jnp.ones((), bool), row_start=jnp.asarray(start, jnp.int32))
 
 
+def _chan_batch(count, mean_SxN, m2_SxN, x_SxBxN, b):
+  """Merge a batch into the running count, mean and M2 (Chan, Golub & LeVeque's parallel update).
+
+  Only the first ``b`` inputs of ``x_SxBxN`` are data (``b`` may be traced; the rest is padding, so one
+  compiled update serves every batch size up to B). Also returns ``aug_SxNxK`` with K = B + 1: the batch
+  centred on its own mean, neuron-major and zero on padding, followed by one more column
+  ``sqrt(n_a·b/n)·δ`` (δ = batch mean - running mean). Then ``aug_r·aug_cᵀ = C_b + (n_a·b/n)·δ_r·δ_c``
+  is exactly Chan's co-moment increment, so merging a batch into a co-moment block is one
+  GEMM-accumulate: no raw Σxy is ever formed and the rank-one correction costs one column of K, not a
+  second read and write of the block.
+  """
+  s, bmax, n = x_SxBxN.shape
+  x = x_SxBxN.astype(jnp.float32)
+  valid_1xBx1 = (lax.broadcasted_iota(jnp.int32, (1, bmax, 1), 1) < b)
+  n_a = count.astype(jnp.float32)
+  n_b = jnp.asarray(b, jnp.float32)
+  n_ab = n_a + n_b
+  # Shift by the running mean (or the batch's first input when empty): then the batch mean is a small
+  # number computed accurately, and δ = mean_b - mean_a needs no cancellation of large values.
+  shift_SxN = jnp.where(count > 0, mean_SxN, x[:, 0, :])
+  d_SxBxN = jnp.where(valid_1xBx1, x - shift_SxN[:, None, :], 0.0)
+  dmean_SxN = jnp.sum(d_SxBxN, axis=1) / n_b
+  dc_SxBxN = jnp.where(valid_1xBx1, d_SxBxN - dmean_SxN[:, None, :], 0.0)
+  delta_SxN = (shift_SxN - mean_SxN) + dmean_SxN
+  w = n_a * n_b / n_ab
+  mean_SxN = mean_SxN + delta_SxN * (n_b / n_ab)
+  m2_SxN = m2_SxN + jnp.sum(jnp.square(dc_SxBxN), axis=1) + w * jnp.square(delta_SxN)
+  aug_SxNxK = jnp.concatenate([dc_SxBxN.transpose(0, 2, 1), (jnp.sqrt(w) * delta_SxN)[:, :, None]], axis=2)
+  finite = jnp.all(jnp.isfinite(jnp.where(valid_1xBx1, x, 0.0)))
+  return count + b, mean_SxN, m2_SxN, aug_SxNxK, finite
+
+
 def _update(state: CoMoments, acts_SxBxN: jax.Array) -> CoMoments:
   s, b, n = acts_SxBxN.shape
-  x = acts_SxBxN.astype(jnp.float32)
-  n_a = state.count.astype(jnp.float32)
-  n_ab = n_a + b
-  # Shift by the running mean (or the batch's first input when empty): then the batch mean is a small
-  # number computed accurately, and delta = mean_b - mean_a needs no cancellation of large values.
-  shift_SxN = jnp.where(state.count > 0, state.mean_SxN, x[:, 0, :])
-  d_SxBxN = x - shift_SxN[:, None, :]
-  dmean_SxN = jnp.mean(d_SxBxN, axis=1)
-  dc_SxBxN = d_SxBxN - dmean_SxN[:, None, :]
-  delta_SxN = (shift_SxN - state.mean_SxN) + dmean_SxN
-  w = n_a * b / n_ab  # Chan et al.: C = C_a + C_b + δ_x δ_y · n_a n_b / n
-  mean_SxN = state.mean_SxN + delta_SxN * (b / n_ab)
-  m2_SxN = state.m2_SxN + jnp.sum(jnp.square(dc_SxBxN), axis=1) + w * jnp.square(delta_SxN)
-
-  r = state.n_rows
-  dc_MxB = dc_SxBxN.transpose(0, 2, 1).reshape(s * n, b)
-  delta_M = delta_SxN.reshape(s * n)
-  rows_RxB = lax.dynamic_slice_in_dim(dc_MxB, state.row_start, r)
-  cov_RxM = lax.dot_general(rows_RxB, dc_MxB, (((1,), (1,)), ((), ())), precision=_HIGHEST,
-                            preferred_element_type=jnp.float32)
-  delta_rows_R = lax.dynamic_slice_in_dim(delta_M, state.row_start, r)
-  comoment = state.comoment_RxSxN + (cov_RxM + w * delta_rows_R[:, None] * delta_M[None, :]).reshape(r, s, n)
+  count, mean_SxN, m2_SxN, aug_SxNxK, finite = _chan_batch(state.count, state.mean_SxN, state.m2_SxN,
+                                                            acts_SxBxN, b)
+  r, k = state.n_rows, b + 1
+  aug_MxK = aug_SxNxK.reshape(s * n, k)
+  rows_RxK = lax.dynamic_slice_in_dim(aug_MxK, state.row_start, r)
+  comoment = state.comoment_RxSxN + lax.dot_general(
+      rows_RxK, aug_MxK, _NT, precision=_HIGHEST, preferred_element_type=jnp.float32).reshape(r, s, n)
   within = state.within_SxNxN
   if within is not None:
-    within = within + jnp.einsum("sbn,sbm->snm", dc_SxBxN, dc_SxBxN, precision=_HIGHEST) + (
-        w * delta_SxN[:, :, None] * delta_SxN[:, None, :])
-  return CoMoments(count=state.count + b, mean_SxN=mean_SxN, m2_SxN=m2_SxN, comoment_RxSxN=comoment,
-                   within_SxNxN=within, finite=state.finite & jnp.all(jnp.isfinite(x)),
-                   row_start=state.row_start)
+    within = within + jnp.einsum("snk,smk->snm", aug_SxNxK, aug_SxNxK, precision=_HIGHEST)
+  return CoMoments(count=count, mean_SxN=mean_SxN, m2_SxN=m2_SxN, comoment_RxSxN=comoment,
+                   within_SxNxN=within, finite=state.finite & finite, row_start=state.row_start)
 
 
 _update_jit = jax.jit(_update, donate_argnums=0)
@@ -403,11 +450,6 @@ def correlation_matrix(acts_SxTxN, *, dead_rtol: float = DEFAULT_DEAD_RTOL) -> j
 # Activations in memory: one fused pass
 
 
-def _default_block_rows(m: int, memory_bytes: int, rotation: bool) -> int:
-  per_row = 4 * m * (3 if rotation else 2)  # co-moment row, fused temporaries, rotated row
-  return int(max(8, min(m, (memory_bytes // per_row) // 8 * 8 or 8)))
-
-
 def _models_per_block(s: int, n: int, memory_bytes: int, rotation: bool,
                       block_rows: int | None) -> int:
   """Models per square block of the XLA path: about S·N/8 neurons (so the triangle of block pairs saves
@@ -493,10 +535,12 @@ def _xla_max(acts_SxTxN, q_SxNxN, *, models_per_block, dead_rtol):
 
 
 @functools.partial(jax.jit, static_argnames=("platform", "interpret", "block_rows", "block_t",
-                                             "dead_rtol"))
-def _pallas_max(acts_SxTxN, q_SxNxN, *, platform, interpret, block_rows, block_t, dead_rtol):
+                                             "block_n", "dead_rtol"))
+def _pallas_max(acts_SxTxN, q_SxNxN, *, platform, interpret, block_rows, block_t, block_n, dead_rtol):
   s, t, n = acts_SxTxN.shape
   np_, br, bt = pallas_correlation.block_sizes(platform, s, n, t, block_rows, block_t)
+  bn, rotate_in_kernel = pallas_correlation.column_block(platform, np_, br, bt, q_SxNxN is not None,
+                                                         block_n)
   tp = -(-t // bt) * bt
   mean, m2, xc_SxTxN = _moments(acts_SxTxN.astype(jnp.float32))
   dead, tol = _dead(jnp.float32(t), mean, m2, dead_rtol)
@@ -506,14 +550,23 @@ def _pallas_max(acts_SxTxN, q_SxNxN, *, platform, interpret, block_rows, block_t
   xcT_SxNxT = xc_SxTxN.transpose(0, 2, 1)
   xc_SxNpxTp = jnp.pad(xcT_SxNxT, ((0, 0), (0, np_ - n), (0, tp - t)))
   inv_SxNp = jnp.pad(inv_SxN, ((0, 0), (0, np_ - n)))
-  kwargs = {}
-  if q_SxNxN is not None:
+  call = functools.partial(pallas_correlation.fused_max, n=n, platform=platform, block_rows=br,
+                           block_t=bt, block_n=bn, interpret=interpret)
+  if q_SxNxN is None:
+    outs = call(xc_SxNpxTp, inv_SxNp)
+  else:
     within = jnp.einsum("snt,smt->snm", xcT_SxNxT, xcT_SxNxT, precision=_HIGHEST)
     q, rotinv_SxN = _rotated_inv_std(q_SxNxN, within, dead, tol)
-    kwargs = dict(q_SxNpxNp=jnp.pad(q, ((0, 0), (0, np_ - n), (0, np_ - n))),
-                  rotinv_SxNp=jnp.pad(rotinv_SxN, ((0, 0), (0, np_ - n))))
-  outs = pallas_correlation.fused_max(xc_SxNpxTp, inv_SxNp, n=n, platform=platform, block_rows=br,
-                                      block_t=bt, interpret=interpret, **kwargs)
+    q_SxNpxNp = jnp.pad(q, ((0, 0), (0, np_ - n), (0, np_ - n)))
+    rotinv_SxNp = jnp.pad(rotinv_SxN, ((0, 0), (0, np_ - n)))
+    if rotate_in_kernel:
+      outs = call(xc_SxNpxTp, inv_SxNp, q_SxNpxNp=q_SxNpxNp, rotinv_SxNp=rotinv_SxNp)
+    else:
+      # A model's co-moment does not fit the kernel at once: rotate the activations instead and take
+      # the baseline as a second maximum against them (rotated neurons are not excluded).
+      rot_SxNpxTp = jnp.einsum("skt,skn->snt", xc_SxNpxTp, q_SxNpxNp, precision=_HIGHEST)
+      outs = call(xc_SxNpxTp, inv_SxNp) + call(xc_SxNpxTp, inv_SxNp, cols_SxNpxTp=rot_SxNpxTp,
+                                                rotinv_SxNp=rotinv_SxNp, exclude_self=False)
   row_dead = dead.reshape(s * n)
   outs = tuple(o[:, :n, :].reshape(s * n, s) for o in outs)
   outs = tuple(jnp.where(row_dead[:, None], -1, o) if o.dtype == jnp.int32 else o for o in outs)
@@ -521,7 +574,212 @@ def _pallas_max(acts_SxTxN, q_SxNxN, *, platform, interpret, block_rows, block_t
 
 
 # --------------------------------------------------------------------------------------------------
-# A re-iterable source: row blocks, one pass over the batches per block
+# A re-iterable source: the upper triangle of co-moment tiles, one pass over the batches per set of rows
+
+_TILE_TARGET = 512  # neurons per tile side: a W×K×W product per tile runs near the matmul rate on CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class _TilePlan:
+  """How the S·N × S·N co-moment of a source is cut into tiles and passes.
+
+  Tiles are ``W×W`` with ``W = G·N`` (G whole models, so each tile reduces to complete per-model maxima);
+  models are padded to ``Sp = NC·G``. Only tiles (i, j) with j >= i are accumulated: the co-moment is
+  symmetric, and tile (i, j) read along its columns gives chunk j's neurons against chunk i's models.
+  A pass holds the tiles of row chunks ``c0 .. c1`` (row chunk i needs ``NC - i`` tiles, so later passes
+  take more rows within the same budget) in a pool of ``n_tiles`` tiles.
+  """
+
+  s: int
+  n: int
+  g: int
+  nc: int
+  n_tiles: int
+  passes: tuple[tuple[int, int], ...]
+
+  @property
+  def w(self) -> int:
+    return self.g * self.n
+
+  @property
+  def sp(self) -> int:
+    return self.nc * self.g
+
+
+def _tile_base(i, c0, nc):
+  """Pool index of tile (i, i) in the pass starting at row chunk c0: Σ_{c0 <= i' < i} (nc - i')."""
+  return (i - c0) * nc - (i * (i - 1) - c0 * (c0 - 1)) // 2
+
+
+def _plan_tiles(s: int, n: int, memory_bytes: int, block_rows: int | None) -> _TilePlan:
+  g = max(1, min(s, _TILE_TARGET // n))
+  max_chunks = None
+  if block_rows is not None:
+    g = min(g, -(-block_rows // n))
+    max_chunks = max(1, block_rows // (g * n))
+  # One row chunk (NC tiles) must fit: narrower tiles shrink it (NC·W² = Sp·G·N²).
+  while g > 1 and 4 * (-(-s // g)) * (g * n) ** 2 > memory_bytes:
+    g //= 2
+  nc = -(-s // g)
+  w = g * n
+  budget = memory_bytes // (4 * w * w)
+  if budget < nc:
+    raise CorrelationError(f"memory_bytes={memory_bytes} cannot hold one model's co-moment rows against all "
+                           f"{s * n} neurons ({4 * nc * w * w} bytes); raise it")
+  passes, c0, used_max = [], 0, 0
+  while c0 < nc:
+    c1, used = c0, 0
+    while c1 < nc and used + nc - c1 <= budget and (max_chunks is None or c1 - c0 < max_chunks):
+      used += nc - c1
+      c1 += 1
+    passes.append((c0, c1))
+    used_max = max(used_max, used)
+    c0 = c1
+  return _TilePlan(s=s, n=n, g=g, nc=nc, n_tiles=used_max, passes=tuple(passes))
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["count", "mean_SxN", "m2_SxN", "pool_PxWxW", "within_SxNxN", "finite"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+  """One pass's accumulator: moments of every neuron and the co-moment tiles of its row chunks."""
+
+  count: jax.Array
+  mean_SxN: jax.Array
+  m2_SxN: jax.Array
+  pool_PxWxW: jax.Array
+  within_SxNxN: jax.Array | None
+  finite: jax.Array
+
+
+def _tiles_init(plan: _TilePlan, within: bool, pool_PxWxW=None) -> _Tiles:
+  s, n, w = plan.s, plan.n, plan.w
+  # A pool from an earlier pass is reused as it is: the first batch of a pass overwrites its tiles.
+  pool = jnp.zeros((plan.n_tiles, w, w), jnp.float32) if pool_PxWxW is None else pool_PxWxW
+  return _Tiles(count=jnp.zeros((), jnp.int32), mean_SxN=jnp.zeros((s, n), jnp.float32),
+                m2_SxN=jnp.zeros((s, n), jnp.float32), pool_PxWxW=pool,
+                within_SxNxN=jnp.zeros((s, n, n), jnp.float32) if within else None,
+                finite=jnp.ones((), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("g", "nc"), donate_argnums=0)
+def _tiles_update(st: _Tiles, x_SxBxN, b, c0, c1, *, g, nc):
+  """Merge one (padded) batch of ``b`` inputs into the tiles of row chunks ``c0 .. c1`` (traced, so every
+  pass and every batch size share one compilation). Each tile is one in-place GEMM-accumulate of the
+  augmented batch (see :func:`_chan_batch`); its W×W product stays in cache. The first batch of a pass
+  overwrites its tiles, so a pool reused from the previous pass needs no zeroing."""
+  s, _, n = x_SxBxN.shape
+  w = g * n
+  count, mean_SxN, m2_SxN, aug_SxNxK, finite = _chan_batch(st.count, st.mean_SxN, st.m2_SxN, x_SxBxN, b)
+  k = aug_SxNxK.shape[-1]
+  aug_MpxK = jnp.pad(aug_SxNxK, ((0, nc * g - s), (0, 0), (0, 0))).reshape(nc * w, k)
+  fresh = st.count == 0
+
+  def row_chunk(i, pool):
+    a_WxK = lax.dynamic_slice_in_dim(aug_MpxK, i * w, w)
+    base = _tile_base(i, c0, nc) - i
+
+    def tile(j, pool):
+      prod_WxW = lax.dot_general(a_WxK, lax.dynamic_slice_in_dim(aug_MpxK, j * w, w), _NT,
+                                 precision=_HIGHEST, preferred_element_type=jnp.float32)
+      t = base + j
+      acc_1xWxW = jnp.where(fresh, 0.0, lax.dynamic_slice_in_dim(pool, t, 1)) + prod_WxW[None]
+      return lax.dynamic_update_slice_in_dim(pool, acc_1xWxW, t, 0)
+
+    return lax.fori_loop(i, nc, tile, pool)
+
+  pool = lax.fori_loop(c0, c1, row_chunk, st.pool_PxWxW)
+  within = st.within_SxNxN
+  if within is not None:
+    within = within + jnp.einsum("snk,smk->snm", aug_SxNxK, aug_SxNxK, precision=_HIGHEST)
+  return _Tiles(count=count, mean_SxN=mean_SxN, m2_SxN=m2_SxN, pool_PxWxW=pool, within_SxNxN=within,
+                finite=st.finite & finite)
+
+
+@functools.partial(jax.jit, static_argnames=("nc", "dead_rtol"), donate_argnums=0)
+def _tiles_finalize(outs, st: _Tiles, q_SpxNxN, rotinv_SpxN, c0, c1, *, nc, dead_rtol):
+  """Write max/argmax (and the baseline) of the pass's tiles into ``outs`` (each ``Sp×N×Sp``, donated).
+
+  Tile (i, j) read along rows gives chunk i's neurons against chunk j's models; read along columns, chunk
+  j's neurons against chunk i's models. Normalisation, masking and the max/argmax run tile by tile, so
+  no normalised block larger than a tile is ever stored.
+  """
+  s, n = st.mean_SxN.shape
+  sp = outs[0].shape[0]
+  g = sp // nc
+  w = g * n
+  dead_SxN, tol_SxN = _dead(st.count.astype(jnp.float32), st.mean_SxN, st.m2_SxN, dead_rtol)
+  # Padded models: inverse std 0 (they correlate 0) and marked dead (their argmax rows are sliced off).
+  inv_SpxN = jnp.pad(_inv_std(st.m2_SxN, dead_SxN), ((0, sp - s), (0, 0)))
+  inv_Mp = inv_SpxN.reshape(sp * n)
+  dead_Mp = jnp.pad(dead_SxN, ((0, sp - s), (0, 0)), constant_values=True).reshape(sp * n)
+
+  def rows_of(x, r):
+    return lax.dynamic_slice_in_dim(x, r * w, w)
+
+  def models_of(x, c):
+    return lax.dynamic_slice_in_dim(x, c * g, g)
+
+  def finish(outs_, row_dead_W):
+    outs_ = tuple(jnp.where(row_dead_W[:, None], -1, o) if o.dtype == jnp.int32 else o for o in outs_)
+    return tuple(o.reshape(g, n, g) for o in outs_)
+
+  def row_reading(cov_WxW, i, j):
+    """Chunk i's neurons against chunk j's models (``W×G`` each, as ``G×N×G``)."""
+    cov_WxGxN = cov_WxW.reshape(w, g, n)
+    rowinv_W = rows_of(inv_Mp, i)
+    outs_ = _reduce_rows(cov_WxGxN, rowinv_W, models_of(inv_SpxN, j), jnp.where(i == j, 0, -w - 1),
+                         exclude_self=True)
+    if q_SpxNxN is not None:
+      rot_WxGxN = jnp.einsum("rgk,gkn->rgn", cov_WxGxN, models_of(q_SpxNxN, j), precision=_HIGHEST)
+      outs_ += _reduce_rows(rot_WxGxN, rowinv_W, models_of(rotinv_SpxN, j), 0, exclude_self=False)
+    return finish(outs_, rows_of(dead_Mp, i))
+
+  def col_reading(cov_WxW, i, j):
+    """Chunk j's neurons against chunk i's models, read down the columns of tile (i, j)."""
+    cov_GxNxW = cov_WxW.reshape(g, n, w)
+    colinv_W = rows_of(inv_Mp, j)
+    outs_ = _reduce_cols(cov_GxNxW, models_of(inv_SpxN, i), colinv_W, jnp.where(i == j, 0, -w - 1),
+                         exclude_self=True)
+    if q_SpxNxN is not None:
+      rot_GxNxW = jnp.einsum("gkc,gkn->gnc", cov_GxNxW, models_of(q_SpxNxN, i), precision=_HIGHEST)
+      outs_ += _reduce_cols(rot_GxNxW, models_of(rotinv_SpxN, i), colinv_W, 0, exclude_self=False)
+    return finish(outs_, rows_of(dead_Mp, j))
+
+  def write(outs, values, r, c):
+    return tuple(lax.dynamic_update_slice(o, v, (r * g, 0, c * g)) for o, v in zip(outs, values))
+
+  def row_chunk(i, outs):
+    base = _tile_base(i, c0, nc) - i
+
+    def tile(j, outs):
+      cov_WxW = lax.dynamic_index_in_dim(st.pool_PxWxW, base + j, keepdims=False)
+      # Column reading first: on a diagonal tile the row reading below overwrites it.
+      outs = write(outs, col_reading(cov_WxW, i, j), j, i)
+      return write(outs, row_reading(cov_WxW, i, j), i, j)
+
+    return lax.fori_loop(i, nc, tile, outs)
+
+  return lax.fori_loop(c0, c1, row_chunk, outs), dead_SxN
+
+
+@functools.partial(jax.jit, static_argnames=("bmax",))
+def _pad_batch(x_SxBxN, *, bmax):
+  return jnp.pad(x_SxBxN.astype(jnp.float32), ((0, 0), (0, bmax - x_SxBxN.shape[1]), (0, 0)))
+
+
+def _batches(source: Source, bmax: int):
+  """The source's batches as ``(acts_SxBmaxxN, b)``: short ones zero-padded, long ones split."""
+  for batch in source():
+    _check_acts(batch, "batch", min_t=1)
+    for a in range(0, batch.shape[1], bmax):
+      piece = batch if batch.shape[1] <= bmax else batch[:, a:a + bmax]
+      b = piece.shape[1]
+      if b == bmax and piece.dtype == jnp.float32:
+        yield jnp.asarray(piece), b
+      else:
+        yield _pad_batch(jnp.asarray(piece), bmax=bmax), b
 
 
 def _stream(source: Source, q_fn, *, memory_bytes, block_rows, dead_rtol):
@@ -530,51 +788,50 @@ def _stream(source: Source, q_fn, *, memory_bytes, block_rows, dead_rtol):
   except StopIteration:
     raise CorrelationError("source yielded no batches") from None
   _check_acts(first, "batch", min_t=1)
-  s, _, n = first.shape
-  m = s * n
-  rotation = q_fn is not None
-  if block_rows is None:
-    block_rows = m if 4 * m * m * (3 if rotation else 2) <= memory_bytes else _default_block_rows(
-        m, memory_bytes, rotation)
-  if block_rows < 1:
+  s, bmax, n = first.shape
+  del first
+  if block_rows is not None and block_rows < 1:
     raise CorrelationError(f"block_rows must be >= 1, got {block_rows}")
-  block_rows = min(block_rows, m)
-  q = q_fn(s, n) if rotation else None
-  within = None
-  # Results are written in place block by block (donated buffers): only O(S·N·S) is ever held, once.
-  outs = tuple(jnp.zeros((m, s), dtype) for dtype in (jnp.float32, jnp.int32) * (2 if rotation else 1))
-  dead, count = None, None
-  done = 0  # rows finished so far
-  while done < m:
-    # Every block has the same size (the last one is moved back to end at row m and its overlap with the
-    # previous block dropped), so the update and the reduction compile once.
-    start = min(done, m - block_rows)
-    # The first pass also collects each model's own co-moment for the rotated variances.
-    state = init(s, n, rows=(start, start + block_rows), within=rotation and done == 0 and block_rows < m)
-    for batch in source():
-      state = update(state, batch)
+  plan = _plan_tiles(s, n, memory_bytes, block_rows)
+  rotation = q_fn is not None
+  sp, nc = plan.sp, plan.nc
+  # Results are written in place tile by tile (donated buffers): only O(S·N·S) is ever held, once.
+  outs = tuple(jnp.zeros((sp, n, sp), dtype) for dtype in (jnp.float32, jnp.int32) * (2 if rotation else 1))
+  q = rotinv = dead = count = pool = None
+  for p, (c0, c1) in enumerate(plan.passes):
+    # The first pass also collects each model's own co-moment for the variances of rotated neurons.
+    st = _tiles_init(plan, within=rotation and p == 0, pool_PxWxW=pool)
+    c0_, c1_ = jnp.int32(c0), jnp.int32(c1)
+    for x, b in _batches(source, bmax):
+      if x.shape[0] != s or x.shape[2] != n:
+        raise CorrelationError(f"batch has (S, N) = {(x.shape[0], x.shape[2])}, the first had {(s, n)}")
+      st = _tiles_update(st, x, jnp.int32(b), c0_, c1_, g=plan.g, nc=nc)
     if count is None:
-      count = int(state.count)
+      count = int(st.count)
       if count < 2:
         raise CorrelationError(f"need at least 2 inputs, the source yielded {count}")
-    elif int(state.count) != count:
-      raise CorrelationError(f"source is not re-iterable: {int(state.count)} inputs in a later pass, "
+    elif int(st.count) != count:
+      raise CorrelationError(f"source is not re-iterable: {int(st.count)} inputs in a later pass, "
                              f"{count} in the first")
-    if not bool(state.finite):
+    if not bool(st.finite):
       raise CorrelationError("activations contain NaN or infinity")
-    if rotation and within is None:
-      within = state.within_SxNxN if state.within_SxNxN is not None else _within_from_full(state)
-    block_outs, dead = _finalize_rows(state, q, within, dead_rtol=dead_rtol)
-    del state
-    # The last block may overlap the previous one: its rows are recomputed and written again.
-    outs = _write_rows(outs, block_outs, start)
-    done = start + block_rows
+    if rotation and q is None:
+      q, rotinv = _padded_rotation(q_fn(s, n), st, sp, dead_rtol)
+    outs, dead = _tiles_finalize(outs, st, q, rotinv, c0_, c1_, nc=nc, dead_rtol=dead_rtol)
+    pool = st.pool_PxWxW
+    del st
+  del pool
+  if sp != s:
+    outs = tuple(o[:s, :, :s] for o in outs)
   return outs, dead, s, n
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_rows(outs, block_outs, start):
-  return tuple(lax.dynamic_update_slice_in_dim(o, b, start, axis=0) for o, b in zip(outs, block_outs))
+@functools.partial(jax.jit, static_argnames=("sp", "dead_rtol"))
+def _padded_rotation(q_SxNxN, st: _Tiles, sp, dead_rtol):
+  dead_SxN, tol_SxN = _dead(st.count.astype(jnp.float32), st.mean_SxN, st.m2_SxN, dead_rtol)
+  q, rotinv_SxN = _rotated_inv_std(q_SxNxN, st.within_SxNxN, dead_SxN, tol_SxN)
+  s = q.shape[0]
+  return jnp.pad(q, ((0, sp - s), (0, 0), (0, 0))), jnp.pad(rotinv_SxN, ((0, sp - s), (0, 0)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,7 +841,8 @@ def _write_rows(outs, block_outs, start):
 def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None = None,
                     key: jax.Array | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES,
                     block_rows: int | None = None, block_t: int | None = None,
-                    dead_rtol: float = DEFAULT_DEAD_RTOL, platform: str | None = None,
+                    block_n: int | None = None, dead_rtol: float = DEFAULT_DEAD_RTOL,
+                    platform: str | None = None,
                     interpret: bool | None = None) -> MaxCorrelation:
   """Max Pearson correlation of every neuron with each model's neurons, and its argmax.
 
@@ -592,18 +850,22 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
     acts_SxTxN: activations of S models on the same T inputs, an array; or a *source*: a callable that
       returns a fresh iterator of ``acts_SxBxN`` batches each time it is called (batch sizes may differ;
       every call must yield the same data). A source is accumulated in float32 with Chan's parallel
-      merge; when the co-moment of all S·N neurons exceeds ``memory_bytes`` it is computed in row blocks,
-      one pass over the source per block, so peak memory does not grow with T.
+      merge, as the upper triangle of ``W×W`` co-moment tiles (one in-place GEMM-accumulate per tile
+      and batch); when those tiles exceed ``memory_bytes`` they are taken a set of rows at a time, one
+      pass over the source per set, so peak memory does not grow with T.
     backend: 'pallas' (fused kernel), 'xla', or 'auto' (Pallas on GPU/TPU, XLA on CPU). Applies to
       arrays; a source is accumulated with XLA matrix products (its co-moment must persist across
-      batches, so there is nothing left to fuse) and reduced in one XLA fusion.
+      batches, so there is nothing left to fuse) and reduced tile by tile.
     baseline: None or 'rotation' (model j's neurons mixed by a Haar-random orthogonal ``Q_j``).
     key: PRNG key for the rotations (``Q_j`` from ``fold_in(key, j)``, see :func:`rotations`).
-    memory_bytes: budget for the co-moment block (and the XLA path's row blocks).
-    block_rows: rows per block, overriding the budget: for a source, the co-moment rows kept per pass;
+    memory_bytes: budget for the co-moment tiles of a source (and the XLA path's row blocks).
+    block_rows: rows per block, within the budget: for a source, at most this many co-moment rows per
+      pass (rounded up to whole models; also caps the tile side);
       for the XLA path, the side of its square blocks (rounded up to whole models); for Pallas, the
       kernel's row block.
     block_t: the Pallas kernel's input block.
+    block_n: the Pallas kernel's column tile (neurons of one model per tile); default: the largest that
+      fits the platform's VMEM or registers (:func:`kernels.pallas_correlation.column_block`).
     dead_rtol: a neuron is dead when its std is <= dead_rtol · max(|mean|, 1).
     platform: Pallas variant, 'tpu' or 'gpu'; default from ``jax.default_backend()`` ('tpu' on CPU).
     interpret: run Pallas in the interpreter; default True on CPU.
@@ -636,7 +898,8 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
     if interpret is None:
       interpret = jax.default_backend() == "cpu"
     outs, dead = _pallas_max(acts, q, platform=platform, interpret=bool(interpret),
-                             block_rows=block_rows, block_t=block_t, dead_rtol=dead_rtol)
+                             block_rows=block_rows, block_t=block_t, block_n=block_n,
+                             dead_rtol=dead_rtol)
   else:
     g = _models_per_block(s, n, memory_bytes, q is not None, block_rows)
     outs, dead = _xla_max(acts, q, models_per_block=g, dead_rtol=dead_rtol)

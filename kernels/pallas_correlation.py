@@ -19,6 +19,12 @@ Two variants share the reduction:
   * ``'gpu'`` (Triton): grid ``(row block, model)``, the input axis is a loop inside the kernel (Triton
     programs cannot accumulate across grid steps); blocks are powers of two.
 Both run on CPU with ``interpret=True`` (used by the tests and by the ``'pallas'`` backend on CPU).
+
+Large models (N in the thousands) do not fit one model's ``Np×BR`` co-moment in VMEM or registers: the
+columns of a model are then cut into tiles of ``BN`` neurons (:func:`column_block`), each tile is reduced
+as soon as it is accumulated and merged into a running (max, argmax) per row. The in-kernel rotation
+needs all of a model's co-moment at once, so with column tiles the baseline is a second call whose
+columns are the rotated activations (twice the FLOPs of the plain max, but it fits).
 """
 
 from __future__ import annotations
@@ -70,16 +76,70 @@ def block_sizes(platform: str, s: int, n: int, t: int, block_rows: int | None = 
   return np_, br, bt
 
 
-def _reduce(acc_NpxBR, colinv_Npx1, rowinv_1xBR, *, n, self_shift):
-  """Correlation block -> (max, argmax) over its column neurons, each ``(1, BR)``.
+# Scoped VMEM that Mosaic grants a kernel by default is 16 MiB on v4/v5e (32 MiB on v6e); stay below it
+# with room for the compiler's own temporaries.
+TPU_VMEM_BUDGET = 12 << 20
+# Triton keeps the accumulator, the operand tiles and the reduction in registers of one program
+# (num_warps=4: 128 threads); above this many float32 values per program it spills heavily.
+GPU_REGISTER_FLOATS = 16384
 
+
+def vmem_bytes(np_: int, br: int, bt: int, bn: int, rotation: bool) -> int:
+  """Estimated VMEM of one TPU kernel instance: double-buffered row and column input blocks, the
+  ``BN×BR`` accumulator and about six temporaries of its size in the reduction, and (in-kernel rotation)
+  the double-buffered ``Np×Np`` rotation with the ``Np×BR`` rotated block."""
+  total = 4 * (2 * (br * bt + bn * bt) + 7 * bn * br + 4 * (br + bn))
+  if rotation:
+    total += 4 * (2 * np_ * np_ + 7 * np_ * br)
+  return total
+
+
+def gpu_floats(np_: int, br: int, bt: int, bn: int, rotation: bool) -> int:
+  """float32 values one Triton program holds at once: accumulator, operand tiles, reduction temporaries
+  (and the rotation with its rotated block)."""
+  total = 3 * bn * br + bn * bt + br * bt
+  if rotation:
+    total += np_ * np_ + 2 * np_ * br
+  return total
+
+
+def column_block(platform: str, np_: int, br: int, bt: int, rotation: bool,
+                 block_n: int | None = None) -> tuple[int, bool]:
+  """(BN, rotate_in_kernel): neurons of one model per column tile, and whether the rotation baseline fits
+  in the same kernel (only when a tile holds the whole model).
+
+  The largest tile whose estimated footprint fits (:func:`vmem_bytes` on TPU, :func:`gpu_floats` on
+  GPU) is taken, so no N chooses a configuration that cannot fit; ``block_n`` forces a tile.
+  """
+  if platform == "tpu":
+    step, fits = 128, lambda bn, rot: vmem_bytes(np_, br, bt, bn, rot) <= TPU_VMEM_BUDGET
+  elif platform == "gpu":
+    step, fits = 16, lambda bn, rot: gpu_floats(np_, br, bt, bn, rot) <= GPU_REGISTER_FLOATS
+  else:
+    raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+  if block_n is not None:
+    if block_n % step or np_ % block_n or (platform == "gpu" and block_n & (block_n - 1)):
+      raise ValueError(f"block_n={block_n} must divide Np={np_} and be a multiple of {step}"
+                       f"{' and a power of two' if platform == 'gpu' else ''}")
+    return block_n, rotation and block_n == np_ and fits(np_, True)
+  candidates = [b for b in range(np_, step - 1, -step) if np_ % b == 0 and
+                (platform == "tpu" or b & (b - 1) == 0)]
+  bn = next((b for b in candidates if fits(b, False)), step)
+  return bn, rotation and bn == np_ and fits(np_, True)
+
+
+def _reduce(acc_NpxBR, colinv_Npx1, rowinv_1xBR, *, n, self_shift, col_offset=0):
+  """Correlation block -> raw (max, argmax) over its column neurons, each ``(1, BR)``.
+
+  ``col_offset`` (may be traced) is the index of the block's first column within its model.
   ``self_shift`` (scalar, may be traced) is the first row's flattened index minus the first column's:
   column ``c`` is row ``r``'s own neuron when ``c == r + self_shift``, and is excluded. None: no
-  exclusion. Padded columns (``>= n``) are excluded; a row with no candidate left gets max 0, argmax -1.
+  exclusion. Padded columns (``>= n``) are excluded; a row with no candidate left keeps max -inf
+  (:func:`_settle` turns it into max 0, argmax -1 once every tile is merged).
   """
   np_, br = acc_NpxBR.shape
   corr = jnp.clip(acc_NpxBR * colinv_Npx1 * rowinv_1xBR, -1.0, 1.0)
-  col = lax.broadcasted_iota(jnp.int32, (np_, br), 0)
+  col = col_offset + lax.broadcasted_iota(jnp.int32, (np_, br), 0)
   valid = col < n
   if self_shift is not None:
     row = lax.broadcasted_iota(jnp.int32, (np_, br), 1)
@@ -88,39 +148,43 @@ def _reduce(acc_NpxBR, colinv_Npx1, rowinv_1xBR, *, n, self_shift):
   best = jnp.max(corr, axis=0, keepdims=True)
   # First index attaining the max, as a float min-reduction across sublanes (exact below 2**24): the
   # float reductions are the ones every Mosaic and Triton version lowers.
-  arg = jnp.min(jnp.where(corr == best, col.astype(jnp.float32), float(np_)), axis=0, keepdims=True)
+  arg = jnp.min(jnp.where(corr == best, col.astype(jnp.float32), 3e38), axis=0, keepdims=True)
+  return best, arg.astype(jnp.int32)
+
+
+def _settle(best, arg):
+  """A row with no candidate (max still -inf) gets max 0 and argmax -1."""
   empty = best == -jnp.inf
-  return jnp.where(empty, 0.0, best), jnp.where(empty, -1, arg.astype(jnp.int32))
+  return jnp.where(empty, 0.0, best), jnp.where(empty, -1, arg)
 
 
-def _finish(acc, colinv_ref, rowinv_ref, q_ref, rotinv_ref, out_refs, *, n, np_, br, r, j, precision):
-  """Write max/argmax (and the rotation baseline) of one finished co-moment block."""
-  # Flattened indices, no division: floor division lowers through sign(), which Mosaic resolves against
-  # the attached TPU's generation, so it could not be exported from a machine without one.
-  self_shift = r * br - j * np_
-  rowinv = rowinv_ref[...]
-  colinv = colinv_ref[0]
-
-  def store(refs, values):
-    for ref, v in zip(refs, values):
-      ref[...] = v.reshape(ref.shape)
-
-  store(out_refs[:2], _reduce(acc, colinv, rowinv, n=n, self_shift=self_shift))
-
-  if q_ref is not None:
-    # Rotated co-moment Qᵀ·C: model j's neurons mixed by Q (Np×Np, zero outside the N×N corner).
-    rot = lax.dot_general(q_ref[0], acc, (((0,), (0,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32)
-    store(out_refs[2:], _reduce(rot, rotinv_ref[0], rowinv, n=n, self_shift=None))
+def _store(refs, values):
+  for ref, v in zip(refs, values):
+    ref[...] = v.reshape(ref.shape)
 
 
-def _tpu_kernel(*refs, n, np_, br, n_t_blocks, with_rotation, precision):
+def _self_shift(r, j, *, np_, br, exclude_self):
+  """First row's flattened index minus model j's first column's (column indices count from the model's
+  first neuron, tile offset included). Flattened indices, no division: floor division lowers through
+  sign(), which Mosaic resolves against the attached TPU's generation, so it could not be exported from
+  a machine without one."""
+  return r * br - j * np_ if exclude_self else None
+
+
+def _rotated(acc, rowinv, q_ref, rotinv_ref, out_refs, *, n, precision):
+  """Baseline of a whole-model block: rotated co-moment Qᵀ·C (Q is Np×Np, zero outside the N×N corner)."""
+  rot = lax.dot_general(q_ref[0], acc, (((0,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)
+  _store(out_refs, _settle(*_reduce(rot, rotinv_ref[0], rowinv, n=n, self_shift=None)))
+
+
+def _tpu_kernel(*refs, n, np_, br, bn, n_t_blocks, n_c, with_rotation, exclude_self, precision):
   if with_rotation:
     rows_ref, cols_ref, rowinv_ref, colinv_ref, q_ref, rotinv_ref, *outs, acc_ref = refs
   else:
     rows_ref, cols_ref, rowinv_ref, colinv_ref, *outs, acc_ref = refs
     q_ref = rotinv_ref = None
-  r, j, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  r, j, c, k = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
   @pl.when(k == 0)
   def _():
@@ -131,31 +195,79 @@ def _tpu_kernel(*refs, n, np_, br, n_t_blocks, with_rotation, precision):
 
   @pl.when(k == n_t_blocks - 1)
   def _():
-    _finish(acc_ref[...], colinv_ref, rowinv_ref, q_ref, rotinv_ref, outs, n=n, np_=np_, br=br, r=r,
-            j=j, precision=precision)
+    acc = acc_ref[...]
+    rowinv = rowinv_ref[...]
+    best, arg = _reduce(acc, colinv_ref[0], rowinv, n=n, col_offset=c * bn,
+                        self_shift=_self_shift(r, j, np_=np_, br=br, exclude_self=exclude_self))
+    max_ref, arg_ref = outs[0], outs[1]
+
+    # The output block of (row block, model) stays resident while the column tiles c pass: the running
+    # (max, argmax) lives in it. Ties keep the earlier tile, i.e. the first index.
+    @pl.when(c == 0)
+    def _():
+      _store((max_ref, arg_ref), (best, arg))
+
+    @pl.when(c > 0)
+    def _():
+      old = max_ref[...].reshape(best.shape)
+      better = best > old
+      _store((max_ref, arg_ref), (jnp.where(better, best, old),
+                                  jnp.where(better, arg, arg_ref[...].reshape(arg.shape))))
+
+    @pl.when(c == n_c - 1)
+    def _():
+      _store((max_ref, arg_ref), _settle(max_ref[...], arg_ref[...]))
+
+    if with_rotation:  # only with one column tile: it holds the whole model
+      _rotated(acc, rowinv, q_ref, rotinv_ref, outs[2:], n=n, precision=precision)
 
 
-def _gpu_kernel(*refs, n, np_, br, bt, n_t_blocks, with_rotation, precision):
+def _gpu_kernel(*refs, n, np_, br, bt, bn, n_t_blocks, n_c, with_rotation, exclude_self, precision):
   if with_rotation:
     rows_ref, cols_ref, rowinv_ref, colinv_ref, q_ref, rotinv_ref, *outs = refs
   else:
     rows_ref, cols_ref, rowinv_ref, colinv_ref, *outs = refs
     q_ref = rotinv_ref = None
   r, j = pl.program_id(0), pl.program_id(1)
+  rowinv = rowinv_ref[...]
 
-  def step(k, acc):
-    t = pl.ds(pl.multiple_of(k * bt, bt), bt)
-    return acc + lax.dot_general(cols_ref[:, t], rows_ref[:, t], _NT, precision=precision,
-                                 preferred_element_type=jnp.float32)
+  def tile_of(c):
+    return pl.ds(c * bn if isinstance(c, int) else pl.multiple_of(c * bn, bn), bn)
 
-  acc = lax.fori_loop(0, n_t_blocks, step, jnp.zeros((np_, br), jnp.float32))
-  _finish(acc, colinv_ref, rowinv_ref, q_ref, rotinv_ref, outs, n=n, np_=np_, br=br, r=r, j=j,
-          precision=precision)
+  def accumulate(c):
+    cols = tile_of(c)
+
+    def step(k, acc):
+      t = pl.ds(pl.multiple_of(k * bt, bt), bt)
+      return acc + lax.dot_general(cols_ref[cols, t], rows_ref[:, t], _NT, precision=precision,
+                                   preferred_element_type=jnp.float32)
+
+    return lax.fori_loop(0, n_t_blocks, step, jnp.zeros((bn, br), jnp.float32))
+
+  def reduce(c, acc):
+    colinv = colinv_ref[0, tile_of(c), :]
+    return _reduce(acc, colinv, rowinv, n=n, col_offset=c * bn,
+                   self_shift=_self_shift(r, j, np_=np_, br=br, exclude_self=exclude_self))
+
+  if n_c == 1:
+    acc = accumulate(0)
+    _store(outs[:2], _settle(*reduce(0, acc)))
+    if with_rotation:
+      _rotated(acc, rowinv, q_ref, rotinv_ref, outs[2:], n=n, precision=precision)
+    return
+
+  def tile(c, carry):
+    best, arg = reduce(c, accumulate(c))
+    better = best > carry[0]
+    return jnp.where(better, best, carry[0]), jnp.where(better, arg, carry[1])
+
+  init = (jnp.full((1, br), -jnp.inf, jnp.float32), jnp.full((1, br), -1, jnp.int32))
+  _store(outs[:2], _settle(*lax.fori_loop(0, n_c, tile, init)))
 
 
 def fused_max(xc_SxNpxTp, inv_SxNp, *, n: int, platform: str, block_rows: int, block_t: int,
-              q_SxNpxNp=None, rotinv_SxNp=None, interpret: bool = False,
-              precision=lax.Precision.HIGHEST):
+              block_n: int | None = None, q_SxNpxNp=None, rotinv_SxNp=None, cols_SxNpxTp=None,
+              exclude_self: bool = True, interpret: bool = False, precision=lax.Precision.HIGHEST):
   """Max correlation of every (padded) neuron against each model, from centred padded activations.
 
   Args:
@@ -165,8 +277,14 @@ def fused_max(xc_SxNpxTp, inv_SxNp, *, n: int, platform: str, block_rows: int, b
     n: real neurons per model (columns ``>= n`` of each model are padding and never win the max).
     platform: ``'tpu'`` (Mosaic grid kernel) or ``'gpu'`` (Triton kernel).
     block_rows, block_t: ``BR`` and ``BT`` from :func:`block_sizes`.
+    block_n: ``BN``, neurons per column tile (default ``Np``: one tile per model); see
+      :func:`column_block`.
     q_SxNpxNp, rotinv_SxNp: optional rotation per model (zero outside the ``n×n`` corner) and inverse
-      standard deviations of the rotated neurons; when given the baseline is returned too.
+      standard deviations of the rotated neurons; when given the baseline is returned too. Needs
+      ``block_n == Np``.
+    cols_SxNpxTp: the column side's activations when they differ from the rows (e.g. rotated neurons),
+      with ``inv_col_SxNp`` taken from ``rotinv_SxNp``; default: the rows themselves.
+    exclude_self: leave each neuron out of its own model's maximum (off for rotated columns).
     interpret: run the kernel in the Pallas interpreter (CPU).
 
   Returns:
@@ -174,36 +292,45 @@ def fused_max(xc_SxNpxTp, inv_SxNp, *, n: int, platform: str, block_rows: int, b
   """
   s, np_, tp = xc_SxNpxTp.shape
   br, bt = block_rows, block_t
-  if (s * np_) % br or tp % bt:
-    raise ValueError(f"padded sizes S·Np={s * np_}, Tp={tp} must be multiples of BR={br}, BT={bt}")
+  bn = block_n or np_
+  if (s * np_) % br or tp % bt or np_ % bn:
+    raise ValueError(f"padded sizes S·Np={s * np_}, Tp={tp}, Np={np_} must be multiples of BR={br}, "
+                     f"BT={bt}, BN={bn}")
   with_rotation = q_SxNpxNp is not None
+  if with_rotation and bn != np_:
+    raise ValueError(f"the in-kernel rotation needs one column tile per model (BN = Np = {np_}), got "
+                     f"BN={bn}; pass rotated activations as cols_SxNpxTp instead")
   m = s * np_
+  n_c = np_ // bn
   xc_MxTp = xc_SxNpxTp.reshape(m, tp)
+  cols_MxTp = xc_MxTp if cols_SxNpxTp is None else cols_SxNpxTp.reshape(m, tp)
+  colinv = inv_SxNp if cols_SxNpxTp is None else rotinv_SxNp
   rowinv_1xM = inv_SxNp.reshape(1, m)
-  colinv_SxNpx1 = inv_SxNp.reshape(s, np_, 1)
+  colinv_SxNpx1 = colinv.reshape(s, np_, 1)
   n_t_blocks = tp // bt
   out_shape = [jax.ShapeDtypeStruct((s, 1, m), jnp.float32), jax.ShapeDtypeStruct((s, 1, m), jnp.int32)]
-  args = [xc_MxTp, xc_MxTp, rowinv_1xM, colinv_SxNpx1]
+  args = [xc_MxTp, cols_MxTp, rowinv_1xM, colinv_SxNpx1]
   if with_rotation:
     out_shape = out_shape * 2
     args += [q_SxNpxNp, rotinv_SxNp.reshape(s, np_, 1)]
+  static = dict(n=n, np_=np_, br=br, bn=bn, n_t_blocks=n_t_blocks, n_c=n_c, with_rotation=with_rotation,
+                exclude_self=exclude_self, precision=precision)
 
   if platform == "tpu":
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-    grid = (m // br, s, n_t_blocks)
-    in_specs = [pl.BlockSpec((br, bt), lambda r, j, k: (r, k)),
-                pl.BlockSpec((np_, bt), lambda r, j, k: (j, k)),
-                pl.BlockSpec((1, br), lambda r, j, k: (0, r)),
-                pl.BlockSpec((1, np_, 1), lambda r, j, k: (j, 0, 0))]
+    grid = (m // br, s, n_c, n_t_blocks)
+    in_specs = [pl.BlockSpec((br, bt), lambda r, j, c, k: (r, k)),
+                pl.BlockSpec((bn, bt), lambda r, j, c, k: (j * n_c + c, k)),
+                pl.BlockSpec((1, br), lambda r, j, c, k: (0, r)),
+                pl.BlockSpec((1, bn, 1), lambda r, j, c, k: (j, c, 0))]
     if with_rotation:
-      in_specs += [pl.BlockSpec((1, np_, np_), lambda r, j, k: (j, 0, 0)),
-                   pl.BlockSpec((1, np_, 1), lambda r, j, k: (j, 0, 0))]
-    out_spec = pl.BlockSpec((1, 1, br), lambda r, j, k: (j, 0, r))
-    kernel = functools.partial(_tpu_kernel, n=n, np_=np_, br=br, n_t_blocks=n_t_blocks,
-                               with_rotation=with_rotation, precision=precision)
-    extra = dict(scratch_shapes=[pltpu.VMEM((np_, br), jnp.float32)],
+      in_specs += [pl.BlockSpec((1, np_, np_), lambda r, j, c, k: (j, 0, 0)),
+                   pl.BlockSpec((1, np_, 1), lambda r, j, c, k: (j, 0, 0))]
+    out_spec = pl.BlockSpec((1, 1, br), lambda r, j, c, k: (j, 0, r))
+    kernel = functools.partial(_tpu_kernel, **static)
+    extra = dict(scratch_shapes=[pltpu.VMEM((bn, br), jnp.float32)],
                  compiler_params=pltpu.CompilerParams(
-                     dimension_semantics=("parallel", "parallel", "arbitrary")))
+                     dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")))
   elif platform == "gpu":
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
     grid = (m // br, s)
@@ -215,8 +342,7 @@ def fused_max(xc_SxNpxTp, inv_SxNp, *, n: int, platform: str, block_rows: int, b
       in_specs += [pl.BlockSpec((1, np_, np_), lambda r, j: (j, 0, 0)),
                    pl.BlockSpec((1, np_, 1), lambda r, j: (j, 0, 0))]
     out_spec = pl.BlockSpec((1, 1, br), lambda r, j: (j, 0, r))
-    kernel = functools.partial(_gpu_kernel, n=n, np_=np_, br=br, bt=bt, n_t_blocks=n_t_blocks,
-                               with_rotation=with_rotation, precision=precision)
+    kernel = functools.partial(_gpu_kernel, bt=bt, **static)
     # Accumulator, Q and the reduction share the registers of one program: keep warps modest.
     extra = dict(compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2))
   else:
@@ -233,4 +359,5 @@ def fused_max(xc_SxNpxTp, inv_SxNp, *, n: int, platform: str, block_rows: int, b
   return tuple(o.reshape(s, s, np_).transpose(1, 2, 0) for o in outs)
 
 
-__all__ = ["PLATFORMS", "block_sizes", "fused_max"]
+__all__ = ["GPU_REGISTER_FLOATS", "PLATFORMS", "TPU_VMEM_BUDGET", "block_sizes", "column_block",
+           "fused_max", "gpu_floats", "vmem_bytes"]

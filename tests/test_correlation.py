@@ -114,7 +114,9 @@ def test_large_mean_is_stable_in_float32():
   assert abs(acts.mean() - 1e4) < 10 and 0.3 < acts.std(axis=1).mean() < 3
   ref_max, ref_arg, dead, margin = _reference(acts)
   source = lambda: iter(_batches(acts, [7, 300, 1, 250, 342]))  # noqa: E731
-  for res in (kc.max_correlation(source), kc.max_correlation(acts, backend="xla")):
+  # In memory; streamed in one pass; streamed one model's rows per pass (every tile reused across passes).
+  for res in (kc.max_correlation(source), kc.max_correlation(source, block_rows=5),
+              kc.max_correlation(acts, backend="xla")):
     _assert_matches(res.max_SxNxS, res.argmax_SxNxS, ref_max, ref_arg, margin, dead, atol=1e-4)
   corr = np.asarray(kc.correlation_matrix(acts))
   ref = np.corrcoef(acts.astype(np.float64).transpose(0, 2, 1).reshape(10, 900))
@@ -201,11 +203,44 @@ def test_row_block_passes_equal_single_pass():
   single = kc.max_correlation(source, baseline="rotation", key=key)
   assert len(passes) == 2  # one to read the batch shape, one pass in total
   passes.clear()
-  # A budget smaller than the 20×20 co-moment forces row blocks and one pass per block.
-  blocked = kc.max_correlation(source, baseline="rotation", key=key, memory_bytes=2000)
-  assert len(passes) > 3
+  # A budget of four 5×5 tiles (the 20×20 co-moment's upper triangle needs ten) forces row blocks:
+  # rows of model 0 against all 4 models, then model 1 against 3, then models 2 and 3 (2 + 1 tiles).
+  blocked = kc.max_correlation(source, baseline="rotation", key=key, memory_bytes=400)
+  assert len(passes) == 1 + 3
   for a, b in zip(single, blocked):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_stream_compiles_once_for_every_batch_size_and_pass():
+  # Distinctive shapes, so the count below is this call's alone; batches shorter than the first are
+  # padded and longer ones split, and the row range of a pass is data: one compilation in all.
+  acts = _planted(14, 5, 90, 7)
+  before = kc._tiles_update._cache_size()  # pylint: disable=protected-access
+  res = kc.max_correlation(lambda: iter(_batches(acts, [13, 2, 40, 9, 26])), block_rows=7)
+  assert kc._tiles_update._cache_size() == before + 1  # pylint: disable=protected-access
+  ref_max, ref_arg, dead, margin = _reference(acts)
+  _assert_matches(res.max_SxNxS, res.argmax_SxNxS, ref_max, ref_arg, margin, dead)
+
+
+@pytest.mark.parametrize("s,n,budget,block_rows", [(7, 3, 10 ** 4, None), (7, 3, 2000, None),
+                                                   (40, 16, 1 << 20, None), (9, 5, 10 ** 5, 12)])
+def test_tile_plan_covers_the_upper_triangle_once_within_budget(s, n, budget, block_rows):
+  plan = kc._plan_tiles(s, n, budget, block_rows)  # pylint: disable=protected-access
+  assert plan.sp >= s and plan.sp - s < plan.g and plan.w == plan.g * n
+  assert 4 * plan.n_tiles * plan.w ** 2 <= budget
+  seen = []
+  for c0, c1 in plan.passes:
+    tiles = [(i, j) for i in range(c0, c1) for j in range(i, plan.nc)]
+    assert len(tiles) <= plan.n_tiles
+    # Pool slots of a pass are distinct and in range (the index arithmetic of the kernels).
+    slots = [int(kc._tile_base(i, c0, plan.nc)) + j - i for i, j in tiles]  # pylint: disable=protected-access
+    assert sorted(slots) == list(range(len(tiles)))
+    seen += tiles
+  assert sorted(seen) == [(i, j) for i in range(plan.nc) for j in range(i, plan.nc)]
+  if block_rows is not None:
+    assert all(c1 - c0 <= max(1, block_rows // plan.w) for c0, c1 in plan.passes)
+  with pytest.raises(ValueError, match="memory_bytes"):
+    kc._plan_tiles(s, n, 4 * n * n * s - 1, None)  # pylint: disable=protected-access
 
 
 def test_excess_is_max_minus_baseline_over_other_models():
@@ -264,32 +299,71 @@ def test_bad_input_raises_value_error():
     kc.max_correlation(lambda: iter([acts] * (1 + next(runs) % 2)), block_rows=2)
 
 
-def _export_specs(platform, s, n, t, rotation):
-  np_, br, bt = pc.block_sizes(platform, s, n, t)
-  tp = -(-t // bt) * bt
+def _export_fn(platform, s, n, t, rotation):
+  """What ``max_correlation(backend='pallas')`` runs for these sizes, with the blocks 'auto' picks."""
+  key = jax.random.key(0)
 
-  def f(xc, inv, q, rotinv):
-    kw = dict(q_SxNpxNp=q, rotinv_SxNp=rotinv) if rotation else {}
-    return pc.fused_max(xc, inv, n=n, platform=platform, block_rows=br, block_t=bt, **kw)
+  def f(acts):
+    q = kc.rotations(key, s, n) if rotation else None
+    pallas_max = kc._pallas_max  # pylint: disable=protected-access
+    return pallas_max(acts, q, platform=platform, interpret=False, block_rows=None, block_t=None,
+                      block_n=None, dead_rtol=kc.DEFAULT_DEAD_RTOL)
 
-  specs = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in
-           [(s, np_, tp), (s, np_), (s, np_, np_), (s, np_)]]
-  return f, specs
-
-
-@pytest.mark.parametrize("rotation", [False, True])
-def test_pallas_lowers_for_tpu(rotation):
-  f, specs = _export_specs("tpu", 3, 100, 1000, rotation)
-  text = export.export(jax.jit(f), platforms=["tpu"])(*specs).mlir_module()
-  assert "tpu_custom_call" in text
+  return f, jax.ShapeDtypeStruct((s, t, n), jnp.float32)
 
 
-@pytest.mark.parametrize("rotation", [False, True])
-def test_pallas_lowers_for_cuda(rotation):
-  f, specs = _export_specs("gpu", 3, 100, 1000, rotation)
+# N = 100: one column tile per model, rotation inside the kernel. N = 3072: a model's Np×BR co-moment
+# fits neither VMEM nor registers, so 'auto' tiles the columns and takes the baseline in a second call.
+@pytest.mark.parametrize("n,rotation", [(100, False), (100, True), (3072, False), (3072, True)])
+def test_pallas_lowers_for_tpu(n, rotation):
+  f, spec = _export_fn("tpu", 3, n, 1000, rotation)
+  text = export.export(jax.jit(f), platforms=["tpu"])(spec).mlir_module()
+  assert text.count("tpu_custom_call") >= (2 if rotation and n > 1000 else 1)
+
+
+@pytest.mark.parametrize("n,rotation", [(100, False), (100, True), (3072, False), (3072, True)])
+def test_pallas_lowers_for_cuda(n, rotation):
+  f, spec = _export_fn("gpu", 3, n, 1000, rotation)
   checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  text = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*specs).mlir_module()
+  text = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(spec).mlir_module()
   assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_auto_blocks_fit_for_large_models(platform):
+  for n in (5, 128, 512, 1000, 3072, 8192):
+    for rotation in (False, True):
+      np_, br, bt = pc.block_sizes(platform, 4, n, 2048)
+      bn, in_kernel = pc.column_block(platform, np_, br, bt, rotation)
+      assert np_ % bn == 0 and bn <= np_ and not (in_kernel and bn != np_)
+      if platform == "tpu":
+        assert pc.vmem_bytes(np_, br, bt, bn, in_kernel) <= pc.TPU_VMEM_BUDGET
+      else:
+        assert bn & (bn - 1) == 0 and pc.gpu_floats(np_, br, bt, bn, in_kernel) <= pc.GPU_REGISTER_FLOATS
+      if n <= 100:
+        assert bn == np_ and in_kernel == rotation  # small models keep the one-tile kernel
+  np_, br, bt = pc.block_sizes(platform, 4, 3072, 2048)
+  assert pc.column_block(platform, np_, br, bt, False)[0] < np_  # 3072 neurons are tiled
+  with pytest.raises(ValueError, match="block_n"):
+    pc.column_block(platform, np_, br, bt, False, block_n=24)
+
+
+# Column tiles inside the kernel: TPU N=200 -> Np=256 in two tiles of 128; GPU N=40 -> Np=64 in four
+# tiles of 16. The rotation baseline then comes from a second call on rotated activations.
+@pytest.mark.parametrize("platform,n,block_t,block_rows,block_n", [("tpu", 200, 128, None, 128),
+                                                                   ("gpu", 40, 16, 32, 16)])
+def test_pallas_column_tiles_match_reference(platform, n, block_t, block_rows, block_n):
+  acts = _planted(15, 2, 150 if platform == "tpu" else 40, n)
+  acts[0, :, 7] = -1.5  # a dead neuron in the first tile
+  key = jax.random.key(9)
+  q = kc.rotations(key, 2, n)
+  ref_max, ref_arg, dead, margin = _reference(acts)
+  b_max, b_arg, _, b_margin = _reference(acts, np.where(dead[:, :, None], 0.0, q))
+  res = kc.max_correlation(acts, backend="pallas", platform=platform, interpret=True, block_t=block_t,
+                           block_rows=block_rows, block_n=block_n, baseline="rotation", key=key)
+  _assert_matches(res.max_SxNxS, res.argmax_SxNxS, ref_max, ref_arg, margin, dead)
+  _assert_matches(res.baseline_max_SxNxS, res.baseline_argmax_SxNxS, b_max, b_arg, b_margin, dead)
+  np.testing.assert_array_equal(np.asarray(res.argmax_SxNxS)[0, 7], -1)
 
 
 def test_block_sizes_follow_platform_rules():
