@@ -55,6 +55,9 @@ _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 Source = Callable[[], Iterator]
 
 
+XLA_BATCH = 1024  # inputs per accumulate step when an in-memory array goes through the tiled XLA path
+
+
 class CorrelationError(ValueError):
   """Activations, sources or options that the correlation kernels cannot use."""
 
@@ -901,8 +904,12 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
                              block_rows=block_rows, block_t=block_t, block_n=block_n,
                              dead_rtol=dead_rtol)
   else:
-    g = _models_per_block(s, n, memory_bytes, q is not None, block_rows)
-    outs, dead = _xla_max(acts, q, models_per_block=g, dead_rtol=dead_rtol)
+    # On the CPU the tiled accumulate of the streamed path (upper-triangle tiles, in place) beats one
+    # in-memory product of the whole matrix (measured ~2x on the 16 x 128 x 14,400 benchmark), so an array
+    # is fed to it as a source of batches; the results are the same to float32 rounding.
+    batches = [acts[:, i:i + XLA_BATCH] for i in range(0, t, XLA_BATCH)]
+    outs, dead, s, n = _stream(lambda: iter(batches), q_fn, memory_bytes=memory_bytes,
+                               block_rows=block_rows, dead_rtol=dead_rtol)
   return _assemble(outs, dead, s, n)
 
 
