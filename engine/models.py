@@ -106,6 +106,47 @@ def _mlp(params, a_B, b_B):
   return hidden_BxN @ params["unembed"], hidden_BxN
 
 
+def mlp_xent_grads(params, a_B, b_B, c_B, w_B, order):
+  """``(Σ w·cross-entropy, gradients)`` of the MLP, its backward pass written out by hand.
+
+  The loss is ``engine.train.masked_xent`` of ``apply``'s logits (classes ``>= order`` masked to −inf) and
+  the gradients are those ``jax.grad`` derives, to float rounding. Written out, the step reads and writes
+  the ``[B, V]`` activations fewer times than the derived one: the softmax and the one-hot of the
+  cross-entropy gradient are one elementwise pass, ``w · (softmax − onehot)``, over the exponentials that
+  the forward pass already holds, the target logit is a gather (no ``[B, V]`` one-hot select and its
+  transpose) and nothing of the accuracy is computed.
+  """
+  shapes = [jnp.shape(x) for x in (a_B, b_B, c_B, w_B)]
+  if len(shapes[0]) != 1 or any(s != shapes[0] for s in shapes):
+    raise ValueError(f"a, b, c and w must be 1-D batches of equal length, got {shapes}")
+  e = params["embed_a"].shape[1]
+  w1_a, w1_b, unembed_NxV = params["linear"][:e], params["linear"][e:], params["unembed"]
+  pa_VxN = params["embed_a"] @ w1_a
+  pb_VxN = params["embed_b"] @ w1_b
+  hidden_BxN = jax.nn.relu(pa_VxN[a_B] + pb_VxN[b_B])
+  logits_BxV = hidden_BxN @ unembed_NxV
+  classes_1xV = jnp.arange(logits_BxV.shape[-1])[None, :]
+  masked_BxV = jnp.where(classes_1xV < order, logits_BxV, -jnp.inf)
+  max_B = jnp.max(masked_BxV, axis=-1)
+  exp_BxV = jnp.exp(masked_BxV - max_B[:, None])
+  sum_B = jnp.sum(exp_BxV, axis=-1)
+  picked_B = jnp.take_along_axis(logits_BxV, c_B[:, None], axis=-1)[:, 0]
+  loss = jnp.sum(w_B * (max_B + jnp.log(sum_B) - picked_B))
+  scale_Bx1 = (w_B / sum_B)[:, None]
+  dlogits_BxV = jnp.where(classes_1xV == c_B[:, None], exp_BxV * scale_Bx1 - w_B[:, None], exp_BxV * scale_Bx1)
+  dhidden_BxN = jnp.where(hidden_BxN > 0, dlogits_BxV @ unembed_NxV.T, 0.0)
+  # The gathers' transposes: the rows of dhidden summed by the index that selected them.
+  dpa_VxN = jnp.zeros_like(pa_VxN).at[a_B].add(dhidden_BxN)
+  dpb_VxN = jnp.zeros_like(pb_VxN).at[b_B].add(dhidden_BxN)
+  grads = {
+      "embed_a": dpa_VxN @ w1_a.T,
+      "embed_b": dpb_VxN @ w1_b.T,
+      "linear": jnp.concatenate([params["embed_a"].T @ dpa_VxN, params["embed_b"].T @ dpb_VxN]),
+      "unembed": hidden_BxN.T @ dlogits_BxV,
+  }
+  return loss, grads
+
+
 def mlp_apply_concat(params, a_B, b_B):
   """The MLP in its literal form (concatenate, then multiply): the reference the factorised form must equal."""
   x_Bx2E = jnp.concatenate([params["embed_a"][a_B], params["embed_b"][b_B]], axis=-1)
