@@ -39,16 +39,6 @@ def log_spaced_steps(total_steps: int, num: int, multiple: int = 1) -> list[int]
   return sorted(steps)
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
-  """ShapeDtypeStructs for ``tree``; each leaf keeps its own sharding unless ``sharding`` is given."""
-
-  def one(x):
-    x_sharding = sharding if sharding is not None else getattr(x, "sharding", None)
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x_sharding)
-
-  return jax.tree.map(one, tree)
-
-
 class Checkpointer:
   """Saves and restores one pytree (the stacked train state) per step under ``directory``."""
 
@@ -149,11 +139,3 @@ class Checkpointer:
   def __exit__(self, *exc) -> None:
     self.close()
 
-
-def restore_latest(directory: str, abstract_state: Any):
-  """Convenience for notebooks: (step, state) of the newest restorable checkpoint, read-only."""
-  ckpt = Checkpointer(directory, read_only=True)
-  try:
-    return ckpt.restore(abstract_state, fallback=False)
-  finally:
-    ckpt.close()

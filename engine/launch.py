@@ -21,7 +21,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import math
 import os
 import sys
 import time
@@ -257,13 +256,15 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
 
 
 def _train_loop(cfg, trainer, rows, workdir, resuming, show_progress, is_main) -> dict[str, Any]:
-  schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.get("num_checkpoints", 24), cfg.eval_every))
+  schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   state = trainer.init()
   step = 0
+  was_diverged = np.zeros(len(rows), dtype=bool)
   if ckpt.steps():
     step, host = ckpt.restore(host_state_spec(trainer))
     state = trainer.shard(host)
+    was_diverged = np.asarray(host.diverged, dtype=bool)  # reported before the crash: not again
     logging.info("resuming %s from step %d", workdir, step)
     if is_main:
       print(f"Resuming from checkpoint at step {step}", flush=True)
@@ -274,13 +275,10 @@ def _train_loop(cfg, trainer, rows, workdir, resuming, show_progress, is_main) -
     ckpt.save(0, trainer.unpad(state))
   bar = _Progress(cfg.steps, step, len(rows), show_progress)
   names = [r["name"] for r in rows]
-  was_diverged = np.zeros(len(rows), dtype=bool)
   last = None
-  pending = None  # metrics of the previous chunk, fetched after the next chunk is dispatched
 
-  def flush(item):
+  def log_metrics(at_step, metrics):
     nonlocal was_diverged, last
-    at_step, metrics = item
     m = {k: np.asarray(v)[-1, :len(rows)] for k, v in metrics.items()}
     diverged = m["diverged"].astype(bool)
     new = [names[i] for i in np.flatnonzero(diverged & ~was_diverged)]
@@ -296,15 +294,11 @@ def _train_loop(cfg, trainer, rows, workdir, resuming, show_progress, is_main) -
 
   try:
     while step < cfg.steps:
-      state, metrics = trainer.run(state, 1)
+      state, metrics = trainer.run(state, 1)  # metrics come back on the host, one row per run
       step += cfg.eval_every
-      if pending is not None:
-        flush(pending)
-      pending = (step, metrics)
+      log_metrics(step, metrics)
       if step in schedule:
         ckpt.save(step, trainer.unpad(state))
-    if pending is not None:
-      flush(pending)
   finally:
     bar.close()
     ckpt.close()
