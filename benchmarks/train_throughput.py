@@ -1,12 +1,15 @@
 """Training throughput of the S5 MLP (Chughtai et al.): engine.train at 1..256 seeds vs a PyTorch loop.
 
-usage: python benchmarks/train_throughput.py [--seeds 1,8,64,256] [--work 600] [--quick] [--no-torch]
+usage: python benchmarks/train_throughput.py [--seeds 1,8,64,256] [--work 600] [--eval-every 100]
+                                            [--run-chunk 0] [--quick] [--no-torch]
 
 Each configuration trains the paper's MLP (E=256, N=128) on S5 with train fraction 0.4 (5,760 training
 pairs, full batch, AdamW lr 1e-3, wd 1, betas 0.9/0.98). For each seed count S it compiles one
-``trainer.run`` of about ``work / S`` steps (at least 10, evaluating every 10 in every configuration), runs
-it once to warm up, then reports the best of three timed calls as model-steps per second (S × steps /
-seconds). Beside it, in the same process, it times plain sequential PyTorch loops of the same model and
+``trainer.run`` of about ``work / S`` steps, rounded up to a whole number of eval intervals (``--eval-every``,
+default 100 as in a launch; the same interval in every configuration, so evaluation is the same share of
+every line), runs it once to warm up, then reports the best of three timed calls as model-steps per second
+(S × steps / seconds). ``--run-chunk`` takes a comma-separated list of ``cfg.run_chunk`` values (runs vmapped
+together per ``lax.map`` step; 0 = the automatic default) and times each at every seed count. Beside it, in the same process, it times plain sequential PyTorch loops of the same model and
 optimiser (torch is optional: ``pip install torch``): the literal concat-then-multiply model (the baseline
 of the "vs torch" column), and the factorised form the engine uses ("vs t.fact"), to separate the gain of
 the algebra from the gain of the compiled loop. Torch gets its best of 1 thread and all cores.
@@ -54,15 +57,17 @@ def step_flops(cfg, n_train: int, vocab: int) -> float:
   return 3 * 2 * n_train * cfg.hidden * vocab + 6 * 2 * vocab * cfg.embed_dim * cfg.hidden
 
 
-def bench_engine(seeds: int, work: int, reps: int = 3, eval_every: int = 10) -> tuple[float, float]:
+def bench_engine(seeds: int, work: int, eval_every: int, run_chunk: int = 0,
+                 reps: int = 3) -> tuple[float, float]:
   """(model-steps/s, compile-and-first-call seconds) of engine.train at ``seeds`` seeds.
 
   Every configuration evaluates every ``eval_every`` steps, so the evaluation overhead (a forward pass over
-  all |G|² pairs, ~3% at 10 steps) is the same share of every line.
+  all |G|² pairs: ~8% of the time at 10 steps, <1% at 100) is the same share of every line.
   """
   cfg = config.default_config()
   steps = eval_every * max(1, math.ceil(work / (seeds * eval_every)))
-  cfg.update(dict(groups=GROUP, train_frac=str(FRAC), seeds=seeds, steps=steps, eval_every=eval_every))
+  cfg.update(dict(groups=GROUP, train_frac=str(FRAC), seeds=seeds, steps=steps, eval_every=eval_every,
+                  run_chunk=run_chunk))
   trainer = train.make_train(cfg)
   n_evals = steps // eval_every
   t = time.perf_counter()
@@ -137,6 +142,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", default="1,8,64,256", help="comma-separated seed counts")
   parser.add_argument("--work", type=int, default=600, help="model-steps per timed call (steps = work / S)")
+  parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (all lines)")
+  parser.add_argument("--run-chunk", default="0", help="comma-separated cfg.run_chunk values (0: automatic)")
+  parser.add_argument("--reps", type=int, default=3, help="timed calls per line (the best is reported)")
   parser.add_argument("--torch-steps", type=int, default=30, help="timed steps of each PyTorch loop")
   parser.add_argument("--quick", action="store_true", help="shrink: seeds 1,8, 80 model-steps, 10 torch steps")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
@@ -144,6 +152,9 @@ def main(argv=None):
   if args.quick:
     args.seeds, args.work, args.torch_steps = "1,8", 80, 10
   seed_counts = [int(s) for s in args.seeds.split(",")]
+  chunks = [int(c) for c in args.run_chunk.split(",")]
+  if args.eval_every < 1 or min(seed_counts) < 1 or min(chunks) < 0:
+    parser.error("--eval-every and --seeds must be positive, --run-chunk non-negative")
 
   g = groups.get(GROUP)
   cfg = config.default_config()
@@ -164,13 +175,15 @@ def main(argv=None):
       print(f"torch {torch.__version__} sequential AdamW loop (best of 1 and {os.cpu_count()} threads): "
             f"{plain[0]:.1f} steps/s plain (concat) model [{plain[1]} thr], "
             f"{fact[0]:.1f} steps/s factorised [{fact[1]} thr]")
-  print(f"{'seeds':>6} {'model-steps/s':>14} {'ms/model-step':>14} {'vs torch':>9} {'vs t.fact':>9} "
+  print(f"evaluation every {args.eval_every} steps in every line")
+  print(f"{'seeds':>6} {'chunk':>5} {'model-steps/s':>14} {'ms/model-step':>14} {'vs torch':>9} {'vs t.fact':>9} "
         f"{'GFLOP/s':>8} {'of peak':>8} {'compile s':>10}")
   for s in seed_counts:
-    rate, first = bench_engine(s, args.work)
-    ratio = f"{rate / torch_plain:8.1f}x {rate / torch_fact:8.1f}x" if torch_plain else f"{'-':>9} {'-':>9}"
-    print(f"{s:>6} {rate:>14.1f} {1e3 / rate:>14.2f} {ratio} {rate * flops / 1e9:>8.0f} "
-          f"{rate * flops / peak:>8.0%} {first:>10.1f}", flush=True)
+    for chunk in chunks:
+      rate, first = bench_engine(s, args.work, args.eval_every, chunk, max(1, args.reps))
+      ratio = f"{rate / torch_plain:8.1f}x {rate / torch_fact:8.1f}x" if torch_plain else f"{'-':>9} {'-':>9}"
+      print(f"{s:>6} {chunk or 'auto':>5} {rate:>14.1f} {1e3 / rate:>14.2f} {ratio} {rate * flops / 1e9:>8.0f} "
+            f"{rate * flops / peak:>8.0%} {first:>10.1f}", flush=True)
   print(f"matmul rate re-measured at the end: {matmul_rate() / 1e9:.0f} GFLOP/s")
 
 

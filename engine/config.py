@@ -62,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.analyze = True         # run engine.analysis and write the report when training ends
   # Execution (changes speed, not results beyond float rounding).
   cfg.run_chunk = 0          # runs vmapped together on each device; 0: auto (1 on CPU, where one model's
-                             # activations then stay in cache; all of a device's runs on GPU/TPU)
+                             # activations then stay in cache: 2 and 4 measured 11% and 30% slower on the
+                             # S5 MLP, benchmarks/README.md; all of a device's runs on GPU/TPU)
   return cfg
 
 

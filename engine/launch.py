@@ -246,9 +246,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
     if is_main:
       atomic_write(os.path.join(workdir, "runs.json"), json.dumps(rows, indent=1) + "\n")
     final = _train_loop(cfg, trainer, rows, workdir, resuming, progress and is_main, is_main)
-  do_analyze = cfg.get("analyze", True) if analyze is None else analyze
-  if do_analyze:
-    final.update(_analyze_and_report(workdir, progress=progress and is_main))
+    if cfg.analyze if analyze is None else analyze:  # under the lock: no launch may write meanwhile
+      final.update(_analyze_and_report(workdir, progress=progress and is_main))
   if is_main:
     print(f"Done: {len(rows)} runs x {final['step']} steps in {workdir}"
           + (f"; report at {final['report']}" if final.get("report") else ""), flush=True)
