@@ -126,9 +126,6 @@ class Checkpointer:
       os.replace(src, dst)
     self._manager.reload()
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

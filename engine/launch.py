@@ -256,7 +256,11 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
 
 def _train_loop(cfg, trainer, rows, workdir, resuming, show_progress, is_main) -> dict[str, Any]:
   schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    return _train_with(cfg, trainer, rows, workdir, resuming, show_progress, is_main, schedule, ckpt)
+
+
+def _train_with(cfg, trainer, rows, workdir, resuming, show_progress, is_main, schedule, ckpt):
   state = trainer.init()
   step = 0
   was_diverged = np.zeros(len(rows), dtype=bool)
@@ -300,7 +304,6 @@ def _train_loop(cfg, trainer, rows, workdir, resuming, show_progress, is_main) -
         ckpt.save(step, trainer.unpad(state))
   finally:
     bar.close()
-    ckpt.close()
   if last is None:  # already finished: report the last logged metrics
     logged = read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else {}
     last = {k: v[-1] for k, v in logged.items() if k != "step" and len(v)}
@@ -311,7 +314,6 @@ def _analyze_and_report(workdir: str, progress: bool) -> dict[str, Any]:
   """Runs engine.analysis and engine.report on the finished workdir (process 0 writes the files)."""
   from engine import analysis
   from engine import report
-  out: dict[str, Any] = {"summary": analysis.analyze(workdir, progress=progress)}
-  if jax.process_index() == 0:
-    out["report"] = report.write_report(workdir)
-  return out
+  if jax.process_index() != 0:  # the analysis reads checkpoints on this process alone: one is enough
+    return {}
+  return {"summary": analysis.analyze(workdir, progress=progress), "report": report.write_report(workdir)}

@@ -302,6 +302,25 @@ class Run:
 
   # --- Analysis ------------------------------------------------------------------------------------
 
+  def close(self) -> None:
+    """Releases the checkpoint reader (shared by every view of this run directory)."""
+    ckpt = self._shared.pop("ckpt", None)
+    if ckpt is not None:
+      ckpt.close()
+
+  def __enter__(self) -> "Run":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _matrices_fn(self):
+    """Jitted stacked embedding matrices (pipeline.matrices_fn_for), built once per run directory."""
+    if "matrices_fn" not in self._shared:
+      from engine.analysis import pipeline
+      self._shared["matrices_fn"] = pipeline.matrices_fn_for(self.config)
+    return self._shared["matrices_fn"]
+
   def summary(self) -> dict:
     """analysis/summary.json as written at the end of the launch (schema: engine.analysis.workdir)."""
     path = os.path.join(self.workdir, SUMMARY)
@@ -354,7 +373,7 @@ class Run:
       for spec, sub in subs.items():
         params_by_group[spec][s] = sub.params(s)
     logged = self._metrics_at(final)
-    matrices_fn = pipeline.matrices_fn_for(self.config)
+    matrices_fn = self._matrices_fn()
     out = {}
     for spec, sub in subs.items():
       group = groups_lib.get(spec)
@@ -408,7 +427,7 @@ class Run:
     tables = representation.irrep_tables(grp, irreps_lib.real_irreps(grp))
     g = grp.order
     if self.config.model == "mlp":
-      mats = pipeline.matrices_fn_for(self.config)(sub.params(step))
+      mats = self._matrices_fn()(sub.params(step))
       res = representation.neuron_irreps(np.asarray(mats["pre_a"])[:, :g], np.asarray(mats["pre_b"])[:, :g],
                                          grp, tables)
     else:

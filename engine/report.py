@@ -192,10 +192,15 @@ def write_report(workdir: str) -> str:
   workdir = os.path.abspath(workdir)
   out_dir = os.path.join(workdir, REPORT_DIR)
   index_path = os.path.join(out_dir, "index.md")
-  run = replay.open(workdir)
-  summary = run.summary()
   if jax.process_index() != 0:
     return index_path
+  with replay.open(workdir) as run:
+    return _write_report(run, out_dir, index_path)
+
+
+def _write_report(run, out_dir: str, index_path: str) -> str:
+  workdir = run.workdir
+  summary = run.summary()
   os.makedirs(out_dir, exist_ok=True)
   written: list[str] = []
 

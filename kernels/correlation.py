@@ -39,7 +39,6 @@ from typing import Callable, Iterator, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from kernels import pallas_correlation
@@ -453,92 +452,6 @@ def correlation_matrix(acts_SxTxN, *, dead_rtol: float = DEFAULT_DEAD_RTOL) -> j
 # Activations in memory: one fused pass
 
 
-def _models_per_block(s: int, n: int, memory_bytes: int, rotation: bool,
-                      block_rows: int | None) -> int:
-  """Models per square block of the XLA path: about S·N/8 neurons (so the triangle of block pairs saves
-  ~45% of the products), at least 256 neurons for efficient products, and within the memory budget."""
-  if block_rows is not None:
-    return int(min(s, max(1, -(-block_rows // n))))
-  m = s * n
-  target = min(max(m // 8, 256), 2048)
-  per_block = 4 * target * target * (4 if rotation else 2)
-  while target > n and per_block > memory_bytes:
-    target //= 2
-    per_block = 4 * target * target * (4 if rotation else 2)
-  return int(min(s, max(1, target // n)))
-
-
-def _pair_reduce(cov_RxR, inv_row_R, inv_col_SbxN, q_SbxNxN, rotinv_SbxN, *, self_offset_ok):
-  """(max, argmax[, baseline]) of block rows against the block's column models, each ``R×G``."""
-  r = cov_RxR.shape[0]
-  g, n = inv_col_SbxN.shape
-  cov_RxGxN = cov_RxR.reshape(r, g, n)
-  outs = _reduce_rows(cov_RxGxN, inv_row_R, inv_col_SbxN, jnp.where(self_offset_ok, 0, -r - 1),
-                      exclude_self=True)
-  if q_SbxNxN is not None:
-    rot_RxGxN = jnp.einsum("rgk,gkn->rgn", cov_RxGxN, q_SbxNxN, precision=_HIGHEST)
-    outs += _reduce_rows(rot_RxGxN, inv_row_R, rotinv_SbxN, 0, exclude_self=False)
-  return outs
-
-
-@functools.partial(jax.jit, static_argnames=("models_per_block", "dead_rtol"))
-def _xla_max(acts_SxTxN, q_SxNxN, *, models_per_block, dead_rtol):
-  """Square blocks of G models; only block pairs (b, c) with b <= c are multiplied.
-
-  The co-moment is symmetric: block (b, c) read along its rows gives block b's neurons against models of
-  c, and read along its columns gives c's neurons against models of b, so the lower triangle of products
-  is never computed (about half the FLOPs of XᵀX). The rotation acts on the column side of each reading.
-  """
-  s, t, n = acts_SxTxN.shape
-  g = models_per_block
-  nb = -(-s // g)
-  sp, r = nb * g, g * n
-  mean, m2, xc_SxTxN = _moments(acts_SxTxN.astype(jnp.float32))
-  dead, tol = _dead(jnp.float32(t), mean, m2, dead_rtol)
-  inv_SxN = _inv_std(m2, dead)
-  xcT_SxNxT = xc_SxTxN.transpose(0, 2, 1)
-  # Padded models are zero with inverse std 0; they only fill output columns that are sliced off.
-  xc_MpxT = jnp.pad(xcT_SxNxT, ((0, sp - s), (0, 0), (0, 0))).reshape(sp * n, t)
-  inv_SpxN = jnp.pad(inv_SxN, ((0, sp - s), (0, 0)))
-  q = rotinv_SpxN = None
-  if q_SxNxN is not None:
-    within = jnp.einsum("snt,smt->snm", xcT_SxNxT, xcT_SxNxT, precision=_HIGHEST)
-    q, rotinv_SxN = _rotated_inv_std(q_SxNxN, within, dead, tol)
-    q = jnp.pad(q, ((0, sp - s), (0, 0), (0, 0)))
-    rotinv_SpxN = jnp.pad(rotinv_SxN, ((0, sp - s), (0, 0)))
-  pairs = np.array([(b, c) for b in range(nb) for c in range(b, nb)], np.int32)
-  n_out = 2 if q is None else 4
-  init_outs = tuple(jnp.zeros((sp * n, sp), jnp.float32 if k % 2 == 0 else jnp.int32)
-                    for k in range(n_out))
-
-  def models(x, c):
-    return lax.dynamic_slice_in_dim(x, c * g, g) if x is not None else None
-
-  def step(outs, bc):
-    b, c = bc[0], bc[1]
-    rows_b = lax.dynamic_slice_in_dim(xc_MpxT, b * r, r)
-    rows_c = lax.dynamic_slice_in_dim(xc_MpxT, c * r, r)
-    cov_RxR = lax.dot_general(rows_b, rows_c, (((1,), (1,)), ((), ())), precision=_HIGHEST,
-                              preferred_element_type=jnp.float32)
-    inv_b, inv_c = models(inv_SpxN, b), models(inv_SpxN, c)
-    # Column reading first: on a diagonal block (b == c) the row reading below overwrites it.
-    col = _pair_reduce(cov_RxR.T, inv_c.reshape(r), inv_b, models(q, b), models(rotinv_SpxN, b),
-                       self_offset_ok=b == c)
-    row = _pair_reduce(cov_RxR, inv_b.reshape(r), inv_c, models(q, c), models(rotinv_SpxN, c),
-                       self_offset_ok=b == c)
-    outs = tuple(lax.dynamic_update_slice(o, v, (c * r, b * g)) for o, v in zip(outs, col))
-    outs = tuple(lax.dynamic_update_slice(o, v, (b * r, c * g)) for o, v in zip(outs, row))
-    return outs, None
-
-  outs, _ = lax.scan(step, init_outs, jnp.asarray(pairs))
-  row_dead = dead.reshape(s * n)
-  outs = tuple(o[:s * n, :s] for o in outs)
-  outs = tuple(jnp.where(row_dead[:, None], -1, o) if o.dtype == jnp.int32 else o for o in outs)
-  return outs, dead
-
-
-@functools.partial(jax.jit, static_argnames=("platform", "interpret", "block_rows", "block_t",
-                                             "block_n", "dead_rtol"))
 def _pallas_max(acts_SxTxN, q_SxNxN, *, platform, interpret, block_rows, block_t, block_n, dead_rtol):
   s, t, n = acts_SxTxN.shape
   np_, br, bt = pallas_correlation.block_sizes(platform, s, n, t, block_rows, block_t)
@@ -861,11 +774,9 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
       batches, so there is nothing left to fuse) and reduced tile by tile.
     baseline: None or 'rotation' (model j's neurons mixed by a Haar-random orthogonal ``Q_j``).
     key: PRNG key for the rotations (``Q_j`` from ``fold_in(key, j)``, see :func:`rotations`).
-    memory_bytes: budget for the co-moment tiles of a source (and the XLA path's row blocks).
-    block_rows: rows per block, within the budget: for a source, at most this many co-moment rows per
-      pass (rounded up to whole models; also caps the tile side);
-      for the XLA path, the side of its square blocks (rounded up to whole models); for Pallas, the
-      kernel's row block.
+    memory_bytes: budget for the co-moment tiles of the XLA path (a source, or an array on the CPU).
+    block_rows: rows per block, within the budget: on the XLA path, at most this many co-moment rows per
+      pass (rounded up to whole models; also caps the tile side); for Pallas, the kernel's row block.
     block_t: the Pallas kernel's input block.
     block_n: the Pallas kernel's column tile (neurons of one model per tile); default: the largest that
       fits the platform's VMEM or registers (:func:`kernels.pallas_correlation.column_block`).

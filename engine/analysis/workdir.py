@@ -39,13 +39,15 @@ def analyze(workdir: str, *, step: int | None = None, threshold: float = 0.05,
   checkpoint can be re-analysed as if it were the last.
   """
   from engine import replay
-  run = replay.open(workdir)
-  if progress:
-    print(f"Analysing {len(run)} runs of {', '.join(run.groups)} at {len(run.steps)} checkpoints", flush=True)
-  per_group = run.analyze(step, threshold=threshold, universal_threshold=universal_threshold, seed=seed)
+  with replay.open(workdir) as run:
+    if progress:
+      print(f"Analysing {len(run)} runs of {', '.join(run.groups)} at {len(run.steps)} checkpoints",
+            flush=True)
+    per_group = run.analyze(step, threshold=threshold, universal_threshold=universal_threshold, seed=seed)
+    all_steps = run.steps
   records = sorted((rec for res in per_group.values() for rec in res["runs"]), key=lambda r: r["index"])
-  final = step if step is not None else run.steps[-1]
-  summary = {"workdir": os.path.abspath(workdir), "steps": [s for s in run.steps if s <= final],
+  final = step if step is not None else all_steps[-1]
+  summary = {"workdir": os.path.abspath(workdir), "steps": [s for s in all_steps if s <= final],
              "threshold": threshold, "universal_threshold": universal_threshold, "runs": records,
              "groups": {spec: {"group": res["group"], "aggregate": res["aggregate"],
                                "runs": [r["index"] for r in res["runs"]]}
