@@ -721,23 +721,29 @@ def _float_dtype(x: jax.Array):
   return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros((), float).dtype
 
 
+def _coefficients(f_xG, irreps: Sequence[Irrep]):
+  """All irreps' Fourier coefficients flattened side by side, ``[..., Σ D²]``, and the stacked tables."""
+  g = _check_irreps_shape(list(irreps))
+  f = jnp.asarray(f_xG)
+  if f.ndim < 1 or f.shape[-1] != g:
+    raise IrrepError(f"f_xG must end in the group axis of size {g}, got shape {f.shape}")
+  stacked = _stacked(tuple(irreps))
+  dtype = _float_dtype(f)
+  coeffs = jnp.tensordot(f.astype(dtype), jnp.asarray(stacked[0], dtype), axes=1,
+                         precision=jax.lax.Precision.HIGHEST)
+  return coeffs, stacked
+
+
 def fourier(f_xG, irreps: Sequence[Irrep]) -> list[jax.Array]:
   """f̂(ρ) = Σ_g f(g) ρ(g) for every irrep: a list of ``[..., D, D]`` arrays (leading axes are batch).
 
   Pure jnp with the matrices as constants: jit it with the irreps closed over,
   ``jax.jit(lambda f: fourier(f, irreps))``, and vmap it freely.
   """
-  g = _check_irreps_shape(list(irreps))
-  f = jnp.asarray(f_xG)
-  if f.ndim < 1 or f.shape[-1] != g:
-    raise IrrepError(f"f_xG must end in the group axis of size {g}, got shape {f.shape}")
-  flat, dims, _, _ = _stacked(tuple(irreps))
-  dtype = _float_dtype(f)
-  coeffs = jnp.tensordot(f.astype(dtype), jnp.asarray(flat, dtype), axes=1,
-                         precision=jax.lax.Precision.HIGHEST)
+  coeffs, (_, dims, _, _) = _coefficients(f_xG, irreps)
   out, start = [], 0
   for d in dims:
-    out.append(coeffs[..., start:start + d * d].reshape(f.shape[:-1] + (d, d)))
+    out.append(coeffs[..., start:start + d * d].reshape(coeffs.shape[:-1] + (d, d)))
     start += d * d
   return out
 
@@ -762,15 +768,9 @@ def inverse_fourier(coeffs: Sequence, irreps: Sequence[Irrep]) -> jax.Array:
 
 def fourier_power(f_xG, irreps: Sequence[Irrep]) -> jax.Array:
   """``[..., R]``: w_ρ ‖f̂(ρ)‖_F², the part of Σ_g f(g)² in each irrep (sums to Σ_g f(g)²)."""
-  g = _check_irreps_shape(list(irreps))
-  f = jnp.asarray(f_xG)
-  if f.ndim < 1 or f.shape[-1] != g:
-    raise IrrepError(f"f_xG must end in the group axis of size {g}, got shape {f.shape}")
-  flat, _, _, member = _stacked(tuple(irreps))
-  dtype = _float_dtype(f)
-  hp = jax.lax.Precision.HIGHEST
-  coeffs = jnp.tensordot(f.astype(dtype), jnp.asarray(flat, dtype), axes=1, precision=hp)
-  return jnp.tensordot(coeffs * coeffs, jnp.asarray(member, dtype), axes=1, precision=hp)
+  coeffs, (_, _, _, member) = _coefficients(f_xG, irreps)
+  return jnp.tensordot(coeffs * coeffs, jnp.asarray(member, coeffs.dtype), axes=1,
+                       precision=jax.lax.Precision.HIGHEST)
 
 
 # ---------------------------------------------------------------------------------------------------

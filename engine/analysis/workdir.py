@@ -26,13 +26,16 @@ from typing import Any
 import jax
 
 from engine import launch
+from engine.analysis import cross_seed
 from engine.analysis import pipeline
+from engine.analysis import representation
+from engine.replay import SUMMARY
 
-SUMMARY = os.path.join("analysis", "summary.json")
 
-
-def analyze(workdir: str, *, step: int | None = None, threshold: float = 0.05,
-            universal_threshold: float = 0.5, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+def analyze(workdir: str, *, step: int | None = None,
+            threshold: float = representation.DEFAULT_THRESHOLD,
+            universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, seed: int = 0,
+            progress: bool = False) -> dict[str, Any]:
   """Analyses every group of the run directory; writes and returns the summary (see module docstring).
 
   ``step`` limits the analysis to checkpoints up to that step (default: all of them), so that any earlier
