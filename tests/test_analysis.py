@@ -37,10 +37,23 @@ def _abcinv(g):
   return g.table[g.table[a[:, None], a[None, :]][:, :, None], g.inverse[None, None, :]]
 
 
-def _entry_projector(values_XxF):
-  """Orthogonal projector onto the column span of ``values`` (independent of Irrep.basis)."""
-  q = scipy.linalg.orth(values_XxF)
+def _entry_projector(values_XxF, rank: int):
+  """Orthogonal projector onto the column span of ``values`` (independent of Irrep.basis).
+
+  The rank is given, not guessed from a cut-off: the entries of an irrep of dimension D and Frobenius–Schur
+  type k span D²/k dimensions exactly, and their next singular value is rounding (~1e-14), which a default
+  cut-off near machine precision may keep or drop depending on the BLAS kernel. The gap is asserted instead.
+  """
+  u, sv, _ = np.linalg.svd(np.asarray(values_XxF, np.float64), full_matrices=False)
+  assert sv[rank - 1] > 1e-3 * sv[0], f"rank {rank} span is degenerate: {sv[:rank + 1]}"
+  assert rank == len(sv) or sv[rank] < 1e-8 * sv[0], f"span has rank > {rank}: {sv[:rank + 2]}"
+  q = u[:, :rank]
   return q @ q.T
+
+
+def _span_rank(ir) -> int:
+  """D²/k: the dimension of the span of an irrep's matrix entries."""
+  return ir.dim ** 2 // ir.k
 
 
 def _entries(ir):
@@ -128,7 +141,7 @@ def test_fve_matches_projection_on_matrix_entries(group_irreps):
   g, irreps = group_irreps
   x = _rng(4, g.order).normal(size=(2, g.order, 5)) + 0.3
   got = np.asarray(analysis.fve(x, g, irreps))
-  ref = np.stack([[np.sum((_entry_projector(_entries(ir)) @ xs) ** 2) / np.sum(xs ** 2) for ir in irreps]
+  ref = np.stack([[np.sum((_entry_projector(_entries(ir), _span_rank(ir)) @ xs) ** 2) / np.sum(xs ** 2) for ir in irreps]
                   for xs in x])
   np.testing.assert_allclose(got, ref, atol=1e-5)
   np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
@@ -142,7 +155,7 @@ def test_hidden_fve_matches_projection_on_functions_of_ab(group_irreps):
   got = np.asarray(analysis.hidden_fve(h, g, irreps))
   ref = np.zeros_like(got)
   for r, ir in enumerate(irreps):
-    proj = _entry_projector(_entries(ir)[ab])   # functions (a, b) -> rho_ij(a·b) on all pairs
+    proj = _entry_projector(_entries(ir)[ab], _span_rank(ir))   # functions (a, b) -> rho_ij(a·b) on all pairs
     for s in range(2):
       hs = h[s].reshape(n * n, -1)
       ref[s, r] = np.sum((proj @ hs) ** 2) / np.sum(hs ** 2)
@@ -168,7 +181,7 @@ def test_neuron_irreps_match_projection_on_pair_functions(group_irreps):
   for r, ir in enumerate(irreps):
     e = _entries(ir)
     span = np.ones((n * n, 1)) if r == 0 else np.concatenate([e[a_idx], e[b_idx]], axis=1)
-    proj = _entry_projector(span)
+    proj = _entry_projector(span, 1 if r == 0 else 2 * _span_rank(ir))
     for s in range(2):
       f = u[s][a_idx] + v[s][b_idx]
       ref[s, :, r] = np.sum((proj @ f) ** 2, axis=0) / np.sum(f ** 2, axis=0)
@@ -198,7 +211,7 @@ def test_ablation_losses_match_brute_force(group_irreps):
   keep[0, -1] = True
   keep[1, 1:] = True
   out = {k: np.asarray(x) for k, x in analysis.ablation_losses(u, v, unembed, keep, g, irreps).items()}
-  projs = [_entry_projector(_entries(ir)) for ir in irreps]
+  projs = [_entry_projector(_entries(ir), _span_rank(ir)) for ir in irreps]
   for s in range(2):
     def loss_keeping(mask):
       p = sum((projs[r] for r in range(r_count) if mask[r]), np.zeros((n, n)))
