@@ -8,7 +8,7 @@ pairs, full batch, AdamW lr 1e-3, wd 1, betas 0.9/0.98). For each seed count S i
 ``trainer.run`` of about ``work / S`` steps, rounded up to a whole number of eval intervals (``--eval-every``,
 default 100 as in a launch; the same interval in every configuration, so evaluation is the same share of
 every line), runs it once to warm up, then reports the best of three timed calls as model-steps per second
-(S × steps / seconds). ``--run-chunk`` takes a comma-separated list of ``cfg.run_chunk`` values (runs vmapped
+(S × steps / seconds). ``--run-chunk`` takes a comma-separated list of ``cfg.exec.run_chunk`` values (runs vmapped
 together per ``lax.map`` step; 0 = the automatic default) and times each at every seed count. Beside it, in the same process, it times plain sequential PyTorch loops of the same model and
 optimiser (torch is optional: ``pip install torch``): the literal concat-then-multiply model (the baseline
 of the "vs torch" column), and the factorised form the engine uses ("vs t.fact"), to separate the gain of
@@ -34,7 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine import config, groups, tasks, train  # noqa: E402
+from engine import config, groups, train  # noqa: E402
+from engine.families.group import task as tasks  # noqa: E402
 
 GROUP, FRAC = "S5", 0.4
 
@@ -54,7 +55,8 @@ def matmul_rate(n: int = 2048, reps: int = 8) -> float:
 
 def step_flops(cfg, n_train: int, vocab: int) -> float:
   """Matrix-product FLOPs of one factorised full-batch step: 3 unembedding products, 6 table products."""
-  return 3 * 2 * n_train * cfg.hidden * vocab + 6 * 2 * vocab * cfg.embed_dim * cfg.hidden
+  m = cfg.model.mlp
+  return 3 * 2 * n_train * m.hidden * vocab + 6 * 2 * vocab * m.embed_dim * m.hidden
 
 
 def bench_engine(seeds: int, work: int, eval_every: int, run_chunk: int = 0,
@@ -66,8 +68,8 @@ def bench_engine(seeds: int, work: int, eval_every: int, run_chunk: int = 0,
   """
   cfg = config.default_config()
   steps = eval_every * max(1, math.ceil(work / (seeds * eval_every)))
-  cfg.update(dict(groups=GROUP, train_frac=str(FRAC), seeds=seeds, steps=steps, eval_every=eval_every,
-                  run_chunk=run_chunk))
+  cfg.update_from_flattened_dict({"task.groups": GROUP, "task.train_frac": str(FRAC), "seeds": seeds,
+                                  "steps": steps, "eval_every": eval_every, "exec.run_chunk": run_chunk})
   trainer = train.make_train(cfg)
   n_evals = steps // eval_every
   t = time.perf_counter()
@@ -89,7 +91,7 @@ def bench_torch(factorised: bool, steps: int) -> float | None:
   except ImportError:
     return None
   g = groups.get(GROUP)
-  sp = tasks.split(g, FRAC, seed=0, seed_index=0)
+  sp = tasks.split(g, FRAC, base_seed=0, seed=0)
   a, b, c = (torch.as_tensor(sp.train_Px3[:, i], dtype=torch.long) for i in range(3))
   n, e, h = g.order, 256, 128
   gen = torch.Generator().manual_seed(0)
@@ -143,7 +145,7 @@ def main(argv=None):
   parser.add_argument("--seeds", default="1,8,64,256", help="comma-separated seed counts")
   parser.add_argument("--work", type=int, default=600, help="model-steps per timed call (steps = work / S)")
   parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (all lines)")
-  parser.add_argument("--run-chunk", default="0", help="comma-separated cfg.run_chunk values (0: automatic)")
+  parser.add_argument("--run-chunk", default="0", help="comma-separated cfg.exec.run_chunk values (0: automatic)")
   parser.add_argument("--reps", type=int, default=3, help="timed calls per line (the best is reported)")
   parser.add_argument("--torch-steps", type=int, default=30, help="timed steps of each PyTorch loop")
   parser.add_argument("--quick", action="store_true", help="shrink: seeds 1,8, 80 model-steps, 10 torch steps")

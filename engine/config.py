@@ -1,69 +1,59 @@
-"""Training configuration: one ``ml_collections.ConfigDict`` describes a whole sweep.
+"""Study configuration: one nested ``ml_collections.ConfigDict`` describes a whole sweep of any task family.
 
-A sweep is the grid ``groups × lr × weight_decay × train_frac × seeds``. ``runs(cfg)`` flattens it into the
-leading ``S`` axis in row-major order of that product — groups outermost, seeds innermost — so run
-``s`` is::
+Sections by concern::
 
-  s = (((g · n_lr + i_lr) · n_wd + i_wd) · n_frac + i_frac) · seeds + k
+  family                 the task family (engine.families): "group" (composition in finite groups)
+  seeds, seed, seed_offset   seeds per grid point, the base seed, the first seed number
+  steps, eval_every, batch_size, num_checkpoints   the schedule, shared by every run
+  task.*                 the family's task and its sweep axes (e.g. task.groups, task.train_frac)
+  model.name, model.<name>.*   the architecture and the widths of each of the family's models
+  opt.*                  AdamW: opt.lr and opt.weight_decay are sweep axes; betas and eps are shared
+  exec.*                 how to run, not what: changing them never changes a result beyond float rounding
+                         and never stops a relaunch from resuming (they are not part of config.json)
 
-when every group sweeps the same train fractions. A group named in ``train_frac_by_group`` trains at that
-one fraction instead (n_frac = 1 for it), so the paper's studies, where each group has its own fraction, are
-one program too.
+``runs(cfg)`` flattens the sweep into the leading ``S`` axis (its order is the family's, seeds innermost).
+A run's initial parameters, data and minibatch stream depend only on its family's task fields, the base seed
+and its seed number ``seed_offset + k``, never on its position in the grid: the single run
+``seeds=1, seed_offset=k`` reproduces member ``k`` of any sweep with the same base seed.
 
-A run's initial parameters, data split and minibatch stream depend only on ``(seed, seed index, group)``
-where the seed index is ``seed_offset + k``; never on the run's position in the grid. Two runs that differ
-only in lr, weight decay or train fraction therefore start from the same weights (a controlled comparison),
-and the single run ``seeds=1, seed_offset=k`` reproduces member ``k`` of any sweep with the same ``seed``.
+Runs that differ only in their seed number form a *cohort*; cross-seed statistics are computed per cohort.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import ml_collections
 
-from engine import groups
+from engine import families
 
-MODELS = ("mlp", "transformer")
+EXECUTION = "exec"          # the section that is not part of a study's identity
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The Chughtai et al. (2023) MLP on S5: full-batch AdamW, lr 1e-3, weight decay 1, betas (0.9, 0.98)."""
+def default_config(family: str = "group") -> ml_collections.ConfigDict:
+  """The defaults of ``family`` (for "group": the Chughtai et al. (2023) MLP on S5, full-batch AdamW)."""
   cfg = ml_collections.ConfigDict()
-  # What to train.
-  cfg.groups = "S5"          # comma-separated group specs (engine.groups.get), e.g. "C47,S4,D12"
-  cfg.model = "mlp"          # 'mlp' (embed a, embed b, linear, ReLU, unembed) or 'transformer' (tokens a b =)
+  cfg.family = family
   cfg.seeds = 1              # seeds per grid point (the innermost sweep axis)
   cfg.seed = 0               # base seed: every random choice derives from it
-  cfg.seed_offset = 0        # seed indices are seed_offset .. seed_offset + seeds - 1 (pick one seed of a sweep)
-  # MLP widths.
-  cfg.embed_dim = 256        # E: width of each of the two input embeddings
-  cfg.hidden = 128           # N: ReLU neurons between the concatenated embeddings and the unembedding
-  # Transformer widths.
-  cfg.d_model = 128          # residual stream width (token and positional embeddings, attention output)
-  cfg.n_heads = 4            # attention heads; must divide d_model
-  cfg.d_mlp = 512            # N for the transformer: ReLU neurons of each MLP block
-  cfg.n_layers = 1           # transformer blocks (attention + MLP, no LayerNorm)
-  # Optimiser: AdamW with decoupled weight decay (decay step = lr · weight_decay · param, as torch.optim.AdamW).
-  cfg.lr = "1e-3"            # comma-separated learning rates (a sweep axis)
-  cfg.weight_decay = "1.0"   # comma-separated weight decays (a sweep axis)
-  cfg.train_frac = "0.4"     # comma-separated fractions of the |G|² pairs used for training (a sweep axis)
-  cfg.train_frac_by_group = ""  # per-group fractions overriding train_frac, e.g. "S5=0.4,S6=0.25" (as in
-                                # the paper, where each group has its own); groups not named use train_frac
-  cfg.b1 = 0.9               # Adam first-moment decay
-  cfg.b2 = 0.98              # Adam second-moment decay
-  cfg.eps = 1e-8             # Adam denominator epsilon
-  # Schedule.
+  cfg.seed_offset = 0        # seed numbers are seed_offset .. seed_offset + seeds - 1 (pick one seed of a sweep)
   cfg.steps = 1000           # optimiser steps per run
   cfg.eval_every = 100       # steps between metric evaluations; must divide steps
-  cfg.batch_size = 0         # 0: full batch (the paper); otherwise pairs sampled with replacement per step
-  # Launch (engine.launch): checkpoints and what happens at the end.
+  cfg.batch_size = 0         # 0: full batch; otherwise examples sampled per step with fold_in(key, step)
   cfg.num_checkpoints = 24   # log-spaced checkpoints (plus step 0 and the last step) for learning order
-  cfg.analyze = True         # run engine.analysis and write the report when training ends
-  # Execution (changes speed, not results beyond float rounding).
-  cfg.run_chunk = 0          # runs vmapped together on each device; 0: auto (1 on CPU, where one model's
-                             # activations then stay in cache: 2 and 4 measured 11% and 30% slower on the
-                             # S5 MLP, benchmarks/README.md; all of a device's runs on GPU/TPU)
+  # AdamW with decoupled weight decay (decay step = lr · weight_decay · param, as torch.optim.AdamW).
+  cfg.opt = ml_collections.ConfigDict()
+  cfg.opt.lr = "1e-3"            # comma-separated learning rates (a sweep axis)
+  cfg.opt.weight_decay = "1.0"   # comma-separated weight decays (a sweep axis)
+  cfg.opt.b1 = 0.9
+  cfg.opt.b2 = 0.98
+  cfg.opt.eps = 1e-8
+  cfg[EXECUTION] = ml_collections.ConfigDict()
+  cfg[EXECUTION].run_chunk = 0   # runs vmapped together on each device; 0: auto (1 on CPU, all on GPU/TPU;
+                                 # benchmarks/README.md)
+  cfg[EXECUTION].analyze = True  # run the analysis and write the report when training ends
+  families.get(family).add_config(cfg)
   return cfg
 
 
@@ -85,109 +75,73 @@ def parse_floats(text, name: str) -> tuple[float, ...]:
   return values
 
 
-def group_specs(cfg) -> tuple[str, ...]:
-  """The group specs of ``cfg.groups``, stripped, in order."""
-  if not isinstance(cfg.groups, str):
-    raise ValueError(f"config.groups: expected a comma-separated string, got {type(cfg.groups).__name__}")
-  specs = tuple(s.strip() for s in cfg.groups.split(",") if s.strip())
-  if not specs:
-    raise ValueError("config.groups: no group given")
-  if len(set(specs)) != len(specs):
-    raise ValueError(f"config.groups: repeated group in {cfg.groups!r}")
-  return specs
-
-
-def _int_field(cfg, name: str, minimum: int) -> int:
-  value = cfg[name]
+def int_field(section, name: str, minimum: int, prefix: str = "") -> int:
+  value = section[name]
   if isinstance(value, bool) or not isinstance(value, int):
-    raise ValueError(f"config.{name}: expected an integer, got {value!r}")
+    raise ValueError(f"config.{prefix}{name}: expected an integer, got {value!r}")
   if value < minimum:
-    raise ValueError(f"config.{name}: must be >= {minimum}, got {value}")
+    raise ValueError(f"config.{prefix}{name}: must be >= {minimum}, got {value}")
   return value
+
+
+def _check_fields(cfg, reference, prefix: str = "") -> None:
+  """Every field of ``reference`` is present in ``cfg`` (recursively)."""
+  for k, v in reference.items():
+    if k not in cfg:
+      raise ValueError(f"config: missing field {prefix}{k}")
+    if isinstance(v, ml_collections.ConfigDict):
+      if not isinstance(cfg[k], ml_collections.ConfigDict):
+        raise ValueError(f"config.{prefix}{k}: expected a section, got {cfg[k]!r}")
+      _check_fields(cfg[k], v, f"{prefix}{k}.")
 
 
 def validate(cfg) -> None:
   """Raises ``ValueError`` with a one-line message naming the first bad field of ``cfg``."""
-  missing = [k for k in default_config() if k not in cfg]
-  if missing:
-    raise ValueError(f"config: missing fields {missing}")
-  for spec in group_specs(cfg):
-    try:
-      groups.parse(spec)
-    except groups.GroupError as e:
-      raise ValueError(f"config.groups: {e}") from None
-  if cfg.model not in MODELS:
-    raise ValueError(f"config.model: must be one of {MODELS}, got {cfg.model!r}")
-  _int_field(cfg, "seeds", 1)
-  _int_field(cfg, "seed", 0)
-  _int_field(cfg, "seed_offset", 0)
-  for name in ("embed_dim", "hidden", "d_model", "n_heads", "d_mlp", "n_layers", "steps", "eval_every"):
-    _int_field(cfg, name, 1)
-  _int_field(cfg, "batch_size", 0)
-  _int_field(cfg, "run_chunk", 0)
-  if cfg.d_model % cfg.n_heads:
-    raise ValueError(f"config.n_heads: {cfg.n_heads} does not divide d_model={cfg.d_model}")
+  if "family" not in cfg or cfg.family not in families.NAMES:
+    raise ValueError(f"config.family: must be one of {families.NAMES}, got {cfg.get('family')!r}")
+  _check_fields(cfg, default_config(cfg.family))
+  int_field(cfg, "seeds", 1)
+  int_field(cfg, "seed", 0)
+  int_field(cfg, "seed_offset", 0)
+  for name in ("steps", "eval_every"):
+    int_field(cfg, name, 1)
+  int_field(cfg, "batch_size", 0)
+  int_field(cfg, "num_checkpoints", 2)
   if cfg.steps % cfg.eval_every:
     raise ValueError(f"config.eval_every: {cfg.eval_every} does not divide steps={cfg.steps}")
-  for v in parse_floats(cfg.lr, "lr"):
+  for v in parse_floats(cfg.opt.lr, "opt.lr"):
     if not (v > 0 and math.isfinite(v)):
-      raise ValueError(f"config.lr: learning rates must be finite and > 0, got {v}")
-  for v in parse_floats(cfg.weight_decay, "weight_decay"):
+      raise ValueError(f"config.opt.lr: learning rates must be finite and > 0, got {v}")
+  for v in parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
     if not (v >= 0 and math.isfinite(v)):
-      raise ValueError(f"config.weight_decay: must be finite and >= 0, got {v}")
-  for v in parse_floats(cfg.train_frac, "train_frac"):
-    if not 0 < v <= 1:
-      raise ValueError(f"config.train_frac: must lie in (0, 1], got {v}")
-  by_group = train_frac_by_group(cfg)
-  unknown = sorted(set(by_group) - set(group_specs(cfg)))
-  if unknown:
-    raise ValueError(f"config.train_frac_by_group: {unknown} not in config.groups")
-  _int_field(cfg, "num_checkpoints", 2)
-  if not isinstance(cfg.analyze, bool):
-    raise ValueError(f"config.analyze: expected True or False, got {cfg.analyze!r}")
+      raise ValueError(f"config.opt.weight_decay: must be finite and >= 0, got {v}")
   for name in ("b1", "b2"):
-    if not 0 <= float(cfg[name]) < 1:
-      raise ValueError(f"config.{name}: must lie in [0, 1), got {cfg[name]}")
-  if not float(cfg.eps) > 0:
-    raise ValueError(f"config.eps: must be > 0, got {cfg.eps}")
+    if not 0 <= float(cfg.opt[name]) < 1:
+      raise ValueError(f"config.opt.{name}: must lie in [0, 1), got {cfg.opt[name]}")
+  if not float(cfg.opt.eps) > 0:
+    raise ValueError(f"config.opt.eps: must be > 0, got {cfg.opt.eps}")
+  int_field(cfg[EXECUTION], "run_chunk", 0, f"{EXECUTION}.")
+  if not isinstance(cfg[EXECUTION].analyze, bool):
+    raise ValueError(f"config.{EXECUTION}.analyze: expected True or False, got {cfg[EXECUTION].analyze!r}")
+  families.get(cfg.family).validate(cfg)
 
 
-def train_frac_by_group(cfg) -> dict[str, float]:
-  """``"S5=0.4, S6=0.25"`` -> ``{"S5": 0.4, "S6": 0.25}`` (validated)."""
-  text = cfg.train_frac_by_group
-  if not isinstance(text, str):
-    raise ValueError(f"config.train_frac_by_group: expected a string like 'S5=0.4,S6=0.25', got {text!r}")
-  out = {}
-  for item in (t.strip() for t in text.split(",")):
-    if not item:
-      continue
-    spec, sep, value = item.partition("=")
-    try:
-      frac = float(value)
-    except ValueError:
-      frac = None
-    if not sep or frac is None or not 0 < frac <= 1:
-      raise ValueError(f"config.train_frac_by_group: cannot read {item!r}; expected GROUP=FRACTION with "
-                       "the fraction in (0, 1]")
-    out[spec.strip()] = frac
-  return out
+def seed_numbers(cfg) -> range:
+  return range(int(cfg.seed_offset), int(cfg.seed_offset) + int(cfg.seeds))
 
 
 def runs(cfg) -> list[dict]:
-  """The flattened sweep: one dict per run (group, seed, seed_index, lr, weight_decay, train_frac).
+  """The flattened sweep: one row per run, in the family's order (seeds innermost).
 
-  ``seed`` is the base seed and ``seed_index`` the run's seed index (``seed_offset + k``); together with the
-  group they fix the run's initialisation and split.
+  Every row holds ``seed`` (the seed number k), ``base_seed``, ``lr``, ``weight_decay``, the family's task
+  fields, ``cohort`` (the name of the run's cohort: every field but the seed) and ``name``.
   """
   validate(cfg)
-  out = []
-  by_group = train_frac_by_group(cfg)
-  for spec in group_specs(cfg):
-    fracs = (by_group[spec],) if spec in by_group else parse_floats(cfg.train_frac, "train_frac")
-    for lr in parse_floats(cfg.lr, "lr"):
-      for wd in parse_floats(cfg.weight_decay, "weight_decay"):
-        for frac in fracs:
-          for k in range(cfg.seeds):
-            out.append(dict(group=spec, seed=int(cfg.seed), seed_index=int(cfg.seed_offset) + k, lr=lr,
-                            weight_decay=wd, train_frac=frac))
+  return families.get(cfg.family).runs(cfg)
+
+
+def identity(cfg) -> dict:
+  """The study's identity as plain JSON types: the config without its execution section (config.json)."""
+  out = json.loads(cfg.to_json_best_effort(sort_keys=True))
+  out.pop(EXECUTION, None)
   return out

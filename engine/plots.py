@@ -6,7 +6,7 @@ needed). ``engine.replay.Run.plot`` feeds these functions from a run directory a
 the very same figures, so a notebook and the report draw through one code path.
 
 Irreps keep one colour each across every figure of a group (``irrep_colors``), runs are labelled by their
-seed number ``k`` (``runs.json`` "seed_index"), and step axes are logarithmic (symmetric-log where step 0,
+seed number ``k`` (``runs.json`` "seed"), and step axes are logarithmic (symmetric-log where step 0,
 the initialisation, is on the axis).
 """
 
@@ -22,7 +22,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-GENERALISED_ACC = 0.99  # engine.launch.GENERALISED_ACC, repeated so that plotting imports no JAX
 
 
 def irrep_colors(n: int) -> list[tuple]:
@@ -66,7 +65,7 @@ def run_labels(runs: Sequence[Mapping]) -> list[str]:
   varying = [(f, short) for f, short in fields if len({r.get(f) for r in runs}) > 1]
   out = []
   for r in runs:
-    label = f"seed {r.get('seed_index', r.get('seed'))}"
+    label = f"seed {r['seed']}"
     out.append(" ".join([label] + [f"{short}={r.get(f):g}" for f, short in varying]))
   return out
 
@@ -75,12 +74,14 @@ def run_labels(runs: Sequence[Mapping]) -> list[str]:
 # Training.
 
 
-def learning_curves(step_E, train_acc_ExS, test_acc_ExS, runs: Sequence[Mapping]) -> Figure:
+def learning_curves(step_E, train_acc_ExS, test_acc_ExS, runs: Sequence[Mapping],
+                    generalised: float = 0.99) -> Figure:
   """Train (dashed) and test (solid) accuracy of every run against steps (log-x), one panel per group.
 
   Args:
     step_E: evaluation steps; train_acc_ExS, test_acc_ExS: accuracies per step and run.
     runs: one row per run (``runs.json``), giving its group and seed number.
+    generalised: the test accuracy at which a run counts as generalised (a dotted line).
   """
   step_E = np.asarray(step_E)
   train_acc_ExS, test_acc_ExS = np.asarray(train_acc_ExS, float), np.asarray(test_acc_ExS, float)
@@ -98,9 +99,9 @@ def learning_curves(step_E, train_acc_ExS, test_acc_ExS, runs: Sequence[Mapping]
       c = cmap(j / max(len(idx) - 1, 1) * 0.9)
       ax.plot(step_E, test_acc_ExS[:, i], color=c, lw=1.3, alpha=alpha, label=labels[i])
       ax.plot(step_E, train_acc_ExS[:, i], color=c, lw=1.0, ls="--", alpha=alpha * 0.8)
-    ax.axhline(GENERALISED_ACC, color="0.6", lw=0.8, ls=":")
+    ax.axhline(generalised, color="0.6", lw=0.8, ls=":")
     final = test_acc_ExS[-1, idx] if step_E.size else np.zeros(0)
-    n_gen = int(np.sum(final >= GENERALISED_ACC))
+    n_gen = int(np.sum(final >= generalised))
     ax.set_title(f"{spec}: {n_gen}/{len(idx)} runs generalised")
     _step_axis(ax, step_E)
     ax.set_ylim(-0.02, 1.02)

@@ -2,7 +2,7 @@ r"""Train many seeds on composition in finite groups, then compare which feature
 
   python -m experiments.group_universality --workdir=runs/default
   python -m experiments.group_universality --workdir=runs/s5 --config=experiments/configs/chughtai_mlp.py
-  python -m experiments.group_universality --workdir=runs/x --config.groups=S4,D6,C24 --config.seeds=64
+  python -m experiments.group_universality --workdir=runs/x --config.task.groups=S4,D6,C24 --config.seeds=64
 
 Relaunching the same command resumes from the newest checkpoint. On a TPU pod or a multi-GPU cluster add
 ``--distributed`` (every process runs the same command; see BUILD.md).

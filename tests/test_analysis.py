@@ -12,6 +12,9 @@ from engine import groups
 from engine import irreps as irreps_lib
 from engine import analysis
 from engine.analysis import representation as rep
+from engine.families.group import analysis as group_analysis
+from engine.families.group import models
+from tests.helpers import group_config, set_fields
 
 GROUPS = ("S3", "D4", "Q8")
 
@@ -422,15 +425,12 @@ def test_passes_compile_once_per_shape():
 
 def _trained_group(spec, seeds, steps, eval_every):
   """Trains ``seeds`` MLPs on ``spec`` and keeps log-spaced checkpoints (multiples of ``eval_every``)."""
-  from engine import config as config_lib  # pylint: disable=import-outside-toplevel
-  from engine import models  # pylint: disable=import-outside-toplevel
   from engine import train  # pylint: disable=import-outside-toplevel
 
-  cfg = config_lib.default_config()
-  cfg.groups, cfg.model, cfg.seeds = spec, "mlp", seeds
-  cfg.embed_dim, cfg.hidden = 128, 128
+  cfg = group_config(groups=spec, model="mlp", embed_dim=128, hidden=128)
+  cfg.seeds = seeds
   # A large train fraction and lr 1e-2 make C23 grok in a few hundred full-batch steps.
-  cfg.train_frac, cfg.lr, cfg.weight_decay = "0.8", "1e-2", "1.0"
+  set_fields(cfg, train_frac="0.8", lr="1e-2", weight_decay="1.0")
   cfg.steps, cfg.eval_every = steps, eval_every
   trainer = train.make_train(cfg)
   state = trainer.init()
@@ -439,16 +439,13 @@ def _trained_group(spec, seeds, steps, eval_every):
     state, metrics = trainer.run(state, (step - done) // eval_every)
     params_by_step[step], done = trainer.unpad(state.params), step
   # The model itself, vmapped over runs (the trainer's own apply works on its padded, sharded run axis).
-  apply_fn = jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, cfg)))
-  return cfg, trainer, params_by_step, apply_fn, metrics
+  apply_fn = jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, cfg.model)))
+  return cfg.model, trainer, params_by_step, apply_fn, metrics
 
 
 def _random_mlps(g, s, width=8, seed=0):
-  from engine import config as config_lib  # pylint: disable=import-outside-toplevel
-  from engine import models  # pylint: disable=import-outside-toplevel
 
-  cfg = config_lib.default_config()
-  cfg.model, cfg.embed_dim, cfg.hidden = "mlp", width, width
+  cfg = group_config(model="mlp", embed_dim=width, hidden=width).model
   keys = jax.random.split(jax.random.key(seed), s)
   params = jax.vmap(lambda k: models.init(k, cfg, g.order + 2))(keys)   # 2 padded classes
   apply_fn = jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, cfg)))
@@ -460,7 +457,7 @@ def test_analyze_group_fields_agree_with_the_passes():
   irreps = irreps_lib.real_irreps(g)
   cfg, params, apply_fn = _random_mlps(g, 3)
   later = jax.tree.map(lambda x: 1.5 * x, params)
-  full = analysis.matrices_fn_for(cfg)
+  full = group_analysis.matrices_fn_for(cfg)
   # Without pre-activations (as for a transformer) the neuron split falls back to the hidden layer.
   plain = lambda p: {k: v for k, v in full(p).items() if not k.startswith("pre_")}
   runs = [{"seed": k} for k in range(3)]
@@ -494,7 +491,7 @@ def test_pipeline_on_a_short_training_run_reproduces_the_paper():
   cfg, trainer, params_by_step, apply_fn, metrics = _trained_group("C23", seeds=4, steps=2000,
                                                                    eval_every=25)
   assert np.all(metrics["test_acc"][-1] > 0.999)
-  out = analysis.analyze_group(g, irreps, apply_fn, analysis.matrices_fn_for(cfg), params_by_step,
+  out = analysis.analyze_group(g, irreps, apply_fn, group_analysis.matrices_fn_for(cfg), params_by_step,
                                trainer.runs, key=jax.random.key(0))
   json.dumps(out, allow_nan=False)   # plain JSON, no NaN
   names = [ir.name for ir in irreps]

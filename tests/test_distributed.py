@@ -10,17 +10,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from engine import config, train
+from engine import train
+from tests.helpers import group_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg():
-  cfg = config.default_config()
   # 6 runs of mixed orders: not a multiple of 4 or 8 devices, so dummy runs pad the sharded axis.
-  cfg.update(dict(groups="C5,S3,C4", seeds=1, lr="3e-3", weight_decay="1.0", train_frac="0.5,0.7",
-                  embed_dim=16, hidden=16, steps=6, eval_every=2))
-  return cfg
+  return group_config(groups="C5,S3,C4", seeds=1, lr="3e-3", weight_decay="1.0", train_frac="0.5,0.7",
+                      embed_dim=16, hidden=16, steps=6, eval_every=2)
 
 
 def _train(mesh):

@@ -11,31 +11,25 @@ import jax
 import numpy as np
 import pytest
 
-from engine import checkpoint, config as config_lib, launch
+from engine import checkpoint, config as config_lib, launch, rundir, train
+from tests.helpers import group_config, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(**overrides):
-  cfg = config_lib.default_config()
-  cfg.groups = "C7,S3"
+  cfg = group_config(groups="C7,S3", embed_dim=16, hidden=8, analyze=False)
   cfg.seeds = 2
-  cfg.embed_dim = 16
-  cfg.hidden = 8
   cfg.steps = 60
   cfg.eval_every = 10
   cfg.num_checkpoints = 4
-  cfg.analyze = False
-  for k, v in overrides.items():
-    cfg[k] = v
-  return cfg
+  return set_fields(cfg, **overrides)
 
 
 def _final_params(workdir, cfg):
-  from engine import train
   trainer = train.make_train(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  step, state = ckpt.restore(launch.host_state_spec(trainer), fallback=False)
+  step, state = ckpt.restore(train.host_state_spec(trainer), fallback=False)
   ckpt.close()
   return step, jax.tree.map(np.asarray, state)
 
@@ -63,7 +57,7 @@ def test_run_study_writes_workdir_and_resume_is_noop(tmp_path):
   assert out["step"] == cfg.steps
   rows = json.loads((tmp_path / "runs.json").read_text())
   assert [r["group"] for r in rows] == ["C7"] * 2 + ["S3"] * 2
-  metrics = launch.read_metrics(str(tmp_path))
+  metrics = rundir.read_metrics(str(tmp_path))
   assert metrics["step"].tolist() == list(range(10, 61, 10))
   assert metrics["test_acc"].shape == (6, 4)
   assert checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True).steps() == \
@@ -75,7 +69,8 @@ def test_run_study_writes_workdir_and_resume_is_noop(tmp_path):
 
 
 def test_sigkill_midrun_then_relaunch_equals_uninterrupted(tmp_path):
-  flags = ["--config.groups=C11", "--config.seeds=2", "--config.embed_dim=16", "--config.hidden=16",
+  flags = ["--config.task.groups=C11", "--config.seeds=2", "--config.model.mlp.embed_dim=16",
+           "--config.model.mlp.hidden=16",
            "--config.steps=4000", "--config.eval_every=5", "--config.num_checkpoints=40"]
   whole = tmp_path / "whole"
   res = _cli(whole, *flags)
@@ -96,7 +91,7 @@ def test_sigkill_midrun_then_relaunch_equals_uninterrupted(tmp_path):
   assert proc.poll() is None, "the run finished before it could be killed; make it longer"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  partial = launch.read_metrics(str(killed))["step"]
+  partial = rundir.read_metrics(str(killed))["step"]
   assert partial[-1] < 4000
 
   res = _cli(killed, *flags)
@@ -107,7 +102,7 @@ def test_sigkill_midrun_then_relaunch_equals_uninterrupted(tmp_path):
   step_b, b = _final_params(killed, cfg)
   assert step_a == step_b == 4000
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
-  ma, mb = launch.read_metrics(str(whole)), launch.read_metrics(str(killed))
+  ma, mb = rundir.read_metrics(str(whole)), rundir.read_metrics(str(killed))
   np.testing.assert_array_equal(ma["step"], mb["step"])
   np.testing.assert_array_equal(ma["train_loss"], mb["train_loss"])
 
@@ -135,7 +130,7 @@ def test_corrupt_latest_checkpoint_falls_back_loudly(tmp_path, capsys):
 def test_second_launch_on_locked_workdir_is_refused(tmp_path):
   cfg = small_config()
   os.makedirs(tmp_path, exist_ok=True)
-  with launch.workdir_lock(str(tmp_path)):
+  with rundir.lock(str(tmp_path)):
     with pytest.raises(launch.LaunchError, match="in use by another launch"):
       launch.run_study(cfg, str(tmp_path), progress=False)
 
@@ -150,9 +145,9 @@ def test_different_config_on_existing_workdir_is_refused_and_kept(tmp_path):
 
 
 @pytest.mark.parametrize("flag,needle", [
-    ("--config.groups=Z5", "groups"),
+    ("--config.task.groups=Z5", "groups"),
     ("--config.seeds=0", "seeds"),
-    ("--config.train_frac=1.5", "train_frac"),
+    ("--config.task.train_frac=1.5", "train_frac"),
     ("--config.steps=0", "steps"),
 ])
 def test_cli_bad_input_one_line_error(tmp_path, flag, needle):
@@ -176,7 +171,7 @@ def test_train_frac_by_group_overrides_the_sweep():
   fracs = {(r["group"], r["train_frac"]) for r in rows}
   assert fracs == {("C7", 0.3), ("C7", 0.5), ("S3", 0.8), ("D4", 0.3), ("D4", 0.5)}
   assert len(rows) == (2 + 1 + 2) * cfg.seeds
-  for bad, needle in [("S4=0.5", "not in config.groups"), ("S3=1.5", "cannot read"), ("S3", "cannot read")]:
+  for bad, needle in [("S4=0.5", "not in config.task.groups"), ("S3=1.5", "cannot read"), ("S3", "cannot read")]:
     with pytest.raises(ValueError, match=needle):
       config_lib.validate(small_config(groups="C7,S3", train_frac_by_group=bad))
 

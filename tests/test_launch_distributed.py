@@ -9,10 +9,11 @@ import sys
 import jax
 import numpy as np
 
-from engine import checkpoint, launch, train
+from engine import checkpoint, rundir, train
 from tests.test_launch import ROOT, small_config
 
-FLAGS = ["--config.groups=C7,S3", "--config.seeds=3", "--config.embed_dim=16", "--config.hidden=8",
+FLAGS = ["--config.task.groups=C7,S3", "--config.seeds=3", "--config.model.mlp.embed_dim=16",
+         "--config.model.mlp.hidden=8",
          "--config.steps=60", "--config.eval_every=10", "--config.num_checkpoints=4", "--noprogress",
          "--analyze"]
 
@@ -32,7 +33,7 @@ def _final_state(workdir):
   cfg = small_config(seeds=3, hidden=8)
   trainer = train.make_train(cfg)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
-    return ckpt.restore(launch.host_state_spec(trainer), fallback=False)
+    return ckpt.restore(train.host_state_spec(trainer), fallback=False)
 
 
 def test_two_process_launch_equals_one_process(tmp_path):
@@ -64,7 +65,7 @@ def test_two_process_launch_equals_one_process(tmp_path):
   step_2, state_2 = _final_state(multi)
   assert step_1 == step_2 == 60
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), state_1, state_2)
-  m1, m2 = launch.read_metrics(str(single)), launch.read_metrics(str(multi))
+  m1, m2 = rundir.read_metrics(str(single)), rundir.read_metrics(str(multi))
   np.testing.assert_array_equal(m1["step"], m2["step"])
   np.testing.assert_allclose(m1["test_acc"], m2["test_acc"], atol=1e-6)
   # The analysis and the report exist once, written by process 0.

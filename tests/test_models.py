@@ -5,15 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine import config, models
+from engine import config
+from engine.families.group import models
+from engine.families.group import task as tasks
+from tests.helpers import group_config, set_fields
 
 
 def _cfg(model="mlp", **kw):
-  cfg = config.default_config()
-  cfg.model = model
-  cfg.update(dict(embed_dim=24, hidden=20, d_model=16, n_heads=4, d_mlp=24, n_layers=1))
-  cfg.update(kw)
-  return cfg
+  """The config's model section (what the model functions take)."""
+  cfg = group_config(model=model, embed_dim=24, hidden=20, d_model=16, n_heads=4, d_mlp=24, n_layers=1)
+  return set_fields(cfg, **kw).model
 
 
 def _init(key, cfg, vocab, order=None):
@@ -121,7 +122,7 @@ def test_padded_init_equals_solo_init(model):
 
 
 def test_init_scales_follow_fan_in():
-  cfg = config.default_config()  # the paper's widths: E = 256, N = 128
+  cfg = config.default_config().model  # the paper's widths: E = 256, N = 128
   p = _init(jax.random.PRNGKey(0), cfg, 120)
   np.testing.assert_allclose(np.std(p["linear"]), 1 / np.sqrt(512), rtol=0.05)
   np.testing.assert_allclose(np.std(p["embed_a"]), 1 / np.sqrt(256), rtol=0.05)
@@ -135,7 +136,7 @@ def test_embedding_matrices_read_out_the_logits(model):
   params = _init(jax.random.PRNGKey(1), cfg, 8)
   mats = models.embedding_matrices(params, cfg)
   n = models.hidden_size(cfg)
-  width = cfg.embed_dim if model == "mlp" else cfg.d_model
+  width = cfg.mlp.embed_dim if model == "mlp" else cfg.transformer.d_model
   assert mats["embed_a"].shape == mats["embed_b"].shape == (8, width)
   assert mats["unembed"].shape == (8, n)
   a, b = _pairs(3, 8)
@@ -153,7 +154,7 @@ def test_embedding_matrices_read_out_the_logits(model):
 def test_bad_inputs_raise():
   cfg = _cfg()
   params = _init(jax.random.PRNGKey(0), cfg, 5)
-  with pytest.raises(ValueError, match="unknown model"):
+  with pytest.raises(ValueError, match="model.name"):
     models.apply(params, np.zeros(3, np.int32), np.zeros(3, np.int32), _cfg("rnn"))
   with pytest.raises(ValueError, match="vocab"):
     models.init(jax.random.PRNGKey(0), cfg, 0)
@@ -164,7 +165,6 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize("order", [11, 8])
 def test_hand_written_mlp_backward_equals_autodiff_of_concat_form(order):
   """models.mlp_xent_grads (the training step's backward) against jax.grad of the literal model."""
-  from engine import train
   cfg = _cfg()
   vocab = 11
   params = _init(jax.random.PRNGKey(7), cfg, vocab, order)
@@ -176,7 +176,7 @@ def test_hand_written_mlp_backward_equals_autodiff_of_concat_form(order):
 
   def reference(p):
     logits, _ = models.mlp_apply_concat(p, a, b)
-    return train.masked_xent(logits, c, w, order)[0]
+    return tasks.masked_xent(logits, c, w, order)[0]
 
   ref_loss, ref_grads = jax.value_and_grad(reference)(params)
   loss, grads = jax.jit(models.mlp_xent_grads, static_argnums=5)(params, a, b, c, w, order)

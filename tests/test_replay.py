@@ -4,12 +4,14 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from engine import checkpoint, config as config_lib, groups, launch, models, replay, tasks, train
+from engine import checkpoint, groups, launch, replay, rundir, train
+from engine.families.group import models
+from engine.families.group import task as tasks
+from tests.helpers import group_config
 
 BASE_SEED = 5  # differs from every seed number, so select(seed=k) cannot pass by reading the base seed
 
@@ -20,18 +22,12 @@ def small_study(tmp_path_factory) -> str:
   root = tmp_path_factory.getbasetemp() / "replay_study"
   if (root / "report" / "index.md").exists():
     return str(root)
-  cfg = config_lib.default_config()
-  cfg.groups = "C7,S3"
+  cfg = group_config(groups="C7,S3", embed_dim=16, hidden=16, lr="1e-2", train_frac="0.6", analyze=True)
   cfg.seeds = 3
   cfg.seed = BASE_SEED
-  cfg.embed_dim = 16
-  cfg.hidden = 16
-  cfg.lr = "1e-2"
-  cfg.train_frac = "0.6"
   cfg.steps = 200
   cfg.eval_every = 10
   cfg.num_checkpoints = 6
-  cfg.analyze = True
   launch.run_study(cfg, str(root), progress=False)
   return str(root)
 
@@ -54,25 +50,35 @@ def _rows(study):
 def _hand_params(study, step):
   """The stacked params of all runs at ``step``, restored without engine.replay."""
   with open(os.path.join(study, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+    stored = json.load(f)
+  assert stored["format_version"] == rundir.FORMAT_VERSION
+  cfg = group_config()
+  cfg.update_from_flattened_dict(_flat(stored["config"]))
   trainer = train.make_train(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(study, "checkpoints"), read_only=True)
   try:
-    _, state = ckpt.restore(launch.host_state_spec(trainer), step=step, fallback=False)
+    _, state = ckpt.restore(train.host_state_spec(trainer), step=step, fallback=False)
   finally:
     ckpt.close()
-  return cfg, jax.tree.map(np.asarray, state.params)
+  return cfg.model, jax.tree.map(np.asarray, state.params)
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
 
 
 def test_select_seed_is_seed_number_and_filters_like_brute_force(study, run):
   rows = _rows(study)
-  assert all(r["seed"] == BASE_SEED for r in rows)
+  assert all(r["base_seed"] == BASE_SEED for r in rows)
   for k in range(3):
     got = run.select(seed=k)
-    assert got.index.tolist() == [i for i, r in enumerate(rows) if r["seed_index"] == k]
-    assert all(r["seed_index"] == k for r in got.runs) and len(got) == 2
+    assert got.index.tolist() == [i for i, r in enumerate(rows) if r["seed"] == k]
+    assert all(r["seed"] == k for r in got.runs) and len(got) == 2
   s3 = run.select(group="S3", seed=[0, 2])
-  assert s3.index.tolist() == [i for i, r in enumerate(rows) if r["group"] == "S3" and r["seed_index"] in (0, 2)]
+  assert s3.index.tolist() == [i for i, r in enumerate(rows) if r["group"] == "S3" and r["seed"] in (0, 2)]
   assert run.select(base_seed=BASE_SEED).index.tolist() == list(range(len(rows)))
   assert run.select(lr=0.01 + 1e-12, train_frac=0.6).index.tolist() == list(range(len(rows)))  # float tolerance
   # A view of a view intersects; it shares restored state with its parent.
@@ -119,13 +125,13 @@ def test_apply_equals_models_apply_on_hand_restored_params(study, run):
 
 
 def test_apply_reproduces_logged_test_accuracy_and_loss(study, run):
-  metrics = launch.read_metrics(study)
+  metrics = rundir.read_metrics(study)
   for step in (run.steps[2], run.steps[-1]):
     row = int(np.flatnonzero(metrics["step"] == step)[0])
     for spec in ("C7", "S3"):
       sel = run.select(group=spec)
       grp = groups.get(spec)
-      splits = [tasks.split(grp, r["train_frac"], r["seed"], r["seed_index"]) for r in sel.runs]
+      splits = [tasks.split(grp, r["train_frac"], r["base_seed"], r["seed"]) for r in sel.runs]
       test = np.stack([s.test_Px3 for s in splits])
       logits, _ = sel.apply(step, test[..., :2])
       pred = np.argmax(logits, axis=-1)
@@ -172,11 +178,11 @@ def test_analyze_final_step_equals_summary(study, run):
   before = open(path, "rb").read()
   res = run.analyze()
   summary = json.loads(before)
-  assert list(res) == ["C7", "S3"]
+  assert list(res) == ["C7/lr0.01/wd1/frac0.6", "S3/lr0.01/wd1/frac0.6"] == run.cohorts
   for spec, entry in res.items():
-    _assert_same(entry["group"], summary["groups"][spec]["group"], spec)
-    _assert_same(entry["aggregate"], summary["groups"][spec]["aggregate"], spec)
-    assert [r["index"] for r in entry["runs"]] == summary["groups"][spec]["runs"]
+    _assert_same(entry["task"], summary["cohorts"][spec]["task"], spec)
+    _assert_same(entry["aggregate"], summary["cohorts"][spec]["aggregate"], spec)
+    assert [r["index"] for r in entry["runs"]] == summary["cohorts"][spec]["runs"]
     for rec in entry["runs"]:
       _assert_same(rec, summary["runs"][rec["index"]], f"run {rec['index']}")
   assert open(path, "rb").read() == before  # nothing written
@@ -186,9 +192,9 @@ def test_analyze_earlier_step_matches_recorded_similarity(study, run):
   summary = run.summary()
   k = 2
   step = run.steps[k]
-  res = run.select(group="S3").analyze(step=step)["S3"]  # all seeds: the compiled passes are reused
-  assert res["group"]["steps"] == run.steps[:k + 1]
-  metrics = launch.read_metrics(study)
+  res = run.select(group="S3").analyze(step=step)["S3/lr0.01/wd1/frac0.6"]  # all seeds: passes are reused
+  assert res["task"]["steps"] == run.steps[:k + 1]
+  metrics = rundir.read_metrics(study)
   row = int(np.flatnonzero(metrics["step"] == step)[0])
   for rec in res["runs"]:
     saved = summary["runs"][rec["index"]]
@@ -202,9 +208,9 @@ def test_analyze_earlier_step_matches_recorded_similarity(study, run):
 def test_neuron_correlations_reproduce_summary_histogram(run):
   summary = run.summary()
   for spec in ("C7", "S3"):
-    res = run.neuron_correlations(group=spec, universal_threshold=summary["universal_threshold"])
+    res = run.neuron_correlations(group=spec, universal_threshold=summary["settings"]["universal_threshold"])
     live = ~res["dead_SxN"]
-    saved = summary["groups"][spec]["aggregate"]["correlation"]
+    saved = summary["cohorts"][f"{spec}/lr0.01/wd1/frac0.6"]["aggregate"]["correlation"]
     counts, _ = np.histogram(res["excess_SxN"][live], bins=20, range=(-0.5, 1.0))
     assert counts.tolist() == saved["excess_histogram"]["counts"]
     assert counts.sum() == live.sum() > 0
@@ -217,7 +223,7 @@ def test_neuron_correlations_reproduce_summary_histogram(run):
 def test_compare_neurons_against_float64_reference(study, run):
   cfg, params = _hand_params(study, run.steps[-1])
   cmp = run.compare_neurons(0, 2, group="S3")
-  ia, ib = (i for i, r in enumerate(_rows(study)) if r["group"] == "S3" and r["seed_index"] in (0, 2))
+  ia, ib = (i for i, r in enumerate(_rows(study)) if r["group"] == "S3" and r["seed"] in (0, 2))
   a_T, b_T = np.repeat(np.arange(6, dtype=np.int32), 6), np.tile(np.arange(6, dtype=np.int32), 6)
   h = [np.asarray(models.apply(jax.tree.map(lambda x: x[i], params), a_T, b_T, cfg)[1], np.float64)
        for i in (ia, ib)]

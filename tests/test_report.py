@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from engine import report
+from engine.families.group import report as group_report
 from tests.test_replay import small_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -47,8 +48,8 @@ def test_report_images_are_valid_pngs_of_the_right_size(study):
   pngs = sorted(n for n in os.listdir(out) if n.endswith(".png"))
   assert sorted(images) == pngs  # every image is linked, every link exists
   expected = {"learning_curves.png"}
-  for gi, spec in enumerate(("C7", "S3")):
-    expected |= {f"g{gi}_{spec}_{kind}.png" for kind in
+  for ci, spec in enumerate(("C7", "S3")):
+    expected |= {f"c{ci}_{spec}_lr0.01_wd1_frac0.6_{kind}.png" for kind in
                  ("similarity", "key_irreps", "learning_order", "correlation", "cka")}
   assert expected <= set(pngs)
   for name in pngs:
@@ -60,21 +61,21 @@ def test_report_images_are_valid_pngs_of_the_right_size(study):
     assert pixels[..., :3].std() > 0.05, f"{name} is blank"
   # Sizes follow the figure layout: one 4.6 x 3.4 inch panel per group at 100 dpi.
   assert _png_size(os.path.join(out, "learning_curves.png")) == (920, 340)
-  assert _png_size(os.path.join(out, "g0_C7_correlation.png")) == (900, 320)
+  assert _png_size(os.path.join(out, "c0_C7_lr0.01_wd1_frac0.6_correlation.png")) == (900, 320)
 
 
 def test_index_mentions_study_groups_and_irreps(study):
   text, summary = _index(study), _summary(study)
   assert "C7 (order 7" in text and "S3 (order 6" in text
   assert "200 steps" in text and "lr 0.01" in text and "weight decay 1" in text and "0.6 of the" in text
-  for spec, entry in summary["groups"].items():
-    assert f"## {spec} (order {entry['group']['order']})" in text
-    for irrep in entry["group"]["irreps"]:
+  for cohort, entry in summary["cohorts"].items():
+    assert f"## {cohort} (order {entry['task']['order']})" in text
+    for irrep in entry["task"]["irreps"]:
       assert f"| {irrep['name']} |" in text
 
 
 def _tables_by_group(text):
-  """{group spec: [rows of its key-irrep table as lists of cells]}."""
+  """{cohort: [rows of its key-irrep table as lists of cells]}."""
   out = {}
   for section in re.split(r"^## ", text, flags=re.M)[1:]:
     spec = section.split()[0]
@@ -94,10 +95,10 @@ def _tables_by_group(text):
 def test_key_irrep_tables_equal_counts_recomputed_from_summary(study):
   summary = _summary(study)
   tables = _tables_by_group(_index(study))
-  assert set(tables) == set(summary["groups"])
-  for spec, entry in summary["groups"].items():
+  assert set(tables) == set(summary["cohorts"])
+  for spec, entry in summary["cohorts"].items():
     records = [summary["runs"][i] for i in entry["runs"]]
-    assert [row[0] for row in tables[spec]] == [r["name"] for r in entry["group"]["irreps"]]
+    assert [row[0] for row in tables[spec]] == [r["name"] for r in entry["task"]["irreps"]]
     for row in tables[spec]:
       name = row[0]
       key = sum(name in r["key_irreps"] for r in records)
@@ -152,11 +153,11 @@ def test_markdown_helpers_on_fresh_records():
     records.append({"key_irreps": key, "first_learned": key[0] if key else None,
                     "logit_similarity": {n: float(rng.normal()) for n in names},
                     "neurons": {"dominant_counts": {n: int(rng.integers(0, 5)) for n in names}}})
-  rows = report.key_irrep_rows(group, records)
+  rows = group_report.key_irrep_rows(group, records)
   for row in rows:
     assert row["key"] == sum(row["irrep"] in r["key_irreps"] for r in records)
     assert row["first"] == sum(r["first_learned"] == row["irrep"] for r in records)
-  md = report.key_irrep_table(group, records)
+  md = group_report.key_irrep_table(group, records)
   assert md.count("\n") == 2 + len(names) and "of 7 runs" in md
-  sets = report.key_irrep_sets_table(records)
+  sets = group_report.key_irrep_sets_table(records)
   assert sum(int(line.rsplit("|", 2)[1]) for line in sets.splitlines()[2:]) == 7

@@ -6,14 +6,17 @@ import numpy as np
 import optax
 import pytest
 
-from engine import config, groups, models, tasks, train
+from engine import config, groups, train
+from engine.families.group import models
+from engine.families.group import task as tasks
+from tests.helpers import group_config, set_fields
 
 
 def _cfg(**kw):
-  cfg = config.default_config()
-  cfg.update(dict(groups="C5,S3", embed_dim=16, hidden=16, d_model=16, n_heads=2, d_mlp=16, train_frac="0.5",
+  cfg = group_config()
+  set_fields(cfg, **dict(groups="C5,S3", embed_dim=16, hidden=16, d_model=16, n_heads=2, d_mlp=16, train_frac="0.5",
                   steps=6, eval_every=2, lr="3e-3", weight_decay="1.0"))
-  cfg.update(kw)
+  set_fields(cfg, **kw)
   return cfg
 
 
@@ -35,7 +38,7 @@ def _assert_trees_equal(x, y):
 ])
 def test_validate_rejects_bad_fields(field, value, match):
   cfg = _cfg()
-  cfg[field] = value
+  set_fields(cfg, **{field: value})
   with pytest.raises(ValueError, match=match) as info:
     config.validate(cfg)
   assert "\n" not in str(info.value)
@@ -44,8 +47,11 @@ def test_validate_rejects_bad_fields(field, value, match):
 def test_default_config_is_the_paper_setup_and_valid():
   cfg = config.default_config()
   config.validate(cfg)
-  assert (cfg.embed_dim, cfg.hidden, cfg.d_model, cfg.n_heads, cfg.d_mlp) == (256, 128, 128, 4, 512)
-  assert (cfg.b1, cfg.b2, float(cfg.lr), float(cfg.weight_decay), cfg.batch_size) == (0.9, 0.98, 1e-3, 1.0, 0)
+  m = cfg.model
+  assert (m.mlp.embed_dim, m.mlp.hidden, m.transformer.d_model, m.transformer.n_heads,
+          m.transformer.d_mlp) == (256, 128, 128, 4, 512)
+  o = cfg.opt
+  assert (o.b1, o.b2, float(o.lr), float(o.weight_decay), cfg.batch_size) == (0.9, 0.98, 1e-3, 1.0, 0)
 
 
 def test_runs_grid_order():
@@ -59,7 +65,9 @@ def test_runs_grid_order():
         for f, frac in enumerate([0.3, 0.5, 0.7]):
           for k in range(2):
             s = (((g * 2 + i) * 2 + j) * 3 + f) * 2 + k
-            assert runs[s] == dict(group=spec, seed=4, seed_index=3 + k, lr=lr, weight_decay=wd, train_frac=frac)
+            cohort = f"{spec}/lr{lr:g}/wd{wd:g}/frac{frac:g}"
+            assert runs[s] == dict(group=spec, seed=3 + k, base_seed=4, lr=lr, weight_decay=wd, train_frac=frac,
+                                   cohort=cohort, name=f"{spec}/seed{3 + k}/lr{lr:g}/wd{wd:g}/frac{frac:g}")
 
 
 # --- tasks ----------------------------------------------------------------------------------------
@@ -67,17 +75,17 @@ def test_runs_grid_order():
 
 def test_split_partitions_every_pair_and_is_seeded():
   g = groups.get("D4")
-  sp = tasks.split(g, 0.3, seed=0, seed_index=2)
+  sp = tasks.split(g, 0.3, base_seed=0, seed=2)
   n = g.order
   assert sp.n_train == round(0.3 * n * n)
   codes = sp.pairs_Px3[:, 0] * n + sp.pairs_Px3[:, 1]
   np.testing.assert_array_equal(np.sort(codes), np.arange(n * n))
   np.testing.assert_array_equal(sp.pairs_Px3[:, 2], [g.table[a, b] for a, b, _ in sp.pairs_Px3])
-  again = tasks.split(g, 0.3, seed=0, seed_index=2)
+  again = tasks.split(g, 0.3, base_seed=0, seed=2)
   np.testing.assert_array_equal(sp.pairs_Px3, again.pairs_Px3)
-  other = tasks.split(g, 0.3, seed=0, seed_index=3)
+  other = tasks.split(g, 0.3, base_seed=0, seed=3)
   assert not np.array_equal(sp.train_Px3, other.train_Px3)
-  bigger = tasks.split(g, 0.6, seed=0, seed_index=2)  # splits of one seed are nested
+  bigger = tasks.split(g, 0.6, base_seed=0, seed=2)  # splits of one seed are nested
   np.testing.assert_array_equal(bigger.train_Px3[:sp.n_train], sp.train_Px3)
 
 
@@ -96,7 +104,7 @@ def test_masked_xent_matches_float64():
   logits = rng.normal(size=(9, 7)).astype(np.float32) * 3
   c = rng.integers(0, 5, 9).astype(np.int32)
   w = rng.uniform(size=9).astype(np.float32)
-  loss, acc = jax.jit(train.masked_xent)(logits, c, w, 5)
+  loss, acc = jax.jit(tasks.masked_xent)(logits, c, w, 5)
   lg = logits[:, :5].astype(np.float64)
   ref = np.log(np.exp(lg).sum(1)) - lg[np.arange(9), c]
   np.testing.assert_allclose(loss, (w * ref).sum(), rtol=1e-5)
@@ -116,7 +124,7 @@ def _ref_adamw_step(params, pairs_Px3, lr, wd):
     return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, c[:, None], -1)[:, 0])
 
   cfg = config.default_config()
-  tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)
+  tx = optax.adamw(lr, b1=cfg.opt.b1, b2=cfg.opt.b2, eps=cfg.opt.eps, weight_decay=wd)
   updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params)
   return optax.apply_updates(params, updates)
 
@@ -132,7 +140,7 @@ def test_one_step_matches_optax_reference_in_a_mixed_bucket():
     n = g.order
     p0 = {"embed_a": state0.params["embed_a"][s, :n], "embed_b": state0.params["embed_b"][s, :n],
           "linear": state0.params["linear"][s], "unembed": state0.params["unembed"][s, :, :n]}
-    p1 = _ref_adamw_step(p0, tasks.split(g, r["train_frac"], r["seed"], r["seed_index"]).train_Px3, r["lr"],
+    p1 = _ref_adamw_step(p0, tasks.split(g, r["train_frac"], r["base_seed"], r["seed"]).train_Px3, r["lr"],
                          r["weight_decay"])
     np.testing.assert_allclose(state.params["embed_a"][s, :n], p1["embed_a"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state.params["linear"][s], p1["linear"], rtol=1e-5, atol=1e-6)
@@ -146,7 +154,7 @@ def test_solo_run_equals_member_of_the_sweep():
   solo = train.make_train(_cfg(groups="S3", seeds=1, seed_offset=2, lr="3e-3"))
   vmapped = train.make_train(_cfg(groups="C5,S3", seeds=3, lr="1e-3,3e-3", run_chunk=4))
   s = [i for i, r in enumerate(sweep.runs) if r == solo.runs[0]]
-  assert s == [11] and sweep.runs[11]["seed_index"] == 2
+  assert s == [11] and sweep.runs[11]["seed"] == 2
   st_sweep, m_sweep = sweep.train()
   st_solo, m_solo = solo.train()
   st_vmap, m_vmap = vmapped.train()
@@ -232,12 +240,13 @@ def test_apply_matches_models_apply_and_masks_padding():
   orders = tr.data.order_S
   a = np.stack([rng.integers(0, o, 11) for o in orders]).astype(np.int32)
   b = np.stack([rng.integers(0, o, 11) for o in orders]).astype(np.int32)
-  logits, hidden = tr.apply(state.params, a, b)
-  assert logits.shape == (tr.n_padded, 11, 6) and hidden.shape == (tr.n_padded, 11, cfg.hidden)
+  logits, acts = tr.apply(state.params, a, b)
+  hidden = acts["hidden"]
+  assert logits.shape == (tr.n_padded, 11, 6) and hidden.shape == (tr.n_padded, 11, cfg.model.mlp.hidden)
   params = tr.unpad(state.params)
   for s in range(tr.n_runs):
     p = jax.tree.map(lambda x: x[s], params)
-    ref_logits, ref_hidden = jax.jit(lambda p, a, b: models.apply(p, a, b, tr.cfg))(p, a[s], b[s])
+    ref_logits, ref_hidden = jax.jit(lambda p, a, b: models.apply(p, a, b, tr.cfg.model))(p, a[s], b[s])
     np.testing.assert_allclose(np.asarray(hidden)[s], ref_hidden, rtol=1e-5, atol=1e-6)
     o = orders[s]
     np.testing.assert_allclose(np.asarray(logits)[s, :, :o], np.asarray(ref_logits)[:, :o], rtol=1e-5,

@@ -1,9 +1,10 @@
-"""Jitted analysis passes over stacked runs: irreps in logits, weights and neurons; cross-seed comparison.
+"""Jitted analysis passes over stacked runs, and the driver that runs them per cohort.
 
-``representation``: logit similarity, fraction of logits explained, key irreps, FVEs, restricted / excluded
-losses, learning order, per-neuron irreps. ``cross_seed``: neuron correlations and their rotation baseline,
-universal neurons, one-to-one matching, CKA / Procrustes / mutual k-NN. ``pipeline``: all of it for the
-runs of one group, as JSON-ready records.
+Passes (pure: no I/O, no Orbax, no plotting): ``representation`` — logit similarity, fraction of logits
+explained, key irreps, FVEs, restricted / excluded losses, learning order, per-neuron irreps; ``cross_seed`` —
+neuron correlations and their rotation baseline, universal neurons, one-to-one matching, CKA / Procrustes /
+mutual k-NN; ``pipeline`` — all of it for the runs of one group, as JSON-ready records. ``driver``: every
+cohort of a run directory (runs that differ only in seed) into analysis/summary.json.
 """
 
 from engine.analysis.cross_seed import irrep_agreement
@@ -13,7 +14,6 @@ from engine.analysis.cross_seed import neuron_correlations
 from engine.analysis.cross_seed import representation_similarity
 from engine.analysis.pipeline import analyze_group
 from engine.analysis.pipeline import evaluate_all_pairs
-from engine.analysis.pipeline import matrices_fn_for
 from engine.analysis.pipeline import neuron_irreps_from_hidden
 from engine.analysis.representation import DEFAULT_THRESHOLD
 from engine.analysis.representation import IrrepTables
@@ -27,5 +27,3 @@ from engine.analysis.representation import learning_order
 from engine.analysis.representation import logit_fourier_power
 from engine.analysis.representation import logit_similarity
 from engine.analysis.representation import neuron_irreps
-from engine.analysis.workdir import analyze
-from engine.analysis.workdir import load_summary

@@ -14,7 +14,7 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``threshold``: the key-irrep threshold on the logit similarity; ``universal_threshold``.
 
 ``runs[i]`` (one per run, in the order of ``runs``):
-  ``run``: the run's description as given (e.g. {group, seed, seed_index, lr, weight_decay, train_frac}).
+  ``run``: the run's description as given (e.g. the runs.json row).
   ``loss_all``, ``accuracy_all``: cross-entropy and accuracy over all |G|² pairs at the final step.
   ``logit_similarity``: {irrep: mean cosine between centred logits and tr ρ(a·b·c⁻¹)} at the final step.
   ``fraction_explained``: Σ over non-trivial irreps of similarity²; ``fraction_explained_key``: the same
@@ -64,25 +64,9 @@ import numpy as np
 from engine import groups as groups_lib
 from engine.analysis import cross_seed
 from engine.analysis import representation as rep
+from engine.analysis.jsonable import to_json
 
 ApplyFn = Callable[[Any, Any, Any], tuple[Any, Any]]
-
-
-def to_json(x):
-  """JSON-ready: numpy scalars to Python, non-finite floats to None, arrays to nested lists."""
-  if isinstance(x, dict):
-    return {str(k): to_json(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [to_json(v) for v in x]
-  if isinstance(x, (np.ndarray, jax.Array)):
-    return to_json(np.asarray(x).tolist())
-  if isinstance(x, (bool, np.bool_)):
-    return bool(x)
-  if isinstance(x, (int, np.integer)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if np.isfinite(x) else None
-  return x
 
 
 def _run_description(run) -> Any:
@@ -118,23 +102,6 @@ def evaluate_all_pairs(apply_fn: ApplyFn, params_S, n_runs: int, order: int,
   hidden_SxPxN = np.concatenate(hidden, axis=1)
   return (logits_SxPxC.reshape(n_runs, order, order, order),
           hidden_SxPxN.reshape(n_runs, order, order, -1))
-
-
-def matrices_fn_for(cfg) -> Callable[[Any], dict]:
-  """``matrices_fn`` for ``engine.models``: vmapped ``embedding_matrices`` plus, for the MLP, the total
-  embeddings ``pre_a = embed_a · W1[:E]`` and ``pre_b = embed_b · W1[E:]`` ``[S, V, N]`` that the per-neuron
-  split and the restricted / excluded losses need (unless ``embedding_matrices`` already provides them)."""
-  from engine import models  # pylint: disable=import-outside-toplevel
-
-  def one(params):
-    mats = dict(models.embedding_matrices(params, cfg))
-    if cfg.model == "mlp" and "pre_a" not in mats:
-      e = params["embed_a"].shape[1]
-      mats["pre_a"] = params["embed_a"] @ params["linear"][:e]
-      mats["pre_b"] = params["embed_b"] @ params["linear"][e:]
-    return mats
-
-  return jax.jit(jax.vmap(one))
 
 
 @jax.jit

@@ -2,7 +2,7 @@ r"""*A Toy Model of Universality* (Chughtai, Chan, Nanda 2023), the MLP study, w
 
 Command:   python -m experiments.group_universality --workdir=runs/chughtai_mlp \
                --config=experiments/configs/chughtai_mlp.py
-           (S6 is its own study: add --config.groups=S6 --config.train_frac_by_group=S6=0.25; training it
+           (S6 is its own study: add --config.task.groups=S6 --config.task.train_frac_by_group=S6=0.25; training it
            beside order-120 groups would pad every group to 720 classes.)
 Runtime:   accelerator work: 6 groups x 50 seeds x 250k full-batch steps. On one H100-class GPU expect hours;
            on a TPU pod slice add --distributed (BUILD.md). On a 2-core CPU this is days: use default.py.
@@ -20,12 +20,12 @@ from engine import config as config_lib
 
 def get_config():
   cfg = config_lib.default_config()
-  cfg.model = "mlp"
-  cfg.groups = "C113,C118,D59,D61,S5,A5"
-  cfg.train_frac_by_group = "C113=0.3,C118=0.3,D59=0.3,D61=0.3,S5=0.4,A5=0.5"
+  cfg.model.name = "mlp"
+  cfg.task.groups = "C113,C118,D59,D61,S5,A5"
+  cfg.task.train_frac_by_group = "C113=0.3,C118=0.3,D59=0.3,D61=0.3,S5=0.4,A5=0.5"
   cfg.seeds = 50
-  cfg.lr = "1e-3"
-  cfg.weight_decay = "1.0"
+  cfg.opt.lr = "1e-3"
+  cfg.opt.weight_decay = "1.0"
   cfg.steps = 250_000
   cfg.eval_every = 1000
   cfg.num_checkpoints = 48

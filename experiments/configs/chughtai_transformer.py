@@ -2,7 +2,7 @@ r"""*A Toy Model of Universality* (Chughtai, Chan, Nanda 2023), the one-layer tr
 
 Command:   python -m experiments.group_universality --workdir=runs/chughtai_transformer \
                --config=experiments/configs/chughtai_transformer.py
-           (S6: --config.groups=S6 --config.train_frac_by_group=S6=0.4 as a study of its own, so that the
+           (S6: --config.task.groups=S6 --config.task.train_frac_by_group=S6=0.4 as a study of its own, so that the
            order-120 groups are not padded to 720 classes.)
 Runtime:   accelerator work: 6 groups x 50 seeds x 50k full-batch steps of a d_model 128 transformer; hours
            on one GPU, less on a TPU pod slice with --distributed (BUILD.md). Not meant for a 2-core CPU.
@@ -19,12 +19,12 @@ from engine import config as config_lib
 
 def get_config():
   cfg = config_lib.default_config()
-  cfg.model = "transformer"
-  cfg.groups = "C113,C118,D59,D61,S5,A5"
-  cfg.train_frac_by_group = "C113=0.3,C118=0.3,D59=0.3,D61=0.3,S5=0.6,A5=0.6"
+  cfg.model.name = "transformer"
+  cfg.task.groups = "C113,C118,D59,D61,S5,A5"
+  cfg.task.train_frac_by_group = "C113=0.3,C118=0.3,D59=0.3,D61=0.3,S5=0.6,A5=0.6"
   cfg.seeds = 50
-  cfg.lr = "1e-3"
-  cfg.weight_decay = "1.0"
+  cfg.opt.lr = "1e-3"
+  cfg.opt.weight_decay = "1.0"
   cfg.steps = 50_000
   cfg.eval_every = 500
   cfg.num_checkpoints = 40

@@ -20,11 +20,11 @@ from engine import config as config_lib
 
 def get_config():
   cfg = config_lib.default_config()
-  cfg.groups = "C59,D30,A5"   # cyclic (prime order), dihedral (order 60), alternating (order 60)
+  cfg.task.groups = "C59,D30,A5"   # cyclic (prime order), dihedral (order 60), alternating (order 60)
   cfg.seeds = 16
-  cfg.lr = "1e-2"
-  cfg.weight_decay = "1.0"
-  cfg.train_frac = "0.6"
+  cfg.opt.lr = "1e-2"
+  cfg.opt.weight_decay = "1.0"
+  cfg.task.train_frac = "0.6"
   cfg.steps = 3000
   cfg.eval_every = 50
   cfg.num_checkpoints = 24

@@ -16,6 +16,6 @@ from experiments.configs import default
 
 def get_config():
   cfg = default.get_config()
-  cfg.groups = "D30,A5"
+  cfg.task.groups = "D30,A5"
   cfg.seeds = 256
   return cfg

@@ -1,8 +1,9 @@
 """The two architectures of *A Toy Model of Universality* (Chughtai, Chan, Nanda 2023), as pure functions.
 
-``init(key, cfg, vocab, order)`` returns a dict of float32 arrays; ``apply(params, a_B, b_B, cfg)`` returns
-``(logits_BxV, hidden_BxN)``, ``hidden`` being the ReLU layer the analyses read (MLP: its ``hidden`` neurons;
-transformer: the ``d_mlp`` neurons of the last block at the ``=`` position).
+``init(key, model_cfg, vocab, order)`` returns a dict of float32 arrays; ``apply(params, a_B, b_B, model_cfg)``
+returns ``(logits_BxV, hidden_BxN)``, ``hidden`` being the ReLU layer the analyses read (MLP: its ``hidden``
+neurons; transformer: the ``d_mlp`` neurons of the last block at the ``=`` position). ``model_cfg`` is the
+config's ``model`` section: ``name`` picks the architecture and the section of that name holds its widths.
 
 MLP: ``logits = ReLU(concat(W_a[a], W_b[b]) · W1) · U``, computed in the factorised form
 ``ReLU(P_a[a] + P_b[b]) · U`` with ``P_a = W_a · W1[:E]``, ``P_b = W_b · W1[E:]``: the same function and the
@@ -27,9 +28,19 @@ import jax
 import jax.numpy as jnp
 
 
-def hidden_size(cfg) -> int:
+NAMES = ("mlp", "transformer")
+
+
+def _arch(model_cfg) -> str:
+  if model_cfg.name not in NAMES:
+    raise ValueError(f"config.model.name: must be one of {NAMES}, got {model_cfg.name!r}")
+  return model_cfg.name
+
+
+def hidden_size(model_cfg) -> int:
   """N: the number of ReLU neurons ``apply`` returns."""
-  return int(cfg.hidden if cfg.model == "mlp" else cfg.d_mlp)
+  arch = _arch(model_cfg)
+  return int(model_cfg.mlp.hidden if arch == "mlp" else model_cfg.transformer.d_mlp)
 
 
 def _key(key, name: str):
@@ -50,50 +61,50 @@ def _rows(key, name: str, vocab: int, order, width: int, fan_in: int):
   return jnp.where(keep, rows / jnp.sqrt(jnp.float32(fan_in)), 0.0)
 
 
-def init(key, cfg, vocab: int, order=None) -> dict:
-  """Parameters of ``cfg.model`` for a group of ``order`` elements padded to ``vocab`` classes.
+def init(key, model_cfg, vocab: int, order=None) -> dict:
+  """Parameters of the model ``model_cfg.name`` for a group of ``order`` elements padded to ``vocab`` classes.
 
   Args:
     key: a PRNG key; the whole initialisation is a function of it.
-    cfg: the config (``model`` and the width fields are read).
+    model_cfg: the config's ``model`` section.
     vocab: V, static: the padded number of classes (the bucket's largest group order).
     order: the run's true group order (an int or a traced int32 scalar); defaults to ``vocab``.
   """
   if vocab < 1:
     raise ValueError(f"vocab must be >= 1, got {vocab}")
   order = vocab if order is None else order
-  if cfg.model == "mlp":
-    e, n = cfg.embed_dim, cfg.hidden
+  arch = _arch(model_cfg)
+  if arch == "mlp":
+    e, n = model_cfg.mlp.embed_dim, model_cfg.mlp.hidden
     return {
         "embed_a": _rows(key, "embed_a", vocab, order, e, e),
         "embed_b": _rows(key, "embed_b", vocab, order, e, e),
         "linear": _normal(key, "linear", (2 * e, n), 2 * e),
         "unembed": _rows(key, "unembed", vocab, order, n, n).T,   # [N, V]: column c reads out class c
     }
-  if cfg.model == "transformer":
-    d, h, m = cfg.d_model, cfg.n_heads, cfg.d_mlp
-    dh = d // h
-    blocks = []
-    for l in range(cfg.n_layers):
-      p = f"block{l}/"
-      blocks.append({
-          "wq": _normal(key, p + "wq", (h, d, dh), d),
-          "wk": _normal(key, p + "wk", (h, d, dh), d),
-          "wv": _normal(key, p + "wv", (h, d, dh), d),
-          "wo": _normal(key, p + "wo", (h, dh, d), d),
-          "w_in": _normal(key, p + "w_in", (d, m), d),
-          "b_in": jnp.zeros((m,), jnp.float32),
-          "w_out": _normal(key, p + "w_out", (m, d), m),
-          "b_out": jnp.zeros((d,), jnp.float32),
-      })
-    return {
-        "embed": _rows(key, "embed", vocab, order, d, d),           # token rows of the group elements
-        "embed_eq": _normal(key, "embed_eq", (d,), d),              # the '=' token
-        "pos": _normal(key, "pos", (3, d), d),
-        "blocks": blocks,
-        "unembed": _rows(key, "unembed", vocab, order, d, d).T,     # [d_model, V]
-    }
-  raise ValueError(f"unknown model {cfg.model!r}; expected 'mlp' or 'transformer'")
+  t = model_cfg.transformer
+  d, h, m = t.d_model, t.n_heads, t.d_mlp
+  dh = d // h
+  blocks = []
+  for l in range(t.n_layers):
+    p = f"block{l}/"
+    blocks.append({
+        "wq": _normal(key, p + "wq", (h, d, dh), d),
+        "wk": _normal(key, p + "wk", (h, d, dh), d),
+        "wv": _normal(key, p + "wv", (h, d, dh), d),
+        "wo": _normal(key, p + "wo", (h, dh, d), d),
+        "w_in": _normal(key, p + "w_in", (d, m), d),
+        "b_in": jnp.zeros((m,), jnp.float32),
+        "w_out": _normal(key, p + "w_out", (m, d), m),
+        "b_out": jnp.zeros((d,), jnp.float32),
+    })
+  return {
+      "embed": _rows(key, "embed", vocab, order, d, d),           # token rows of the group elements
+      "embed_eq": _normal(key, "embed_eq", (d,), d),              # the '=' token
+      "pos": _normal(key, "pos", (3, d), d),
+      "blocks": blocks,
+      "unembed": _rows(key, "unembed", vocab, order, d, d).T,     # [d_model, V]
+  }
 
 
 def _mlp(params, a_B, b_B):
@@ -185,28 +196,22 @@ def _transformer(params, a_B, b_B):
   return x_BxLxD[:, -1] @ params["unembed"], hidden_BxN
 
 
-def apply(params, a_B, b_B, cfg):
+def apply(params, a_B, b_B, model_cfg):
   """Logits ``[B, V]`` (unmasked; classes ``>= order`` are padding) and the ReLU layer ``[B, N]``."""
   if jnp.ndim(a_B) != 1 or jnp.shape(a_B) != jnp.shape(b_B):
     raise ValueError(f"a and b must be 1-D batches of equal length, got {jnp.shape(a_B)}, {jnp.shape(b_B)}")
-  if cfg.model == "mlp":
-    return _mlp(params, a_B, b_B)
-  if cfg.model == "transformer":
-    return _transformer(params, a_B, b_B)
-  raise ValueError(f"unknown model {cfg.model!r}; expected 'mlp' or 'transformer'")
+  return (_mlp if _arch(model_cfg) == "mlp" else _transformer)(params, a_B, b_B)
 
 
-def embedding_matrices(params, cfg) -> dict:
+def embedding_matrices(params, model_cfg) -> dict:
   """The maps the irrep analyses project: 'embed_a', 'embed_b' ``[V, E]`` and 'unembed' ``[V, N]``.
 
   Rows index group elements / classes. For the transformer both embeddings are the token embedding rows of
   the group elements, 'unembed' is the neuron-to-logit map ``(W_out · W_U)ᵀ`` of the last block (row c: the
   direction in neuron space that raises logit c), and 'unembed_resid' ``[V, d_model]`` is ``W_Uᵀ`` itself.
   """
-  if cfg.model == "mlp":
+  if _arch(model_cfg) == "mlp":
     return {"embed_a": params["embed_a"], "embed_b": params["embed_b"], "unembed": params["unembed"].T}
-  if cfg.model == "transformer":
-    w_out = params["blocks"][-1]["w_out"]
-    return {"embed_a": params["embed"], "embed_b": params["embed"],
-            "unembed": (w_out @ params["unembed"]).T, "unembed_resid": params["unembed"].T}
-  raise ValueError(f"unknown model {cfg.model!r}; expected 'mlp' or 'transformer'")
+  w_out = params["blocks"][-1]["w_out"]
+  return {"embed_a": params["embed"], "embed_b": params["embed"],
+          "unembed": (w_out @ params["unembed"]).T, "unembed_resid": params["unembed"].T}

@@ -2,7 +2,7 @@
 
 Every run sees all ``|G|²`` pairs ``(a, b) -> a·b`` of its group, shuffled by a seeded permutation: the first
 ``round(train_frac · |G|²)`` pairs train, the rest test. The permutation depends only on (base seed, seed
-index, group), so splits at different train fractions of the same seed are nested.
+number, group), so splits at different train fractions of the same seed are nested.
 
 A bucket stacks runs over the leading ``S`` axis. Groups of different orders are padded to the bucket's
 largest order ``V``: logits of classes ``>= order`` are masked to ``-inf`` by the loss, and padded pairs carry
@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from engine import groups as groups_lib
@@ -32,11 +34,11 @@ def n_train_pairs(order: int, train_frac: float) -> int:
   return int(min(order * order, max(1, round(train_frac * order * order))))
 
 
-def pair_permutation(group: groups_lib.Group, seed: int, seed_index: int) -> np.ndarray:
+def pair_permutation(group: groups_lib.Group, base_seed: int, seed: int) -> np.ndarray:
   """int32 ``[|G|²]``: the seeded order of the pair indices ``p = a·|G| + b`` (train pairs come first)."""
-  if seed < 0 or seed_index < 0:
-    raise ValueError(f"seed and seed_index must be >= 0, got {seed}, {seed_index}")
-  rng = np.random.default_rng(np.random.SeedSequence([seed, seed_index, group_tag(group), 0x5A17]))
+  if base_seed < 0 or seed < 0:
+    raise ValueError(f"base_seed and seed must be >= 0, got {base_seed}, {seed}")
+  rng = np.random.default_rng(np.random.SeedSequence([base_seed, seed, group_tag(group), 0x5A17]))
   return rng.permutation(group.order * group.order).astype(np.int32)
 
 
@@ -56,10 +58,10 @@ class Split:
     return self.pairs_Px3[self.n_train:]
 
 
-def split(group: groups_lib.Group, train_frac: float, seed: int, seed_index: int) -> Split:
-  """The seeded train/test split of ``group``'s composition task."""
+def split(group: groups_lib.Group, train_frac: float, base_seed: int, seed: int) -> Split:
+  """The seeded train/test split of ``group``'s composition task (``seed``: the seed number k)."""
   n = group.order
-  perm = pair_permutation(group, seed, seed_index)
+  perm = pair_permutation(group, base_seed, seed)
   a, b = perm // n, perm % n
   pairs = np.stack([a, b, group.table[a, b]], axis=1).astype(np.int32)
   return Split(group=group, pairs_Px3=pairs, n_train=n_train_pairs(n, train_frac))
@@ -112,3 +114,21 @@ def stack(splits: Sequence[Split]) -> TaskData:
       n_train_S=np.asarray([s.n_train for s in splits], np.int32),
       test_a_SxQ=test[..., 0], test_b_SxQ=test[..., 1], test_c_SxQ=test[..., 2], test_w_SxQ=test_w,
       order_S=np.asarray([s.group.order for s in splits], np.int32))
+
+
+def run_key(base_seed: int, seed: int, group: groups_lib.Group) -> np.ndarray:
+  """The PRNG key (uint32 [2]) of a run: a function of base seed, seed number and group only."""
+  key = jax.random.fold_in(jax.random.PRNGKey(base_seed), seed)
+  return np.asarray(jax.random.fold_in(key, group_tag(group)))
+
+
+def masked_xent(logits_BxV, c_B, w_B, order):
+  """``(Σ w·cross-entropy, Σ w·correct)`` with classes ``>= order`` masked to −inf (zero probability)."""
+  classes_1xV = jnp.arange(logits_BxV.shape[-1])[None, :]
+  logits_BxV = jnp.where(classes_1xV < order, logits_BxV, -jnp.inf)
+  lse_B = jax.nn.logsumexp(logits_BxV, axis=-1)
+  # A one-hot select rather than take_along_axis: its gradient is elementwise (fuses with the softmax
+  # gradient) where the gather's is a scatter into [B, V].
+  picked_B = jnp.sum(jnp.where(classes_1xV == c_B[:, None], logits_BxV, 0.0), axis=-1)
+  correct_B = (jnp.argmax(logits_BxV, axis=-1) == c_B).astype(jnp.float32)
+  return jnp.sum(w_B * (lse_B - picked_B)), jnp.sum(w_B * correct_B)

@@ -1,0 +1,99 @@
+"""Task families: what a run learns, and the one place the engine plugs a family in.
+
+A family is a package ``engine.families.<name>`` whose ``FAMILY`` is a ``Family``. The trainer, launcher,
+checkpoints, analysis driver, report and notebook view speak to a study only through it:
+
+  config      ``add_config(cfg)`` adds the family's ``task`` and ``model`` sections; ``validate(cfg)``
+  sweep       ``runs(cfg)``: one row per run (``seed``, ``base_seed``, ``lr``, ``weight_decay``, the task
+              fields, ``cohort``, ``name``); rows that differ only in ``seed`` share a cohort
+  task        ``make_task(cfg, rows)`` -> a ``Task``: the runs' data stacked over S and the pure per-run
+              functions the trainer vmaps (init, loss and gradients of a step, evaluation, apply)
+  analysis    ``analysis_module``: a module with ``SETTINGS`` (named settings and defaults) and
+              ``analyze_cohort(view, params_by_step, key, settings, batch_size)`` -> the cohort's JSON-ready
+              ``{"task", "aggregate", "runs"}`` (engine.analysis.driver calls it once per cohort)
+  report      ``report_module``: ``settings_line(settings, generalised_threshold)`` and
+              ``sections(view, summary, save)`` -> markdown lines of the family's report sections
+  notebook    ``view_module``: a module whose ``View`` (an ``engine.replay.Run``) opens its run directories
+
+The hooks are named by module path so that the trainer never imports analysis, plotting or Orbax code.
+
+Adding a family: see "Adding a task family" in README.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Mapping, NamedTuple
+
+NAMES = ("group",)
+
+
+class Task(NamedTuple):
+  """The runs of one sweep as the trainer sees them (everything per run; the trainer vmaps over S).
+
+  Attributes:
+    data: a pytree of host numpy arrays with a leading axis over the (padded) runs; ``data_one`` below is
+      one run's slice of it, as traced values.
+    init: ``(key, data_one) -> params``.
+    loss_and_grads: ``(params, key, step, data_one) -> (loss, grads)`` of one optimiser step; the step's
+      minibatch is drawn from ``fold_in(key, step)`` so a resumed run draws the same one.
+    evaluate: ``(params, data_one) -> {metric: scalar}`` with the keys ``metrics``.
+    apply: ``(params, inputs_one, data_one) -> (logits, activations)``: the model on given inputs.
+    metrics: metric names logged at every evaluation (the trainer adds "diverged").
+  """
+  data: Any
+  init: Callable
+  loss_and_grads: Callable
+  evaluate: Callable
+  apply: Callable
+  metrics: tuple[str, ...]
+
+
+class Family:
+  """The seam. Subclasses implement every method; see the module docstring."""
+  name: str = ""
+  metrics: tuple[str, ...] = ()         # logged at every evaluation (the trainer adds "diverged")
+  analysis_module: str = ""
+  report_module: str = ""
+  view_module: str = ""
+  progress_metric: str = "test_acc"     # shown by the progress bar
+  generalised_threshold: float = 0.99   # a run has generalised when progress_metric reaches this
+
+  def add_config(self, cfg) -> None:
+    raise NotImplementedError
+
+  def validate(self, cfg) -> None:
+    raise NotImplementedError
+
+  def runs(self, cfg) -> list[dict]:
+    raise NotImplementedError
+
+  def cohort_name(self, row: Mapping[str, Any]) -> str:
+    """The name of a run's cohort: every field of its row but the seed."""
+    raise NotImplementedError
+
+  def run_key(self, row: Mapping[str, Any]):
+    """The PRNG key (uint32 [2]) of a run: a function of its row's seed fields and task only."""
+    raise NotImplementedError
+
+  def make_task(self, cfg, rows) -> Task:
+    raise NotImplementedError
+
+  def check_inputs(self, data, inputs: tuple, n_runs: int) -> Any:
+    """Host inputs of ``Trainer.apply`` checked against the runs' data: a pytree stacked over ``n_runs``."""
+    raise NotImplementedError
+
+  def generalised(self, final: Mapping[str, Any] | None) -> bool:
+    value = None if final is None else final.get(self.progress_metric)
+    return bool(value is not None and value >= self.generalised_threshold)
+
+  def describe(self, cfg) -> list[str]:
+    """Markdown bullet lines describing the task and model of ``cfg`` (the report's first section)."""
+    raise NotImplementedError
+
+
+def get(name: str) -> Family:
+  """The family called ``name`` (one of ``NAMES``)."""
+  if name not in NAMES:
+    raise ValueError(f"config.family: must be one of {NAMES}, got {name!r}")
+  return importlib.import_module(f"engine.families.{name}").FAMILY

@@ -1,0 +1,50 @@
+"""The group family's analysis of one cohort: irreps in logits, weights and neurons; neurons across seeds.
+
+``analyze_cohort`` is the family's hook for ``engine.analysis.driver``; the passes are
+``engine.analysis.pipeline.analyze_group`` (every field of its records is documented there).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from engine import groups as groups_lib
+from engine import irreps as irreps_lib
+from engine.analysis import cross_seed
+from engine.analysis import pipeline
+from engine.analysis import representation
+from engine.families.group import models
+
+# The analysis' named settings and their defaults (summary.json "settings").
+SETTINGS = {"threshold": representation.DEFAULT_THRESHOLD,
+            "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD}
+
+
+def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
+  """``matrices_fn`` for the group family's models (``model_cfg``: the config's ``model`` section): vmapped
+  ``embedding_matrices`` plus, for the MLP, the total embeddings ``pre_a = embed_a · W1[:E]`` and
+  ``pre_b = embed_b · W1[E:]`` ``[S, V, N]`` that the per-neuron split and the restricted / excluded losses
+  need (unless ``embedding_matrices`` already provides them)."""
+
+  def one(params):
+    mats = dict(models.embedding_matrices(params, model_cfg))
+    if model_cfg.name == "mlp" and "pre_a" not in mats:
+      e = params["embed_a"].shape[1]
+      mats["pre_a"] = params["embed_a"] @ params["linear"][:e]
+      mats["pre_b"] = params["embed_b"] @ params["linear"][e:]
+    return mats
+
+  return jax.jit(jax.vmap(one))
+
+
+def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | None = None) -> dict:
+  """One cohort (runs of one group that differ only in seed): ``{"task", "aggregate", "runs"}``."""
+  spec = view.groups[0]
+  group = groups_lib.get(spec)
+  res = pipeline.analyze_group(group, irreps_lib.real_irreps(group), view._apply_fn(), view._matrices_fn(),
+                               params_by_step, view.runs, threshold=settings["threshold"],
+                               universal_threshold=settings["universal_threshold"], key=key,
+                               batch_size=batch_size)
+  return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}

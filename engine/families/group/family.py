@@ -1,0 +1,233 @@
+"""The group-composition family on the engine's seam (``engine.families.Family``).
+
+Config sections::
+
+  task.groups               comma-separated group specs (engine.groups.get), e.g. "C47,S4,D12"
+  task.train_frac           comma-separated fractions of the |G|² pairs used for training (a sweep axis)
+  task.train_frac_by_group  per-group fractions overriding train_frac, e.g. "S5=0.4,S6=0.25" (as in the
+                            paper, where each group has its own); groups not named use train_frac
+  model.name                "mlp" (embed a, embed b, linear, ReLU, unembed) or "transformer" (tokens a b =)
+  model.mlp.embed_dim, model.mlp.hidden
+  model.transformer.d_model, .n_heads, .d_mlp, .n_layers
+
+The sweep is ``groups × lr × weight_decay × train_frac × seeds``, flattened row-major (groups outermost,
+seeds innermost)::
+
+  s = (((g · n_lr + i_lr) · n_wd + i_wd) · n_frac + i_frac) · seeds + k
+
+when every group sweeps the same train fractions (a group named in ``train_frac_by_group`` has n_frac = 1).
+A run's initial parameters, split and minibatch stream depend only on (base seed, seed number, group):
+runs that differ only in lr, weight decay or train fraction start from the same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from engine import config as config_lib
+from engine import families
+from engine import groups as groups_lib
+from engine.families.group import models
+from engine.families.group import task as task_lib
+
+
+def group_specs(cfg) -> tuple[str, ...]:
+  """The group specs of ``cfg.task.groups``, stripped, in order."""
+  text = cfg.task.groups
+  if not isinstance(text, str):
+    raise ValueError(f"config.task.groups: expected a comma-separated string, got {type(text).__name__}")
+  specs = tuple(s.strip() for s in text.split(",") if s.strip())
+  if not specs:
+    raise ValueError("config.task.groups: no group given")
+  if len(set(specs)) != len(specs):
+    raise ValueError(f"config.task.groups: repeated group in {text!r}")
+  return specs
+
+
+def train_frac_by_group(cfg) -> dict[str, float]:
+  """``"S5=0.4, S6=0.25"`` -> ``{"S5": 0.4, "S6": 0.25}`` (validated)."""
+  text = cfg.task.train_frac_by_group
+  if not isinstance(text, str):
+    raise ValueError(f"config.task.train_frac_by_group: expected a string like 'S5=0.4,S6=0.25', got {text!r}")
+  out = {}
+  for item in (t.strip() for t in text.split(",")):
+    if not item:
+      continue
+    spec, sep, value = item.partition("=")
+    try:
+      frac = float(value)
+    except ValueError:
+      frac = None
+    if not sep or frac is None or not 0 < frac <= 1:
+      raise ValueError(f"config.task.train_frac_by_group: cannot read {item!r}; expected GROUP=FRACTION with "
+                       "the fraction in (0, 1]")
+    out[spec.strip()] = frac
+  return out
+
+
+def cohort_name(row: Mapping[str, Any]) -> str:
+  """Every field of a run but its seed: runs with the same cohort name differ only in seed."""
+  return f"{row['group']}/lr{row['lr']:g}/wd{row['weight_decay']:g}/frac{row['train_frac']:g}"
+
+
+def run_name(row: Mapping[str, Any]) -> str:
+  return (f"{row['group']}/seed{row['seed']}/lr{row['lr']:g}/wd{row['weight_decay']:g}"
+          f"/frac{row['train_frac']:g}")
+
+
+class GroupFamily(families.Family):
+  """Composition in finite groups; see the module docstring."""
+  name = "group"
+  progress_metric = "test_acc"
+  generalised_threshold = 0.99
+  metrics = ("train_loss", "train_acc", "test_loss", "test_acc")
+  # Where the heavier hooks live (imported by the layers that use them, never by the trainer).
+  analysis_module = "engine.families.group.analysis"
+  report_module = "engine.families.group.report"
+  view_module = "engine.families.group.view"
+
+  def add_config(self, cfg) -> None:
+    cfg.task = ml_collections.ConfigDict()
+    cfg.task.groups = "S5"
+    cfg.task.train_frac = "0.4"
+    cfg.task.train_frac_by_group = ""
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.name = "mlp"
+    cfg.model.mlp = ml_collections.ConfigDict()
+    cfg.model.mlp.embed_dim = 256   # E: width of each of the two input embeddings
+    cfg.model.mlp.hidden = 128      # N: ReLU neurons between the concatenated embeddings and the unembedding
+    cfg.model.transformer = ml_collections.ConfigDict()
+    cfg.model.transformer.d_model = 128   # residual stream width
+    cfg.model.transformer.n_heads = 4     # attention heads; must divide d_model
+    cfg.model.transformer.d_mlp = 512     # N: ReLU neurons of each MLP block
+    cfg.model.transformer.n_layers = 1    # blocks (attention + MLP, no LayerNorm)
+
+  def validate(self, cfg) -> None:
+    for spec in group_specs(cfg):
+      try:
+        groups_lib.parse(spec)
+      except groups_lib.GroupError as e:
+        raise ValueError(f"config.task.groups: {e}") from None
+    if cfg.model.name not in models.NAMES:
+      raise ValueError(f"config.model.name: must be one of {models.NAMES}, got {cfg.model.name!r}")
+    for name in ("embed_dim", "hidden"):
+      config_lib.int_field(cfg.model.mlp, name, 1, "model.mlp.")
+    for name in ("d_model", "n_heads", "d_mlp", "n_layers"):
+      config_lib.int_field(cfg.model.transformer, name, 1, "model.transformer.")
+    t = cfg.model.transformer
+    if t.d_model % t.n_heads:
+      raise ValueError(f"config.model.transformer.n_heads: {t.n_heads} does not divide d_model={t.d_model}")
+    for v in config_lib.parse_floats(cfg.task.train_frac, "task.train_frac"):
+      if not 0 < v <= 1:
+        raise ValueError(f"config.task.train_frac: must lie in (0, 1], got {v}")
+    unknown = sorted(set(train_frac_by_group(cfg)) - set(group_specs(cfg)))
+    if unknown:
+      raise ValueError(f"config.task.train_frac_by_group: {unknown} not in config.task.groups")
+
+  def runs(self, cfg) -> list[dict]:
+    out = []
+    by_group = train_frac_by_group(cfg)
+    for spec in group_specs(cfg):
+      fracs = (by_group[spec],) if spec in by_group else config_lib.parse_floats(cfg.task.train_frac,
+                                                                                  "task.train_frac")
+      for lr in config_lib.parse_floats(cfg.opt.lr, "opt.lr"):
+        for wd in config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
+          for frac in fracs:
+            for k in config_lib.seed_numbers(cfg):
+              row = dict(group=spec, seed=k, base_seed=int(cfg.seed), lr=lr, weight_decay=wd, train_frac=frac)
+              row["cohort"] = cohort_name(row)
+              row["name"] = run_name(row)
+              out.append(row)
+    return out
+
+  def cohort_name(self, row) -> str:
+    return cohort_name(row)
+
+  def run_key(self, row):
+    return task_lib.run_key(int(row["base_seed"]), int(row["seed"]), groups_lib.get(row["group"]))
+
+  def make_task(self, cfg, rows) -> families.Task:
+    splits = [task_lib.split(groups_lib.get(r["group"]), r["train_frac"], int(r["base_seed"]), int(r["seed"]))
+              for r in rows]
+    data = task_lib.stack(splits)
+    vocab = data.vocab
+    model_cfg = cfg.model
+    is_mlp = model_cfg.name == "mlp"
+    batch_size = int(cfg.batch_size)
+
+    def init(key, d):
+      return models.init(jax.random.fold_in(key, 0), model_cfg, vocab, d.order_S)
+
+    def loss(params, a_B, b_B, c_B, w_B, order):
+      logits_BxV, _ = models.apply(params, a_B, b_B, model_cfg)
+      return task_lib.masked_xent(logits_BxV, c_B, w_B, order)
+
+    def batch(key, step, d):
+      """The step's training pairs: all of them, or ``batch_size`` drawn with ``fold_in(key, step)``."""
+      if not batch_size:
+        return d.train_a_SxP, d.train_b_SxP, d.train_c_SxP, d.train_w_SxP
+      bkey = jax.random.fold_in(jax.random.fold_in(key, 1), step)
+      idx_B = jax.random.randint(bkey, (batch_size,), 0, d.n_train_S)
+      w_B = jnp.full((batch_size,), 1.0 / batch_size, jnp.float32)
+      return d.train_a_SxP[idx_B], d.train_b_SxP[idx_B], d.train_c_SxP[idx_B], w_B
+
+    def loss_and_grads(params, key, step, d):
+      a_B, b_B, c_B, w_B = batch(key, step, d)
+      if is_mlp:  # the hand-written backward: fewer passes over the activations
+        return models.mlp_xent_grads(params, a_B, b_B, c_B, w_B, d.order_S)
+      (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, a_B, b_B, c_B, w_B, d.order_S)
+      return value, grads
+
+    def evaluate(params, d):
+      train_loss, train_acc = loss(params, d.train_a_SxP, d.train_b_SxP, d.train_c_SxP, d.train_w_SxP,
+                                   d.order_S)
+      test_loss, test_acc = loss(params, d.test_a_SxQ, d.test_b_SxQ, d.test_c_SxQ, d.test_w_SxQ, d.order_S)
+      no_test = jnp.sum(d.test_w_SxQ) == 0  # train_frac = 1: the test metrics are undefined
+      nan = jnp.float32(jnp.nan)
+      return dict(train_loss=train_loss, train_acc=train_acc, test_loss=jnp.where(no_test, nan, test_loss),
+                  test_acc=jnp.where(no_test, nan, test_acc))
+
+    def apply(params, inputs, d):
+      """Logits ``[B, V]`` with classes ``>= order`` at −inf, and ``{"hidden": [B, N]}``."""
+      a_B, b_B = inputs
+      logits_BxV, hidden_BxN = models.apply(params, a_B, b_B, model_cfg)
+      mask_1xV = jnp.arange(vocab)[None, :] < d.order_S
+      return jnp.where(mask_1xV, logits_BxV, -jnp.inf), {"hidden": hidden_BxN}
+
+    return families.Task(data=data, init=init, loss_and_grads=loss_and_grads, evaluate=evaluate,
+                         apply=apply, metrics=self.metrics)
+
+  def check_inputs(self, data, inputs, n_runs: int):
+    """``(a_SxB, b_SxB)`` as int32, each ``[n_runs, B]`` and within each run's group."""
+    if len(inputs) != 2:
+      raise ValueError(f"apply: expected inputs (a, b), got {len(inputs)} arrays")
+    a_SxB, b_SxB = (np.asarray(x, np.int32) for x in inputs)
+    if a_SxB.ndim != 2 or a_SxB.shape != b_SxB.shape or a_SxB.shape[0] != n_runs:
+      raise ValueError(f"apply: a and b must both be [{n_runs}, B], got {a_SxB.shape}, {b_SxB.shape}")
+    if a_SxB.size and (min(a_SxB.min(), b_SxB.min()) < 0 or
+                       (np.maximum(a_SxB, b_SxB) >= data.order_S[:, None]).any()):
+      raise ValueError("apply: inputs must be group elements 0 .. order-1 of each run's group")
+    return a_SxB, b_SxB
+
+  def describe(self, cfg) -> list[str]:
+    m = cfg.model
+    if m.name == "mlp":
+      model = f"MLP, embeddings {m.mlp.embed_dim} per input, {m.mlp.hidden} hidden ReLU neurons"
+    else:
+      t = m.transformer
+      model = (f"transformer, {t.n_layers} layer(s), d_model {t.d_model}, {t.n_heads} heads, "
+               f"d_mlp {t.d_mlp}")
+    fracs = ", ".join(f"{v:g}" for v in config_lib.parse_floats(cfg.task.train_frac, "task.train_frac"))
+    by_group = cfg.task.train_frac_by_group
+    groups = ", ".join(f"{spec} (order {groups_lib.get(spec).order})" for spec in group_specs(cfg))
+    return [f"- Task: composition a·b in {groups}",
+            f"- Model: {model}",
+            f"- Train fraction: {fracs} of the |G|² pairs" + (f" ({by_group})" if by_group else "")]
+
+
+FAMILY = GroupFamily()

@@ -1,0 +1,177 @@
+"""The group family's report sections: per cohort, headline numbers, key-irrep tables and figures.
+
+Images (``<c>`` is a cohort's position and a filename-safe name, e.g. ``c0_S5_lr0.001_wd1_frac0.4``)::
+
+  learning_curves.png           train / test accuracy of every run, one panel per group, log-x
+  <c>_similarity.png            runs × irreps logit similarity (key irreps outlined)
+  <c>_key_irreps.png            key-irrep and learned-first counts per irrep
+  <c>_learning_order.png        step at which each run learned each irrep
+  <c>_learning_order_seed<k>.png  one run's similarity curves over the checkpoints
+  <c>_correlation.png           max cross-seed neuron correlation vs its rotation baseline; excess
+  <c>_cka.png                   linear CKA between the runs' hidden representations
+
+The figures come from the notebook view's ``plot`` (one plotting code path for notebooks and reports).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from engine import plots
+
+_FS_TYPE = {1: "real", 0: "complex", -1: "quaternionic"}
+
+
+def _fmt(x, digits: int = 3) -> str:
+  if x is None or (isinstance(x, float) and not np.isfinite(x)):
+    return "–"
+  if isinstance(x, (bool, np.bool_)):
+    return "yes" if x else "no"
+  if isinstance(x, (int, np.integer)):
+    return str(int(x))
+  return f"{float(x):.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def _mean(values) -> float | None:
+  vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+  return float(np.mean(vals)) if vals else None
+
+
+def file_prefix(position: int, cohort: str) -> str:
+  """Filename-safe prefix of a cohort's images: its position among the cohorts and its sanitised name."""
+  return f"c{position}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", cohort)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown tables (also used by the notebook).
+
+
+def key_irrep_rows(group: Mapping, records: Sequence[Mapping]) -> list[dict]:
+  """One row per irrep: name, dim, type, runs where it is key, runs that learned it first, mean logit
+  similarity at the final step, and live neurons (over all runs) whose dominant irrep it is."""
+  rows = []
+  for irrep in group["irreps"]:
+    name = irrep["name"]
+    rows.append({
+        "irrep": name, "dim": irrep["dim"], "type": _FS_TYPE.get(irrep["frobenius_schur"], "?"),
+        "key": sum(name in r["key_irreps"] for r in records),
+        "first": sum(r.get("first_learned") == name for r in records),
+        "similarity": _mean(r["logit_similarity"].get(name) for r in records),
+        "neurons": sum((r.get("neurons") or {}).get("dominant_counts", {}).get(name, 0) for r in records),
+    })
+  return rows
+
+
+def key_irrep_table(group: Mapping, records: Sequence[Mapping]) -> str:
+  """The key-irrep frequency table of *A Toy Model of Universality* as markdown: for each irrep, in how
+  many of the runs it is a key irrep and in how many it was learned first."""
+  n = len(records)
+  header = ["irrep", "dim", "type", f"key irrep (of {n} runs)", f"learned first (of {n} runs)",
+            "mean logit similarity", "neurons dominant"]
+  rows = [[r["irrep"], r["dim"], r["type"], r["key"], r["first"], _fmt(r["similarity"]), r["neurons"]]
+          for r in key_irrep_rows(group, records)]
+  return _table(header, rows)
+
+
+def results_table(aggregate: Mapping, records: Sequence[Mapping]) -> str:
+  """One-row table of a cohort's headline numbers."""
+  n = len(records)
+  gen = sum(bool(r.get("generalised")) for r in records)
+  corr = aggregate.get("correlation") or {}
+  agree = corr.get("irrep_agreement") or {}
+  matching = aggregate.get("matching") or {}
+  means = aggregate.get("similarity_means") or {}
+  header = ["runs", "generalised", "mean test acc", "mean fraction explained", "explained by key irreps",
+            "mean excess corr", "universal neurons", "best match shares dominant irrep (chance)",
+            "matched neuron corr", "CKA", "Procrustes"]
+  row = [n, f"{gen}/{n}", _fmt(_mean((r.get("final") or {}).get("test_acc") for r in records)),
+         _fmt(aggregate.get("mean_fraction_explained")),
+         _fmt(_mean(r.get("fraction_explained_key") for r in records)),
+         _fmt(corr.get("mean_excess")),
+         "–" if corr.get("universal_fraction") is None else f"{corr['universal_fraction']:.1%}",
+         "–" if agree.get("rate") is None else f"{agree['rate']:.1%} ({agree['chance']:.1%})",
+         _fmt(matching.get("mean_offdiagonal")), _fmt(means.get("cka")), _fmt(means.get("procrustes"))]
+  return _table(header, [row])
+
+
+def key_irrep_sets_table(records: Sequence[Mapping], limit: int = 8) -> str:
+  """The most frequent sets of key irreps and how many runs use each."""
+  counts: dict[tuple, int] = {}
+  for r in records:
+    k = tuple(r["key_irreps"])
+    counts[k] = counts.get(k, 0) + 1
+  ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+  rows = [[", ".join(k) or "(none)", c] for k, c in ordered[:limit]]
+  if len(ordered) > limit:
+    rows.append([f"… {len(ordered) - limit} more sets", sum(c for _, c in ordered[limit:])])
+  return _table(["key irreps", "runs"], rows)
+
+
+def runs_table(records: Sequence[Mapping]) -> str:
+  """Per run: seed number, final test accuracy, fraction explained, key irreps in learning order."""
+  labels = plots.run_labels(records)
+  rows = []
+  for label, r in zip(labels, records):
+    order = r.get("key_irreps_in_order") or []
+    steps = [r["learning_order"].get(n) for n in order]
+    rows.append([label, _fmt((r.get("final") or {}).get("test_acc")), _fmt(r.get("fraction_explained")),
+                 ", ".join(f"{n} ({s})" for n, s in zip(order, steps)) or "(none)",
+                 _fmt((r.get("neurons") or {}).get("mean_excess"))])
+  return _table(["run", "test acc", "fraction explained", "key irreps (step learned)", "mean excess corr"],
+                rows)
+
+
+def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
+  return (f"- Analysis: key irreps have logit similarity > {settings['threshold']:g}; a neuron is universal "
+          f"when its excess correlation over the rotation baseline is > {settings['universal_threshold']:g}; "
+          f"a run has generalised when its test accuracy is ≥ {threshold:g}; cross-seed numbers compare the "
+          "runs of one cohort (same group, lr, weight decay and train fraction; different seeds)")
+
+
+def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str]:
+  """Markdown lines of the family's sections; ``save(fig, name)`` writes a PNG and returns its name."""
+  md = ["## Learning curves", "",
+        "Test (solid) and train (dashed) accuracy of every run; the dotted line is the generalisation bar.",
+        "", f"![learning curves]({save(run.plot.learning_curves(), 'learning_curves.png')})", ""]
+  for ci, (cohort, entry) in enumerate(summary["cohorts"].items()):
+    sub = run.select(index=entry["runs"])
+    spec = sub.groups[0]
+    gs = sub.group_summary(spec)
+    records, agg, group = gs["records"], gs["aggregate"], gs["group"]
+    prefix = file_prefix(ci, cohort)
+    md += [f"## {cohort} (order {group['order']})", "", results_table(agg, records),
+           "### Key irreps", "",
+           f"Key irreps: logit similarity above {group['threshold']:g} at step {group['steps'][-1]}. "
+           "Learned first: the key irrep whose similarity crossed the threshold at the earliest checkpoint.",
+           "", key_irrep_table(group, records),
+           "Most frequent sets of key irreps:", "", key_irrep_sets_table(records),
+           f"![key irreps]({save(sub.plot.key_irreps(spec), prefix + '_key_irreps.png')})", "",
+           f"![logit similarity]({save(sub.plot.similarity_heatmap(spec), prefix + '_similarity.png')})", "",
+           "### Learning order", "",
+           f"![learning order]({save(sub.plot.learning_order_group(spec), prefix + '_learning_order.png')})",
+           ""]
+    first = sub.runs[0]
+    name = f"{prefix}_learning_order_seed{first['seed']}.png"
+    fig = sub.plot.learning_order(group=spec, index=int(sub.index[0]))
+    md += [f"One run ({plots.run_labels([first])[0]}): similarity of each irrep over the checkpoints.", "",
+           f"![learning order of one run]({save(fig, name)})", ""]
+    if len(records) >= 2:
+      md += ["### Neurons across seeds", "",
+             "Max correlation of each live neuron with the neurons of each other run of the cohort, against "
+             "the same maximum after a random orthogonal rotation of the other run's neurons; excess = mean "
+             "over the other runs of the difference.", "",
+             f"![neuron correlations]({save(sub.plot.correlation_distribution(spec), prefix + '_correlation.png')})",
+             "", f"![CKA]({save(sub.plot.cka(spec), prefix + '_cka.png')})", ""]
+    else:
+      md += ["(One run: no cross-seed comparison.)", ""]
+    md += ["<details><summary>Runs</summary>", "", runs_table(records), "</details>", ""]
+  return md

@@ -1,0 +1,377 @@
+"""The notebook view of a group-composition run directory: ``engine.replay.Run`` plus the group accessors.
+
+  run = engine.replay.open("runs/default")       # a View
+  s4 = run.select(group="S4")
+  logits, hidden = s4.apply(step=run.steps[3])    # on all |G|² pairs of the group
+  logits, hidden = s4.apply(None, (a_B, b_B))     # on chosen pairs, the same for every selected run
+  s4.neuron_irreps(); s4.neuron_correlations(); run.compare_neurons(0, 1, group="S4")
+  s4.plot.learning_order(seed=0)                  # matplotlib figures (the report draws the same ones)
+
+Per-cohort accessors (``group_summary``, the plots) need the selection to hold one cohort: a group swept over
+several learning rates is narrowed with ``select(lr=...)`` or the accessor's filters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from engine import groups as groups_lib
+from engine import irreps as irreps_lib
+from engine import plots
+from engine import replay
+from engine.analysis import cross_seed
+from engine.analysis import driver
+from engine.analysis import pipeline
+from engine.analysis import representation
+from engine.families.group import analysis
+from engine.families.group import models
+
+
+class View(replay.Run):
+  """A read-only view of a group-composition run directory (see the module docstring)."""
+
+  def __init__(self, workdir: str, index=None, _shared: dict | None = None):
+    super().__init__(workdir, index, _shared)
+    self.plot = Plots(self)
+
+  @property
+  def groups(self) -> list[str]:
+    """The group specs of the selected runs, in run order."""
+    return list(dict.fromkeys(r["group"] for r in self.runs))
+
+  def _one_group(self, group: str | None) -> "View":
+    """The selected runs of ``group``; with ``group=None`` the selection must hold a single group."""
+    if group is not None:
+      return self.select(group=group)
+    if len(self.groups) != 1:
+      raise ValueError(f"the selection spans groups {self.groups}: pass group=")
+    return self
+
+  def _one_run(self, group: str | None, seed: int | None, filters: dict) -> "View":
+    sub = self._one_group(group)
+    if seed is not None:
+      filters = dict(filters, seed=seed)
+    if filters:
+      sub = sub.select(**filters)
+    if len(sub) != 1:
+      raise ValueError(f"{len(sub)} runs match (group={group}, seed={seed}, {filters}): "
+                       f"{[r['name'] for r in sub.runs][:6]}; narrow the selection")
+    return sub
+
+  # --- Evaluation ----------------------------------------------------------------------------------
+
+  def orders(self) -> np.ndarray:
+    """int ``[S]``: the group order of each selected run."""
+    return np.asarray([groups_lib.get(r["group"]).order for r in self.runs], np.int64)
+
+  def _apply_fn(self):
+    if "apply_fn" not in self._shared:
+      model_cfg = self.config.model
+      self._shared["apply_fn"] = jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, model_cfg)))
+    return self._shared["apply_fn"]
+
+  def _inputs(self, inputs, b) -> tuple[np.ndarray, np.ndarray]:
+    """``(a_SxB, b_SxB)`` from the forms ``apply`` accepts, checked against each run's group."""
+    if inputs is None and b is None:
+      a_arr, b_arr = self.pairs()
+    elif b is not None:
+      a_arr, b_arr = np.asarray(inputs), np.asarray(b)
+    elif isinstance(inputs, tuple):
+      if len(inputs) != 2:
+        raise ValueError(f"apply: a tuple of inputs must be (a, b), got {len(inputs)} items")
+      a_arr, b_arr = np.asarray(inputs[0]), np.asarray(inputs[1])
+    else:
+      pairs = np.asarray(inputs)
+      if pairs.ndim not in (2, 3) or pairs.shape[-1] != 2:
+        raise ValueError(f"apply: inputs must be (a, b) or pairs [B, 2] / [S, B, 2], got shape {pairs.shape}")
+      a_arr, b_arr = pairs[..., 0], pairs[..., 1]
+    s = len(self)
+    for name, x in (("a", a_arr), ("b", b_arr)):
+      if x.size and not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"apply: {name} must hold integer group elements, got dtype {x.dtype}")
+    if a_arr.shape != b_arr.shape or a_arr.ndim not in (1, 2) or (a_arr.ndim == 2 and a_arr.shape[0] != s):
+      raise ValueError(f"apply: a and b must both be [B] or [{s}, B], got {a_arr.shape} and {b_arr.shape}")
+    a_arr = np.broadcast_to(a_arr, (s, a_arr.shape[-1])).astype(np.int32)
+    b_arr = np.broadcast_to(b_arr, (s, b_arr.shape[-1])).astype(np.int32)
+    if a_arr.size and (min(a_arr.min(), b_arr.min()) < 0
+                       or (np.maximum(a_arr, b_arr) >= self.orders()[:, None]).any()):
+      raise ValueError("apply: inputs must be group elements 0 .. order-1 of each selected run's group")
+    return a_arr, b_arr
+
+  def apply(self, step: int | None = None, inputs=None, b=None, *,
+            batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and hidden activations of the selected runs at a checkpoint, on the host.
+
+    Args:
+      step: a checkpointed step (default: the newest).
+      inputs: None for all |G|² pairs of each run's own group (see ``pairs``); a tuple ``(a, b)``; an int
+        array of pairs ``[B, 2]`` or ``[S, B, 2]``; or ``a`` itself when ``b`` is given. ``a``/``b`` are
+        ``[B]`` (the same inputs for every selected run) or ``[S, B]``.
+      b: the second inputs, when ``inputs`` is ``a``.
+      batch_size: evaluate at most this many inputs per call (bounds memory on large groups).
+
+    Returns:
+      ``(logits_SxBxV, hidden_SxBxN)`` float32 numpy; logits of padded classes (``>=`` a run's group order
+      in a mixed-group run directory) are −inf, as in training.
+    """
+    a_SxB, b_SxB = self._inputs(inputs, b)
+    params = self.params(step)
+    fn = self._apply_fn()
+    n_in = a_SxB.shape[1]
+    size = n_in if not batch_size else int(batch_size)
+    if size < 1:
+      raise ValueError(f"apply: batch_size must be positive, got {batch_size}")
+    logits, hidden = [], []
+    for lo in range(0, max(n_in, 1), size):
+      lg, hd = fn(params, a_SxB[:, lo:lo + size], b_SxB[:, lo:lo + size])
+      logits.append(np.asarray(lg, np.float32))
+      hidden.append(np.asarray(hd, np.float32))
+    logits_SxBxV = np.concatenate(logits, axis=1)
+    hidden_SxBxN = np.concatenate(hidden, axis=1)
+    classes_V = np.arange(logits_SxBxV.shape[-1])
+    mask_SxBxV = np.broadcast_to(classes_V[None, None, :] < self.orders()[:, None, None], logits_SxBxV.shape)
+    return np.where(mask_SxBxV, logits_SxBxV, np.float32(-np.inf)), hidden_SxBxN
+
+  def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (a, b) of each selected run's group, padded with (0, 0) to the largest |G|²: ``a_SxP``."""
+    orders = self.orders()
+    p = int(max(orders)) ** 2
+    a = np.zeros((len(self), p), np.int32)
+    b = np.zeros((len(self), p), np.int32)
+    for i, n in enumerate(orders):
+      a[i, : n * n] = np.repeat(np.arange(n), n)
+      b[i, : n * n] = np.tile(np.arange(n), n)
+    return a, b
+
+  def hidden(self, step: int | None = None, group: str | None = None,
+             batch_size: int | None = None) -> np.ndarray:
+    """``acts_SxTxN``: hidden activations of the selected runs of one group on all T = |G|² pairs
+    (pair ``a·|G| + b``), the inputs every cross-seed analysis compares."""
+    sub = self._one_group(group)
+    n = int(sub.orders()[0])
+    a_T = np.repeat(np.arange(n, dtype=np.int32), n)
+    b_T = np.tile(np.arange(n, dtype=np.int32), n)
+    return sub.apply(step, (a_T, b_T), batch_size=batch_size)[1]
+
+
+  def _matrices_fn(self):
+    """Jitted stacked embedding matrices (analysis.matrices_fn_for), built once per run directory."""
+    if "matrices_fn" not in self._shared:
+      self._shared["matrices_fn"] = analysis.matrices_fn_for(self.config.model)
+    return self._shared["matrices_fn"]
+
+
+  def irrep_names(self, group: str | None = None) -> list[str]:
+    """Names of the real irreps of the selected group, trivial first (the analysis' order)."""
+    spec = self._one_group(group).groups[0]
+    return [r.name for r in irreps_lib.real_irreps(groups_lib.get(spec))]
+
+  def neuron_irreps(self, step: int | None = None, group: str | None = None) -> dict:
+    """Each hidden neuron's split over irreps for the selected runs of one group, as the analysis computes
+    it (MLP: from its pre-activation P_a[a] + P_b[b]; transformer: from its activation as a function of a·b).
+
+    Returns numpy ``share_SxNxR``, ``dominant_SxN``, ``dominant_share_SxN`` and ``irreps`` (names).
+    """
+    sub = self._one_group(group)
+    grp = groups_lib.get(sub.groups[0])
+    tables = representation.irrep_tables(grp, irreps_lib.real_irreps(grp))
+    g = grp.order
+    if self.config.model.name == "mlp":
+      mats = self._matrices_fn()(sub.params(step))
+      res = representation.neuron_irreps(np.asarray(mats["pre_a"])[:, :g], np.asarray(mats["pre_b"])[:, :g],
+                                         grp, tables)
+    else:
+      hidden = sub.hidden(step).reshape(len(sub), g, g, -1)
+      res = pipeline.neuron_irreps_from_hidden(hidden, grp, tables)
+    out = {k: np.asarray(v) for k, v in res.items()}
+    out["irreps"] = list(tables.names)
+    return out
+
+  def neuron_correlations(self, step: int | None = None, group: str | None = None, *,
+                          universal_threshold: float | None = None, seed: int = 0) -> dict:
+    """Per-neuron cross-seed correlations of the selected runs of one group (``cross_seed``), with the
+    rotation-baseline key of the analysis: for all runs of a group at the last checkpoint these are the
+    arrays behind the summary's ``correlation`` aggregate.
+
+    Returns numpy ``max_SxNxS``, ``argmax_SxNxS``, ``baseline_max_SxNxS``, ``excess_SxN``, ``universal_SxN``,
+    ``dead_SxN`` (constant neurons, as the analysis counts them) and ``universal_fraction_S``.
+    """
+    sub = self._one_group(group)
+    if universal_threshold is None:
+      universal_threshold = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD
+    acts_SxTxN = sub.hidden(step)
+    sub = sub.one_cohort()
+    k_corr, _ = jax.random.split(driver.cohort_key(seed, sub.cohorts[0]))
+    res = {k: np.asarray(v) for k, v in cross_seed.neuron_correlations(
+        acts_SxTxN, key=k_corr, universal_threshold=universal_threshold).items()}
+    res["dead_SxN"] = res["dead_SxN"].astype(bool) | ~np.asarray(cross_seed.live_neurons(acts_SxTxN))
+    return res
+
+  def compare_neurons(self, seed_a: int, seed_b: int, group: str | None = None, step: int | None = None,
+                      **filters) -> dict:
+    """Two runs' hidden neurons on all pairs of their group: correlation, matching and dominant irreps.
+
+    ``seed_a``/``seed_b`` are seed numbers k; ``filters`` (e.g. ``lr=1e-3``) narrow a sweep to one run each.
+
+    Returns:
+      dict: ``corr_NxM`` (float64 Pearson correlation of run A's neuron n with run B's neuron m; NaN for a
+      dead neuron), ``perm_N`` (B's partner of A's neuron n in the maximum-weight one-to-one matching,
+      ``engine.analysis.match_neurons``), ``matched_corr_N``, ``dominant_a_N`` / ``dominant_b_M`` (irrep
+      indices), ``share_a_NxR`` / ``share_b_MxR``, ``live_a_N`` / ``live_b_M``, ``irreps`` (names),
+      ``runs`` (the two runs.json rows), ``mean_matched_corr`` and ``same_dominant`` (share of matched
+      live pairs with the same dominant irrep).
+    """
+    run_a = self._one_run(group, seed_a, filters)
+    run_b = self._one_run(group, seed_b, filters)
+    if run_a.groups != run_b.groups:
+      raise ValueError(f"compare_neurons: runs of different groups {run_a.groups} and {run_b.groups}")
+    pair = self._view([int(run_a.index[0]), int(run_b.index[0])])
+    acts_2xTxN = pair.hidden(step)
+    match = cross_seed.match_neurons(acts_2xTxN)
+    live_2xN = np.asarray(cross_seed.live_neurons(acts_2xTxN))
+    x = acts_2xTxN.astype(np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    norm_2xN = np.sqrt(np.sum(x * x, axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+      corr_NxM = (x[0].T @ x[1]) / (norm_2xN[0][:, None] * norm_2xN[1][None, :])
+    corr_NxM = np.where(live_2xN[0][:, None] & live_2xN[1][None, :], corr_NxM, np.nan)
+    neurons = pair.neuron_irreps(step)
+    perm_N = np.asarray(match["perm_SxSxN"][0, 1])
+    dom = neurons["dominant_SxN"]
+    both = live_2xN[0] & live_2xN[1][perm_N]
+    matched = np.asarray(match["matched_corr_SxSxN"][0, 1])
+    return {
+        "corr_NxM": corr_NxM, "perm_N": perm_N, "matched_corr_N": matched,
+        "dominant_a_N": dom[0], "dominant_b_M": dom[1],
+        "share_a_NxR": neurons["share_SxNxR"][0], "share_b_MxR": neurons["share_SxNxR"][1],
+        "live_a_N": live_2xN[0], "live_b_M": live_2xN[1], "irreps": neurons["irreps"], "runs": pair.runs,
+        "mean_matched_corr": float(np.nanmean(matched)) if np.isfinite(matched).any() else None,
+        "same_dominant": float(np.mean(dom[0][both] == dom[1][perm_N][both])) if both.any() else None,
+    }
+
+  def group_summary(self, group: str | None = None, **filters) -> dict:
+    """The summary's entry for the one cohort of ``group`` in the selection (``filters`` narrow it).
+
+    Returns ``{"spec", "cohort", "group", "aggregate", "records", "positions"}``: ``group`` is the cohort's
+    task record (order, irreps, steps, thresholds), ``records`` the summary's run records of the selected
+    runs, ``positions`` their places in the cohort's S×S matrices (``aggregate`` is over the whole cohort).
+    """
+    sub = self._one_group(group)
+    cs = sub.cohort_summary(**filters)
+    return {"spec": sub.select(cohort=cs["cohort"]).groups[0], "cohort": cs["cohort"], "group": cs["task"],
+            "aggregate": cs["aggregate"], "records": cs["records"], "positions": cs["positions"]}
+
+
+class Plots:
+  """Figures of a ``View`` (``run.plot.<name>(...)``), drawn by ``engine.plots``; the report saves the
+  same figures. Per-group figures take ``group=`` unless the selection holds a single group."""
+
+  def __init__(self, run: View):
+    self._run = run
+
+  def learning_curves(self):
+    """Train and test accuracy of every selected run against steps (log-x), one panel per group."""
+    m = self._run.metrics()
+    return plots.learning_curves(m["step"], m["train_acc"], m["test_acc"], self._run.runs,
+                                 generalised=self._run.family.generalised_threshold)
+
+  def similarity_heatmap(self, group: str | None = None):
+    """Runs × irreps logit similarity at the final step (summary.json); key irreps outlined."""
+    gs = self._run.group_summary(group)
+    names = [r["name"] for r in gs["group"]["irreps"]]
+    sim = np.array([[np.nan if rec["logit_similarity"][n] is None else rec["logit_similarity"][n]
+                     for n in names] for rec in gs["records"]], float)
+    key = np.array([[n in rec["key_irreps"] for n in names] for rec in gs["records"]], bool)
+    title = f"{gs['spec']}: logit similarity at step {gs['group']['steps'][-1]} (outlined: key irreps)"
+    return plots.similarity_heatmap(sim, plots.run_labels(gs["records"]), names, key, title=title)
+
+  def key_irreps(self, group: str | None = None):
+    """Bars: per irrep, the selected runs in which it is key and in which it was learned first."""
+    gs = self._run.group_summary(group)
+    names = [r["name"] for r in gs["group"]["irreps"]]
+    key = {n: sum(n in rec["key_irreps"] for rec in gs["records"]) for n in names}
+    first = {n: sum(rec["first_learned"] == n for rec in gs["records"]) for n in names}
+    return plots.key_irrep_bars(names, key, first, len(gs["records"]),
+                                title=f"{gs['spec']}: key irreps over {len(gs['records'])} runs")
+
+  def learning_order(self, seed: int | None = None, group: str | None = None, **filters):
+    """One run (seed number ``seed``): logit similarity of each irrep over the checkpoints, the step it
+    crossed the threshold, and the run's accuracies. With ``seed=None`` the selection must be one run."""
+    one = self._run._one_run(group, seed, filters)
+    gs = one.group_summary()
+    rec = gs["records"][0]
+    names = [r["name"] for r in gs["group"]["irreps"]]
+    sim = np.array([[np.nan if v is None else v for v in rec["similarity_by_step"][n]] for n in names],
+                   float).T
+    m = one.metrics()
+    title = (f"{gs['spec']} {plots.run_labels(one.runs)[0]}: learning order "
+             f"{' → '.join(rec['key_irreps_in_order']) or '(no key irreps)'}")
+    return plots.learning_order_run(gs["group"]["steps"], sim, names, gs["group"]["threshold"],
+                                    rec["learning_order"], rec["key_irreps"], title=title,
+                                    metric_steps=m["step"], test_acc=m["test_acc"][:, 0],
+                                    train_acc=m["train_acc"][:, 0])
+
+  def learning_order_group(self, group: str | None = None):
+    """Every selected run of a group: the checkpoint at which each irrep crossed the threshold."""
+    gs = self._run.group_summary(group)
+    names = [r["name"] for r in gs["group"]["irreps"]]
+    return plots.learning_order_group(gs["records"], names, gs["group"]["steps"],
+                                      title=f"{gs['spec']}: learning order over {len(gs['records'])} runs")
+
+  def correlation_distribution(self, group: str | None = None, step: int | None = None):
+    """Max cross-seed correlation of each live neuron (per other run) against its rotation baseline, and
+    the excess correlation, recomputed from the checkpoint (needs two or more selected runs)."""
+    sub = self._run._one_group(group).one_cohort()
+    if len(sub) < 2:
+      raise ValueError("correlation_distribution needs at least two runs of the group")
+    thr = None
+    try:
+      thr = self._run.summary()["settings"].get("universal_threshold")
+    except FileNotFoundError:
+      pass
+    res = sub.neuron_correlations(step, universal_threshold=thr)
+    s = len(sub)
+    live_SxN = ~res["dead_SxN"]
+    sel = live_SxN[:, :, None] & ~np.eye(s, dtype=bool)[:, None, :]
+    thr = 0.5 if thr is None else thr
+    title = f"{sub.groups[0]}: neuron correlations across {s} runs at step {sub._step(step)}"
+    return plots.correlation_distribution(res["max_SxNxS"][sel], res["baseline_max_SxNxS"][sel],
+                                          res["excess_SxN"][live_SxN], thr, title=title)
+
+  def cka(self, group: str | None = None, measure: str = "cka"):
+    """The S×S matrix of ``measure`` (``cka``, ``procrustes``, ``mutual_knn`` or ``matching``) between
+    the selected runs' hidden representations at the final step (summary.json)."""
+    gs = self._run.group_summary(group)
+    agg = gs["aggregate"]
+    if measure == "matching":
+      m = None if agg.get("matching") is None else agg["matching"]["mean_matched_corr"]
+    elif measure in ("cka", "procrustes", "mutual_knn"):
+      m = agg.get(measure)
+    else:
+      raise ValueError(f"unknown measure {measure!r}; expected cka, procrustes, mutual_knn or matching")
+    if m is None:
+      raise ValueError(f"summary.json has no {measure} matrix for {gs['spec']} (fewer than two runs?)")
+    pos = gs["positions"]
+    m = np.array([[np.nan if v is None else v for v in row] for row in m], float)[np.ix_(pos, pos)]
+    vmax = 2 ** 0.5 if measure == "procrustes" else 1.0
+    labels = {"cka": "linear CKA", "procrustes": "Procrustes distance", "mutual_knn": "mutual k-NN",
+              "matching": "mean matched neuron correlation"}
+    return plots.matrix(m, plots.run_labels(gs["records"]), title=f"{gs['spec']}: {labels[measure]}",
+                        vmin=0.0, vmax=vmax, cmap="viridis_r" if measure == "procrustes" else "viridis")
+
+  def neurons(self, seed_a: int, seed_b: int, group: str | None = None, step: int | None = None,
+              **filters):
+    """Two seeds' hidden neurons: correlation matrix in matched order, matched correlations, and the
+    dominant irreps of matched pairs (``Run.compare_neurons``)."""
+    cmp = self._run.compare_neurons(seed_a, seed_b, group, step, **filters)
+    labels = tuple(plots.run_labels(cmp["runs"]))
+    if labels[0] == labels[1]:
+      labels = (f"{labels[0]} (A)", f"{labels[1]} (B)")
+    return plots.neuron_comparison(
+        cmp["corr_NxM"], cmp["dominant_a_N"], cmp["dominant_b_M"], cmp["perm_N"], cmp["irreps"],
+        cmp["live_a_N"], cmp["live_b_M"], labels=labels,
+        title=f"{cmp['runs'][0]['group']}: hidden neurons of {labels[0]} vs {labels[1]} at step "
+              f"{self._run._step(step)}")

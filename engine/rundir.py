@@ -1,0 +1,281 @@
+"""The run directory: the one module that knows its file names and formats (no JAX, no Orbax).
+
+A run directory is data, never code: JSON files, an append-only JSON-lines log and Orbax checkpoints.
+Nothing in it is executed, evaluated or unpickled.
+
+  config.json        {"format_version": 2, "config": the study's config} (execution settings excluded)
+  runs.json          one row per leading index of the stacked state (``Row``)
+  metrics.jsonl      one JSON object per evaluation: "step", each metric as a list over runs, and
+                     "newly_diverged" (run names)
+  checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/
+  analysis/summary.json   written by engine.analysis.driver
+  report/            written by engine.report
+  .lock              held (flock) by the launch that writes the directory
+
+Format versions: 2 (current) nests the config by concern (``task``, ``model``, ``opt``) and names a run's
+seed number ``seed`` and the config's base seed ``base_seed`` in runs.json. Version 1 (a flat config.json,
+runs.json rows with ``seed`` = base seed and ``seed_index`` = seed number) is read and converted on the fly;
+any other version is refused with a one-line ``RunDirError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 2
+CONFIG = "config.json"
+RUNS = "runs.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
+ANALYSIS = "analysis"
+SUMMARY = os.path.join(ANALYSIS, "summary.json")
+REPORT = "report"
+LOCK = ".lock"
+
+
+class RunDirError(RuntimeError):
+  """A run directory that cannot be read or written as asked; the message is one line."""
+
+
+def path(workdir: str, name: str) -> str:
+  """The path of one of this module's names (``CONFIG``, ``CHECKPOINTS``, ...) inside ``workdir``."""
+  return os.path.join(workdir, name)
+
+
+def is_rundir(workdir: str) -> bool:
+  return os.path.isfile(path(workdir, CONFIG))
+
+
+def atomic_write(file_path: str, text: str) -> None:
+  """Writes ``text`` to ``file_path`` through a temporary file and a rename: readers never see half of it."""
+  tmp = f"{file_path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, file_path)
+
+
+def check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise RunDirError(f"cannot create workdir {workdir}: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise RunDirError(f"workdir {workdir} is not writable")
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """An exclusive advisory lock on ``workdir/.lock``; a second writer of the same directory is refused.
+
+  The kernel drops the lock when the process dies (even by SIGKILL), so a crashed run can be relaunched.
+  """
+  lock_path = path(workdir, LOCK)
+  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        raise RunDirError(f"workdir {workdir} is in use by another launch (lock {lock_path})") from None
+      raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    yield
+  finally:
+    os.close(fd)
+
+
+def _read_json(file_path: str, what: str) -> Any:
+  try:
+    with open(file_path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise RunDirError(f"{os.path.dirname(file_path) or '.'} is not a run directory (no {what})") from None
+  except (OSError, ValueError) as e:
+    raise RunDirError(f"unreadable {what} in {os.path.dirname(file_path) or '.'}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# config.json
+
+
+def _v1_to_v2_config(flat: dict) -> dict:
+  """A format-1 (flat) config as a format-2 (nested) one; execution settings are dropped."""
+  get = flat.get
+  return {
+      "family": "group",
+      "seeds": get("seeds"), "seed": get("seed"), "seed_offset": get("seed_offset", 0),
+      "steps": get("steps"), "eval_every": get("eval_every"), "batch_size": get("batch_size", 0),
+      "num_checkpoints": get("num_checkpoints"),
+      "task": {"groups": get("groups"), "train_frac": get("train_frac"),
+               "train_frac_by_group": get("train_frac_by_group", "")},
+      "model": {"name": get("model"),
+                "mlp": {"embed_dim": get("embed_dim"), "hidden": get("hidden")},
+                "transformer": {"d_model": get("d_model"), "n_heads": get("n_heads"), "d_mlp": get("d_mlp"),
+                                "n_layers": get("n_layers")}},
+      "opt": {"lr": get("lr"), "weight_decay": get("weight_decay"), "b1": get("b1"), "b2": get("b2"),
+              "eps": get("eps")},
+  }
+
+
+def read_config(workdir: str) -> dict:
+  """The study config of a run directory as a plain (format-2) dict."""
+  data = _read_json(path(workdir, CONFIG), CONFIG)
+  if not isinstance(data, dict):
+    raise RunDirError(f"{CONFIG} in {workdir} is not a JSON object")
+  if "format_version" not in data:
+    return _v1_to_v2_config(data)
+  version = data["format_version"]
+  if version != FORMAT_VERSION or not isinstance(data.get("config"), dict):
+    raise RunDirError(f"{workdir} has run-directory format {version!r}; this engine reads formats 1 and "
+                      f"{FORMAT_VERSION}")
+  return data["config"]
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields that differ between two nested config dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_differences(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(prefix + k)
+  return out
+
+
+def check_or_write_config(workdir: str, config: dict) -> bool:
+  """Writes config.json, or checks that the existing one holds the same study. Returns True when resuming."""
+  if os.path.exists(path(workdir, CONFIG)):
+    old = read_config(workdir)
+    diff = config_differences(old, config)
+    if diff:
+      raise RunDirError(f"workdir {workdir} belongs to a different config (differs in: {', '.join(diff)}); "
+                        "use a new workdir or the same config")
+    return True
+  write_config(workdir, config)
+  return False
+
+
+def write_config(workdir: str, config: dict) -> None:
+  text = json.dumps({"format_version": FORMAT_VERSION, "config": config}, indent=2, sort_keys=True)
+  atomic_write(path(workdir, CONFIG), text + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# runs.json
+
+
+def write_runs(workdir: str, rows: Sequence[dict]) -> None:
+  atomic_write(path(workdir, RUNS), json.dumps(list(rows), indent=1) + "\n")
+
+
+def read_runs(workdir: str) -> list[dict]:
+  """runs.json rows in the current format: ``seed`` is the seed number k, ``base_seed`` the config's seed."""
+  rows = _read_json(path(workdir, RUNS), RUNS)
+  if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+    raise RunDirError(f"{RUNS} in {workdir} is not a list of run records")
+  out = []
+  for r in rows:
+    if "seed_index" in r:  # format 1: "seed" held the base seed
+      r = dict(r)
+      r["base_seed"] = r.pop("seed")
+      r["seed"] = r.pop("seed_index")
+    out.append(r)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def _metric_lines(file_path: str) -> list[str]:
+  """The readable lines of a metrics log, in order; reading stops at the first damaged line."""
+  out = []
+  with open(file_path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        json.loads(line)
+      except ValueError:
+        break  # a line cut by a crash: drop it and everything after it
+      out.append(line)
+  return out
+
+
+class MetricsLog:
+  """metrics.jsonl, appended one line per evaluation; truncated to the resumed step on relaunch."""
+
+  def __init__(self, workdir: str, resume_step: int | None, enabled: bool):
+    self.path = path(workdir, METRICS)
+    self.enabled = enabled
+    if not enabled:
+      return
+    if resume_step is None:
+      atomic_write(self.path, "")
+    elif os.path.exists(self.path):
+      kept = [line for line in _metric_lines(self.path) if json.loads(line)["step"] <= resume_step]
+      atomic_write(self.path, "".join(line + "\n" for line in kept))
+
+  def append(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+
+
+def has_metrics(workdir: str) -> bool:
+  return os.path.exists(path(workdir, METRICS))
+
+
+def read_metrics(workdir: str) -> dict[str, np.ndarray]:
+  """metrics.jsonl as arrays: "step" [E] and every metric [E, S]."""
+  records = [json.loads(line) for line in _metric_lines(path(workdir, METRICS))]
+  if not records:
+    return {"step": np.zeros((0,), np.int64)}
+  keys = [k for k in records[0] if k != "newly_diverged"]
+  return {k: np.asarray([r[k] for r in records]) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------
+# analysis/summary.json and report/
+
+
+def write_summary(workdir: str, summary: dict) -> str:
+  os.makedirs(path(workdir, ANALYSIS), exist_ok=True)
+  out = path(workdir, SUMMARY)
+  atomic_write(out, json.dumps(summary, indent=1) + "\n")
+  return out
+
+
+def has_summary(workdir: str) -> bool:
+  return os.path.exists(path(workdir, SUMMARY))
+
+
+def summary_mtime(workdir: str) -> int:
+  return os.stat(path(workdir, SUMMARY)).st_mtime_ns
+
+
+def read_summary(workdir: str) -> dict:
+  """analysis/summary.json (plain JSON); a one-line error when the analysis has not been run."""
+  if not has_summary(workdir):
+    raise FileNotFoundError(f"{path(workdir, SUMMARY)} does not exist: run "
+                            f"engine.analysis.driver.analyze({workdir!r})")
+  return _read_json(path(workdir, SUMMARY), SUMMARY)
+
+
+def report_dir(workdir: str) -> str:
+  return path(workdir, REPORT)
