@@ -7,9 +7,13 @@ Sections by concern::
   steps, eval_every, batch_size, num_checkpoints   the schedule, shared by every run
   task.*                 the family's task and its sweep axes (e.g. task.groups, task.train_frac)
   model.name, model.<name>.*   the architecture and the widths of each of the family's models
-  opt.*                  AdamW: opt.lr and opt.weight_decay are sweep axes; betas and eps are shared
+  opt.*                  AdamW: opt.lr and opt.weight_decay are sweep axes; betas, eps, gradient clipping
+                         and the lr schedule (warm-up, cosine decay) are shared
   exec.*                 how to run, not what: changing them never changes a result beyond float rounding
                          and never stops a relaunch from resuming (they are not part of config.json)
+  analysis.*             the family's analysis settings (e.g. held-out tokens per run): they change the
+                         analysis, not the training, so they are not part of config.json either; the
+                         settings used are recorded in analysis/summary.json
 
 ``runs(cfg)`` flattens the sweep into the leading ``S`` axis (its order is the family's, seeds innermost).
 A run's initial parameters, data and minibatch stream depend only on its family's task fields, the base seed
@@ -28,7 +32,9 @@ import ml_collections
 
 from engine import families
 
-EXECUTION = "exec"          # the section that is not part of a study's identity
+EXECUTION = "exec"          # how to run: not part of a study's identity
+ANALYSIS = "analysis"       # the family's analysis settings: not part of a study's identity either
+SCHEDULES = ("constant", "cosine")
 
 
 def default_config(family: str = "group") -> ml_collections.ConfigDict:
@@ -49,10 +55,15 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
   cfg.opt.b1 = 0.9
   cfg.opt.b2 = 0.98
   cfg.opt.eps = 1e-8
+  cfg.opt.clip_norm = 0.0        # clip each run's gradient to this global norm; 0: no clipping
+  cfg.opt.warmup_steps = 0       # linear warm-up of the learning rate from 0 over these steps
+  cfg.opt.schedule = "constant"  # after warm-up: "constant", or "cosine" decay to final_lr_frac · lr
+  cfg.opt.final_lr_frac = 0.1    # the cosine schedule's last learning rate, as a fraction of the peak
   cfg[EXECUTION] = ml_collections.ConfigDict()
   cfg[EXECUTION].run_chunk = 0   # runs vmapped together on each device; 0: auto (1 on CPU, all on GPU/TPU;
                                  # benchmarks/README.md)
   cfg[EXECUTION].analyze = True  # run the analysis and write the report when training ends
+  cfg[ANALYSIS] = ml_collections.ConfigDict()  # filled by the family (none for group composition)
   families.get(family).add_config(cfg)
   return cfg
 
@@ -120,6 +131,13 @@ def validate(cfg) -> None:
       raise ValueError(f"config.opt.{name}: must lie in [0, 1), got {cfg.opt[name]}")
   if not float(cfg.opt.eps) > 0:
     raise ValueError(f"config.opt.eps: must be > 0, got {cfg.opt.eps}")
+  if not (math.isfinite(float(cfg.opt.clip_norm)) and float(cfg.opt.clip_norm) >= 0):
+    raise ValueError(f"config.opt.clip_norm: must be finite and >= 0 (0: no clipping), got {cfg.opt.clip_norm}")
+  int_field(cfg.opt, "warmup_steps", 0, "opt.")
+  if cfg.opt.schedule not in SCHEDULES:
+    raise ValueError(f"config.opt.schedule: must be one of {SCHEDULES}, got {cfg.opt.schedule!r}")
+  if not 0 <= float(cfg.opt.final_lr_frac) <= 1:
+    raise ValueError(f"config.opt.final_lr_frac: must lie in [0, 1], got {cfg.opt.final_lr_frac}")
   int_field(cfg[EXECUTION], "run_chunk", 0, f"{EXECUTION}.")
   if not isinstance(cfg[EXECUTION].analyze, bool):
     raise ValueError(f"config.{EXECUTION}.analyze: expected True or False, got {cfg[EXECUTION].analyze!r}")
@@ -141,7 +159,9 @@ def runs(cfg) -> list[dict]:
 
 
 def identity(cfg) -> dict:
-  """The study's identity as plain JSON types: the config without its execution section (config.json)."""
+  """The study's identity as plain JSON types: the config without its execution and analysis sections
+  (config.json)."""
   out = json.loads(cfg.to_json_best_effort(sort_keys=True))
   out.pop(EXECUTION, None)
+  out.pop(ANALYSIS, None)
   return out

@@ -67,7 +67,7 @@ class _Progress:
       return
     elapsed = max(time.perf_counter() - self.t0, 1e-9)
     rate = (step - self.s0) / elapsed
-    gen = float(np.mean(metrics[self.family.progress_metric] >= self.family.generalised_threshold))
+    gen = float(np.mean(self.family.generalised_mask(metrics)))
     self.bar.set_postfix_str(f"{rate * self.n_runs:,.0f} model-steps/s, generalised {gen:.0%}"
                              + (f", diverged {int(diverged.sum())}" if diverged.any() else ""),
                              refresh=False)
@@ -85,20 +85,22 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   Returns a dict with the workdir, the final step, the final metrics per run and the paths written.
   """
   config_lib.validate(cfg)
+  cfg = families.get(cfg.family).resolve(cfg)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     rundir.check_writable(workdir)
   lock = rundir.lock(workdir) if is_main else contextlib.nullcontext()
   with lock:
-    resuming = rundir.check_or_write_config(workdir, config_lib.identity(cfg)) if is_main else True
+    defaults = config_lib.identity(config_lib.default_config(cfg.family))
+    resuming = rundir.check_or_write_config(workdir, config_lib.identity(cfg), defaults) if is_main else True
     trainer = train_lib.make_train(cfg, mesh=make_mesh())
     rows = _runs_rows(trainer)
     if is_main:
       rundir.write_runs(workdir, rows)
     final = _train_loop(cfg, trainer, rows, workdir, resuming, progress and is_main, is_main)
     if cfg.exec.analyze if analyze is None else analyze:  # under the lock: no launch may write meanwhile
-      final.update(_analyze_and_report(workdir, progress=progress and is_main))
+      final.update(_analyze_and_report(workdir, dict(cfg.analysis), progress=progress and is_main))
   if is_main:
     print(f"Done: {len(rows)} runs x {final['step']} steps in {workdir}"
           + (f"; report at {final['report']}" if final.get("report") else ""), flush=True)
@@ -161,10 +163,11 @@ def _train_with(cfg, trainer, rows, workdir, resuming, show_progress, is_main, s
   return {"workdir": workdir, "step": step, "final_metrics": last}
 
 
-def _analyze_and_report(workdir: str, progress: bool) -> dict[str, Any]:
-  """Runs engine.analysis and engine.report on the finished workdir (process 0 writes the files)."""
+def _analyze_and_report(workdir: str, settings: dict, progress: bool) -> dict[str, Any]:
+  """Runs engine.analysis (with the config's analysis ``settings``) and engine.report on the finished workdir
+  (process 0 writes the files)."""
   if jax.process_index() != 0:  # the analysis reads checkpoints on this process alone: one is enough
     return {}
   with replay.open(workdir) as run:
-    summary = driver.analyze(run, progress=progress)
+    summary = driver.analyze(run, progress=progress, **settings)
     return {"summary": summary, "report": report.write_report_of(run)}

@@ -9,6 +9,8 @@ Nothing in it is executed, evaluated or unpickled.
                      "newly_diverged" (run names)
   checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/
   analysis/summary.json   written by engine.analysis.driver
+  analysis/cohorts/<cohort>.npz   per-cohort arrays of a family's analysis (e.g. one row per neuron), plain
+                     numeric arrays read with allow_pickle=False
   report/            written by engine.report
   .lock              held (flock) by the launch that writes the directory
 
@@ -25,6 +27,8 @@ import errno
 import fcntl
 import json
 import os
+import re
+import zlib
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -154,10 +158,23 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def check_or_write_config(workdir: str, config: dict) -> bool:
-  """Writes config.json, or checks that the existing one holds the same study. Returns True when resuming."""
+def with_defaults(config: dict, defaults: dict) -> dict:
+  """``config`` with the fields it lacks taken from ``defaults`` (recursively): a field added to the engine
+  after a run directory was written reads as its default, which reproduces the engine's earlier behaviour."""
+  out = dict(config)
+  for k, v in defaults.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(v, dict) and isinstance(out[k], dict):
+      out[k] = with_defaults(out[k], v)
+  return out
+
+
+def check_or_write_config(workdir: str, config: dict, defaults: dict | None = None) -> bool:
+  """Writes config.json, or checks that the existing one (its missing fields read from ``defaults``) holds
+  the same study. Returns True when resuming."""
   if os.path.exists(path(workdir, CONFIG)):
-    old = read_config(workdir)
+    old = with_defaults(read_config(workdir), defaults or {})
     diff = config_differences(old, config)
     if diff:
       raise RunDirError(f"workdir {workdir} belongs to a different config (differs in: {', '.join(diff)}); "
@@ -259,6 +276,33 @@ def write_summary(workdir: str, summary: dict) -> str:
   out = path(workdir, SUMMARY)
   atomic_write(out, json.dumps(summary, indent=1) + "\n")
   return out
+
+
+def _cohort_file(workdir: str, cohort: str) -> str:
+  safe = re.sub(r"[^A-Za-z0-9.=-]+", "_", cohort).strip("_")
+  return path(workdir, os.path.join(ANALYSIS, "cohorts", f"{safe}-{zlib.crc32(cohort.encode()):08x}.npz"))
+
+
+def write_cohort_arrays(workdir: str, cohort: str, arrays: dict[str, np.ndarray]) -> str:
+  """Writes one cohort's arrays (numeric, or bool) atomically; returns the file's path."""
+  out = _cohort_file(workdir, cohort)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = f"{out}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+  os.replace(tmp, out)
+  return out
+
+
+def read_cohort_arrays(workdir: str, cohort: str) -> dict[str, np.ndarray]:
+  """The arrays ``write_cohort_arrays`` wrote for ``cohort`` (never unpickled)."""
+  file_path = _cohort_file(workdir, cohort)
+  if not os.path.exists(file_path):
+    raise RunDirError(f"{workdir} has no analysis arrays for cohort {cohort!r}: run the analysis")
+  try:
+    with np.load(file_path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except (OSError, ValueError) as e:
+    raise RunDirError(f"unreadable analysis arrays {file_path}: {e}") from None
 
 
 def has_summary(workdir: str) -> bool:

@@ -57,12 +57,46 @@ class TrainState(NamedTuple):
   key: jax.Array
 
 
-def _optimizer(opt_cfg, lr, weight_decay) -> optax.GradientTransformation:
-  # lr and weight decay are injected (they live in the state, so they may differ per run under vmap);
-  # the betas are the same for the whole sweep and stay static.
-  return optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps"))(
+def lr_multiplier(opt_cfg, total_steps: int):
+  """The learning-rate schedule as a multiple of each run's peak rate, a function of the step count, or
+  None for a constant rate. ``opt.warmup_steps`` of linear warm-up from 0, then ``opt.schedule``: "constant",
+  or "cosine" decay to ``opt.final_lr_frac`` of the peak at ``total_steps``."""
+  warmup, kind = int(opt_cfg.warmup_steps), opt_cfg.schedule
+  if kind == "constant" and warmup == 0:
+    return None
+  final = float(opt_cfg.final_lr_frac)
+  decay_steps = max(int(total_steps) - warmup, 1)
+
+  def multiplier(count):
+    t = count.astype(jnp.float32)
+    warm = jnp.minimum((t + 1.0) / warmup, 1.0) if warmup else jnp.float32(1.0)
+    if kind == "constant":
+      return warm
+    frac = jnp.clip((t - warmup) / decay_steps, 0.0, 1.0)
+    return warm * (final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+
+  return multiplier
+
+
+def _optimizer(opt_cfg, total_steps: int, lr, weight_decay) -> optax.GradientTransformation:
+  """AdamW with the run's own lr and weight decay; optional global-norm clipping and lr schedule.
+
+  lr and weight decay are injected (they live in the state, so they may differ per run under vmap); the
+  betas are the same for the whole sweep and stay static. A schedule scales the whole AdamW update, decay
+  included, as torch.optim.AdamW with a scheduled lr does; with neither clipping nor a schedule the
+  transformation (and its state) is plain AdamW.
+  """
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps"))(
       learning_rate=lr, weight_decay=weight_decay, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
       eps=float(opt_cfg.eps))
+  multiplier = lr_multiplier(opt_cfg, total_steps)
+  clip = float(opt_cfg.clip_norm)
+  if multiplier is None and not clip:
+    return adamw
+  parts = ([optax.clip_by_global_norm(clip)] if clip else []) + [adamw]
+  if multiplier is not None:
+    parts.append(optax.scale_by_schedule(multiplier))
+  return optax.chain(*parts)
 
 
 @dataclasses.dataclass
@@ -84,12 +118,17 @@ class Trainer:
     self.chunk = min(per_device, self.cfg.exec.run_chunk or (1 if on_cpu else per_device))
     self._spec = NamedSharding(self.mesh, P(AXIS))
     self._data_dev = jax.tree.map(self._put, self.data)
+    replicated = NamedSharding(self.mesh, P())
+    self._shared_dev = jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda idx: np.asarray(x)[idx]),
+        self.task.shared)
     keys = np.stack([self.family.run_key(r) for r in self._padded_runs])
     self._inputs_dev = tuple(self._put(x) for x in (
         keys, np.asarray([r["lr"] for r in self._padded_runs], np.float32),
         np.asarray([r["weight_decay"] for r in self._padded_runs], np.float32)))
-    self._init_jit = jax.jit(self._sharded(self._init_local, n_in=4, out_specs=P(AXIS)))
-    self._run_jit = jax.jit(self._run_global, static_argnums=2, donate_argnums=0)
+    self._init_jit = jax.jit(jax.shard_map(self._init_local, mesh=self.mesh, in_specs=(P(AXIS),) * 4 + (P(),),
+                                           out_specs=P(AXIS)))
+    self._run_jit = jax.jit(self._run_global, static_argnums=3, donate_argnums=0)
     self._apply_jit = jax.jit(self._apply_global)
 
   @property
@@ -105,20 +144,20 @@ class Trainer:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, self._spec, lambda idx: x[idx])
 
-  def _sharded(self, fn, n_in: int, out_specs):
-    return jax.shard_map(fn, mesh=self.mesh, in_specs=(P(AXIS),) * n_in, out_specs=out_specs)
-
   # --- one run ------------------------------------------------------------------------------------
 
-  def _init_one(self, key, lr, weight_decay, d) -> TrainState:
-    params = self.task.init(key, d)
-    opt_state = _optimizer(self.cfg.opt, lr, weight_decay).init(params)
+  def _tx(self, lr, weight_decay) -> optax.GradientTransformation:
+    return _optimizer(self.cfg.opt, self.cfg.steps, lr, weight_decay)
+
+  def _init_one(self, key, lr, weight_decay, d, shared) -> TrainState:
+    params = self.task.init(key, d, shared)
+    opt_state = self._tx(lr, weight_decay).init(params)
     return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
                       diverged=jnp.zeros((), bool), key=key)
 
-  def _step_one(self, state: TrainState, d) -> TrainState:
-    loss, grads = self.task.loss_and_grads(state.params, state.key, state.step, d)
-    tx = _optimizer(self.cfg.opt, 0.0, 0.0)  # placeholder values: the update reads the run's own from opt_state
+  def _step_one(self, state: TrainState, d, shared) -> TrainState:
+    loss, grads = self.task.loss_and_grads(state.params, state.key, state.step, d, shared)
+    tx = self._tx(0.0, 0.0)  # placeholder values: the update reads the run's own from opt_state
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss)
@@ -130,15 +169,15 @@ class Trainer:
                       opt_state=jax.tree.map(keep, opt_state, state.opt_state),
                       step=state.step + 1, diverged=frozen, key=state.key)
 
-  def _eval_one(self, state: TrainState, d) -> dict:
-    return dict(self.task.evaluate(state.params, d), diverged=state.diverged.astype(jnp.float32))
+  def _eval_one(self, state: TrainState, d, shared) -> dict:
+    return dict(self.task.evaluate(state.params, d, shared), diverged=state.diverged.astype(jnp.float32))
 
   # --- the local shard of runs (inside shard_map) --------------------------------------------------
 
-  def _init_local(self, keys_S, lr_S, wd_S, data_S):
-    return jax.vmap(self._init_one)(keys_S, lr_S, wd_S, data_S)
+  def _init_local(self, keys_S, lr_S, wd_S, data_S, shared):
+    return jax.vmap(self._init_one, in_axes=(0, 0, 0, 0, None))(keys_S, lr_S, wd_S, data_S, shared)
 
-  def _run_local(self, n_evals: int, state_S: TrainState, data_S: tuple):
+  def _run_local(self, n_evals: int, state_S: TrainState, data_S: tuple, shared):
     """``n_evals`` intervals of every local run; metrics ``[n_evals, S_local]``.
 
     Runs share nothing, so each runs its whole call (all intervals) before the next starts: on a CPU that
@@ -149,9 +188,9 @@ class Trainer:
       state, d = args
 
       def interval(state, _):
-        state, _ = jax.lax.scan(lambda s, _: (self._step_one(s, d), None), state, None,
+        state, _ = jax.lax.scan(lambda s, _: (self._step_one(s, d, shared), None), state, None,
                                 length=self.cfg.eval_every)
-        return state, self._eval_one(state, d)
+        return state, self._eval_one(state, d, shared)
 
       return jax.lax.scan(interval, state, None, length=n_evals)
 
@@ -161,22 +200,23 @@ class Trainer:
       state_S, metrics_SxE = jax.lax.map(one_run, (state_S, data_S), batch_size=self.chunk)
     return state_S, jax.tree.map(lambda m: m.T, metrics_SxE)
 
-  def _run_global(self, state, data, n_evals: int):
+  def _run_global(self, state, data, shared, n_evals: int):
     self.trace_count += 1  # runs only while tracing: counts compilations of run()
     fn = jax.shard_map(functools.partial(self._run_local, n_evals), mesh=self.mesh,
-                       in_specs=(P(AXIS), P(AXIS)), out_specs=(P(AXIS), P(None, AXIS)))
-    return fn(state, data)
+                       in_specs=(P(AXIS), P(AXIS), P()), out_specs=(P(AXIS), P(None, AXIS)))
+    return fn(state, data, shared)
 
-  def _apply_global(self, params, inputs, data):
-    def local(params, inputs, data):
-      return jax.vmap(self.task.apply)(params, inputs, data)
-    return self._sharded(local, n_in=3, out_specs=P(AXIS))(params, inputs, data)
+  def _apply_global(self, params, inputs, data, shared):
+    def local(params, inputs, data, shared):
+      return jax.vmap(self.task.apply, in_axes=(0, 0, 0, None))(params, inputs, data, shared)
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(P(AXIS),) * 3 + (P(),),
+                         out_specs=P(AXIS))(params, inputs, data, shared)
 
   # --- public ------------------------------------------------------------------------------------
 
   def init(self) -> TrainState:
     """The initial state of every run, stacked over ``n_padded`` runs and sharded over the mesh."""
-    return self._init_jit(*self._inputs_dev, self._data_dev)
+    return self._init_jit(*self._inputs_dev, self._data_dev, self._shared_dev)
 
   def run(self, state: TrainState, n_evals: int) -> tuple[TrainState, dict]:
     """``n_evals × eval_every`` steps in one compiled call; ``state`` is donated.
@@ -186,7 +226,7 @@ class Trainer:
     """
     if isinstance(n_evals, bool) or not isinstance(n_evals, (int, np.integer)) or n_evals < 1:
       raise ValueError(f"n_evals must be a positive integer, got {n_evals!r}")
-    state, metrics = self._run_jit(state, self._data_dev, int(n_evals))
+    state, metrics = self._run_jit(state, self._data_dev, self._shared_dev, int(n_evals))
     return state, {k: self._to_host(v)[:, :self.n_runs] for k, v in metrics.items()}
 
   def train(self) -> tuple[TrainState, dict]:
@@ -200,7 +240,7 @@ class Trainer:
     (``Family.check_inputs``); e.g. ``(a_SxB, b_SxB)`` for group composition.
     """
     inputs = self.family.check_inputs(self.data, tuple(np.asarray(x) for x in inputs_S), self.n_padded)
-    return self._apply_jit(params_S, jax.tree.map(self._put, inputs), self._data_dev)
+    return self._apply_jit(params_S, jax.tree.map(self._put, inputs), self._data_dev, self._shared_dev)
 
   def shard(self, host_tree):
     """Inverse of ``unpad``: a host pytree stacked over ``n_runs`` (or ``n_padded``) runs as global arrays

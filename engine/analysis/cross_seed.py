@@ -62,25 +62,29 @@ def live_neurons(acts_SxTxN) -> jax.Array:
 
 
 def neuron_correlations(acts_SxTxN, *, key, universal_threshold: float = DEFAULT_UNIVERSAL_THRESHOLD,
-                        backend: str = "auto") -> dict:
+                        backend: str = "auto", **kernel_options) -> dict:
   """Max correlation of every neuron in every other run, the rotation baseline and the excess.
 
   Args:
-    acts_SxTxN: hidden activations of S ≥ 2 runs on the same T inputs.
+    acts_SxTxN: hidden activations of S ≥ 2 runs on the same T inputs; or a re-iterable source of
+      ``acts_SxBxN`` batches (``kernels.correlation.max_correlation``), so that T is not bounded by memory.
     key: PRNG key of the random orthogonal rotations of the baseline.
     universal_threshold: a live neuron is universal when its excess correlation exceeds this.
     backend: passed to ``kernels.correlation.max_correlation`` ('auto': Pallas on GPU/TPU, XLA on CPU).
+    **kernel_options: further options of ``max_correlation`` (e.g. ``memory_bytes``).
 
   Returns:
     dict of arrays: ``max_SxNxS`` and ``argmax_SxNxS`` (for j = i: over the other neurons of run i),
     ``baseline_max_SxNxS``, ``excess_SxN`` (mean over j ≠ i of max − baseline max; NaN for dead neurons),
     ``universal_SxN`` (bool), ``dead_SxN`` (bool), ``universal_fraction_S`` (over live neurons).
   """
-  acts_SxTxN = _check_acts(acts_SxTxN)
+  if not callable(acts_SxTxN):
+    acts_SxTxN = _check_acts(acts_SxTxN)
   if not np.isfinite(universal_threshold):
     raise ValueError(f"universal_threshold must be finite, got {universal_threshold}")
   # One pass over the data gives both the maximum and its rotation baseline.
-  res = correlation_lib.max_correlation(acts_SxTxN, backend=backend, baseline="rotation", key=key)
+  res = correlation_lib.max_correlation(acts_SxTxN, backend=backend, baseline="rotation", key=key,
+                                        **kernel_options)
   max_SxNxS, base_SxNxS = jnp.asarray(res.max_SxNxS), jnp.asarray(res.baseline_max_SxNxS)
   dead_SxN = jnp.asarray(res.dead_SxN)
   excess_SxN, universal_SxN, frac_S = _excess(max_SxNxS, base_SxNxS, dead_SxN,

@@ -15,6 +15,10 @@ each checkpoint once, hands each cohort to its family's analysis (``Family.analy
                          over the cohort's runs, "runs": [indices of its runs]}}
   }
 
+A family's ``analyze_cohort`` may also return ``"arrays"`` (numeric arrays too large for JSON, e.g. one row
+per neuron): they are written to the cohort's arrays file (``engine.rundir.write_cohort_arrays``). A module
+with ``LAST_STEP_ONLY = True`` gets only the last checkpoint's parameters.
+
 The family's per-run and aggregate fields are documented by its analysis module (group composition:
 ``engine/analysis/pipeline.py``). The view is duck-typed (``engine.replay.Run``): this module does no I/O of
 its own beyond ``engine.rundir`` and imports no view.
@@ -63,6 +67,8 @@ def analyze_cohorts(view, step: int | None = None, *, seed: int = 0, progress: b
   settings = settings_of(view, **settings)
   final = view._step(step)
   steps = [s for s in view.steps if s <= final]
+  if getattr(module, "LAST_STEP_ONLY", False):  # the family analyses trained models, not their history
+    steps = steps[-1:]
   subs = {name: view.select(cohort=name) for name in view.cohorts}
   if progress:
     print(f"Analysing {len(view)} runs in {len(subs)} cohorts at {len(steps)} checkpoints", flush=True)
@@ -83,6 +89,8 @@ def analyze_cohorts(view, step: int | None = None, *, seed: int = 0, progress: b
       row.update({k: v for k, v in rec.items() if k != "run"})
       records.append(row)
     out[name] = {"task": res["task"], "aggregate": res["aggregate"], "runs": records}
+    if "arrays" in res:
+      out[name]["arrays"] = res["arrays"]
   return out
 
 
@@ -101,5 +109,8 @@ def analyze(view, *, step: int | None = None, seed: int = 0, progress: bool = Fa
                          for name, res in per_cohort.items()}}
   summary = to_json(summary)
   if jax.process_index() == 0:
+    for name, res in per_cohort.items():
+      if "arrays" in res:
+        rundir.write_cohort_arrays(view.workdir, name, res["arrays"])
     rundir.write_summary(view.workdir, summary)
   return summary

@@ -6,7 +6,8 @@ checkpoints, analysis driver, report and notebook view speak to a study only thr
   config      ``add_config(cfg)`` adds the family's ``task`` and ``model`` sections; ``validate(cfg)``
   sweep       ``runs(cfg)``: one row per run (``seed``, ``base_seed``, ``lr``, ``weight_decay``, the task
               fields, ``cohort``, ``name``); rows that differ only in ``seed`` share a cohort
-  task        ``make_task(cfg, rows)`` -> a ``Task``: the runs' data stacked over S and the pure per-run
+  task        ``make_task(cfg, rows)`` -> a ``Task``: the runs' data stacked over S, data shared by every run
+              (e.g. a corpus, replicated on every device rather than copied per run) and the pure per-run
               functions the trainer vmaps (init, loss and gradients of a step, evaluation, apply)
   analysis    ``analysis_module``: a module with ``SETTINGS`` (named settings and defaults) and
               ``analyze_cohort(view, params_by_step, key, settings, batch_size)`` -> the cohort's JSON-ready
@@ -25,7 +26,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Mapping, NamedTuple
 
-NAMES = ("group",)
+import numpy as np
+
+NAMES = ("group", "lm")
 
 
 class Task(NamedTuple):
@@ -34,12 +37,13 @@ class Task(NamedTuple):
   Attributes:
     data: a pytree of host numpy arrays with a leading axis over the (padded) runs; ``data_one`` below is
       one run's slice of it, as traced values.
-    init: ``(key, data_one) -> params``.
-    loss_and_grads: ``(params, key, step, data_one) -> (loss, grads)`` of one optimiser step; the step's
-      minibatch is drawn from ``fold_in(key, step)`` so a resumed run draws the same one.
-    evaluate: ``(params, data_one) -> {metric: scalar}`` with the keys ``metrics``.
-    apply: ``(params, inputs_one, data_one) -> (logits, activations)``: the model on given inputs.
+    init: ``(key, data_one, shared) -> params``.
+    loss_and_grads: ``(params, key, step, data_one, shared) -> (loss, grads)`` of one optimiser step; the
+      step's minibatch is drawn from ``fold_in(key, step)`` so a resumed run draws the same one.
+    evaluate: ``(params, data_one, shared) -> {metric: scalar}`` with the keys ``metrics``.
+    apply: ``(params, inputs_one, data_one, shared) -> (logits, activations)``: the model on given inputs.
     metrics: metric names logged at every evaluation (the trainer adds "diverged").
+    shared: a pytree of host numpy arrays that every run reads (no run axis), replicated on every device.
   """
   data: Any
   init: Callable
@@ -47,6 +51,7 @@ class Task(NamedTuple):
   evaluate: Callable
   apply: Callable
   metrics: tuple[str, ...]
+  shared: Any = ()
 
 
 class Family:
@@ -64,6 +69,11 @@ class Family:
 
   def validate(self, cfg) -> None:
     raise NotImplementedError
+
+  def resolve(self, cfg):
+    """``cfg`` with the fields the launch derives from the outside world filled in (e.g. the fingerprint
+    of a corpus read from disk), so that config.json pins them; by default ``cfg`` itself."""
+    return cfg
 
   def runs(self, cfg) -> list[dict]:
     raise NotImplementedError
@@ -83,9 +93,17 @@ class Family:
     """Host inputs of ``Trainer.apply`` checked against the runs' data: a pytree stacked over ``n_runs``."""
     raise NotImplementedError
 
+  def generalised_mask(self, metrics: Mapping[str, Any]) -> np.ndarray:
+    """bool ``[S]``: which runs have generalised, from metrics given as arrays over runs (NaN: missing)."""
+    value = np.asarray(metrics[self.progress_metric], np.float64)
+    return np.nan_to_num(value, nan=-np.inf) >= self.generalised_threshold
+
   def generalised(self, final: Mapping[str, Any] | None) -> bool:
-    value = None if final is None else final.get(self.progress_metric)
-    return bool(value is not None and value >= self.generalised_threshold)
+    """Whether one run has generalised, from its final logged metrics (None: a missing value)."""
+    if final is None:
+      return False
+    as_arrays = {k: [np.nan if v is None else v] for k, v in final.items()}
+    return bool(self.generalised_mask(as_arrays)[0]) if self.progress_metric in as_arrays else False
 
   def describe(self, cfg) -> list[str]:
     """Markdown bullet lines describing the task and model of ``cfg`` (the report's first section)."""

@@ -160,7 +160,7 @@ class GroupFamily(families.Family):
     is_mlp = model_cfg.name == "mlp"
     batch_size = int(cfg.batch_size)
 
-    def init(key, d):
+    def init(key, d, shared):
       return models.init(jax.random.fold_in(key, 0), model_cfg, vocab, d.order_S)
 
     def loss(params, a_B, b_B, c_B, w_B, order):
@@ -176,14 +176,14 @@ class GroupFamily(families.Family):
       w_B = jnp.full((batch_size,), 1.0 / batch_size, jnp.float32)
       return d.train_a_SxP[idx_B], d.train_b_SxP[idx_B], d.train_c_SxP[idx_B], w_B
 
-    def loss_and_grads(params, key, step, d):
+    def loss_and_grads(params, key, step, d, shared):
       a_B, b_B, c_B, w_B = batch(key, step, d)
       if is_mlp:  # the hand-written backward: fewer passes over the activations
         return models.mlp_xent_grads(params, a_B, b_B, c_B, w_B, d.order_S)
       (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, a_B, b_B, c_B, w_B, d.order_S)
       return value, grads
 
-    def evaluate(params, d):
+    def evaluate(params, d, shared):
       train_loss, train_acc = loss(params, d.train_a_SxP, d.train_b_SxP, d.train_c_SxP, d.train_w_SxP,
                                    d.order_S)
       test_loss, test_acc = loss(params, d.test_a_SxQ, d.test_b_SxQ, d.test_c_SxQ, d.test_w_SxQ, d.order_S)
@@ -192,7 +192,7 @@ class GroupFamily(families.Family):
       return dict(train_loss=train_loss, train_acc=train_acc, test_loss=jnp.where(no_test, nan, test_loss),
                   test_acc=jnp.where(no_test, nan, test_acc))
 
-    def apply(params, inputs, d):
+    def apply(params, inputs, d, shared):
       """Logits ``[B, V]`` with classes ``>= order`` at −inf, and ``{"hidden": [B, N]}``."""
       a_B, b_B = inputs
       logits_BxV, hidden_BxN = models.apply(params, a_B, b_B, model_cfg)

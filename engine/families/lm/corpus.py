@@ -1,0 +1,160 @@
+"""The byte corpus of a language-model study: which files, in which order, split by file, fingerprinted.
+
+``"stdlib"`` (the default) is the Python source of the running interpreter's standard library: every ``.py``
+file below ``sysconfig.get_paths()["stdlib"]`` except installed packages (``site-packages``,
+``dist-packages``) and caches, in the order of their POSIX paths relative to that directory. Any other value
+is a path: a text file, or a directory whose regular files (hidden ones and caches skipped) are taken in the
+same order. Nothing is downloaded.
+
+A file is held out when a hash of its relative path falls below ``heldout_frac``, so adding or removing one
+file never moves another across the split. A corpus of one file is split by position instead: its last
+``heldout_frac`` of bytes are held out. The fingerprint (a hash of every file's relative path and byte
+count, and the cap) is written into the study's config, so a relaunch or a replay on a machine whose corpus
+differs is refused instead of silently training or analysing on other text.
+
+Bytes are the vocabulary (256 symbols); files are concatenated as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sysconfig
+
+import numpy as np
+
+STDLIB = "stdlib"
+VOCAB = 256
+_SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
+
+
+class CorpusError(ValueError):
+  """A corpus that cannot be used (missing, empty, unreadable, too small); the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """The bytes of a corpus, split into training and held-out text.
+
+  Attributes:
+    name: ``"stdlib"`` or the path given.
+    root: the directory (or file) the files were read from.
+    files: relative paths, in corpus order.
+    sizes: bytes of each file (after the cap).
+    heldout: bool per file (a one-file corpus: False, split by position instead).
+    train: uint8 bytes of the training text.
+    test: uint8 bytes of the held-out text.
+    fingerprint: hex digest of (relative path, byte count) of every file and the cap.
+  """
+  name: str
+  root: str
+  files: tuple[str, ...]
+  sizes: tuple[int, ...]
+  heldout: tuple[bool, ...]
+  train: np.ndarray
+  test: np.ndarray
+  fingerprint: str
+
+  @property
+  def n_bytes(self) -> int:
+    return int(sum(self.sizes))
+
+
+def _stdlib_root() -> str:
+  return sysconfig.get_paths()["stdlib"]
+
+
+def list_files(name: str) -> tuple[str, tuple[str, ...]]:
+  """``(root, relative paths)`` of the corpus ``name`` in corpus order; a one-line CorpusError if unusable."""
+  if name == STDLIB:
+    root, suffix = _stdlib_root(), ".py"
+  else:
+    root, suffix = os.path.abspath(os.path.expanduser(name)), ""
+    if not os.path.exists(root):
+      raise CorpusError(f"corpus {name!r} does not exist")
+    if os.path.isfile(root):
+      if not os.access(root, os.R_OK):
+        raise CorpusError(f"corpus {name!r} is not readable")
+      return root, (os.path.basename(root),)
+    if not os.path.isdir(root):
+      raise CorpusError(f"corpus {name!r} is neither a file nor a directory")
+  if not os.path.isdir(root):
+    raise CorpusError(f"the standard library directory {root!r} does not exist")
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+    for f in filenames:
+      full = os.path.join(dirpath, f)
+      if f.startswith(".") or not f.endswith(suffix) or not os.path.isfile(full):
+        continue
+      out.append(os.path.relpath(full, root).replace(os.sep, "/"))
+  if not out:
+    raise CorpusError(f"corpus {name!r} has no files" + (f" ending in {suffix}" if suffix else ""))
+  return root, tuple(sorted(out))
+
+
+def _is_heldout(rel: str, heldout_frac: float) -> bool:
+  h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big")
+  return h / 2.0 ** 64 < heldout_frac
+
+
+def load(name: str, heldout_frac: float, max_bytes: int = 0, min_bytes: int = 2) -> Corpus:
+  """Reads the corpus ``name`` (see the module docstring), at most ``max_bytes`` bytes (0: all).
+
+  ``min_bytes`` is the least each split must hold (e.g. a context window plus one byte).
+  """
+  if not 0 < heldout_frac < 1:
+    raise CorpusError(f"heldout_frac must lie in (0, 1), got {heldout_frac}")
+  root, files = list_files(name)
+  single = os.path.isfile(root)
+  chunks, sizes, kept = [], [], []
+  budget = max_bytes if max_bytes > 0 else None
+  for rel in files:
+    full = root if single else os.path.join(root, rel)
+    try:
+      with open(full, "rb") as f:
+        data = f.read() if budget is None else f.read(budget)
+    except OSError as e:
+      raise CorpusError(f"cannot read corpus file {full}: {e.strerror}") from None
+    if not data:
+      continue
+    chunks.append(np.frombuffer(data, np.uint8))
+    sizes.append(len(data))
+    kept.append(rel)
+    if budget is not None:
+      budget -= len(data)
+      if budget <= 0:
+        break
+  if not kept:
+    raise CorpusError(f"corpus {name!r} is empty")
+  if single:
+    text = chunks[0]
+    cut = len(text) - int(round(heldout_frac * len(text)))
+    train, test, heldout = text[:cut], text[cut:], (False,)
+  else:
+    heldout = tuple(_is_heldout(rel, heldout_frac) for rel in kept)
+    if all(heldout) or not any(heldout):  # too few files for the hash to split: hold out the last one
+      heldout = (False,) * (len(kept) - 1) + (True,)
+    empty = np.zeros((0,), np.uint8)
+    train = np.concatenate([c for c, h in zip(chunks, heldout) if not h] or [empty])
+    test = np.concatenate([c for c, h in zip(chunks, heldout) if h] or [empty])
+  for what, part in (("training", train), ("held-out", test)):
+    if len(part) < min_bytes:
+      raise CorpusError(f"corpus {name!r} has {len(part)} {what} bytes; need at least {min_bytes} "
+                        "(a context window and its next byte)")
+  digest = hashlib.sha256(f"cap={max_bytes}\n".encode())
+  for rel, size in zip(kept, sizes):
+    digest.update(f"{rel}\t{size}\n".encode())
+  return Corpus(name=name, root=root, files=tuple(kept), sizes=tuple(sizes), heldout=tuple(heldout),
+                train=train, test=test, fingerprint=digest.hexdigest()[:16])
+
+
+def unigram_bits(train: np.ndarray, test: np.ndarray) -> tuple[float, float]:
+  """``(entropy, cross-entropy)`` in bits per byte of the training text's byte distribution: its entropy on
+  the training text, and the cost of coding the held-out text with it (add-one smoothed)."""
+  counts = np.bincount(train, minlength=VOCAB).astype(np.float64) + 1.0
+  p = counts / counts.sum()
+  entropy = float(-(p * np.log2(p)).sum())
+  cross = float(-np.log2(p)[test].mean())
+  return entropy, cross

@@ -1,0 +1,110 @@
+"""A GPT-style byte transformer as pure functions: ``init(key, cfg)`` and ``apply(params, tokens, cfg)``.
+
+Token and learned position embeddings; ``n_layers`` pre-LayerNorm blocks of causal multi-head attention and
+a GELU MLP (GPT-2's tanh approximation), each added to the residual stream; a final LayerNorm; an
+unembedding without bias. Block weights are stacked over layers (leading axis L) and the blocks run as a
+``lax.scan``, so the program's size does not grow with depth.
+
+``apply`` returns the logits and the MLP activations that analyses read, for every layer:
+``mlp_pre`` (the input of the GELU) and ``mlp_post`` (its output), each ``[B, T, L, N]``.
+
+Initialisation follows GPT-2: normal(0, 0.02) weights, the two projections into the residual stream
+(attention output, MLP output) scaled by 1/√(2L), zero biases, unit LayerNorm gains.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from engine.families.lm import corpus
+
+_LN_EPS = 1e-5
+
+
+def init(key: jax.Array, cfg) -> dict[str, Any]:
+  """Parameters of the byte transformer described by ``cfg`` (the config's ``model`` section)."""
+  d, n, l, c, v = cfg.d_model, cfg.d_mlp, cfg.n_layers, cfg.context, corpus.VOCAB
+  k = jax.random.split(key, 7)
+  std, proj_std = 0.02, 0.02 / math.sqrt(2 * l)
+  normal = lambda kk, shape, s: s * jax.random.normal(kk, shape, jnp.float32)
+  zeros, ones = (lambda *shape: jnp.zeros(shape, jnp.float32)), (lambda *shape: jnp.ones(shape, jnp.float32))
+  return {
+      "embed": normal(k[0], (v, d), std), "pos": normal(k[1], (c, d), std),
+      "blocks": {
+          "ln1_g": ones(l, d), "ln1_b": zeros(l, d),
+          "w_qkv": normal(k[2], (l, d, 3 * d), std), "b_qkv": zeros(l, 3 * d),
+          "w_o": normal(k[3], (l, d, d), proj_std), "b_o": zeros(l, d),
+          "ln2_g": ones(l, d), "ln2_b": zeros(l, d),
+          "w_in": normal(k[4], (l, d, n), std), "b_in": zeros(l, n),
+          "w_out": normal(k[5], (l, n, d), proj_std), "b_out": zeros(l, d),
+      },
+      "lnf_g": ones(d), "lnf_b": zeros(d),
+      "unembed": normal(k[6], (d, v), std),
+  }
+
+
+def _lead(v, x):
+  """``v`` (a vector over x's last axis) with x's leading axes, for explicit broadcasting."""
+  return v.reshape((1,) * (x.ndim - v.ndim) + v.shape)
+
+
+def layer_norm(x, g, b):
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + _LN_EPS) * _lead(g, x) + _lead(b, x)
+
+
+def _affine(x, w, b):
+  out = x @ w
+  return out + _lead(b, out)
+
+
+def _attention(x_BxTxD, w, n_heads: int):
+  b, t, d = x_BxTxD.shape
+  h = n_heads
+  qkv = _affine(x_BxTxD, w["w_qkv"], w["b_qkv"])
+  q, k, v = (z.reshape(b, t, h, d // h) for z in jnp.split(qkv, 3, axis=-1))
+  scores_BxHxTxT = jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // h)
+  causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+  scores_BxHxTxT = jnp.where(causal_TxT[None, None], scores_BxHxTxT, -jnp.inf)
+  out = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores_BxHxTxT, axis=-1), v).reshape(b, t, d)
+  return _affine(out, w["w_o"], w["b_o"])
+
+
+def apply(params, tokens_BxT: jax.Array, cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Logits ``[B, T, 256]`` for the next byte at every position, and ``{"mlp_pre", "mlp_post"}``
+  ``[B, T, L, N]``. ``tokens_BxT`` are byte values (any int dtype); T <= cfg.context."""
+  t = tokens_BxT.shape[-1]
+  x = params["embed"][tokens_BxT.astype(jnp.int32)]
+  x = x + _lead(params["pos"][:t], x)
+
+  def block(x, w):
+    x = x + _attention(layer_norm(x, w["ln1_g"], w["ln1_b"]), w, cfg.n_heads)
+    pre = _affine(layer_norm(x, w["ln2_g"], w["ln2_b"]), w["w_in"], w["b_in"])
+    post = jax.nn.gelu(pre, approximate=True)
+    return x + _affine(post, w["w_out"], w["b_out"]), (pre, post)
+
+  x, (pre_LxBxTxN, post_LxBxTxN) = jax.lax.scan(block, x, params["blocks"])
+  logits = layer_norm(x, params["lnf_g"], params["lnf_b"]) @ params["unembed"]
+  acts = {"mlp_pre": jnp.moveaxis(pre_LxBxTxN, 0, 2), "mlp_post": jnp.moveaxis(post_LxBxTxN, 0, 2)}
+  return logits, acts
+
+
+def next_byte_loss(params, windows_BxC1: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy (nats) and accuracy of predicting bytes 1..C of each window from the bytes before."""
+  logits, _ = apply(params, windows_BxC1[:, :-1], cfg)
+  targets = windows_BxC1[:, 1:].astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  acc = jnp.mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
+  return jnp.mean(nll), acc
+
+
+def unembedding(params) -> jax.Array:
+  """``W_U [D, 256]`` with the final LayerNorm's gain folded in (the map from a normalised residual
+  direction to the logits, as in TransformerLens' folded weights)."""
+  return params["lnf_g"][:, None] * params["unembed"]

@@ -1,0 +1,110 @@
+"""The notebook view of a language-model run directory: ``engine.replay.Run`` plus text and neuron accessors.
+
+  run = engine.replay.open("runs/lm")            # a View
+  params = run.params(step=run.steps[3])         # stacked parameters at any checkpoint
+  acts = run.activations("def f(x):\\n    return x")   # {"mlp_pre", "mlp_post"}: [S, T, L, N] on any text
+  table = run.neurons()                          # one row per neuron of the cohort: excess, properties
+  run.top_neurons()                              # the summary's most universal neurons and their snippets
+  run.plot.universal_by_layer(); run.plot.properties()
+
+Per-cohort accessors need the selection to hold one cohort (``select(lr=...)`` narrows a sweep).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from engine import replay
+from engine import rundir
+from engine.families.lm import analysis
+from engine.families.lm import family as family_lib
+from engine.families.lm import models
+from engine.families.lm import plots
+
+
+class View(replay.Run):
+  """A read-only view of a language-model run directory (see the module docstring)."""
+
+  def __init__(self, workdir: str, index=None, _shared: dict | None = None):
+    super().__init__(workdir, index, _shared)
+    self.plot = Plots(self)
+
+  def corpus(self):
+    """The study's corpus (``engine.families.lm.corpus.Corpus``), checked against config.json's fingerprint."""
+    return family_lib.corpus_of(self.config)
+
+  def _forward(self):
+    if "forward" not in self._shared:
+      gpt = self.config.model.gpt
+      self._shared["forward"] = jax.jit(jax.vmap(lambda p, t: models.apply(p, t, gpt), in_axes=(0, None)))
+    return self._shared["forward"]
+
+  def apply(self, text: str | bytes, step: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``[S, T, 256]`` and activations ``{"mlp_pre", "mlp_post"}`` ``[S, T, L, N]`` of the selected
+    runs on ``text`` (str is UTF-8 encoded), read in consecutive windows of the model's context."""
+    data = text.encode() if isinstance(text, str) else bytes(text)
+    if not data:
+      raise ValueError("apply: empty text")
+    c = int(self.config.model.gpt.context)
+    tokens = np.frombuffer(data, np.uint8)
+    pad = -len(tokens) % c
+    windows = np.concatenate([tokens, np.zeros(pad, np.uint8)]).reshape(-1, c).astype(np.int32)
+    logits, acts = self._forward()(self.params(step), windows)
+    flat = lambda x: np.asarray(x).reshape((x.shape[0], -1) + x.shape[3:])[:, :len(tokens)]
+    return flat(logits), {k: flat(v) for k, v in acts.items()}
+
+  def activations(self, text: str | bytes, step: int | None = None) -> dict[str, np.ndarray]:
+    """``{"mlp_pre", "mlp_post"}`` ``[S, T, L, N]`` of the selected runs on ``text``."""
+    return self.apply(text, step)[1]
+
+  def cohort_entry(self, **filters) -> dict[str, Any]:
+    """The summary's entry of one cohort, restricted to the selected runs (``replay.Run.cohort_summary``)."""
+    return self.cohort_summary(**filters)
+
+  def neurons(self, **filters) -> dict[str, np.ndarray]:
+    """The per-neuron table of one cohort for the selected runs: every array of the analysis (``excess``,
+    ``universal``, the properties of ``analysis.PROPERTIES``, ``vocab_class``; each ``[S, L, N]``) plus
+    ``seed``, ``layer`` and ``neuron`` index arrays of the same shape."""
+    entry = self.cohort_summary(**filters)
+    arrays = rundir.read_cohort_arrays(self.workdir, entry["cohort"])
+    pos = np.asarray(entry["positions"])
+    out = {k: v[pos] for k, v in arrays.items()}
+    s, l, n = out["pre_mean"].shape
+    out["seed"] = np.broadcast_to(np.asarray([r["seed"] for r in entry["records"]])[:, None, None], (s, l, n))
+    out["layer"] = np.broadcast_to(np.arange(l)[None, :, None], (s, l, n))
+    out["neuron"] = np.broadcast_to(np.arange(n)[None, None, :], (s, l, n))
+    return out
+
+  def top_neurons(self, **filters) -> list[dict]:
+    """The cohort's most universal neurons of its first run, with their matches and top text windows."""
+    return self.cohort_summary(**filters)["aggregate"].get("top_neurons", [])
+
+
+class Plots:
+  """Figures of a language-model view (the report draws the same ones)."""
+
+  def __init__(self, run: View):
+    self._run = run
+
+  def learning_curves(self):
+    m = self._run.metrics()
+    return plots.learning_curves(m["step"], m["train_bpb"], m["test_bpb"], m["unigram_bpb"], self._run.runs)
+
+  def universal_by_layer(self, **filters):
+    entry = self._run.cohort_summary(**filters)
+    return plots.universal_by_layer(entry["aggregate"]["universal_by_layer"],
+                                    [r["universal_by_layer"] for r in entry["records"]], entry["cohort"])
+
+  def excess(self, **filters):
+    table = self._run.neurons(**filters)
+    return plots.excess_by_layer(table["excess"], table["dead"],
+                                 self._run.summary()["settings"]["universal_threshold"])
+
+  def properties(self, **filters):
+    table = self._run.neurons(**filters)
+    pct = {name: analysis.percentile_within_layer(np.asarray(table[name], np.float64))
+           for name in analysis.PROPERTIES}
+    return plots.property_percentiles(pct, table["universal"], table["dead"])

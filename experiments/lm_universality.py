@@ -1,0 +1,19 @@
+r"""Train many seeds of a byte-level language model, then find the neurons they share (Gurnee et al. 2024).
+
+  python -m experiments.lm_universality --workdir=runs/lm
+  python -m experiments.lm_universality --workdir=runs/lm --config.seeds=4 --config.steps=500
+  python -m experiments.lm_universality --workdir=runs/g2 --config=experiments/configs/lm_gpt2_small.py
+  python -m experiments.lm_universality --workdir=runs/x --config.task.corpus=/path/to/text_or_dir
+
+Relaunching the same command resumes from the newest checkpoint. On a TPU pod or a multi-GPU cluster add
+``--distributed`` (every process runs the same command; see BUILD.md).
+"""
+
+from absl import app
+
+from experiments import cli
+
+cli.define("lm_default.py")
+
+if __name__ == "__main__":
+  app.run(cli.main)
