@@ -500,10 +500,12 @@ class _TilePlan:
   """How the S·N × S·N co-moment of a source is cut into tiles and passes.
 
   Tiles are ``W×W`` with ``W = G·N`` (G whole models, so each tile reduces to complete per-model maxima);
-  models are padded to ``Sp = NC·G``. Only tiles (i, j) with j >= i are accumulated: the co-moment is
-  symmetric, and tile (i, j) read along its columns gives chunk j's neurons against chunk i's models.
-  A pass holds the tiles of row chunks ``c0 .. c1`` (row chunk i needs ``NC - i`` tiles, so later passes
-  take more rows within the same budget) in a pool of ``n_tiles`` tiles.
+  models are padded to ``Sp = NC·G``. Only tiles (i, j) with j >= i + skip are accumulated: the co-moment
+  is symmetric, and tile (i, j) read along its columns gives chunk j's neurons against chunk i's models.
+  ``skip`` is 1 when the blocks of a model with itself are not wanted and every tile holds one model
+  (G = 1): the diagonal tiles are then exactly those blocks and are never computed. A pass holds the tiles
+  of row chunks ``c0 .. c1`` (row chunk i needs ``NC - i - skip`` tiles, so later passes take more rows
+  within the same budget) in a pool of ``n_tiles`` tiles.
   """
 
   s: int
@@ -512,6 +514,7 @@ class _TilePlan:
   nc: int
   n_tiles: int
   passes: tuple[tuple[int, int], ...]
+  skip: int = 0
 
   @property
   def w(self) -> int:
@@ -522,12 +525,13 @@ class _TilePlan:
     return self.nc * self.g
 
 
-def _tile_base(i, c0, nc):
-  """Pool index of tile (i, i) in the pass starting at row chunk c0: Σ_{c0 <= i' < i} (nc - i')."""
-  return (i - c0) * nc - (i * (i - 1) - c0 * (c0 - 1)) // 2
+def _tile_base(i, c0, nc, skip=0):
+  """Pool index of row chunk i's first tile (i, i + skip) in the pass starting at row chunk c0:
+  Σ_{c0 <= i' < i} (nc - i' - skip)."""
+  return (i - c0) * (nc - skip) - (i * (i - 1) - c0 * (c0 - 1)) // 2
 
 
-def _plan_tiles(s: int, n: int, memory_bytes: int, block_rows: int | None) -> _TilePlan:
+def _plan_tiles(s: int, n: int, memory_bytes: int, block_rows: int | None, within: bool = True) -> _TilePlan:
   g = max(1, min(s, _TILE_TARGET // n))
   max_chunks = None
   if block_rows is not None:
@@ -538,20 +542,22 @@ def _plan_tiles(s: int, n: int, memory_bytes: int, block_rows: int | None) -> _T
     g //= 2
   nc = -(-s // g)
   w = g * n
+  skip = int(not within and g == 1 and nc > 1)
   budget = memory_bytes // (4 * w * w)
-  if budget < nc:
+  if budget < nc - skip:
     raise CorrelationError(f"memory_bytes={memory_bytes} cannot hold one model's co-moment rows against all "
-                           f"{s * n} neurons ({4 * nc * w * w} bytes); raise it")
+                           f"{s * n} neurons ({4 * (nc - skip) * w * w} bytes); raise it")
   passes, c0, used_max = [], 0, 0
-  while c0 < nc:
+  last = nc - skip  # with skip, the last row chunk has no tile of its own
+  while c0 < last:
     c1, used = c0, 0
-    while c1 < nc and used + nc - c1 <= budget and (max_chunks is None or c1 - c0 < max_chunks):
-      used += nc - c1
+    while c1 < last and used + nc - c1 - skip <= budget and (max_chunks is None or c1 - c0 < max_chunks):
+      used += nc - c1 - skip
       c1 += 1
     passes.append((c0, c1))
     used_max = max(used_max, used)
     c0 = c1
-  return _TilePlan(s=s, n=n, g=g, nc=nc, n_tiles=used_max, passes=tuple(passes))
+  return _TilePlan(s=s, n=n, g=g, nc=nc, n_tiles=used_max, passes=tuple(passes), skip=skip)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -579,8 +585,8 @@ def _tiles_init(plan: _TilePlan, within: bool, pool_PxWxW=None) -> _Tiles:
                 finite=jnp.ones((), bool))
 
 
-@functools.partial(jax.jit, static_argnames=("g", "nc"), donate_argnums=0)
-def _tiles_update(st: _Tiles, x_SxBxN, b, c0, c1, *, g, nc):
+@functools.partial(jax.jit, static_argnames=("g", "nc", "skip"), donate_argnums=0)
+def _tiles_update(st: _Tiles, x_SxBxN, b, c0, c1, *, g, nc, skip):
   """Merge one (padded) batch of ``b`` inputs into the tiles of row chunks ``c0 .. c1`` (traced, so every
   pass and every batch size share one compilation). Each tile is one in-place GEMM-accumulate of the
   augmented batch (see :func:`_chan_batch`); its W×W product stays in cache. The first batch of a pass
@@ -594,7 +600,7 @@ def _tiles_update(st: _Tiles, x_SxBxN, b, c0, c1, *, g, nc):
 
   def row_chunk(i, pool):
     a_WxK = lax.dynamic_slice_in_dim(aug_MpxK, i * w, w)
-    base = _tile_base(i, c0, nc) - i
+    base = _tile_base(i, c0, nc, skip) - i - skip
 
     def tile(j, pool):
       prod_WxW = lax.dot_general(a_WxK, lax.dynamic_slice_in_dim(aug_MpxK, j * w, w), _NT,
@@ -603,7 +609,7 @@ def _tiles_update(st: _Tiles, x_SxBxN, b, c0, c1, *, g, nc):
       acc_1xWxW = jnp.where(fresh, 0.0, lax.dynamic_slice_in_dim(pool, t, 1)) + prod_WxW[None]
       return lax.dynamic_update_slice_in_dim(pool, acc_1xWxW, t, 0)
 
-    return lax.fori_loop(i, nc, tile, pool)
+    return lax.fori_loop(i + skip, nc, tile, pool)
 
   pool = lax.fori_loop(c0, c1, row_chunk, st.pool_PxWxW)
   within = st.within_SxNxN
@@ -613,8 +619,8 @@ def _tiles_update(st: _Tiles, x_SxBxN, b, c0, c1, *, g, nc):
                 finite=st.finite & finite)
 
 
-@functools.partial(jax.jit, static_argnames=("nc", "dead_rtol"), donate_argnums=0)
-def _tiles_finalize(outs, st: _Tiles, q_SpxNxN, rotinv_SpxN, c0, c1, *, nc, dead_rtol):
+@functools.partial(jax.jit, static_argnames=("nc", "skip", "dead_rtol"), donate_argnums=0)
+def _tiles_finalize(outs, st: _Tiles, q_SpxNxN, rotinv_SpxN, c0, c1, *, nc, skip, dead_rtol):
   """Write max/argmax (and the baseline) of the pass's tiles into ``outs`` (each ``Sp×N×Sp``, donated).
 
   Tile (i, j) read along rows gives chunk i's neurons against chunk j's models; read along columns, chunk
@@ -667,7 +673,7 @@ def _tiles_finalize(outs, st: _Tiles, q_SpxNxN, rotinv_SpxN, c0, c1, *, nc, dead
     return tuple(lax.dynamic_update_slice(o, v, (r * g, 0, c * g)) for o, v in zip(outs, values))
 
   def row_chunk(i, outs):
-    base = _tile_base(i, c0, nc) - i
+    base = _tile_base(i, c0, nc, skip) - i - skip
 
     def tile(j, outs):
       cov_WxW = lax.dynamic_index_in_dim(st.pool_PxWxW, base + j, keepdims=False)
@@ -675,7 +681,7 @@ def _tiles_finalize(outs, st: _Tiles, q_SpxNxN, rotinv_SpxN, c0, c1, *, nc, dead
       outs = write(outs, col_reading(cov_WxW, i, j), j, i)
       return write(outs, row_reading(cov_WxW, i, j), i, j)
 
-    return lax.fori_loop(i, nc, tile, outs)
+    return lax.fori_loop(i + skip, nc, tile, outs)
 
   return lax.fori_loop(c0, c1, row_chunk, outs), dead_SxN
 
@@ -698,7 +704,7 @@ def _batches(source: Source, bmax: int):
         yield _pad_batch(jnp.asarray(piece), bmax=bmax), b
 
 
-def _stream(source: Source, q_fn, *, memory_bytes, block_rows, dead_rtol):
+def _stream(source: Source, q_fn, *, memory_bytes, block_rows, dead_rtol, within=True):
   try:
     first = next(iter(source()))
   except StopIteration:
@@ -708,20 +714,24 @@ def _stream(source: Source, q_fn, *, memory_bytes, block_rows, dead_rtol):
   del first
   if block_rows is not None and block_rows < 1:
     raise CorrelationError(f"block_rows must be >= 1, got {block_rows}")
-  plan = _plan_tiles(s, n, memory_bytes, block_rows)
+  plan = _plan_tiles(s, n, memory_bytes, block_rows, within)
   rotation = q_fn is not None
   sp, nc = plan.sp, plan.nc
-  # Results are written in place tile by tile (donated buffers): only O(S·N·S) is ever held, once.
-  outs = tuple(jnp.zeros((sp, n, sp), dtype) for dtype in (jnp.float32, jnp.int32) * (2 if rotation else 1))
+  # The variances of rotated neurons need each model's own co-moment. One pass that accumulates every
+  # diagonal tile already holds it; otherwise the first pass collects it beside the tiles.
+  own_from_tiles = rotation and len(plan.passes) == 1 and plan.skip == 0
+  # Results are written in place tile by tile (donated buffers): only O(S·N·S) is ever held, once. Blocks
+  # never computed (a model with itself, when not asked for) keep max 0 and argmax -1.
+  outs = tuple(jnp.zeros((sp, n, sp), dtype) if dtype == jnp.float32 else jnp.full((sp, n, sp), -1, dtype)
+               for dtype in (jnp.float32, jnp.int32) * (2 if rotation else 1))
   q = rotinv = dead = count = pool = None
   for p, (c0, c1) in enumerate(plan.passes):
-    # The first pass also collects each model's own co-moment for the variances of rotated neurons.
-    st = _tiles_init(plan, within=rotation and p == 0, pool_PxWxW=pool)
+    st = _tiles_init(plan, within=rotation and p == 0 and not own_from_tiles, pool_PxWxW=pool)
     c0_, c1_ = jnp.int32(c0), jnp.int32(c1)
     for x, b in _batches(source, bmax):
       if x.shape[0] != s or x.shape[2] != n:
         raise CorrelationError(f"batch has (S, N) = {(x.shape[0], x.shape[2])}, the first had {(s, n)}")
-      st = _tiles_update(st, x, jnp.int32(b), c0_, c1_, g=plan.g, nc=nc)
+      st = _tiles_update(st, x, jnp.int32(b), c0_, c1_, g=plan.g, nc=nc, skip=plan.skip)
     if count is None:
       count = int(st.count)
       if count < 2:
@@ -732,14 +742,29 @@ def _stream(source: Source, q_fn, *, memory_bytes, block_rows, dead_rtol):
     if not bool(st.finite):
       raise CorrelationError("activations contain NaN or infinity")
     if rotation and q is None:
+      if own_from_tiles:
+        st = _own_from_tiles(st, g=plan.g, nc=nc, s=s)
       q, rotinv = _padded_rotation(q_fn(s, n), st, sp, dead_rtol)
-    outs, dead = _tiles_finalize(outs, st, q, rotinv, c0_, c1_, nc=nc, dead_rtol=dead_rtol)
+    outs, dead = _tiles_finalize(outs, st, q, rotinv, c0_, c1_, nc=nc, skip=plan.skip, dead_rtol=dead_rtol)
     pool = st.pool_PxWxW
     del st
   del pool
   if sp != s:
     outs = tuple(o[:s, :, :s] for o in outs)
   return outs, dead, s, n
+
+
+@functools.partial(jax.jit, static_argnames=("g", "nc", "s"))
+def _own_from_tiles(st: _Tiles, *, g, nc, s) -> _Tiles:
+  """``st`` with ``within_SxNxN`` read from the diagonal blocks of a single pass's diagonal tiles."""
+  n = st.mean_SxN.shape[1]
+  bases = jnp.asarray([_tile_base(i, 0, nc) for i in range(nc)], jnp.int32)
+
+  def own(m):
+    o = (m % g) * n
+    return lax.dynamic_slice(st.pool_PxWxW, (bases[m // g], o, o), (1, n, n))[0]
+
+  return dataclasses.replace(st, within_SxNxN=jax.vmap(own)(jnp.arange(s)))
 
 
 @functools.partial(jax.jit, static_argnames=("sp", "dead_rtol"))
@@ -758,8 +783,8 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
                     key: jax.Array | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES,
                     block_rows: int | None = None, block_t: int | None = None,
                     block_n: int | None = None, dead_rtol: float = DEFAULT_DEAD_RTOL,
-                    platform: str | None = None,
-                    interpret: bool | None = None) -> MaxCorrelation:
+                    platform: str | None = None, interpret: bool | None = None,
+                    within: bool = True) -> MaxCorrelation:
   """Max Pearson correlation of every neuron with each model's neurons, and its argmax.
 
   Args:
@@ -783,6 +808,10 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
     dead_rtol: a neuron is dead when its std is <= dead_rtol · max(|mean|, 1).
     platform: Pallas variant, 'tpu' or 'gpu'; default from ``jax.default_backend()`` ('tpu' on CPU).
     interpret: run Pallas in the interpreter; default True on CPU.
+    within: whether to compare each model with itself. With False, ``[i, :, i]`` holds max 0 and argmax -1
+      (baseline too) and, on the XLA path with models of at least ``_TILE_TARGET`` neurons (one model per
+      tile), the S diagonal co-moment tiles are never computed: S(S−1)/2 tiles instead of S(S+1)/2 (a third
+      of the products at 2 models). Cross-seed statistics (excess correlation) need no more.
 
   Returns:
     :class:`MaxCorrelation` with ``max_SxNxS``, ``argmax_SxNxS``, ``dead_SxN`` (and baseline fields).
@@ -793,8 +822,8 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
   q_fn = (lambda s, n: rotations(key, s, n)) if baseline == "rotation" else None
   if callable(acts_SxTxN) and not hasattr(acts_SxTxN, "shape"):
     outs, dead, s, n = _stream(acts_SxTxN, q_fn, memory_bytes=memory_bytes, block_rows=block_rows,
-                               dead_rtol=dead_rtol)
-    return _assemble(outs, dead, s, n)
+                               dead_rtol=dead_rtol, within=within)
+    return _without_self(_assemble(outs, dead, s, n), within)
   if isinstance(acts_SxTxN, Iterator):
     raise CorrelationError("a source must be a callable returning an iterator (it is read several "
                            "times), not an iterator")
@@ -820,8 +849,20 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
     # is fed to it as a source of batches; the results are the same to float32 rounding.
     batches = [acts[:, i:i + XLA_BATCH] for i in range(0, t, XLA_BATCH)]
     outs, dead, s, n = _stream(lambda: iter(batches), q_fn, memory_bytes=memory_bytes,
-                               block_rows=block_rows, dead_rtol=dead_rtol)
-  return _assemble(outs, dead, s, n)
+                               block_rows=block_rows, dead_rtol=dead_rtol, within=within)
+  return _without_self(_assemble(outs, dead, s, n), within)
+
+
+def _without_self(res: MaxCorrelation, within: bool) -> MaxCorrelation:
+  """With ``within=False``, the blocks of each model with itself as max 0 and argmax -1 on every path."""
+  if within:
+    return res
+  s = res.max_SxNxS.shape[0]
+  self_Sx1xS = jnp.eye(s, dtype=bool)[:, None, :]
+  fix = lambda x, v: None if x is None else jnp.where(self_Sx1xS, v, x)
+  return res._replace(max_SxNxS=fix(res.max_SxNxS, 0.0), argmax_SxNxS=fix(res.argmax_SxNxS, -1),
+                      baseline_max_SxNxS=fix(res.baseline_max_SxNxS, 0.0),
+                      baseline_argmax_SxNxS=fix(res.baseline_argmax_SxNxS, -1))
 
 
 def excess_correlation(acts_SxTxN, *, key: jax.Array, **kwargs) -> Excess:

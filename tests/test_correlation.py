@@ -222,21 +222,26 @@ def test_stream_compiles_once_for_every_batch_size_and_pass():
   _assert_matches(res.max_SxNxS, res.argmax_SxNxS, ref_max, ref_arg, margin, dead)
 
 
+@pytest.mark.parametrize("within", [True, False])
 @pytest.mark.parametrize("s,n,budget,block_rows", [(7, 3, 10 ** 4, None), (7, 3, 2000, None),
-                                                   (40, 16, 1 << 20, None), (9, 5, 10 ** 5, 12)])
-def test_tile_plan_covers_the_upper_triangle_once_within_budget(s, n, budget, block_rows):
-  plan = kc._plan_tiles(s, n, budget, block_rows)  # pylint: disable=protected-access
+                                                   (40, 16, 1 << 20, None), (9, 5, 10 ** 5, 12),
+                                                   (5, 600, 4 * 600 ** 2 * 6, None)])
+def test_tile_plan_covers_the_upper_triangle_once_within_budget(s, n, budget, block_rows, within):
+  plan = kc._plan_tiles(s, n, budget, block_rows, within)  # pylint: disable=protected-access
   assert plan.sp >= s and plan.sp - s < plan.g and plan.w == plan.g * n
   assert 4 * plan.n_tiles * plan.w ** 2 <= budget
+  # Diagonal tiles are skipped exactly when they hold nothing but the unwanted self blocks.
+  assert plan.skip == int(not within and plan.g == 1)
   seen = []
   for c0, c1 in plan.passes:
-    tiles = [(i, j) for i in range(c0, c1) for j in range(i, plan.nc)]
+    tiles = [(i, j) for i in range(c0, c1) for j in range(i + plan.skip, plan.nc)]
     assert len(tiles) <= plan.n_tiles
     # Pool slots of a pass are distinct and in range (the index arithmetic of the kernels).
-    slots = [int(kc._tile_base(i, c0, plan.nc)) + j - i for i, j in tiles]  # pylint: disable=protected-access
+    slots = [int(kc._tile_base(i, c0, plan.nc, plan.skip)) + j - i - plan.skip  # pylint: disable=protected-access
+             for i, j in tiles]
     assert sorted(slots) == list(range(len(tiles)))
     seen += tiles
-  assert sorted(seen) == [(i, j) for i in range(plan.nc) for j in range(i, plan.nc)]
+  assert sorted(seen) == [(i, j) for i in range(plan.nc) for j in range(i + plan.skip, plan.nc)]
   if block_rows is not None:
     assert all(c1 - c0 <= max(1, block_rows // plan.w) for c0, c1 in plan.passes)
   with pytest.raises(ValueError, match="memory_bytes"):
@@ -379,3 +384,25 @@ def test_block_sizes_follow_platform_rules():
 
 def test_auto_backend_is_xla_on_cpu():
   assert kc.resolve_backend("auto") == ("xla" if jax.default_backend() == "cpu" else "pallas")
+
+
+@pytest.mark.parametrize("s,n,memory_bytes", [(3, 520, kc.DEFAULT_MEMORY_BYTES), (3, 520, 4 * 520 ** 2 * 3),
+                                              (4, 40, kc.DEFAULT_MEMORY_BYTES)])
+def test_cross_model_blocks_only_equal_the_full_computation(s, n, memory_bytes):
+  """within=False skips each model's own tiles (one model per tile at n >= 512) or masks them (several),
+  in one pass or several; the blocks between models equal the full run's and the float64 reference."""
+  acts = _planted(11, s, 200, n)
+  key = jax.random.key(2)
+  full = kc.max_correlation(acts, backend="xla", baseline="rotation", key=key, memory_bytes=memory_bytes)
+  cross = kc.max_correlation(acts, backend="xla", baseline="rotation", key=key, memory_bytes=memory_bytes,
+                             within=False)
+  other_SxNxS = np.broadcast_to(~np.eye(s, dtype=bool)[:, None, :], (s, n, s))
+  for a, b in ((full.max_SxNxS, cross.max_SxNxS), (full.baseline_max_SxNxS, cross.baseline_max_SxNxS)):
+    np.testing.assert_allclose(np.asarray(b)[other_SxNxS], np.asarray(a)[other_SxNxS], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(cross.argmax_SxNxS)[other_SxNxS],
+                                np.asarray(full.argmax_SxNxS)[other_SxNxS])
+  assert (np.asarray(cross.max_SxNxS)[~other_SxNxS] == 0).all()
+  assert (np.asarray(cross.argmax_SxNxS)[~other_SxNxS] == -1).all()
+  ref_max, _, dead, _ = _reference(acts)
+  live = ~np.asarray(dead)[:, :, None] & other_SxNxS
+  np.testing.assert_allclose(np.asarray(cross.max_SxNxS)[live], np.asarray(ref_max)[live], atol=1e-4)

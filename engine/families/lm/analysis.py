@@ -90,30 +90,32 @@ def _update_stats(stats, pre_SxBxM, post_SxBxM, byte_B, prev_B, pos_B):
 
 
 class _Stream:
-  """A re-iterable source of post-activation batches for ``kernels.correlation``; its first full pass also
-  accumulates the per-neuron statistics (later passes, when the correlation needs several, only yield)."""
+  """A re-iterable source of post-activation batches for ``kernels.correlation``. The first iteration that
+  runs to its end also yields the per-neuron statistics (``stats``); an abandoned iteration (the kernel
+  peeks at one batch for the shapes) and later passes, when the correlation needs several, only yield."""
 
   def __init__(self, params_S, windows_WxC1, model_cfg, batch_windows: int, n_neurons: int, s: int):
     self.params, self.windows, self.bw = params_S, windows_WxC1, batch_windows
     self.forward = _forward(model_cfg)
     c = windows_WxC1.shape[1] - 1
     k = s * n_neurons
-    self.stats = (neuron_stats.moments_init(k), neuron_stats.categories_init(256, k),
+    self.empty = (neuron_stats.moments_init(k), neuron_stats.categories_init(256, k),
                   neuron_stats.categories_init(256, k), neuron_stats.categories_init(c, k))
-    self.done = False
+    self.stats = None
     self.pos = np.tile(np.arange(c, dtype=np.int32), batch_windows)
 
   def __call__(self):
-    first = not self.done
+    collect = self.stats is None
+    stats = self.empty
     for a in range(0, len(self.windows), self.bw):
       w = self.windows[a:a + self.bw]
       pre, post = self.forward(self.params, jnp.asarray(w[:, 1:], jnp.int32))
-      if first:
-        self.stats = _update_stats(self.stats, pre, post, jnp.asarray(w[:, 1:].reshape(-1), jnp.int32),
-                                   jnp.asarray(w[:, :-1].reshape(-1), jnp.int32),
-                                   jnp.asarray(self.pos[:post.shape[1]]))
+      if collect:
+        stats = _update_stats(stats, pre, post, jnp.asarray(w[:, 1:].reshape(-1), jnp.int32),
+                              jnp.asarray(w[:, :-1].reshape(-1), jnp.int32), jnp.asarray(self.pos[:post.shape[1]]))
       yield post
-    self.done = True
+    if collect:
+      self.stats = stats
 
 
 def weight_properties(params_S, model_cfg) -> dict[str, np.ndarray]:
@@ -169,6 +171,44 @@ def percentile_within_layer(x_SxLxN: np.ndarray) -> np.ndarray:
   return np.moveaxis((100.0 * ranks / max(s * n - 1, 1)).reshape(l, s, n), 0, 1)
 
 
+def neuron_table(params_S, windows_WxC1, model_cfg, key, settings: dict,
+                 batch_windows: int | None = None) -> dict[str, np.ndarray]:
+  """Every per-neuron statistic of S stacked runs read on the same windows (module docstring): arrays
+  ``[S, L, N]`` (properties, ``excess``, ``universal``, ``dead``, ``vocab_class``) and, with S >= 2, the match
+  tables ``max_corr``, ``baseline_max_corr``, ``argmax`` ``[S, L·N, S]``."""
+  l, n = int(model_cfg.n_layers), int(model_cfg.d_mlp)
+  s = jax.tree.leaves(params_S)[0].shape[0]
+  stream = _Stream(params_S, windows_WxC1, model_cfg, int(batch_windows or settings["batch_windows"]), l * n, s)
+  if s >= 2:  # each neuron against the other runs only: the statistic needs no block of a run with itself
+    corr = cross_seed.neuron_correlations(stream, key=key, universal_threshold=settings["universal_threshold"],
+                                          memory_bytes=int(settings["memory_gb"] * (1 << 30)), within=False)
+  else:  # one run: no cross-seed statistic, only the properties
+    for _ in stream():
+      pass
+    corr = None
+  shape = lambda x: np.asarray(x).reshape(s, l, n)
+  moments = {k: shape(v) for k, v in neuron_stats.moments_finalize(stream.stats[0]).items()}
+  _, class_of_byte = neuron_stats.byte_classes()
+  props = {"pre_mean": moments["mean"], "pre_var": moments["var"], "pre_skew": moments["skew"],
+           "pre_kurtosis": moments["kurtosis"], "act_freq": moments["freq_nonneg"],
+           "var_byte": shape(neuron_stats.variance_explained(stream.stats[1])),
+           "var_byte_class": shape(neuron_stats.variance_explained(stream.stats[1], class_of_byte)),
+           "var_prev_byte": shape(neuron_stats.variance_explained(stream.stats[2])),
+           "var_position": shape(neuron_stats.variance_explained(stream.stats[3]))}
+  props.update(weight_properties(params_S, model_cfg))
+  out = {k: np.asarray(v, np.float32) for k, v in props.items()}
+  out["vocab_class"] = shape(neuron_stats.prediction_class(props["vocab_skew"], props["vocab_kurtosis"],
+                                                           settings["kurtosis_threshold"])).astype(np.int8)
+  if corr is None:
+    out.update(universal=np.zeros((s, l, n), bool), dead=moments["kurtosis"] == 0)
+    return out
+  out.update(excess=shape(corr["excess_SxN"]).astype(np.float32), universal=shape(corr["universal_SxN"]),
+             dead=shape(corr["dead_SxN"]), max_corr=np.asarray(corr["max_SxNxS"], np.float32),
+             baseline_max_corr=np.asarray(corr["baseline_max_SxNxS"], np.float32),
+             argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
+  return out
+
+
 def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | None = None) -> dict:
   """One cohort: ``{"task", "aggregate", "runs", "arrays"}`` (see the module docstring)."""
   cfg = view.config
@@ -176,48 +216,17 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
   step = max(params_by_step)
   params = jax.tree.map(jnp.asarray, params_by_step[step])
   s = len(view)
-  l, n = int(gpt.n_layers), int(gpt.d_mlp)
+  l = int(gpt.n_layers)
   windows = analysis_windows(cfg, settings["tokens"])
   bw = int(batch_size or settings["batch_windows"])
-  stream = _Stream(params, windows, gpt, bw, l * n, s)
-  if s >= 2:
-    corr = cross_seed.neuron_correlations(stream, key=key, universal_threshold=settings["universal_threshold"],
-                                          memory_bytes=int(settings["memory_gb"] * (1 << 30)))
-  else:  # one seed: no cross-seed statistic, only the properties
-    for _ in stream():
-      pass
-    corr = None
-  moments = {k: np.asarray(v).reshape(s, l, n)
-             for k, v in neuron_stats.moments_finalize(stream.stats[0]).items()}
-  _, class_of_byte = neuron_stats.byte_classes()
-  shape = lambda x: np.asarray(x).reshape(s, l, n)
-  props = {"pre_mean": moments["mean"], "pre_var": moments["var"], "pre_skew": moments["skew"],
-           "pre_kurtosis": moments["kurtosis"], "act_freq": moments["freq_nonneg"],
-           "var_byte": shape(neuron_stats.variance_explained(stream.stats[1])),
-           "var_byte_class": shape(neuron_stats.variance_explained(stream.stats[1], class_of_byte)),
-           "var_prev_byte": shape(neuron_stats.variance_explained(stream.stats[2])),
-           "var_position": shape(neuron_stats.variance_explained(stream.stats[3]))}
-  props.update(weight_properties(params, gpt))
-  vocab_class = shape(neuron_stats.prediction_class(props["vocab_skew"], props["vocab_kurtosis"],
-                                                    settings["kurtosis_threshold"]))
-  arrays = {k: np.asarray(v, np.float32) for k, v in props.items()}
-  arrays["vocab_class"] = vocab_class.astype(np.int8)
-  if corr is not None:
-    excess = np.asarray(corr["excess_SxN"]).reshape(s, l, n)
-    universal = np.asarray(corr["universal_SxN"]).reshape(s, l, n)
-    dead = np.asarray(corr["dead_SxN"]).reshape(s, l, n)
-    arrays.update(excess=excess.astype(np.float32), universal=universal, dead=dead,
-                  max_corr=np.asarray(corr["max_SxNxS"], np.float32),
-                  baseline_max_corr=np.asarray(corr["baseline_max_SxNxS"], np.float32),
-                  argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
-  else:
-    universal = np.zeros((s, l, n), bool)
-    dead = shape(moments["kurtosis"]) == 0
-    arrays.update(universal=universal, dead=dead)
+  arrays = neuron_table(params, windows, gpt, key, settings, bw)
+  universal, dead, vocab_class = arrays["universal"], arrays["dead"], arrays["vocab_class"]
+  props = {k: arrays[k] for k in PROPERTIES}
+  have_corr = "excess" in arrays
   task = {"tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "windows": int(windows.shape[0]),
-          "layers": l, "d_mlp": n, "step": int(step)}
-  aggregate = _aggregate(props, vocab_class, universal, dead, arrays, corr is not None)
-  if corr is not None and universal[0].any():
+          "layers": l, "d_mlp": int(gpt.d_mlp), "step": int(step)}
+  aggregate = _aggregate(props, vocab_class, universal, dead, arrays, have_corr)
+  if have_corr and universal[0].any():
     aggregate["top_neurons"] = _top_neurons(params, windows, gpt, arrays, settings, bw, view.runs)
   runs = []
   for i in range(s):
