@@ -3,6 +3,7 @@
   python -m benchmarks.correlation                      # both cases, each in its own process
   python -m benchmarks.correlation --case small         # S=16 x N=128 neurons, T=14,400 inputs
   python -m benchmarks.correlation --case large   # S=1024 x N=128 = 131k neurons, T=512, streamed
+  python -m benchmarks.correlation --case paper   # 2 models x 2,048 neurons, T=32,768, vs Gurnee et al.
 
 The small case times, in one process, a bare ``XᵀX`` of the same (T, S·N) float32 matrix (the floor: the
 correlation costs 2·T·(S·N)² FLOPs), numpy ``corrcoef`` in float64, and ``max_correlation`` on the XLA
@@ -12,6 +13,14 @@ the upper triangle of co-moment tiles under a memory budget, several passes over
 the peak resident memory (VmHWM) of its process; its bare matmul reference is a plain 1024-row block
 product of one batch, timed before and after in the same process, times the number of such products in
 the full XᵀX. The full float64 correlation of 131k neurons (137 GB) is not attempted; 64 rows are checked.
+
+The paper case puts ``max_correlation`` (cross-model blocks only, ``within=False``, streamed in batches)
+beside the accumulator of *Universal Neurons in GPT2* (Gurnee et al. 2024, ``StreamingPearsonComputer``:
+per batch a float32 product of model 1's neurons with model 2's, added into a float64 co-moment, float64
+raw sums Σx and Σx²; correlation from raw sums at the end), written here in PyTorch with the same batches,
+reduced to the same per-neuron maxima. Both are timed best of ``--repeats`` in the same process, and both
+are checked against float64 on the same data, plain and offset by 1e3 (raw sums lose the correlation to
+cancellation there; Chan's merge does not). Needs ``pip install torch``.
 """
 
 from __future__ import annotations
@@ -181,6 +190,66 @@ def large(args):
   print(f"  max |max_correlation - float64| over 64 rows x {s} models: {err:.1e}")
 
 
+def _paper_accumulator(torch, acts_SxTxN: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """Gurnee et al.'s streaming Pearson accumulator for two models, then the max over model 2's neurons for
+  each neuron of model 1 and the other way round (their summary), as float64 arrays [N] each."""
+  a, b = (torch.from_numpy(acts_SxTxN[i]) for i in range(2))
+  n1, n2 = a.shape[1], b.shape[1]
+  s1 = torch.zeros(n1, dtype=torch.float64)
+  q1 = torch.zeros(n1, dtype=torch.float64)
+  s2 = torch.zeros(n2, dtype=torch.float64)
+  q2 = torch.zeros(n2, dtype=torch.float64)
+  s12 = torch.zeros((n1, n2), dtype=torch.float64)
+  n = 0
+  for start in range(0, a.shape[0], batch):
+    x, y = a[start:start + batch], b[start:start + batch]
+    s12 += (x.T @ y).double()                    # fp32 product, fp64 accumulation
+    s1 += x.sum(0, dtype=torch.float64)
+    q1 += (x.double() ** 2).sum(0)
+    s2 += y.sum(0, dtype=torch.float64)
+    q2 += (y.double() ** 2).sum(0)
+    n += x.shape[0]
+  num = s12 - torch.outer(s1, s2) / n
+  corr = num / torch.outer((q1 - s1 ** 2 / n).sqrt(), (q2 - s2 ** 2 / n).sqrt())
+  return corr.max(1).values.numpy(), corr.max(0).values.numpy()
+
+
+def paper(args):
+  try:
+    import torch  # noqa: PLC0415 - optional dependency of this case only
+  except ImportError:
+    print("paper case: needs torch (pip install torch)")
+    return
+  t, n, batch = args.paper_t, args.paper_n, args.paper_batch
+  flops = 2.0 * t * n * n
+  print(f"paper case: 2 models x N={n}, T={t} in batches of {batch}; the cross block is "
+        f"{flops / 1e9:.0f} GFLOP; torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"matmul {_matmul_rate():.0f} GFLOP/s (XLA)")
+  rng = np.random.default_rng(1)
+  for offset in (0.0, 1e3):
+    acts = _planted(rng, 2, t, n) + np.float32(offset)
+    acts_j = jax.device_put(acts)
+    source = lambda: (acts_j[:, a:a + batch] for a in range(0, t, batch))  # noqa: E731
+    ours = lambda: kc.max_correlation(source, within=False)  # noqa: E731
+    t_ours = _best_of(ours, args.repeats)
+    t_all = _best_of(lambda: kc.max_correlation(source), args.repeats)
+    t_paper = _best_of(lambda: _paper_accumulator(torch, acts, batch), args.repeats)
+    res = ours()
+    theirs_12, _ = _paper_accumulator(torch, acts, batch)
+    # float64 reference for 256 neurons of model 1 against all of model 2.
+    rows = rng.choice(n, 256, replace=False)
+    x = acts[0][:, rows].astype(np.float64)
+    y = acts[1].astype(np.float64)
+    x, y = x - x.mean(0), y - y.mean(0)
+    ref = ((x.T @ y) / np.outer(np.linalg.norm(x, axis=0), np.linalg.norm(y, axis=0))).max(1)
+    err_ours = float(np.abs(np.asarray(res.max_SxNxS)[0, rows, 1] - ref).max())
+    err_paper = float(np.nanmax(np.abs(theirs_12[rows] - ref)))
+    print(f"  offset {offset:6g}: ours {t_ours:7.3f} s ({flops / t_ours / 1e9:5.0f} GFLOP/s), Gurnee et al. "
+          f"accumulator {t_paper:7.3f} s ({flops / t_paper / 1e9:5.0f} GFLOP/s): ours {t_paper / t_ours:4.2f}x "
+          f"faster; max |error| vs float64: ours {err_ours:.1e}, theirs {err_paper:.1e}; with each model's "
+          f"own blocks too (within=True) {t_all:7.3f} s = {t_all / t_ours:4.2f}x the cross-only pass")
+
+
 def _matmul_rate() -> float:
   a = jnp.ones((2048, 2048), jnp.float32)
   f = jax.jit(lambda a: a @ a)
@@ -189,7 +258,7 @@ def _matmul_rate() -> float:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--case", choices=["all", "small", "large"], default="all")
+  p.add_argument("--case", choices=["all", "small", "large", "paper"], default="all")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--small_models", type=int, default=16)
   p.add_argument("--small_n", type=int, default=128)
@@ -201,16 +270,19 @@ def main(argv=None):
   p.add_argument("--large_batch", type=int, default=256)
   p.add_argument("--large_baseline", action="store_true", help="also compute the rotation baseline")
   p.add_argument("--memory_bytes", type=int, default=1 << 30)
+  p.add_argument("--paper_n", type=int, default=2_048)
+  p.add_argument("--paper_t", type=int, default=32_768)
+  p.add_argument("--paper_batch", type=int, default=4_096)
   args = p.parse_args(argv)
   if args.case == "all":
     # Separate processes: the large case's peak memory must not include the small case's arrays.
     forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("case", "large_baseline")]
     forward += ["--large_baseline"] if args.large_baseline else []
-    for case in ("small", "large"):
+    for case in ("small", "large", "paper"):
       subprocess.run([sys.executable, "-m", "benchmarks.correlation", f"--case={case}", *forward],
                      check=True, env=os.environ)
     return
-  small(args) if args.case == "small" else large(args)
+  {"small": small, "large": large, "paper": paper}[args.case](args)
 
 
 if __name__ == "__main__":

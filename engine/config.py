@@ -2,7 +2,8 @@
 
 Sections by concern::
 
-  family                 the task family (engine.families): "group" (composition in finite groups)
+  family                 the task family (engine.families): "group" (composition in finite groups) or "lm"
+                         (byte-level language modelling)
   seeds, seed, seed_offset   seeds per grid point, the base seed, the first seed number
   steps, eval_every, batch_size, num_checkpoints   the schedule, shared by every run
   task.*                 the family's task and its sweep axes (e.g. task.groups, task.train_frac)
@@ -38,7 +39,8 @@ SCHEDULES = ("constant", "cosine")
 
 
 def default_config(family: str = "group") -> ml_collections.ConfigDict:
-  """The defaults of ``family`` (for "group": the Chughtai et al. (2023) MLP on S5, full-batch AdamW)."""
+  """The defaults of ``family`` (for "group": the Chughtai et al. (2023) MLP on S5, full-batch AdamW; for
+  "lm": a 2-layer byte transformer on the Python standard library, minibatch AdamW with a cosine schedule)."""
   cfg = ml_collections.ConfigDict()
   cfg.family = family
   cfg.seeds = 1              # seeds per grid point (the innermost sweep axis)
