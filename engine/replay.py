@@ -86,6 +86,8 @@ class Run:
       # Format-1 rows carry no cohort: it is a function of the row.
       self._shared["runs"] = [r if "cohort" in r else dict(r, cohort=family.cohort_name(r))
                               for r in rundir.read_runs(self.workdir)]
+      if not self._shared["runs"]:
+        raise rundir.RunDirError(f"{self.workdir}: {rundir.RUNS} lists no run")
     n = len(self._shared["runs"])
     self.index = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
 

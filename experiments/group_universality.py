@@ -5,10 +5,13 @@ r"""Train many seeds on composition in finite groups, then compare which feature
   python -m experiments.group_universality --workdir=runs/x --config.task.groups=S4,D6,C24 --config.seeds=64
 
 Relaunching the same command resumes from the newest checkpoint. On a TPU pod or a multi-GPU cluster add
-``--distributed`` (every process runs the same command; see BUILD.md).
+``--distributed`` (every process runs the same command; see BUILD.md). Bad flags, config files and configs
+end with one line ``error: ...`` on stderr and exit status 2.
 """
 
+import difflib
 import os
+import re
 import sys
 
 from absl import app
@@ -18,9 +21,8 @@ from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"), "Study config file (get_config()).",
-    lock_config=True)
+_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
+_CONFIG = None  # the --config flag's holder; defined while parsing (see _parse_flags)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints, report.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() before anything else (a TPU pod or a multi-host "
@@ -40,11 +42,96 @@ def _cluster_detected() -> bool:
   return any(os.environ.get(k) for k in keys)
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_path(argv) -> str:
+  """The --config file named on the command line (without a ``:args`` suffix), or the default."""
+  path = _DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path.split(":", 1)[0]
+
+
+def _config_file_error(path: str, error: BaseException) -> str:
+  """Why the config file ``path`` failed to load with ``error``, checked without running the file again."""
+  if not os.path.isfile(path):
+    return f"--config: no such config file {path}"
+  try:
+    with open(path) as f:
+      compile(f.read(), path, "exec")
+  except SyntaxError as e:
+    return f"--config: syntax error in {path} line {e.lineno}: {e.msg}"
+  except (OSError, ValueError) as e:
+    return f"--config: cannot read {path}: {e}"
+  chain = []  # ml_collections wraps the file's own exception, sometimes twice
+  while error is not None and len(chain) < 8:
+    chain.append(str(error))
+    error = error.__cause__ or error.__context__
+  if any("get_config" in text for text in chain):
+    return f"--config: {path} does not define get_config()"
+  lines = [line.strip() for text in chain for line in text.splitlines() if line.strip()]
+  return f"--config: cannot load {path}: {lines[-1] if lines else 'unknown error'}"
+
+
+def _unknown_field_error(e: Exception, argv) -> str:
+  """An unknown ``--config.FIELD`` override, named with its closest existing field."""
+  while e.args and isinstance(e.args[0], Exception):  # ml_collections wraps a KeyError in an AttributeError
+    e = e.args[0]
+  text = str(e.args[0]) if e.args else str(e)
+  key = text.strip().splitlines()[0].strip("\"' ")
+  flag = next((a.split("=", 1)[0] for a in argv if re.match(rf"--config\.(\w+\.)*{re.escape(key)}(=|$)", a)),
+              f"--config.{key}")
+  from engine import config as config_lib  # the default study's field names, for the suggestion
+  fields = sorted(_dotted(config_lib.default_config().to_dict()))
+  close = difflib.get_close_matches(flag[len("--config."):], fields, n=1) or \
+      [f for f in fields if difflib.get_close_matches(key, [f.rsplit(".", 1)[-1]])][:1]
+  return f"{flag}: no such config field" + (f" (did you mean --config.{close[0]}?)" if close else "")
+
+
+def _dotted(d: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in d.items():
+    out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+  return out
+
+
+def _parse_flags(argv):
+  """absl flag parsing with every bad flag, config file or override reported as one ``error:`` line.
+
+  The --config flag is defined here rather than at import: ml_collections applies the ``--config.*``
+  overrides when the flag is defined, and an unknown field would otherwise end the import in a traceback.
+  """
+  global _CONFIG
+  try:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Study config file (get_config()).", lock_config=True)
+    rest = flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    if "get_config" in str(e):
+      _fail(_config_file_error(_config_path(argv), e))
+    _fail(_unknown_field_error(e, argv))
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except Exception as e:  # ml_collections raises OSError, SyntaxError and more for a config file that fails
+    _fail(_config_file_error(_config_path(argv), e))
+  try:
+    _CONFIG.value.lock()  # a config file that failed to load raises here, on first access
+  except Exception as e:
+    _fail(_config_file_error(_config_path(argv), e))
+  return rest
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+    _fail("--workdir is required")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   import jax
@@ -61,4 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,131 @@
+"""Bad input and damaged run directories: size limits, damaged metrics, silent checkpoint corruption, one-line
+errors. Every refusal is checked for its one line, its exit status and a run directory left byte for byte."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from engine import checkpoint, launch, replay, rundir, train
+from tests.helpers import group_config, set_fields
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--config.task.groups=C5", "--config.seeds=2", "--config.model.mlp.embed_dim=8",
+         "--config.model.mlp.hidden=8", "--config.steps=40", "--config.eval_every=10",
+         "--config.num_checkpoints=3", "--config.opt.lr=1e-3", "--config.task.train_frac=0.4"]
+
+
+def tiny_config(**overrides):
+  """The study of FLAGS: C5, two seeds, 40 steps, checkpoints at steps 0, 10 and 40."""
+  cfg = group_config(groups="C5", embed_dim=8, hidden=8, analyze=False)
+  cfg.seeds, cfg.steps, cfg.eval_every, cfg.num_checkpoints = 2, 40, 10, 3
+  return set_fields(cfg, **overrides)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A finished tiny study; tests copy it before touching it."""
+  workdir = tmp_path_factory.mktemp("hardening") / "study"
+  launch.run_study(tiny_config(), str(workdir), progress=False)
+  return workdir
+
+
+@pytest.fixture
+def study(finished, tmp_path):
+  workdir = tmp_path / "study"
+  shutil.copytree(finished, workdir)
+  return workdir
+
+
+def snapshot(workdir) -> dict[str, bytes]:
+  """Every file of a directory tree by relative path, with its bytes."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, workdir)] = f.read()
+  return out
+
+
+def final_params(workdir, step=None):
+  trainer = train.make_train(tiny_config())
+  with checkpoint.Checkpointer(os.path.join(workdir, rundir.CHECKPOINTS), read_only=True) as ckpt:
+    at, state = ckpt.restore(train.host_state_spec(trainer), step=step, fallback=False)
+  return at, jax.tree.map(np.asarray, state)
+
+
+_MEASURED = ("import atexit, resource, runpy, sys; "
+             "atexit.register(lambda: sys.stderr.write("
+             "f'maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n')); "
+             "sys.argv = ['group_universality'] + sys.argv[1:]; "
+             "runpy.run_module('experiments.group_universality', run_name='__main__')")
+
+
+def cli(workdir, *flags, timeout=120):
+  """The entry point in a fresh process, which reports its own peak RSS on exit. Returns (result, error
+  lines, peak RSS in bytes, seconds)."""
+  cmd = [sys.executable, "-c", _MEASURED, f"--workdir={workdir}", "--noprogress", "--noanalyze", *flags]
+  t0 = time.perf_counter()
+  res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=timeout)
+  seconds = time.perf_counter() - t0
+  lines = [l for l in res.stderr.splitlines() if not l.startswith("maxrss_kb=")]
+  rss = [int(l.split("=")[1]) * 1024 for l in res.stderr.splitlines() if l.startswith("maxrss_kb=")]
+  return res, lines, (rss[0] if rss else None), seconds
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. One-line errors.
+
+
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize("case", ["unknown_field", "missing_file", "syntax_error", "no_get_config"])
+def test_cli_config_errors_are_one_line_exit_2(study, tmp_path, case):
+  flags, needle = {
+      "unknown_field": (["--config.grups=S5"], "--config.grups: no such config field (did you mean "
+                                               "--config.task.groups?)"),
+      "missing_file": ([f"--config={tmp_path / 'nope.py'}"], "no such config file"),
+      "syntax_error": ([f"--config={_write(tmp_path / 'bad.py', 'def get_config(:')}"], "syntax error in"),
+      "no_get_config": ([f"--config={_write(tmp_path / 'none.py', 'x = 1')}"], "does not define get_config()"),
+  }[case]
+  before = snapshot(study)
+  res, lines, _, _ = cli(study, *flags)
+  assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+  assert lines[0].startswith("error: ") and needle in lines[0], lines
+  assert snapshot(study) == before
+
+
+def test_replay_open_refuses_missing_or_empty_runs(study):
+  os.remove(study / rundir.RUNS)
+  with pytest.raises(rundir.RunDirError, match=r"is not a run directory \(no runs.json\)"):
+    replay.open(str(study))
+  (study / rundir.RUNS).write_text("[]\n")
+  before = snapshot(study)
+  with pytest.raises(rundir.RunDirError, match="runs.json lists no run"):
+    replay.open(str(study))
+  with pytest.raises(rundir.RunDirError, match="not a run directory"):
+    replay.open(str(study / "nowhere"))
+  assert snapshot(study) == before
+
+
+def test_apply_refuses_empty_inputs_and_batch_size_zero(finished):
+  with replay.open(str(finished)) as run:
+    empty = np.zeros((0,), np.int32)
+    with pytest.raises(ValueError, match=r"^apply: no inputs \(B = 0\)"):
+      run.apply(None, (empty, empty))
+    for bad in (0, -1, 1.5, True):
+      with pytest.raises(ValueError, match=r"^apply: batch_size must be a positive integer or None"):
+        run.apply(None, batch_size=bad)
+    logits, _ = run.apply(None, batch_size=7)  # 25 pairs in batches of 7
+    np.testing.assert_array_equal(logits, run.apply(None)[0])
