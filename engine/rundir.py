@@ -7,7 +7,9 @@ Nothing in it is executed, evaluated or unpickled.
   runs.json          one row per leading index of the stacked state (``Row``)
   metrics.jsonl      one JSON object per evaluation: "step", each metric as a list over runs, and
                      "newly_diverged" (run names)
-  checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/
+  checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
+                     checkpoints/<step>/sha256.json: the checksum of every file of the step, written once
+                     Orbax has committed it (``write_checksums``, ``verify_checksums``)
   analysis/summary.json   written by engine.analysis.driver
   report/            written by engine.report
   .lock              held (flock) by the launch that writes the directory
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 from typing import Any, Iterator, Sequence
@@ -35,6 +38,7 @@ RUNS = "runs.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
+CHECKSUMS = "sha256.json"             # inside a checkpoint's step directory
 ANALYSIS = "analysis"
 SUMMARY = os.path.join(ANALYSIS, "summary.json")
 REPORT = "report"
@@ -248,6 +252,54 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
     return {"step": np.zeros((0,), np.int64)}
   keys = [k for k in records[0] if k != "newly_diverged"]
   return {k: np.asarray([r[k] for r in records]) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints/<step>/sha256.json
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, step_dir)
+      if rel == CHECKSUMS or rel.startswith(CHECKSUMS + ".tmp-"):
+        continue
+      digest = hashlib.sha256()
+      with open(full, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      out[rel] = digest.hexdigest()
+  return out
+
+
+def write_checksums(step_dir: str) -> None:
+  """Writes the sha256 of every file of a committed checkpoint step directory into it."""
+  text = json.dumps({"sha256": _file_digests(step_dir)}, indent=1, sort_keys=True)
+  atomic_write(os.path.join(step_dir, CHECKSUMS), text + "\n")
+
+
+def has_checksums(step_dir: str) -> bool:
+  return os.path.isfile(os.path.join(step_dir, CHECKSUMS))
+
+
+def verify_checksums(step_dir: str) -> str | None:
+  """None when every file listed in the step's checksums is present and intact, else what is wrong."""
+  try:
+    with open(os.path.join(step_dir, CHECKSUMS)) as f:
+      expected = json.load(f)["sha256"]
+    if not isinstance(expected, dict) or not expected:
+      raise ValueError("no files listed")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"unreadable {CHECKSUMS}: {e}"
+  found = _file_digests(step_dir)
+  for rel, digest in sorted(expected.items()):
+    if rel not in found:
+      return f"file {rel} is missing"
+    if found[rel] != digest:
+      return f"checksum mismatch in {rel}"
+  return None
 
 
 # ---------------------------------------------------------------------------------------------------
