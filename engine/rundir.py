@@ -6,7 +6,9 @@ Nothing in it is executed, evaluated or unpickled.
   config.json        {"format_version": 2, "config": the study's config} (execution settings excluded)
   runs.json          one row per leading index of the stacked state (``Row``)
   metrics.jsonl      one JSON object per evaluation: "step", each metric as a list over runs, and
-                     "newly_diverged" (run names)
+                     "newly_diverged" (run names); a line that does not read as such a record is damaged:
+                     readers skip it, and a relaunch keeps the file as it was in
+                     metrics.jsonl.damaged-<time> before rewriting it without the damaged lines
   checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
                      checkpoints/<step>/sha256.json: the checksum of every file of the step, written once
                      Orbax has committed it (``write_checksums``, ``verify_checksums``)
@@ -28,7 +30,8 @@ import fcntl
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Sequence
+import time
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -39,6 +42,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 CHECKSUMS = "sha256.json"             # inside a checkpoint's step directory
+DAMAGED_SUFFIX = ".damaged-"          # metrics.jsonl.damaged-<time>: a metrics log as found, kept aside
 ANALYSIS = "analysis"
 SUMMARY = os.path.join(ANALYSIS, "summary.json")
 REPORT = "report"
@@ -203,35 +207,72 @@ def read_runs(workdir: str) -> list[dict]:
 # metrics.jsonl
 
 
-def _metric_lines(file_path: str) -> list[str]:
-  """The readable lines of a metrics log, in order; reading stops at the first damaged line."""
-  out = []
-  with open(file_path) as f:
-    for line in f:
+class MetricLines(NamedTuple):
+  """A metrics log as read: the valid lines (text) and their records, in file order, and the 1-based
+  numbers of the damaged lines (cut by a crash, edited, or not a metrics record)."""
+  lines: list[str]
+  records: list[dict]
+  damaged: list[int]
+
+
+def _is_record(record: Any, keys: set | None) -> bool:
+  step = record.get("step") if isinstance(record, dict) else None
+  return (isinstance(step, int) and not isinstance(step, bool)
+          and (keys is None or keys <= set(record)))
+
+
+def read_metric_lines(file_path: str) -> MetricLines:
+  """Every readable record of a metrics log; a damaged line is skipped, never the lines after it."""
+  out = MetricLines([], [], [])
+  keys = None  # the first record's fields: a later record without one of them is damaged
+  with open(file_path, errors="replace") as f:
+    for number, line in enumerate(f, 1):
       line = line.strip()
       if not line:
         continue
       try:
-        json.loads(line)
+        record = json.loads(line)
       except ValueError:
-        break  # a line cut by a crash: drop it and everything after it
-      out.append(line)
+        record = None
+      if not _is_record(record, keys):
+        out.damaged.append(number)
+        continue
+      keys = keys if keys is not None else set(record)
+      out.lines.append(line)
+      out.records.append(record)
   return out
 
 
 class MetricsLog:
-  """metrics.jsonl, appended one line per evaluation; truncated to the resumed step on relaunch."""
+  """metrics.jsonl, appended one line per evaluation; on relaunch cut back to the resumed step.
+
+  Lines after the resumed step are dropped because the resumed run logs those steps again. Damaged lines are
+  skipped, not the valid lines after them; when there are any, the file as it was is first kept aside as
+  ``metrics.jsonl.damaged-<time>`` (``aside``) and their line numbers are in ``damaged``. ``steps`` are the
+  logged steps kept and ``last`` the last record kept (None when none).
+  """
 
   def __init__(self, workdir: str, resume_step: int | None, enabled: bool):
     self.path = path(workdir, METRICS)
     self.enabled = enabled
+    self.damaged: list[int] = []
+    self.aside: str | None = None
+    self.steps: set[int] = set()
+    self.last: dict | None = None
     if not enabled:
       return
-    if resume_step is None:
+    if resume_step is None or not os.path.exists(self.path):
       atomic_write(self.path, "")
-    elif os.path.exists(self.path):
-      kept = [line for line in _metric_lines(self.path) if json.loads(line)["step"] <= resume_step]
-      atomic_write(self.path, "".join(line + "\n" for line in kept))
+      return
+    found = read_metric_lines(self.path)
+    kept = [(line, r) for line, r in zip(found.lines, found.records) if r["step"] <= resume_step]
+    if found.damaged:
+      self.damaged = found.damaged
+      self.aside = f"{self.path}{DAMAGED_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+      os.replace(self.path, self.aside)
+    atomic_write(self.path, "".join(line + "\n" for line, _ in kept))
+    self.steps = {r["step"] for _, r in kept}
+    self.last = kept[-1][1] if kept else None
 
   def append(self, record: dict) -> None:
     if not self.enabled:
@@ -239,6 +280,8 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
+    self.steps.add(int(record["step"]))
+    self.last = record
 
 
 def has_metrics(workdir: str) -> bool:
@@ -246,8 +289,8 @@ def has_metrics(workdir: str) -> bool:
 
 
 def read_metrics(workdir: str) -> dict[str, np.ndarray]:
-  """metrics.jsonl as arrays: "step" [E] and every metric [E, S]."""
-  records = [json.loads(line) for line in _metric_lines(path(workdir, METRICS))]
+  """metrics.jsonl as arrays: "step" [E] and every metric [E, S] (damaged lines skipped)."""
+  records = read_metric_lines(path(workdir, METRICS)).records
   if not records:
     return {"step": np.zeros((0,), np.int64)}
   keys = [k for k in records[0] if k != "newly_diverged"]

@@ -82,6 +82,34 @@ def cli(workdir, *flags, timeout=120):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 2. metrics.jsonl: damaged lines.
+
+
+def test_damaged_metrics_lines_are_kept_aside_and_the_cut_last_line_is_recomputed(study, capsys):
+  lines = (study / rundir.METRICS).read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [10, 20, 30, 40]
+  damaged = "\n".join([lines[0], "{not json", lines[2], lines[3][: len(lines[3]) // 2]])
+  (study / rundir.METRICS).write_text(damaged)
+  assert rundir.read_metrics(str(study))["step"].tolist() == [10, 30]  # readers skip, never stop
+  capsys.readouterr()
+  launch.run_study(tiny_config(), str(study), progress=False)
+  printed = capsys.readouterr().out
+  assert "2 damaged line(s) of metrics.jsonl skipped (line 2, 4)" in printed
+  assert "Recomputed the metrics of step 40 from its checkpoint" in printed
+  aside = [p for p in os.listdir(study) if p.startswith(rundir.METRICS + rundir.DAMAGED_SUFFIX)]
+  assert len(aside) == 1 and (study / aside[0]).read_text() == damaged  # the file as found, byte for byte
+  now = (study / rundir.METRICS).read_text().splitlines()
+  assert now[:2] == [lines[0], lines[2]]  # every valid line survives unchanged
+  original, recomputed = json.loads(lines[3]), json.loads(now[2])
+  assert recomputed["step"] == 40 and recomputed.keys() == original.keys()
+  for k in ("train_loss", "train_acc", "test_loss", "test_acc", "diverged"):
+    np.testing.assert_array_equal(recomputed[k], original[k])
+  with replay.open(str(study)) as run:  # what the summary's "final" is read from
+    assert all(m is not None and m["test_acc"] == v
+               for m, v in zip(run.metrics_at(40).values(), original["test_acc"]))
+
+
+# ---------------------------------------------------------------------------------------------------
 # 3. Checkpoint checksums.
 
 
