@@ -6,8 +6,10 @@ from the newest restorable checkpoint; the final state equals an uninterrupted r
 relaunch with a different study config is refused; execution settings (``config.exec``) may differ. Only
 process 0 writes files other than checkpoints.
 
-A relaunch whose metrics log lost the line of the step it resumes from recomputes that line from the
-checkpoint.
+A launch is checked against the memory it may use (``engine.budget``) before anything is built, and writes
+config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
+config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
+the step it resumes from recomputes that line from the checkpoint.
 
 This is the top of the engine: nothing else in it imports this module.
 """
@@ -25,6 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from engine import budget
 from engine import checkpoint as checkpoint_lib
 from engine import config as config_lib
 from engine import families
@@ -88,18 +91,25 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   Returns a dict with the workdir, the final step, the final metrics per run and the paths written.
   """
   config_lib.validate(cfg)
+  budget.check(cfg, jax.devices())  # before anything is built or written
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     rundir.check_writable(workdir)
   lock = rundir.lock(workdir) if is_main else contextlib.nullcontext()
   with lock:
-    resuming = rundir.check_or_write_config(workdir, config_lib.identity(cfg)) if is_main else True
+    identity = config_lib.identity(cfg)
+    resuming = rundir.check_config(workdir, identity) if is_main else True
     trainer = train_lib.make_train(cfg, mesh=make_mesh())
     rows = _runs_rows(trainer)
-    if is_main:
-      rundir.write_runs(workdir, rows)
-    final = _train_loop(cfg, trainer, rows, workdir, resuming, progress and is_main, is_main)
+
+    def started():  # the state exists (initialised or restored): the run directory may now name the study
+      if is_main:
+        if not resuming:
+          rundir.write_config(workdir, identity)
+        rundir.write_runs(workdir, rows)
+
+    final = _train_loop(cfg, trainer, rows, workdir, started, progress and is_main, is_main)
     if cfg.exec.analyze if analyze is None else analyze:  # under the lock: no launch may write meanwhile
       final.update(_analyze_and_report(workdir, progress=progress and is_main))
   if is_main:
@@ -108,10 +118,10 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   return final
 
 
-def _train_loop(cfg, trainer, rows, workdir, resuming, show_progress, is_main) -> dict[str, Any]:
+def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) -> dict[str, Any]:
   schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
   with checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt:
-    return _train_with(cfg, trainer, rows, workdir, resuming, show_progress, is_main, schedule, ckpt)
+    return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt)
 
 
 def _record(at_step: int, m: dict, names: list[str], was_diverged: np.ndarray) -> tuple[dict, list[str]]:
@@ -148,7 +158,7 @@ def _recompute_missing(trainer, state, step, log, names) -> dict | None:
   return m
 
 
-def _train_with(cfg, trainer, rows, workdir, resuming, show_progress, is_main, schedule, ckpt):
+def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt):
   state = trainer.init()
   step = 0
   was_diverged = np.zeros(len(rows), dtype=bool)
@@ -160,8 +170,9 @@ def _train_with(cfg, trainer, rows, workdir, resuming, show_progress, is_main, s
     logging.info("resuming %s from step %d", workdir, step)
     if is_main:
       print(f"Resuming from checkpoint at step {step}", flush=True)
-  elif resuming and is_main:
+  elif os.path.exists(rundir.path(workdir, rundir.CONFIG)) and is_main:
     print("No checkpoint found in an existing workdir: starting from step 0", flush=True)
+  started()
   log = _open_log(workdir, step, resumed, is_main)
   names = [r["name"] for r in rows]
   last = _recompute_missing(trainer, state, step, log, names) if step else None

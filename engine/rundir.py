@@ -162,8 +162,12 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def check_or_write_config(workdir: str, config: dict) -> bool:
-  """Writes config.json, or checks that the existing one holds the same study. Returns True when resuming."""
+def check_config(workdir: str, config: dict) -> bool:
+  """Checks that an existing config.json holds the same study (it is never rewritten). True when it exists.
+
+  A launch calls this first and ``write_config`` only once it is known to start, so a refused or crashed
+  launch leaves no config.json that would bind the directory to a study that never ran.
+  """
   if os.path.exists(path(workdir, CONFIG)):
     old = read_config(workdir)
     diff = config_differences(old, config)
@@ -171,7 +175,6 @@ def check_or_write_config(workdir: str, config: dict) -> bool:
       raise RunDirError(f"workdir {workdir} belongs to a different config (differs in: {', '.join(diff)}); "
                         "use a new workdir or the same config")
     return True
-  write_config(workdir, config)
   return False
 
 

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from engine import checkpoint, launch, replay, rundir, train
+from engine import budget, checkpoint, launch, replay, rundir, train
+from engine import config as config_lib
 from tests.helpers import group_config, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +80,81 @@ def cli(workdir, *flags, timeout=120):
   lines = [l for l in res.stderr.splitlines() if not l.startswith("maxrss_kb=")]
   rss = [int(l.split("=")[1]) * 1024 for l in res.stderr.splitlines() if l.startswith("maxrss_kb=")]
   return res, lines, (rss[0] if rss else None), seconds
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The size of a launch.
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--config.task.groups=C5", "--config.seeds=10000000"], "10000000 runs"),
+    (["--config.task.groups=S7", "--config.seeds=1"], "activations of one step 1.3 TB"),
+])
+def test_launch_too_large_is_refused_fast_and_small(tmp_path, flags, needle):
+  res, lines, rss, seconds = cli(tmp_path / "w", *flags)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: launch needs about") and needle in lines[0], lines
+  assert "memory_budget_gb" in lines[0]
+  assert rss is not None and rss < 2 * 2**30, rss
+  assert seconds < 30, seconds  # a few seconds of which most is importing JAX; nothing is built
+  assert not (tmp_path / "w").exists()
+
+
+def test_budget_flag_refuses_then_admits_and_never_touches_the_run_directory(study, tmp_path):
+  before = snapshot(study)
+  with pytest.raises(budget.BudgetError, match=r"^launch needs about .* \(config.exec.memory_budget_gb\)"):
+    launch.run_study(tiny_config(steps=60, **{"exec.memory_budget_gb": 1e-6}), str(study), progress=False)
+  assert snapshot(study) == before  # refused before the lock, config.json or a checkpoint is touched
+  fresh = tmp_path / "fresh"
+  with pytest.raises(budget.BudgetError):
+    launch.run_study(tiny_config(**{"exec.memory_budget_gb": 1e-6}), str(fresh), progress=False)
+  assert not fresh.exists()
+  out = launch.run_study(tiny_config(**{"exec.memory_budget_gb": 1.0}), str(fresh), progress=False)
+  assert out["step"] == 40 and (fresh / rundir.CONFIG).exists()
+
+
+def test_estimate_counts_runs_without_building_them():
+  cfg = tiny_config(seeds=10**7, lr="1e-3,1e-2")
+  est = budget.estimate(cfg, n_devices=8, on_cpu=True)
+  assert est.n_runs == 2 * 10**7 and est.runs_per_device == 2 * 10**7 // 8
+  one = budget.estimate(tiny_config(seeds=1), n_devices=1, on_cpu=True)
+  stacked = jax.eval_shape(train.make_train(tiny_config(seeds=1)).init).params  # over the padded runs
+  params = sum(x.size // x.shape[0] * x.dtype.itemsize for x in jax.tree.leaves(stacked))
+  assert one.state == budget.STATE_COPIES * params  # the model's own init, abstractly
+  with pytest.raises(ValueError, match="memory_budget_gb"):
+    config_lib.validate(tiny_config(**{"exec.memory_budget_gb": -1.0}))
+
+
+def test_launch_that_crashes_at_startup_leaves_no_config(tmp_path, monkeypatch):
+  def broken(*args, **kwargs):
+    raise ValueError("cannot build the task")
+  monkeypatch.setattr(launch.train_lib, "make_train", broken)
+  with pytest.raises(ValueError, match="cannot build the task"):
+    launch.run_study(tiny_config(), str(tmp_path / "w"), progress=False)
+  assert not (tmp_path / "w" / rundir.CONFIG).exists()
+  monkeypatch.undo()
+  # The directory is not bound to the study that never started: another config launches in it.
+  assert launch.run_study(tiny_config(seeds=1), str(tmp_path / "w"), progress=False)["step"] == 40
+
+
+def test_replay_refuses_config_that_disagrees_with_runs_or_checkpoint(study):
+  stored = json.loads((study / rundir.CONFIG).read_text())
+  stored["config"]["seeds"] = 10**7
+  (study / rundir.CONFIG).write_text(json.dumps(stored))
+  before = snapshot(study)
+  t0 = time.perf_counter()
+  with pytest.raises(rundir.RunDirError, match="describes 10000000 runs but runs.json lists 2"):
+    replay.open(str(study))
+  assert time.perf_counter() - t0 < 5
+  assert snapshot(study) == before
+  stored["config"]["seeds"] = 2
+  stored["config"]["model"]["mlp"]["hidden"] = 16  # same run count, other shapes than the checkpoint's
+  (study / rundir.CONFIG).write_text(json.dumps(stored))
+  before = snapshot(study)
+  with replay.open(str(study)) as run:
+    with pytest.raises(rundir.RunDirError, match=r"checkpoint 40 does not match config.json .*\(2, 8, 5\)"):
+      run.params()
+  assert snapshot(study) == before
 
 
 # ---------------------------------------------------------------------------------------------------
