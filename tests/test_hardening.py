@@ -125,6 +125,30 @@ def test_estimate_counts_runs_without_building_them():
     config_lib.validate(tiny_config(**{"exec.memory_budget_gb": -1.0}))
 
 
+class _FakeAccelerator:
+  platform, process_index = "gpu", 0
+
+  def __init__(self, bytes_limit):
+    self.bytes_limit = bytes_limit
+
+  def memory_stats(self):
+    return {"bytes_limit": self.bytes_limit}
+
+
+def test_accelerator_budget_is_the_smallest_device_limit(monkeypatch):
+  cfg = tiny_config(seeds=64)
+  est = budget.estimate(cfg, n_devices=2, on_cpu=False)
+  assert est.runs_per_device == 32  # on accelerators all runs of a device are vmapped together:
+  assert est.device == 32 * (est.state + est.data) + 32 * (2 * est.state + est.step)
+  monkeypatch.setattr(budget, "host_ram_available", lambda: 10 * est.host)
+  assert budget.check(cfg, [_FakeAccelerator(est.device + 1), _FakeAccelerator(10**12)]) == est
+  with pytest.raises(budget.BudgetError, match=r"per device but the budget is .* \(device memory\)"):
+    budget.check(cfg, [_FakeAccelerator(10**12), _FakeAccelerator(est.device - 1)])
+  monkeypatch.setattr(budget, "host_ram_available", lambda: est.host - 1)
+  with pytest.raises(budget.BudgetError, match=r"in host RAM but the budget is .* \(host RAM available\)"):
+    budget.check(cfg, [_FakeAccelerator(10**12)] * 2)
+
+
 def test_launch_that_crashes_at_startup_leaves_no_config(tmp_path, monkeypatch):
   def broken(*args, **kwargs):
     raise ValueError("cannot build the task")
