@@ -4,15 +4,22 @@ A run directory holds ``checkpoints/<step>/state`` (Orbax, written asynchronousl
 by every process of a multi-host job). Steps follow a log-spaced schedule plus the last step, because the
 analyses need early checkpoints to find the order in which features are learned.
 
-Restoring picks the newest checkpoint that restores cleanly: a truncated or corrupt one is reported with a
-warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside ``checkpoints/`` (never deleted; a
-read-only reader only skips it), and the previous one is used.
+Once Orbax has committed a step (saves are asynchronous: at the next save, or at ``close``), process 0 writes
+the sha256 of every file of the step into it (``engine.rundir.write_checksums``). A restore first verifies
+them, so a flipped byte that Orbax would read without complaint is caught. A step without checksums — written
+by an older engine, or the newest step of a launch killed before sealing it — is verified only by restoring
+it (noted in the log).
+
+Restoring picks the newest checkpoint that verifies and restores cleanly: a truncated or corrupt one is
+reported with a one-line warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside
+``checkpoints/`` (never deleted; a read-only reader only skips it), and the previous one is used.
 """
 
 from __future__ import annotations
 
 import logging as pylogging
 import os
+import sys
 import time
 from typing import Any
 
@@ -20,6 +27,29 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from engine import rundir
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """Drops the "Event loop is closed" errors of a failed restore from ``sys.unraisablehook`` (once).
+
+  When Orbax gives up on a corrupt checkpoint it closes its event loop while TensorStore still completes the
+  reads in flight; each completion raises in a TensorStore thread and would print a traceback, burying the
+  one-line warning. Every other unraisable error goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._drops_closed_loop = True
+  sys.unraisablehook = hook
 
 
 class CheckpointError(RuntimeError):
@@ -65,6 +95,7 @@ class Checkpointer:
       extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
           primary_host=me, active_processes={me})
     self.read_only = read_only
+    self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
     absl_logger = pylogging.getLogger("absl")
     level = absl_logger.level
     if read_only:  # Orbax warns at every read-only open that it will not save; reading is the point.
@@ -87,39 +118,76 @@ class Checkpointer:
     """Starts an asynchronous save of ``state`` at ``step`` (a step that exists already is kept)."""
     if step in self._manager.all_steps():
       return
+    self._seal()
     self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    self._unsealed.append(int(step))
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _seal(self) -> None:
+    """Waits for the pending saves, then writes their checksums (process 0; the files are all committed)."""
+    if not self._unsealed:
+      return
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in self._unsealed:
+        if os.path.isdir(self._step_dir(step)):
+          rundir.write_checksums(self._step_dir(step))
+    self._unsealed = []
+
+  def _verify(self, step: int) -> str | None:
+    """Why the step's files are not the ones committed (None: they are, or the step has no checksums)."""
+    if not rundir.has_checksums(self._step_dir(step)):
+      logging.info("checkpoint %d in %s has no checksums: verified by restoring it only", step, self.directory)
+      return None
+    return rundir.verify_checksums(self._step_dir(step))
+
+  def stored_shapes(self, step: int) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every array of the checkpoint at ``step``, sorted, from its metadata (no data read)."""
+    try:
+      tree = ocp.StandardCheckpointHandler().metadata(epath.Path(self._step_dir(step)) / "state")
+      leaves = jax.tree.leaves(tree)
+      return sorted((tuple(int(n) for n in x.shape), str(np.dtype(x.dtype))) for x in leaves)
+    except Exception as e:  # Orbax raises many types for unreadable metadata
+      raise CheckpointError(f"checkpoint {step} in {self.directory} has unreadable metadata: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
 
   def restore(self, abstract_state: Any, step: int | None = None,
               fallback: bool = True) -> tuple[int, Any]:
     """Restores the checkpoint at ``step`` (default: the newest) into the layout of ``abstract_state``.
 
-    With ``fallback``, a checkpoint that fails to restore is moved aside and the previous one is tried.
+    With ``fallback``, a checkpoint that fails its checksums or fails to restore is moved aside and the previous
+    one is tried; without, it raises CheckpointError.
     Raises CheckpointError when none restores.
     """
     candidates = self.steps() if step is None else [int(step)]
     if step is not None and int(step) not in self.steps():
       raise CheckpointError(f"no checkpoint at step {step} in {self.directory} (have {self.steps()})")
     for s in reversed(candidates):
-      try:
-        restored = self._manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return s, restored["state"]
-      except Exception as e:  # Orbax raises many types (ValueError, OSError, JSON errors) for bad data.
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if not fallback:
-          raise CheckpointError(f"checkpoint {s} in {self.directory} does not restore: {reason}") from None
-        logging.warning("checkpoint %d in %s is corrupt (%s); falling back to the previous one",
-                        s, self.directory, reason)
-        print(f"WARNING: checkpoint {s} is corrupt ({reason}); falling back to the previous one", flush=True)
-        self._quarantine(s)
+      reason = self._verify(s)
+      if reason is None:
+        _drop_closed_loop_callbacks()
+        try:
+          restored = self._manager.restore(
+              s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+          return s, restored["state"]
+        except Exception as e:  # Orbax raises many types (ValueError, OSError, JSON errors) for bad data.
+          reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+      if not fallback:
+        raise CheckpointError(f"checkpoint {s} in {self.directory} does not restore: {reason}") from None
+      logging.info("checkpoint %d in %s is corrupt (%s); falling back to the previous one",
+                   s, self.directory, reason)
+      print(f"WARNING: checkpoint {s} is corrupt ({reason}); falling back to the previous one", flush=True)
+      self._quarantine(s)
     raise CheckpointError(f"no restorable checkpoint in {self.directory}")
 
   def _quarantine(self, step: int) -> None:
     """Moves a corrupt step directory aside so that a resumed run can write that step again."""
     if self.read_only or jax.process_index() != 0:
       return
-    src = os.path.join(self.directory, str(step))
-    dst_dir = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    src = self._step_dir(step)
+    dst_dir = os.path.join(os.path.dirname(self.directory), rundir.CORRUPT_CHECKPOINTS)
     os.makedirs(dst_dir, exist_ok=True)
     dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.isdir(src):
@@ -128,6 +196,7 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._seal()
     self._manager.close()
 
   def __enter__(self) -> "Checkpointer":

@@ -66,6 +66,8 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
                                  # benchmarks/README.md)
   cfg[EXECUTION].analyze = True  # run the analysis and write the report when training ends
   cfg[ANALYSIS] = ml_collections.ConfigDict()  # filled by the family (none for group composition)
+  cfg[EXECUTION].memory_budget_gb = 0.0  # memory a launch may use (engine.budget): per device on accelerators,
+                                         # host RAM on the CPU; 0: what the machine reports
   families.get(family).add_config(cfg)
   return cfg
 
@@ -143,6 +145,10 @@ def validate(cfg) -> None:
   int_field(cfg[EXECUTION], "run_chunk", 0, f"{EXECUTION}.")
   if not isinstance(cfg[EXECUTION].analyze, bool):
     raise ValueError(f"config.{EXECUTION}.analyze: expected True or False, got {cfg[EXECUTION].analyze!r}")
+  budget = cfg[EXECUTION].memory_budget_gb
+  if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0 or math.isinf(budget):
+    raise ValueError(f"config.{EXECUTION}.memory_budget_gb: expected a finite number of GB >= 0 (0: what the "
+                     f"machine reports), got {budget!r}")
   families.get(cfg.family).validate(cfg)
 
 

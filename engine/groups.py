@@ -327,6 +327,11 @@ def parse(spec: str) -> list[tuple[str, int]]:
   return factors
 
 
+def order_of(spec: str) -> int:
+  """The order of the group named by ``spec``, from the spec alone (nothing is tabulated)."""
+  return math.prod(_factor_order(kind, n) for kind, n in parse(spec))
+
+
 @functools.lru_cache(maxsize=64)
 def get(spec: str) -> Group:
   """The group named by ``spec``: ``C<n>``, ``D<n>`` (order 2n), ``S<n>``, ``A<n>``, ``Q8``, ``Dic<n>``,

@@ -6,6 +6,11 @@ from the newest restorable checkpoint; the final state equals an uninterrupted r
 relaunch with a different study config is refused; execution settings (``config.exec``) may differ. Only
 process 0 writes files other than checkpoints.
 
+A launch is checked against the memory it may use (``engine.budget``) before anything is built, and writes
+config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
+config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
+the step it resumes from recomputes that line from the checkpoint.
+
 This is the top of the engine: nothing else in it imports this module.
 """
 
@@ -22,6 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from engine import budget
 from engine import checkpoint as checkpoint_lib
 from engine import config as config_lib
 from engine import families
@@ -85,6 +91,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   Returns a dict with the workdir, the final step, the final metrics per run and the paths written.
   """
   config_lib.validate(cfg)
+  budget.check(cfg, jax.devices())  # before anything is built or written
   cfg = families.get(cfg.family).resolve(cfg)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
@@ -92,13 +99,19 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
     rundir.check_writable(workdir)
   lock = rundir.lock(workdir) if is_main else contextlib.nullcontext()
   with lock:
+    identity = config_lib.identity(cfg)
     defaults = config_lib.identity(config_lib.default_config(cfg.family))
-    resuming = rundir.check_or_write_config(workdir, config_lib.identity(cfg), defaults) if is_main else True
+    resuming = rundir.check_config(workdir, identity, defaults) if is_main else True
     trainer = train_lib.make_train(cfg, mesh=make_mesh())
     rows = _runs_rows(trainer)
-    if is_main:
-      rundir.write_runs(workdir, rows)
-    final = _train_loop(cfg, trainer, rows, workdir, resuming, progress and is_main, is_main)
+
+    def started():  # the state exists (initialised or restored): the run directory may now name the study
+      if is_main:
+        if not resuming:
+          rundir.write_config(workdir, identity)
+        rundir.write_runs(workdir, rows)
+
+    final = _train_loop(cfg, trainer, rows, workdir, started, progress and is_main, is_main)
     if cfg.exec.analyze if analyze is None else analyze:  # under the lock: no launch may write meanwhile
       final.update(_analyze_and_report(workdir, dict(cfg.analysis), progress=progress and is_main))
   if is_main:
@@ -107,45 +120,79 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   return final
 
 
-def _train_loop(cfg, trainer, rows, workdir, resuming, show_progress, is_main) -> dict[str, Any]:
+def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) -> dict[str, Any]:
   schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
   with checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt:
-    return _train_with(cfg, trainer, rows, workdir, resuming, show_progress, is_main, schedule, ckpt)
+    return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt)
 
 
-def _train_with(cfg, trainer, rows, workdir, resuming, show_progress, is_main, schedule, ckpt):
+def _record(at_step: int, m: dict, names: list[str], was_diverged: np.ndarray) -> tuple[dict, list[str]]:
+  """The metrics.jsonl record of one evaluation and the runs that diverged since ``was_diverged``."""
+  new = [names[i] for i in np.flatnonzero(m["diverged"].astype(bool) & ~was_diverged)]
+  return {"step": at_step, **{k: [float(x) for x in v] for k, v in m.items()}, "newly_diverged": new}, new
+
+
+def _open_log(workdir, step, resumed, is_main) -> rundir.MetricsLog:
+  log = rundir.MetricsLog(workdir, step if resumed else None, is_main)
+  if log.damaged:
+    lines = ", ".join(map(str, log.damaged[:5])) + (", ..." if len(log.damaged) > 5 else "")
+    logging.warning("%s: damaged lines %s skipped; the file as found is kept as %s", log.path, lines, log.aside)
+    print(f"WARNING: {len(log.damaged)} damaged line(s) of {os.path.basename(log.path)} skipped (line {lines}); "
+          f"the file as found is kept as {os.path.basename(log.aside)}", flush=True)
+  return log
+
+
+def _recompute_missing(trainer, state, step, log, names) -> dict | None:
+  """The metrics of the resumed step recomputed from its checkpoint when the log lost them (e.g. a last
+  line cut by a crash); every process evaluates, process 0 appends the line. Returns them (None: not lost)."""
+  if jax.process_count() == 1 and step in log.steps:
+    return None
+  m = trainer.evaluate(state)  # collective: with several processes only process 0 reads the log
+  if step in log.steps or not log.enabled:
+    return None
+  before = np.zeros(len(names), bool)  # the runs reported diverged in the last line kept
+  if log.last and "diverged" in log.last:
+    before = np.asarray(log.last["diverged"], bool)
+  record, _ = _record(step, m, names, before)
+  log.append(record)
+  print(f"Recomputed the metrics of step {step} from its checkpoint (missing from {os.path.basename(log.path)})",
+        flush=True)
+  return m
+
+
+def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt):
   state = trainer.init()
   step = 0
   was_diverged = np.zeros(len(rows), dtype=bool)
-  if ckpt.steps():
+  resumed = bool(ckpt.steps())
+  if resumed:
     step, host = ckpt.restore(train_lib.host_state_spec(trainer))
     state = trainer.shard(host)
     was_diverged = np.asarray(host.diverged, dtype=bool)  # reported before the crash: not again
     logging.info("resuming %s from step %d", workdir, step)
     if is_main:
       print(f"Resuming from checkpoint at step {step}", flush=True)
-  elif resuming and is_main:
+  elif os.path.exists(rundir.path(workdir, rundir.CONFIG)) and is_main:
     print("No checkpoint found in an existing workdir: starting from step 0", flush=True)
-  log = rundir.MetricsLog(workdir, step if ckpt.steps() else None, is_main)
+  started()
+  log = _open_log(workdir, step, resumed, is_main)
+  names = [r["name"] for r in rows]
+  last = _recompute_missing(trainer, state, step, log, names) if step else None
   if step == 0:
     ckpt.save(0, trainer.unpad(state))
   bar = _Progress(cfg.steps, step, len(rows), show_progress, trainer.family)
-  names = [r["name"] for r in rows]
-  last = None
 
   def log_metrics(at_step, metrics):
     nonlocal was_diverged, last
     m = {k: np.asarray(v)[-1, :len(rows)] for k, v in metrics.items()}
-    diverged = m["diverged"].astype(bool)
-    new = [names[i] for i in np.flatnonzero(diverged & ~was_diverged)]
+    record, new = _record(at_step, m, names, was_diverged)
     for name in new:
       logging.warning("run %s diverged by step %d and is frozen", name, at_step)
       if is_main:
         print(f"WARNING: run {name} diverged by step {at_step}; it is frozen", flush=True)
-    was_diverged |= diverged
-    record = {"step": at_step, **{k: [float(x) for x in v] for k, v in m.items()}, "newly_diverged": new}
+    was_diverged |= m["diverged"].astype(bool)
     log.append(record)
-    bar.update(at_step, cfg.eval_every, m, diverged)
+    bar.update(at_step, cfg.eval_every, m, m["diverged"].astype(bool))
     last = m
 
   try:

@@ -15,7 +15,10 @@ run directory). A value may be a list of accepted values; floats compare with a 
 The family's view adds its own accessors (group composition: ``engine.families.group.view``).
 
 Everything is read from JSON files and Orbax checkpoints; nothing in a run directory is executed or
-unpickled. Checkpoints hold the unpadded stacked state as numpy arrays (``train.host_state_spec``), so they
+unpickled, and nothing it says is trusted before it is checked: a config.json whose run count disagrees with
+runs.json, whose shapes disagree with a checkpoint's own (Orbax metadata), or whose sweep would not fit in
+memory (engine.budget) is refused with a one-line ``RunDirError`` / ``BudgetError`` before anything is
+allocated. Checkpoints hold the unpadded stacked state as numpy arrays (``train.host_state_spec``), so they
 restore onto the local host whatever device layout (devices, processes) wrote them.
 """
 
@@ -31,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from engine import budget
 from engine import checkpoint as checkpoint_lib
 from engine import config as config_lib
 from engine import families
@@ -74,6 +78,27 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _check_run_count(workdir: str, cfg, n_rows: int) -> None:
+  """runs.json must list the runs config.json describes (counted, not built): a mismatch is refused."""
+  if not n_rows:
+    raise rundir.RunDirError(f"{workdir}: {rundir.RUNS} lists no run")
+  n_cfg = families.get(cfg.family).n_runs(cfg)
+  if n_cfg != n_rows:
+    raise rundir.RunDirError(f"{workdir}: {rundir.CONFIG} describes {n_cfg} runs but {rundir.RUNS} lists "
+                             f"{n_rows}; the run directory is inconsistent")
+
+
+def _check_shapes(workdir: str, step: int, stored: list, spec) -> None:
+  """The checkpoint's own array shapes must be those config.json describes, before anything is restored."""
+  expected = sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in jax.tree.leaves(spec))
+  if stored != expected:
+    lead = sorted({s[0][0] for s in stored if s[0]})
+    diff = next((f"{a} stored, {b} expected" for a, b in zip(stored, expected) if a != b),
+                f"{len(stored)} arrays stored, {len(expected)} expected")
+    raise rundir.RunDirError(f"{workdir}: checkpoint {step} does not match {rundir.CONFIG} (runs stored: "
+                             f"{lead}; {diff})")
+
+
 class Run:
   """A read-only view of a run directory, optionally restricted to a subset of its runs."""
 
@@ -86,6 +111,7 @@ class Run:
       # Format-1 rows carry no cohort: it is a function of the row.
       self._shared["runs"] = [r if "cohort" in r else dict(r, cohort=family.cohort_name(r))
                               for r in rundir.read_runs(self.workdir)]
+      _check_run_count(self.workdir, self._shared["config"], len(self._shared["runs"]))
     n = len(self._shared["runs"])
     self.index = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
 
@@ -168,6 +194,7 @@ class Run:
         device = jax.local_devices(backend="cpu")[0]
       except RuntimeError:  # a platform list without the CPU backend
         device = jax.local_devices()[0]
+      budget.check(self.config, [device])  # config.json is data: bound what it makes us allocate
       mesh = jax.sharding.Mesh(np.asarray([device]), (train.AXIS,))
       self._shared["trainer"] = train.make_train(self.config, mesh=mesh)
     return self._shared["trainer"]
@@ -196,6 +223,7 @@ class Run:
       cache.move_to_end(key)
     else:
       spec = train.host_state_spec(self.trainer())
+      _check_shapes(self.workdir, key, self._checkpointer().stored_shapes(key), spec)
       _, cache[key] = self._checkpointer().restore(spec, step=key, fallback=False)
       while len(cache) > _STATE_CACHE:
         cache.popitem(last=False)

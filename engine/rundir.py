@@ -6,8 +6,12 @@ Nothing in it is executed, evaluated or unpickled.
   config.json        {"format_version": 2, "config": the study's config} (execution settings excluded)
   runs.json          one row per leading index of the stacked state (``Row``)
   metrics.jsonl      one JSON object per evaluation: "step", each metric as a list over runs, and
-                     "newly_diverged" (run names)
-  checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/
+                     "newly_diverged" (run names); a line that does not read as such a record is damaged:
+                     readers skip it, and a relaunch keeps the file as it was in
+                     metrics.jsonl.damaged-<time> before rewriting it without the damaged lines
+  checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
+                     checkpoints/<step>/sha256.json: the checksum of every file of the step, written once
+                     Orbax has committed it (``write_checksums``, ``verify_checksums``)
   analysis/summary.json   written by engine.analysis.driver
   analysis/cohorts/<cohort>.npz   per-cohort arrays of a family's analysis (e.g. one row per neuron), plain
                      numeric arrays read with allow_pickle=False
@@ -25,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
+import time
 import zlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -39,6 +45,8 @@ RUNS = "runs.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
+CHECKSUMS = "sha256.json"             # inside a checkpoint's step directory
+DAMAGED_SUFFIX = ".damaged-"          # metrics.jsonl.damaged-<time>: a metrics log as found, kept aside
 ANALYSIS = "analysis"
 SUMMARY = os.path.join(ANALYSIS, "summary.json")
 REPORT = "report"
@@ -170,9 +178,13 @@ def with_defaults(config: dict, defaults: dict) -> dict:
   return out
 
 
-def check_or_write_config(workdir: str, config: dict, defaults: dict | None = None) -> bool:
-  """Writes config.json, or checks that the existing one (its missing fields read from ``defaults``) holds
-  the same study. Returns True when resuming."""
+def check_config(workdir: str, config: dict, defaults: dict | None = None) -> bool:
+  """Checks that an existing config.json (its missing fields read from ``defaults``) holds the same study; it
+  is never rewritten. True when it exists.
+
+  A launch calls this first and ``write_config`` only once it is known to start, so a refused or crashed
+  launch leaves no config.json that would bind the directory to a study that never ran.
+  """
   if os.path.exists(path(workdir, CONFIG)):
     old = with_defaults(read_config(workdir), defaults or {})
     diff = config_differences(old, config)
@@ -180,7 +192,6 @@ def check_or_write_config(workdir: str, config: dict, defaults: dict | None = No
       raise RunDirError(f"workdir {workdir} belongs to a different config (differs in: {', '.join(diff)}); "
                         "use a new workdir or the same config")
     return True
-  write_config(workdir, config)
   return False
 
 
@@ -216,35 +227,72 @@ def read_runs(workdir: str) -> list[dict]:
 # metrics.jsonl
 
 
-def _metric_lines(file_path: str) -> list[str]:
-  """The readable lines of a metrics log, in order; reading stops at the first damaged line."""
-  out = []
-  with open(file_path) as f:
-    for line in f:
+class MetricLines(NamedTuple):
+  """A metrics log as read: the valid lines (text) and their records, in file order, and the 1-based
+  numbers of the damaged lines (cut by a crash, edited, or not a metrics record)."""
+  lines: list[str]
+  records: list[dict]
+  damaged: list[int]
+
+
+def _is_record(record: Any, keys: set | None) -> bool:
+  step = record.get("step") if isinstance(record, dict) else None
+  return (isinstance(step, int) and not isinstance(step, bool)
+          and (keys is None or keys <= set(record)))
+
+
+def read_metric_lines(file_path: str) -> MetricLines:
+  """Every readable record of a metrics log; a damaged line is skipped, never the lines after it."""
+  out = MetricLines([], [], [])
+  keys = None  # the first record's fields: a later record without one of them is damaged
+  with open(file_path, errors="replace") as f:
+    for number, line in enumerate(f, 1):
       line = line.strip()
       if not line:
         continue
       try:
-        json.loads(line)
+        record = json.loads(line)
       except ValueError:
-        break  # a line cut by a crash: drop it and everything after it
-      out.append(line)
+        record = None
+      if not _is_record(record, keys):
+        out.damaged.append(number)
+        continue
+      keys = keys if keys is not None else set(record)
+      out.lines.append(line)
+      out.records.append(record)
   return out
 
 
 class MetricsLog:
-  """metrics.jsonl, appended one line per evaluation; truncated to the resumed step on relaunch."""
+  """metrics.jsonl, appended one line per evaluation; on relaunch cut back to the resumed step.
+
+  Lines after the resumed step are dropped because the resumed run logs those steps again. Damaged lines are
+  skipped, not the valid lines after them; when there are any, the file as it was is first kept aside as
+  ``metrics.jsonl.damaged-<time>`` (``aside``) and their line numbers are in ``damaged``. ``steps`` are the
+  logged steps kept and ``last`` the last record kept (None when none).
+  """
 
   def __init__(self, workdir: str, resume_step: int | None, enabled: bool):
     self.path = path(workdir, METRICS)
     self.enabled = enabled
+    self.damaged: list[int] = []
+    self.aside: str | None = None
+    self.steps: set[int] = set()
+    self.last: dict | None = None
     if not enabled:
       return
-    if resume_step is None:
+    if resume_step is None or not os.path.exists(self.path):
       atomic_write(self.path, "")
-    elif os.path.exists(self.path):
-      kept = [line for line in _metric_lines(self.path) if json.loads(line)["step"] <= resume_step]
-      atomic_write(self.path, "".join(line + "\n" for line in kept))
+      return
+    found = read_metric_lines(self.path)
+    kept = [(line, r) for line, r in zip(found.lines, found.records) if r["step"] <= resume_step]
+    if found.damaged:
+      self.damaged = found.damaged
+      self.aside = f"{self.path}{DAMAGED_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+      os.replace(self.path, self.aside)
+    atomic_write(self.path, "".join(line + "\n" for line, _ in kept))
+    self.steps = {r["step"] for _, r in kept}
+    self.last = kept[-1][1] if kept else None
 
   def append(self, record: dict) -> None:
     if not self.enabled:
@@ -252,6 +300,8 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
+    self.steps.add(int(record["step"]))
+    self.last = record
 
 
 def has_metrics(workdir: str) -> bool:
@@ -259,12 +309,60 @@ def has_metrics(workdir: str) -> bool:
 
 
 def read_metrics(workdir: str) -> dict[str, np.ndarray]:
-  """metrics.jsonl as arrays: "step" [E] and every metric [E, S]."""
-  records = [json.loads(line) for line in _metric_lines(path(workdir, METRICS))]
+  """metrics.jsonl as arrays: "step" [E] and every metric [E, S] (damaged lines skipped)."""
+  records = read_metric_lines(path(workdir, METRICS)).records
   if not records:
     return {"step": np.zeros((0,), np.int64)}
   keys = [k for k in records[0] if k != "newly_diverged"]
   return {k: np.asarray([r[k] for r in records]) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints/<step>/sha256.json
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, step_dir)
+      if rel == CHECKSUMS or rel.startswith(CHECKSUMS + ".tmp-"):
+        continue
+      digest = hashlib.sha256()
+      with open(full, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      out[rel] = digest.hexdigest()
+  return out
+
+
+def write_checksums(step_dir: str) -> None:
+  """Writes the sha256 of every file of a committed checkpoint step directory into it."""
+  text = json.dumps({"sha256": _file_digests(step_dir)}, indent=1, sort_keys=True)
+  atomic_write(os.path.join(step_dir, CHECKSUMS), text + "\n")
+
+
+def has_checksums(step_dir: str) -> bool:
+  return os.path.isfile(os.path.join(step_dir, CHECKSUMS))
+
+
+def verify_checksums(step_dir: str) -> str | None:
+  """None when every file listed in the step's checksums is present and intact, else what is wrong."""
+  try:
+    with open(os.path.join(step_dir, CHECKSUMS)) as f:
+      expected = json.load(f)["sha256"]
+    if not isinstance(expected, dict) or not expected:
+      raise ValueError("no files listed")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"unreadable {CHECKSUMS}: {e}"
+  found = _file_digests(step_dir)
+  for rel, digest in sorted(expected.items()):
+    if rel not in found:
+      return f"file {rel} is missing"
+    if found[rel] != digest:
+      return f"checksum mismatch in {rel}"
+  return None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -130,6 +130,8 @@ class Trainer:
                                            out_specs=P(AXIS)))
     self._run_jit = jax.jit(self._run_global, static_argnums=3, donate_argnums=0)
     self._apply_jit = jax.jit(self._apply_global)
+    self._eval_jit = jax.jit(jax.shard_map(self._eval_local, mesh=self.mesh, in_specs=(P(AXIS),) * 2 + (P(),),
+                                           out_specs=P(AXIS)))
 
   @property
   def _padded_runs(self) -> list[dict]:
@@ -200,6 +202,9 @@ class Trainer:
       state_S, metrics_SxE = jax.lax.map(one_run, (state_S, data_S), batch_size=self.chunk)
     return state_S, jax.tree.map(lambda m: m.T, metrics_SxE)
 
+  def _eval_local(self, state_S: TrainState, data_S: tuple, shared) -> dict:
+    return jax.lax.map(lambda args: self._eval_one(*args, shared), (state_S, data_S))
+
   def _run_global(self, state, data, shared, n_evals: int):
     self.trace_count += 1  # runs only while tracing: counts compilations of run()
     fn = jax.shard_map(functools.partial(self._run_local, n_evals), mesh=self.mesh,
@@ -228,6 +233,15 @@ class Trainer:
       raise ValueError(f"n_evals must be a positive integer, got {n_evals!r}")
     state, metrics = self._run_jit(state, self._data_dev, self._shared_dev, int(n_evals))
     return state, {k: self._to_host(v)[:, :self.n_runs] for k, v in metrics.items()}
+
+  def evaluate(self, state: TrainState) -> dict:
+    """The metrics of ``state`` as ``run`` logs them: host float32 arrays ``[n_runs]`` (``metric_names``).
+
+    Used to recompute a logged evaluation that was lost (e.g. a metrics line cut by a crash) from the
+    checkpoint of its step.
+    """
+    metrics = self._eval_jit(state, self._data_dev, self._shared_dev)
+    return {k: self._to_host(v)[:self.n_runs] for k, v in metrics.items()}
 
   def train(self) -> tuple[TrainState, dict]:
     """All ``cfg.steps`` steps from ``init()``; metrics ``[steps // eval_every, n_runs]``."""

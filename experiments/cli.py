@@ -1,29 +1,31 @@
 """The absl entry point shared by the studies' launch scripts: flags, optional jax.distributed, one-line errors.
 
-  define(default_config_path)   # at import of a launch script: the flags, with that script's default config
-  app.run(main)
+  cli.define("default.py")                      # at import of a launch script: its default config file
+  app.run(cli.main, flags_parser=cli.parse_flags)
 
 Relaunching the same command resumes from the newest checkpoint. On a TPU pod or a multi-GPU cluster add
-``--distributed`` (every process runs the same command; see BUILD.md).
+``--distributed`` (every process runs the same command; see BUILD.md). Bad flags, config files and configs
+end with one line ``error: ...`` on stderr and exit status 2.
 """
 
+import difflib
 import os
+import re
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-_CONFIG = None
+_DEFAULT_CONFIG = None  # the launch script's default config file (``define``)
+_CONFIG = None  # the --config flag's holder; defined while parsing (see parse_flags)
 
 
 def define(default_config: str) -> None:
-  """Defines ``--config`` with ``default_config`` (a file in experiments/configs/) as its default."""
-  global _CONFIG
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(CONFIGS, default_config), "Study config file (get_config()).", lock_config=True)
+  """Names the launch script's default config, a file of experiments/configs/ (``--config`` overrides it)."""
+  global _DEFAULT_CONFIG
+  _DEFAULT_CONFIG = os.path.join(CONFIGS, default_config)
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints, report.")
@@ -45,11 +47,96 @@ def _cluster_detected() -> bool:
   return any(os.environ.get(k) for k in keys)
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_path(argv) -> str:
+  """The --config file named on the command line (without a ``:args`` suffix), or the default."""
+  path = _DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path.split(":", 1)[0]
+
+
+def _config_file_error(path: str, error: BaseException) -> str:
+  """Why the config file ``path`` failed to load with ``error``, checked without running the file again."""
+  if not os.path.isfile(path):
+    return f"--config: no such config file {path}"
+  try:
+    with open(path) as f:
+      compile(f.read(), path, "exec")
+  except SyntaxError as e:
+    return f"--config: syntax error in {path} line {e.lineno}: {e.msg}"
+  except (OSError, ValueError) as e:
+    return f"--config: cannot read {path}: {e}"
+  chain = []  # ml_collections wraps the file's own exception, sometimes twice
+  while error is not None and len(chain) < 8:
+    chain.append(str(error))
+    error = error.__cause__ or error.__context__
+  if any("get_config" in text for text in chain):
+    return f"--config: {path} does not define get_config()"
+  lines = [line.strip() for text in chain for line in text.splitlines() if line.strip()]
+  return f"--config: cannot load {path}: {lines[-1] if lines else 'unknown error'}"
+
+
+def _unknown_field_error(e: Exception, argv) -> str:
+  """An unknown ``--config.FIELD`` override, named with its closest existing field."""
+  while e.args and isinstance(e.args[0], Exception):  # ml_collections wraps a KeyError in an AttributeError
+    e = e.args[0]
+  text = str(e.args[0]) if e.args else str(e)
+  key = text.strip().splitlines()[0].strip("\"' ")
+  flag = next((a.split("=", 1)[0] for a in argv if re.match(rf"--config\.(\w+\.)*{re.escape(key)}(=|$)", a)),
+              f"--config.{key}")
+  from engine import config as config_lib, families  # every family's field names, for the suggestion
+  fields = sorted({f for name in families.NAMES for f in _dotted(config_lib.default_config(name).to_dict())})
+  close = difflib.get_close_matches(flag[len("--config."):], fields, n=1) or \
+      [f for f in fields if difflib.get_close_matches(key, [f.rsplit(".", 1)[-1]])][:1]
+  return f"{flag}: no such config field" + (f" (did you mean --config.{close[0]}?)" if close else "")
+
+
+def _dotted(d: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in d.items():
+    out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+  return out
+
+
+def parse_flags(argv):
+  """absl flag parsing with every bad flag, config file or override reported as one ``error:`` line.
+
+  The --config flag is defined here rather than at import: ml_collections applies the ``--config.*``
+  overrides when the flag is defined, and an unknown field would otherwise end the import in a traceback.
+  """
+  global _CONFIG
+  try:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Study config file (get_config()).", lock_config=True)
+    rest = flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    if "get_config" in str(e):
+      _fail(_config_file_error(_config_path(argv), e))
+    _fail(_unknown_field_error(e, argv))
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except Exception as e:  # ml_collections raises OSError, SyntaxError and more for a config file that fails
+    _fail(_config_file_error(_config_path(argv), e))
+  try:
+    _CONFIG.value.lock()  # a config file that failed to load raises here, on first access
+  except Exception as e:
+    _fail(_config_file_error(_config_path(argv), e))
+  return rest
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+    _fail("--workdir is required")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   import jax

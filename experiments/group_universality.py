@@ -5,7 +5,8 @@ r"""Train many seeds on composition in finite groups, then compare which feature
   python -m experiments.group_universality --workdir=runs/x --config.task.groups=S4,D6,C24 --config.seeds=64
 
 Relaunching the same command resumes from the newest checkpoint. On a TPU pod or a multi-GPU cluster add
-``--distributed`` (every process runs the same command; see BUILD.md).
+``--distributed`` (every process runs the same command; see BUILD.md). Bad flags, config files and configs
+end with one line ``error: ...`` on stderr and exit status 2.
 """
 
 from absl import app
@@ -15,4 +16,4 @@ from experiments import cli
 cli.define("default.py")
 
 if __name__ == "__main__":
-  app.run(cli.main)
+  app.run(cli.main, flags_parser=cli.parse_flags)

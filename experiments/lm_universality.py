@@ -6,7 +6,8 @@ r"""Train many seeds of a byte-level language model, then find the neurons they 
   python -m experiments.lm_universality --workdir=runs/x --config.task.corpus=/path/to/text_or_dir
 
 Relaunching the same command resumes from the newest checkpoint. On a TPU pod or a multi-GPU cluster add
-``--distributed`` (every process runs the same command; see BUILD.md).
+``--distributed`` (every process runs the same command; see BUILD.md). Bad flags, config files and configs
+end with one line ``error: ...`` on stderr and exit status 2.
 """
 
 from absl import app
@@ -16,4 +17,4 @@ from experiments import cli
 cli.define("lm_default.py")
 
 if __name__ == "__main__":
-  app.run(cli.main)
+  app.run(cli.main, flags_parser=cli.parse_flags)

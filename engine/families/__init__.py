@@ -6,6 +6,8 @@ checkpoints, analysis driver, report and notebook view speak to a study only thr
   config      ``add_config(cfg)`` adds the family's ``task`` and ``model`` sections; ``validate(cfg)``
   sweep       ``runs(cfg)``: one row per run (``seed``, ``base_seed``, ``lr``, ``weight_decay``, the task
               fields, ``cohort``, ``name``); rows that differ only in ``seed`` share a cohort
+  size        ``n_runs(cfg)`` and ``footprint(cfg)``: how many runs and what one of them holds, from the
+              config alone (engine.budget checks a launch against the memory it has before building it)
   task        ``make_task(cfg, rows)`` -> a ``Task``: the runs' data stacked over S, data shared by every run
               (e.g. a corpus, replicated on every device rather than copied per run) and the pure per-run
               functions the trainer vmaps (init, loss and gradients of a step, evaluation, apply)
@@ -54,6 +56,22 @@ class Task(NamedTuple):
   shared: Any = ()
 
 
+class Footprint(NamedTuple):
+  """What one run of a sweep holds, in bytes, estimated from the config without building any array.
+
+  Attributes:
+    params: one run's parameters (e.g. ``jax.eval_shape`` of the model's init); the train state holds them
+      and the two AdamW moments.
+    data: one run's task data (padded to the largest run of the sweep).
+    step: the live activations of one training step or one evaluation of one run, whichever is larger.
+    shared: the data every run reads (``Task.shared``), held once per device and once on the host.
+  """
+  params: int
+  data: int
+  step: int
+  shared: int = 0
+
+
 class Family:
   """The seam. Subclasses implement every method; see the module docstring."""
   name: str = ""
@@ -77,6 +95,14 @@ class Family:
 
   def runs(self, cfg) -> list[dict]:
     raise NotImplementedError
+
+  def n_runs(self, cfg) -> int:
+    """``len(runs(cfg))``; families override it to count without building a row per run."""
+    return len(self.runs(cfg))
+
+  def footprint(self, cfg) -> Footprint | None:
+    """One run's ``Footprint`` from the config alone; None: not estimated (the size check is skipped)."""
+    return None
 
   def cohort_name(self, row: Mapping[str, Any]) -> str:
     """The name of a run's cohort: every field of its row but the seed."""

@@ -70,6 +70,14 @@ def train_frac_by_group(cfg) -> dict[str, float]:
   return out
 
 
+def train_fracs(cfg, spec: str) -> tuple[float, ...]:
+  """The train fractions swept for the group ``spec``: its own from train_frac_by_group, else train_frac."""
+  by_group = train_frac_by_group(cfg)
+  if spec in by_group:
+    return (by_group[spec],)
+  return config_lib.parse_floats(cfg.task.train_frac, "task.train_frac")
+
+
 def cohort_name(row: Mapping[str, Any]) -> str:
   """Every field of a run but its seed: runs with the same cohort name differ only in seed."""
   return f"{row['group']}/lr{row['lr']:g}/wd{row['weight_decay']:g}/frac{row['train_frac']:g}"
@@ -131,10 +139,8 @@ class GroupFamily(families.Family):
 
   def runs(self, cfg) -> list[dict]:
     out = []
-    by_group = train_frac_by_group(cfg)
     for spec in group_specs(cfg):
-      fracs = (by_group[spec],) if spec in by_group else config_lib.parse_floats(cfg.task.train_frac,
-                                                                                  "task.train_frac")
+      fracs = train_fracs(cfg, spec)
       for lr in config_lib.parse_floats(cfg.opt.lr, "opt.lr"):
         for wd in config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
           for frac in fracs:
@@ -144,6 +150,25 @@ class GroupFamily(families.Family):
               row["name"] = run_name(row)
               out.append(row)
     return out
+
+  def n_runs(self, cfg) -> int:
+    per_frac = (len(config_lib.parse_floats(cfg.opt.lr, "opt.lr"))
+                * len(config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
+    return sum(per_frac * len(train_fracs(cfg, spec)) for spec in group_specs(cfg))
+
+  def footprint(self, cfg) -> families.Footprint:
+    """From the group orders of the specs (no Cayley table is built) and the model's abstract init."""
+    orders = {spec: groups_lib.order_of(spec) for spec in group_specs(cfg)}
+    vocab = max(orders.values())
+    n_train = [task_lib.n_train_pairs(n, f) for spec, n in orders.items() for f in train_fracs(cfg, spec)]
+    n_test = [n * n - task_lib.n_train_pairs(n, f) for spec, n in orders.items() for f in train_fracs(cfg, spec)]
+    p, q = max(n_train), max(1, max(n_test))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    params = jax.eval_shape(lambda k: models.init(k, cfg.model, vocab), key)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    batch = max(int(cfg.batch_size) or p, p, q)  # the evaluation runs on all train and all test pairs
+    return families.Footprint(params=param_bytes, data=16 * (p + q) + 8,  # a, b, c, weight per pair
+                              step=4 * models.activation_floats(cfg.model, batch, vocab))
 
   def cohort_name(self, row) -> str:
     return cohort_name(row)

@@ -43,6 +43,18 @@ def hidden_size(model_cfg) -> int:
   return int(model_cfg.mlp.hidden if arch == "mlp" else model_cfg.transformer.d_mlp)
 
 
+def activation_floats(model_cfg, batch: int, vocab: int) -> int:
+  """Floats live at once in one training step on ``batch`` pairs (forward, kept activations, backward),
+  rounded up: an estimate for the launch's size check, not an account of XLA's buffers."""
+  if _arch(model_cfg) == "mlp":  # pre-activations, hidden and its gradient; logits, softmax and gradient
+    return batch * 4 * (model_cfg.mlp.hidden + vocab)
+  t = model_cfg.transformer
+  # per layer, at 3 positions: residual stream, q/k/v/attention output and their gradients (~12 d_model),
+  # the MLP's pre-activation, activation and gradient (3 d_mlp); attention weights are [heads, 3, 3]
+  per_layer = 3 * (12 * t.d_model + 3 * t.d_mlp) + 2 * 9 * t.n_heads
+  return batch * (t.n_layers * per_layer + 4 * vocab + 6 * t.d_model)
+
+
 def _key(key, name: str):
   """A key per parameter name (stable across versions: crc32 of the name)."""
   return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)

@@ -111,21 +111,25 @@ class View(replay.Run):
         array of pairs ``[B, 2]`` or ``[S, B, 2]``; or ``a`` itself when ``b`` is given. ``a``/``b`` are
         ``[B]`` (the same inputs for every selected run) or ``[S, B]``.
       b: the second inputs, when ``inputs`` is ``a``.
-      batch_size: evaluate at most this many inputs per call (bounds memory on large groups).
+      batch_size: evaluate at most this many inputs per call (bounds memory on large groups); None: all.
 
     Returns:
       ``(logits_SxBxV, hidden_SxBxN)`` float32 numpy; logits of padded classes (``>=`` a run's group order
       in a mixed-group run directory) are −inf, as in training.
     """
     a_SxB, b_SxB = self._inputs(inputs, b)
+    n_in = a_SxB.shape[1]
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+      raise ValueError(f"apply: batch_size must be a positive integer or None (all inputs in one call), "
+                       f"got {batch_size!r}")
+    if not n_in:
+      raise ValueError("apply: no inputs (B = 0): pass at least one pair (a, b)")
+    size = n_in if batch_size is None else int(batch_size)
     params = self.params(step)
     fn = self._apply_fn()
-    n_in = a_SxB.shape[1]
-    size = n_in if not batch_size else int(batch_size)
-    if size < 1:
-      raise ValueError(f"apply: batch_size must be positive, got {batch_size}")
     logits, hidden = [], []
-    for lo in range(0, max(n_in, 1), size):
+    for lo in range(0, n_in, size):
       lg, hd = fn(params, a_SxB[:, lo:lo + size], b_SxB[:, lo:lo + size])
       logits.append(np.asarray(lg, np.float32))
       hidden.append(np.asarray(hd, np.float32))

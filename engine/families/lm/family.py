@@ -162,6 +162,21 @@ class LMFamily(families.Family):
           out.append(row)
     return out
 
+  def n_runs(self, cfg) -> int:
+    return (len(config_lib.parse_floats(cfg.opt.lr, "opt.lr"))
+            * len(config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
+
+  def footprint(self, cfg) -> families.Footprint:
+    """The model's abstract init, the corpus (shared by every run) and the activations of one step."""
+    gpt = cfg.model.gpt
+    params = jax.eval_shape(lambda k: models.init(k, gpt), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    corpus = corpus_of(cfg)
+    tokens = max(int(cfg.batch_size), 2 * int(cfg.task.eval_windows)) * int(gpt.context)
+    return families.Footprint(
+        params=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)), data=8,
+        step=4 * tokens * models.activation_floats_per_token(gpt),
+        shared=len(corpus.train) + 2 * int(cfg.task.eval_windows) * (int(gpt.context) + 1))
+
   def cohort_name(self, row) -> str:
     return cohort_name(row)
 

@@ -94,6 +94,13 @@ def apply(params, tokens_BxT: jax.Array, cfg) -> tuple[jax.Array, dict[str, jax.
   return logits, acts
 
 
+def activation_floats_per_token(cfg) -> int:
+  """Floats a training step keeps alive per token (forward values and their gradients), for size estimates:
+  per layer the residual stream and LayerNorm copies (~12·D), the MLP's pre- and post-activations with their
+  gradients (4·N) and the attention probabilities with theirs (3·H·T); then the logits and their gradient."""
+  return cfg.n_layers * (12 * cfg.d_model + 4 * cfg.d_mlp + 3 * cfg.n_heads * cfg.context) + 3 * corpus.VOCAB
+
+
 def next_byte_loss(params, windows_BxC1: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
   """Mean cross-entropy (nats) and accuracy of predicting bytes 1..C of each window from the bytes before."""
   logits, _ = apply(params, windows_BxC1[:, :-1], cfg)
