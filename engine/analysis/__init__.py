@@ -15,7 +15,8 @@ from engine.analysis.cross_seed import representation_similarity
 from engine.analysis.pipeline import analyze_group
 from engine.analysis.pipeline import evaluate_all_pairs
 from engine.analysis.pipeline import neuron_irreps_from_hidden
-from engine.analysis.representation import DEFAULT_THRESHOLD
+from engine.analysis.representation import DEFAULT_KEY_THRESHOLD
+from engine.analysis.representation import DEFAULT_ORDER_THRESHOLD
 from engine.analysis.representation import IrrepTables
 from engine.analysis.representation import ablation_losses
 from engine.analysis.representation import fraction_explained

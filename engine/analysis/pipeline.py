@@ -11,7 +11,8 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
 ``group``:
   ``name``, ``order``; ``irreps``: list of {``name``, ``dim``, ``frobenius_schur``} (trivial first);
   ``steps``: the checkpoint steps analysed (ascending; the last is the final step of every record);
-  ``threshold``: the key-irrep threshold on the logit similarity; ``universal_threshold``.
+  ``key_threshold``: the key-irrep threshold on the final logit similarity; ``order_threshold``: the
+  learning-order threshold; ``universal_threshold``.
 
 ``runs[i]`` (one per run, in the order of ``runs``):
   ``run``: the run's description as given (e.g. the runs.json row).
@@ -19,10 +20,11 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``logit_similarity``: {irrep: mean cosine between centred logits and tr ρ(a·b·c⁻¹)} at the final step.
   ``fraction_explained``: Σ over non-trivial irreps of similarity²; ``fraction_explained_key``: the same
     sum over key irreps only.
-  ``key_irreps``: irreps with similarity > ``threshold``, in the irreps' order.
-  ``learning_order``: {irrep: first checkpoint step with similarity > threshold, or None if never}.
-  ``key_irreps_in_order``: key irreps sorted by that step (ties: larger similarity at that step first);
-    ``first_learned``: the first of them (None if no key irreps).
+  ``generalised``: as given (``generalised``; True when not given).
+  ``key_irreps``: irreps with final similarity > ``key_threshold``, in the irreps' order.
+  ``learning_order``: {irrep: first checkpoint step with similarity > ``order_threshold``, or None if never}.
+  ``key_irreps_in_order``: key irreps sorted by that step (ties: larger similarity at that step first; key
+    irreps that never crossed it last); ``first_learned``: the first of them that crossed it (None if none).
   ``similarity_by_step``: {irrep: [similarity at each of ``group.steps``]}.
   ``fve``: {matrix: {irrep: fraction of its squared norm in that irrep's span}} for ``embed_a``,
     ``embed_b``, ``unembed`` (rows c), ``pre_a``/``pre_b`` (total embeddings, when ``matrices_fn`` gives
@@ -39,9 +41,12 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
     ``mean_excess``: their mean excess correlation}.
 
 ``aggregate`` (over the runs of the group):
-  ``n_runs``; ``key_irrep_counts``: {irrep: runs in which it is key} (the paper's table);
-  ``key_irrep_sets``: [{``irreps``: [...], ``count``}] most frequent first; ``first_learned_counts``:
-  {irrep: runs that learned it first}; ``mean_fraction_explained``; ``mean_loss_all``.
+  ``n_runs``; ``n_generalised``; ``not_generalised``: positions (in ``runs``) of the runs that did not
+  generalise. Over the generalised runs only (an unconverged run has a trace of every irrep, so at the
+  paper's key threshold it lists them all): ``key_irrep_counts``: {irrep: runs in which it is key} (the
+  paper's table); ``key_irrep_sets``: [{``irreps``: [...], ``count``}] most frequent first;
+  ``first_learned_counts``: {irrep: runs that learned it first}. Over all runs: ``mean_fraction_explained``,
+  ``mean_loss_all``.
   ``correlation`` (S ≥ 2, else None): ``mean_max``, ``mean_baseline_max`` (over live neurons and other runs),
   ``mean_excess``, ``universal_fraction`` (over all live neurons), ``excess_histogram`` {``edges``,
   ``counts``}, ``irrep_agreement`` / ``irrep_agreement_universal``: {``rate``, ``chance``, ``count``} (does a
@@ -138,7 +143,9 @@ def neuron_irreps_from_hidden(hidden_SxAxBxN, group, irreps) -> dict:
 
 def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_fn: Callable[[Any], dict],
                   params_by_step: Mapping[int, Any], runs: Sequence[Any], *,
-                  threshold: float = rep.DEFAULT_THRESHOLD, key=None,
+                  key_threshold: float = rep.DEFAULT_KEY_THRESHOLD,
+                  order_threshold: float = rep.DEFAULT_ORDER_THRESHOLD,
+                  generalised: Sequence[bool] | None = None, key=None,
                   universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, knn_k: int = 10,
                   knn_inputs: int = 1024, batch_size: int | None = None, backend: str = "auto") -> dict:
   """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
@@ -150,7 +157,10 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
       ``pre_a``/``pre_b`` enable the per-neuron split and the ablation losses (``matrices_fn_for``).
     params_by_step: checkpoint step -> parameters stacked over the runs; the largest step is final.
     runs: one description per run (leading axis of the parameters).
-    threshold: key-irrep threshold on the logit similarity; universal_threshold: on excess correlation.
+    key_threshold: key-irrep threshold on the final logit similarity; order_threshold: learning-order
+      threshold; universal_threshold: on excess correlation.
+    generalised: one bool per run (the family's test); runs marked False are left out of the key-irrep and
+      learning-order aggregates. None: all runs count.
     key: PRNG key for the rotation baseline and the k-NN subsample (required when there are ≥ 2 runs).
     knn_k, knn_inputs: mutual k-NN alignment settings; batch_size: pairs per ``apply_fn`` call.
     backend: ``kernels.correlation`` backend.
@@ -166,6 +176,9 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
   if key is None and n_runs >= 2:
     raise ValueError("key is required to compare two or more runs (rotation baseline)")
   names = tables.names
+  generalised = [True] * n_runs if generalised is None else [bool(x) for x in generalised]
+  if len(generalised) != n_runs:
+    raise ValueError(f"generalised: {len(generalised)} values for {n_runs} runs")
 
   sims = []
   for step in steps:
@@ -173,10 +186,10 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     sims.append(np.asarray(rep.logit_similarity(logits, group, tables)))
   sim_KxSxR = np.stack(sims)
   sim_SxR = sim_KxSxR[-1]
-  key_SxR = np.asarray(rep.key_irreps(sim_SxR, threshold))
+  key_SxR = np.asarray(rep.key_irreps(sim_SxR, key_threshold))
   frac_S = np.asarray(rep.fraction_explained(sim_SxR))
   frac_key_S = np.sum(np.where(key_SxR, sim_SxR, 0.0) ** 2, axis=1)
-  order_SxR = np.asarray(rep.learning_order(np.asarray(steps), sim_KxSxR, threshold))
+  order_SxR = np.asarray(rep.learning_order(np.asarray(steps), sim_KxSxR, order_threshold))
   loss_S, acc_S = (np.asarray(x) for x in _loss_accuracy(jnp.asarray(logits), jnp.asarray(tables.table)))
 
   final_params = params_by_step[steps[-1]]
@@ -226,7 +239,7 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     in_order += [r for r in range(len(names)) if key_SxR[i, r] and order_SxR[i, r] < 0]
     dom = neurons["dominant_SxN"][i][live]
     rec = {
-        "run": _run_description(run),
+        "run": _run_description(run), "generalised": generalised[i],
         "loss_all": loss_S[i], "accuracy_all": acc_S[i],
         "logit_similarity": dict(zip(names, sim_SxR[i])),
         "fraction_explained": frac_S[i], "fraction_explained_key": frac_key_S[i],
@@ -258,7 +271,8 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
   aggregate = _aggregate(records, names, corr, neurons, dead_SxN, sim_mats,
                          None if n_runs < 2 else matching, n_runs)
   out = {
-      "group": {"name": group.name, "order": g, "steps": steps, "threshold": float(threshold),
+      "group": {"name": group.name, "order": g, "steps": steps, "key_threshold": float(key_threshold),
+                "order_threshold": float(order_threshold),
                 "universal_threshold": float(universal_threshold),
                 "irreps": [{"name": n, "dim": int(d), "frobenius_schur": int(fs)}
                            for n, d, fs in zip(names, tables.dims, tables.frobenius_schur)]},
@@ -278,11 +292,13 @@ def _offdiag_mean(m_SxS: np.ndarray):
 
 
 def _aggregate(records, names, corr, neurons, dead_SxN, sim_mats, matching, n_runs) -> dict:
-  key_counts = {n: sum(n in r["key_irreps"] for r in records) for n in names}
-  sets = collections.Counter(tuple(r["key_irreps"]) for r in records)
-  first = collections.Counter(r["first_learned"] for r in records if r["first_learned"] is not None)
+  done = [r for r in records if r["generalised"]]
+  key_counts = {n: sum(n in r["key_irreps"] for r in done) for n in names}
+  sets = collections.Counter(tuple(r["key_irreps"]) for r in done)
+  first = collections.Counter(r["first_learned"] for r in done if r["first_learned"] is not None)
   agg = {
-      "n_runs": n_runs,
+      "n_runs": n_runs, "n_generalised": len(done),
+      "not_generalised": [i for i, r in enumerate(records) if not r["generalised"]],
       "key_irrep_counts": key_counts,
       "key_irrep_sets": [{"irreps": list(k), "count": c}
                          for k, c in sorted(sets.items(), key=lambda kv: (-kv[1], kv[0]))],

@@ -18,7 +18,8 @@ from engine.analysis import representation
 from engine.families.group import models
 
 # The analysis' named settings and their defaults (summary.json "settings").
-SETTINGS = {"threshold": representation.DEFAULT_THRESHOLD,
+SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
+            "order_threshold": representation.DEFAULT_ORDER_THRESHOLD,
             "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD}
 
 
@@ -39,12 +40,20 @@ def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
   return jax.jit(jax.vmap(one))
 
 
+def generalised(view, step: int) -> list[bool]:
+  """Whether each selected run had generalised (``Family.generalised``) by the logged metrics at ``step``."""
+  logged = view.metrics_at(step)
+  return [bool(view.family.generalised(logged[int(i)])) for i in view.index]
+
+
 def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | None = None) -> dict:
   """One cohort (runs of one group that differ only in seed): ``{"task", "aggregate", "runs"}``."""
   spec = view.groups[0]
   group = groups_lib.get(spec)
   res = pipeline.analyze_group(group, irreps_lib.real_irreps(group), view._apply_fn(), view._matrices_fn(),
-                               params_by_step, view.runs, threshold=settings["threshold"],
+                               params_by_step, view.runs, key_threshold=settings["key_threshold"],
+                               order_threshold=settings["order_threshold"],
+                               generalised=generalised(view, max(params_by_step)),
                                universal_threshold=settings["universal_threshold"], key=key,
                                batch_size=batch_size)
   return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}

@@ -123,18 +123,35 @@ def runs_table(records: Sequence[Mapping]) -> str:
   for label, r in zip(labels, records):
     order = r.get("key_irreps_in_order") or []
     steps = [r["learning_order"].get(n) for n in order]
-    rows.append([label, _fmt((r.get("final") or {}).get("test_acc")), _fmt(r.get("fraction_explained")),
+    rows.append([label, _fmt(r.get("generalised", True)), _fmt((r.get("final") or {}).get("test_acc")),
+                 _fmt(r.get("fraction_explained")),
                  ", ".join(f"{n} ({s})" for n, s in zip(order, steps)) or "(none)",
                  _fmt((r.get("neurons") or {}).get("mean_excess"))])
-  return _table(["run", "test acc", "fraction explained", "key irreps (step learned)", "mean excess corr"],
-                rows)
+  return _table(["run", "generalised", "test acc", "fraction explained", "key irreps (step learned)",
+                 "mean excess corr"], rows)
 
 
 def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
-  return (f"- Analysis: key irreps have logit similarity > {settings['threshold']:g}; a neuron is universal "
+  return (f"- Analysis: key irreps have final logit similarity > {settings['key_threshold']:g} and an irrep "
+          f"is learned at the first checkpoint with similarity > {settings['order_threshold']:g} (the "
+          "thresholds of *A Toy Model of Universality*'s code: 0.005 and 0.05); a neuron is universal "
           f"when its excess correlation over the rotation baseline is > {settings['universal_threshold']:g}; "
-          f"a run has generalised when its test accuracy is ≥ {threshold:g}; cross-seed numbers compare the "
-          "runs of one cohort (same group, lr, weight decay and train fraction; different seeds)")
+          f"a run has generalised when its test accuracy is ≥ {threshold:g}, and only generalised runs enter "
+          "the key-irrep and learning-order tables; cross-seed numbers compare the runs of one cohort (same "
+          "group, lr, weight decay and train fraction; different seeds)")
+
+
+def generalised_records(records: Sequence[Mapping]) -> list[Mapping]:
+  """The runs that generalised: the only ones whose key irreps and learning order mean something."""
+  return [r for r in records if r.get("generalised", True)]
+
+
+def not_generalised_table(records: Sequence[Mapping]) -> str:
+  """The runs that did not generalise, apart: seed, test accuracy, loss and fraction of logits explained."""
+  rows = [[label, _fmt((r.get("final") or {}).get("test_acc")), _fmt(r.get("loss_all")),
+           _fmt(r.get("fraction_explained"))]
+          for label, r in zip(plots.run_labels(records), records) if not r.get("generalised", True)]
+  return _table(["run", "test acc", "loss (all pairs)", "fraction explained"], rows)
 
 
 def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str]:
@@ -147,23 +164,31 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
     spec = sub.groups[0]
     gs = sub.group_summary(spec)
     records, agg, group = gs["records"], gs["aggregate"], gs["group"]
+    done = generalised_records(records)
     prefix = file_prefix(ci, cohort)
     md += [f"## {cohort} (order {group['order']})", "", results_table(agg, records),
            "### Key irreps", "",
-           f"Key irreps: logit similarity above {group['threshold']:g} at step {group['steps'][-1]}. "
-           "Learned first: the key irrep whose similarity crossed the threshold at the earliest checkpoint.",
-           "", key_irrep_table(group, records),
-           "Most frequent sets of key irreps:", "", key_irrep_sets_table(records),
-           f"![key irreps]({save(sub.plot.key_irreps(spec), prefix + '_key_irreps.png')})", "",
-           f"![logit similarity]({save(sub.plot.similarity_heatmap(spec), prefix + '_similarity.png')})", "",
-           "### Learning order", "",
-           f"![learning order]({save(sub.plot.learning_order_group(spec), prefix + '_learning_order.png')})",
-           ""]
-    first = sub.runs[0]
-    name = f"{prefix}_learning_order_seed{first['seed']}.png"
-    fig = sub.plot.learning_order(group=spec, index=int(sub.index[0]))
-    md += [f"One run ({plots.run_labels([first])[0]}): similarity of each irrep over the checkpoints.", "",
-           f"![learning order of one run]({save(fig, name)})", ""]
+           f"Key irreps: logit similarity above {group['key_threshold']:g} at step {group['steps'][-1]}. "
+           f"Learned first: the key irrep whose similarity crossed {group['order_threshold']:g} at the "
+           f"earliest checkpoint. Over the {len(done)} of {len(records)} runs that generalised.", "",
+           "Irreps: " + ", ".join(f"{r['name']} (dim {r['dim']}, {_FS_TYPE.get(r['frobenius_schur'], '?')})"
+                                   for r in group["irreps"]), ""]
+    if len(done) < len(records):
+      md += ["Runs that did not generalise (left out of the key-irrep and learning-order tables):", "",
+             not_generalised_table(records)]
+    if done:
+      md += [key_irrep_table(group, done),
+             "Most frequent sets of key irreps:", "", key_irrep_sets_table(done),
+             f"![key irreps]({save(sub.plot.key_irreps(spec), prefix + '_key_irreps.png')})", ""]
+    md += [f"![logit similarity]({save(sub.plot.similarity_heatmap(spec), prefix + '_similarity.png')})", ""]
+    if done:
+      first = done[0]
+      name = f"{prefix}_learning_order_seed{first['seed']}.png"
+      fig = sub.plot.learning_order(group=spec, index=int(first["index"]))
+      md += ["### Learning order", "",
+             f"![learning order]({save(sub.plot.learning_order_group(spec), prefix + '_learning_order.png')})",
+             "", f"One run ({plots.run_labels([first])[0]}): similarity of each irrep over the checkpoints.",
+             "", f"![learning order of one run]({save(fig, name)})", ""]
     if len(records) >= 2:
       md += ["### Neurons across seeds", "",
              "Max correlation of each live neuron with the neurons of each other run of the cohort, against "

@@ -289,13 +289,15 @@ class Plots:
     return plots.similarity_heatmap(sim, plots.run_labels(gs["records"]), names, key, title=title)
 
   def key_irreps(self, group: str | None = None):
-    """Bars: per irrep, the selected runs in which it is key and in which it was learned first."""
+    """Bars: per irrep, the selected runs that generalised in which it is key and in which it was learned
+    first."""
     gs = self._run.group_summary(group)
     names = [r["name"] for r in gs["group"]["irreps"]]
-    key = {n: sum(n in rec["key_irreps"] for rec in gs["records"]) for n in names}
-    first = {n: sum(rec["first_learned"] == n for rec in gs["records"]) for n in names}
-    return plots.key_irrep_bars(names, key, first, len(gs["records"]),
-                                title=f"{gs['spec']}: key irreps over {len(gs['records'])} runs")
+    done = [rec for rec in gs["records"] if rec.get("generalised", True)]
+    key = {n: sum(n in rec["key_irreps"] for rec in done) for n in names}
+    first = {n: sum(rec["first_learned"] == n for rec in done) for n in names}
+    return plots.key_irrep_bars(names, key, first, len(done),
+                                title=f"{gs['spec']}: key irreps over {len(done)} generalised runs")
 
   def learning_order(self, seed: int | None = None, group: str | None = None, **filters):
     """One run (seed number ``seed``): logit similarity of each irrep over the checkpoints, the step it
@@ -309,17 +311,19 @@ class Plots:
     m = one.metrics()
     title = (f"{gs['spec']} {plots.run_labels(one.runs)[0]}: learning order "
              f"{' → '.join(rec['key_irreps_in_order']) or '(no key irreps)'}")
-    return plots.learning_order_run(gs["group"]["steps"], sim, names, gs["group"]["threshold"],
+    return plots.learning_order_run(gs["group"]["steps"], sim, names, gs["group"]["order_threshold"],
                                     rec["learning_order"], rec["key_irreps"], title=title,
                                     metric_steps=m["step"], test_acc=m["test_acc"][:, 0],
                                     train_acc=m["train_acc"][:, 0])
 
   def learning_order_group(self, group: str | None = None):
-    """Every selected run of a group: the checkpoint at which each irrep crossed the threshold."""
+    """Every selected run of a group that generalised: the checkpoint at which each irrep crossed the
+    learning-order threshold."""
     gs = self._run.group_summary(group)
     names = [r["name"] for r in gs["group"]["irreps"]]
-    return plots.learning_order_group(gs["records"], names, gs["group"]["steps"],
-                                      title=f"{gs['spec']}: learning order over {len(gs['records'])} runs")
+    done = [rec for rec in gs["records"] if rec.get("generalised", True)]
+    return plots.learning_order_group(done, names, gs["group"]["steps"],
+                                      title=f"{gs['spec']}: learning order over {len(done)} generalised runs")
 
   def correlation_distribution(self, group: str | None = None, step: int | None = None):
     """Max cross-seed correlation of each live neuron (per other run) against its rotation baseline, and
