@@ -256,3 +256,18 @@ def test_plot_helpers_return_figures(run):
   assert len(figs[0].axes[1].lines) >= 2 * 3  # train and test curve of each S3 run
   with pytest.raises(ValueError, match="unknown measure"):
     run.plot.cka("S3", measure="cosine")
+
+
+def test_cosets_view_reproduces_summary(run):
+  summary = run.summary()
+  res = run.select(group="S3").cosets()
+  assert res["source"] == "pre_activation" and len(res["subgroups"]) == 6
+  records = [r for r in summary["runs"] if r["group"] == "S3"]
+  dead = run.select(group="S3").neuron_correlations()["dead_SxN"]
+  for s, rec in enumerate(records):
+    for i, side in enumerate("ab"):
+      assert int(np.sum(res["coset_SxIxN"][s, i] & ~dead[s])) == rec["cosets"]["sides"][side]["coset_neurons"]
+  c7 = [r for r in summary["runs"] if r["group"] == "C7"]
+  assert all(r["cosets"]["sides"]["a"]["coset_neurons"] == 0 for r in c7)   # C7 has no proper subgroup
+  text = open(os.path.join(run.workdir, "report", "index.md")).read()
+  assert text.count("### Cosets") == 2 and "no proper non-trivial subgroup" in text

@@ -3,10 +3,13 @@
 Passes (pure: no I/O, no Orbax, no plotting): ``representation`` — logit similarity, fraction of logits
 explained, key irreps, FVEs, restricted / excluded losses, learning order, per-neuron irreps; ``cross_seed`` —
 neuron correlations and their rotation baseline, universal neurons, one-to-one matching, CKA / Procrustes /
-mutual k-NN; ``pipeline`` — all of it for the runs of one group, as JSON-ready records. ``driver``: every
+mutual k-NN; ``cosets`` — the share of each neuron's input explained by the cosets of every subgroup, its
+best subgroup and the irreps of the permutation representation on those cosets; ``pipeline`` — all of it for the runs of one group, as JSON-ready records. ``driver``: every
 cohort of a run directory (runs that differ only in seed) into analysis/summary.json.
 """
 
+from engine.analysis.cosets import coset_neurons
+from engine.analysis.cosets import coset_tables
 from engine.analysis.cross_seed import irrep_agreement
 from engine.analysis.cross_seed import live_neurons
 from engine.analysis.cross_seed import match_neurons

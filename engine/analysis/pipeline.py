@@ -12,7 +12,8 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``name``, ``order``; ``irreps``: list of {``name``, ``dim``, ``frobenius_schur``} (trivial first);
   ``steps``: the checkpoint steps analysed (ascending; the last is the final step of every record);
   ``key_threshold``: the key-irrep threshold on the final logit similarity; ``order_threshold``: the
-  learning-order threshold; ``universal_threshold``.
+  learning-order threshold; ``universal_threshold``; ``subgroups``, ``subgroup_classes``,
+  ``proper_nontrivial`` (counts of subgroups of the group and their conjugacy classes), ``coset_threshold``.
 
 ``runs[i]`` (one per run, in the order of ``runs``):
   ``run``: the run's description as given (e.g. the runs.json row).
@@ -39,6 +40,12 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
     ``in_key_irreps``: fraction of live neurons whose dominant irrep is a key irrep of this run,
     ``universal_fraction``: live neurons with excess correlation > ``universal_threshold`` (None for S = 1),
     ``mean_excess``: their mean excess correlation}.
+  ``cosets`` (``engine.analysis.cosets``): {``source``: ``"pre_activation"`` (P_a, P_b) or ``"hidden"``
+    (marginals of the activation), ``sides``: {``a``, ``b``: {``coset_neurons``, ``coset_fraction`` (of live
+    neurons), ``left`` / ``right`` (coset neurons by best coset kind), ``by_subgroup``: {subgroup class:
+    coset neurons}, ``mean_best_share``, ``mean_induced_share`` (over live neurons)}}, ``both_sides``:
+    neurons that are coset neurons on both sides, ``both_sides_same_class``: of them, those whose two best
+    subgroups are conjugate}.
 
 ``aggregate`` (over the runs of the group):
   ``n_runs``; ``n_generalised``; ``not_generalised``: positions (in ``runs``) of the runs that did not
@@ -53,6 +60,9 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   neuron's best match in another run share its dominant irrep; the second over universal neurons only).
   ``matching`` (S ≥ 2): ``mean_matched_corr`` S×S (Hungarian one-to-one matching; 1 on the diagonal) and
   ``mean_offdiagonal``.
+  ``cosets``: {``coset_fraction``: {``a``, ``b``: mean over runs}, ``by_subgroup``: {class: {``order``,
+  ``conjugates``, ``normal``, ``neurons`` (coset neurons of all runs, both sides), ``runs``, ``induced``:
+  {irrep: multiplicity in Ind_H^G 1}}}}.
   ``cka``, ``procrustes``, ``mutual_knn``: S×S matrices of the hidden representations on all pairs, and
   ``mean_offdiagonal`` of each under ``similarity_means``.
 """
@@ -67,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import groups as groups_lib
+from engine.analysis import cosets as cosets_lib
 from engine.analysis import cross_seed
 from engine.analysis import representation as rep
 from engine.analysis.jsonable import to_json
@@ -145,7 +156,8 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
                   params_by_step: Mapping[int, Any], runs: Sequence[Any], *,
                   key_threshold: float = rep.DEFAULT_KEY_THRESHOLD,
                   order_threshold: float = rep.DEFAULT_ORDER_THRESHOLD,
-                  generalised: Sequence[bool] | None = None, key=None,
+                  generalised: Sequence[bool] | None = None,
+                  coset_threshold: float = cosets_lib.DEFAULT_COSET_THRESHOLD, key=None,
                   universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, knn_k: int = 10,
                   knn_inputs: int = 1024, batch_size: int | None = None, backend: str = "auto") -> dict:
   """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
@@ -159,6 +171,7 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     runs: one description per run (leading axis of the parameters).
     key_threshold: key-irrep threshold on the final logit similarity; order_threshold: learning-order
       threshold; universal_threshold: on excess correlation.
+    coset_threshold: share of a neuron side's variance its best subgroup's cosets must explain.
     generalised: one bool per run (the family's test); runs marked False are left out of the key-irrep and
       learning-order aggregates. None: all runs count.
     key: PRNG key for the rotation baseline and the k-NN subsample (required when there are ≥ 2 runs).
@@ -214,6 +227,11 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
 
   acts_SxTxN = hidden.reshape(n_runs, g * g, -1)
   dead_SxN = ~np.asarray(cross_seed.live_neurons(acts_SxTxN))
+  coset = cosets_lib.coset_tables(group, tables)
+  f_SxIxGxN, coset_source = cosets_lib.input_functions(
+      mats["pre_a"][:, :g] if "pre_a" in mats else None, mats["pre_b"][:, :g] if "pre_b" in mats else None,
+      hidden)
+  coset_res = cosets_lib.coset_neurons(f_SxIxGxN, group, tables, coset, threshold=coset_threshold)
   corr = None
   if n_runs >= 2:
     k_corr, k_knn = jax.random.split(key)
@@ -267,12 +285,16 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
         },
     }
     records.append(rec)
+  for rec, coset_rec in zip(records, cosets_lib.run_records(coset_res, coset, dead_SxN, coset_source)):
+    rec["cosets"] = coset_rec
+
 
   aggregate = _aggregate(records, names, corr, neurons, dead_SxN, sim_mats,
                          None if n_runs < 2 else matching, n_runs)
+  aggregate["cosets"] = cosets_lib.cohort_record([r["cosets"] for r in records], coset)
   out = {
       "group": {"name": group.name, "order": g, "steps": steps, "key_threshold": float(key_threshold),
-                "order_threshold": float(order_threshold),
+                "order_threshold": float(order_threshold), **cosets_lib.task_record(coset, coset_threshold),
                 "universal_threshold": float(universal_threshold),
                 "irreps": [{"name": n, "dim": int(d), "frobenius_schur": int(fs)}
                            for n, d, fs in zip(names, tables.dims, tables.frobenius_schur)]},

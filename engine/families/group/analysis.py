@@ -12,6 +12,7 @@ import jax
 
 from engine import groups as groups_lib
 from engine import irreps as irreps_lib
+from engine.analysis import cosets
 from engine.analysis import cross_seed
 from engine.analysis import pipeline
 from engine.analysis import representation
@@ -20,7 +21,8 @@ from engine.families.group import models
 # The analysis' named settings and their defaults (summary.json "settings").
 SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
             "order_threshold": representation.DEFAULT_ORDER_THRESHOLD,
-            "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD}
+            "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD,
+            "coset_threshold": cosets.DEFAULT_COSET_THRESHOLD}
 
 
 def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
@@ -54,6 +56,7 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
                                params_by_step, view.runs, key_threshold=settings["key_threshold"],
                                order_threshold=settings["order_threshold"],
                                generalised=generalised(view, max(params_by_step)),
-                               universal_threshold=settings["universal_threshold"], key=key,
+                               universal_threshold=settings["universal_threshold"],
+                               coset_threshold=settings["coset_threshold"], key=key,
                                batch_size=batch_size)
   return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}

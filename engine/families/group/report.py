@@ -131,11 +131,52 @@ def runs_table(records: Sequence[Mapping]) -> str:
                  "mean excess corr"], rows)
 
 
+def coset_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping], limit: int = 10) -> list[str]:
+  """The cosets section of a cohort: coset neurons per input side, and the subgroup classes they use."""
+  if "subgroups" not in group or aggregate.get("cosets") is None:
+    return []
+  md = ["### Cosets", ""]
+  if not group["proper_nontrivial"]:
+    return md + [f"The group has no proper non-trivial subgroup ({group['subgroups']} subgroups): no coset "
+                 "neurons.", ""]
+  source = (records[0].get("cosets") or {}).get("source") if records else None
+  what = "P_a[:, n] and P_b[:, n]" if source == "pre_activation" else "the activation's mean over the other input"
+  md += [f"For each live neuron and input side, the share of the variance of its input function ({what}) "
+         f"explained by the left or right cosets of each of the {group['proper_nontrivial']} proper "
+         f"non-trivial subgroups (of {group['subgroups']} subgroups in {group['subgroup_classes']} conjugacy "
+         "classes, counting the trivial one and the whole group); the best subgroup maximises the adjusted share; a coset neuron's best share is ≥ "
+         f"{group['coset_threshold']:g}. Induced share: the part of the neuron's non-constant input in the "
+         "irreps of Ind_H^G 1 of its best subgroup H.", ""]
+  rows = []
+  for side in ("a", "b"):
+    per = [(r.get("cosets") or {}).get("sides", {}).get(side) for r in records]
+    per = [p for p in per if p]
+    rows.append([side, sum(p["coset_neurons"] for p in per),
+                 _fmt(_mean(p["coset_fraction"] for p in per)),
+                 sum(p["left"] for p in per), sum(p["right"] for p in per),
+                 _fmt(_mean(p["mean_best_share"] for p in per)), _fmt(_mean(p["mean_induced_share"] for p in per))])
+  md += [_table(["input", "coset neurons (all runs)", "mean fraction of live neurons", "left cosets",
+                 "right cosets", "mean best share", "mean induced share"], rows)]
+  classes = list(aggregate["cosets"]["by_subgroup"].items())
+  if classes:
+    rows = [[label, c["order"], c["conjugates"], _fmt(c["normal"]), c["neurons"], c["runs"],
+             " + ".join(f"{m}·{n}" if m > 1 else n for n, m in c["induced"].items())]
+            for label, c in classes[:limit]]
+    if len(classes) > limit:
+      rows.append([f"… {len(classes) - limit} more classes", "", "", "", sum(c["neurons"] for _, c in
+                                                                            classes[limit:]), "", ""])
+    md += ["Subgroup classes used by coset neurons:", "",
+           _table(["subgroup class", "order", "conjugates", "normal", "coset neurons", "runs",
+                   "Ind_H^G 1"], rows)]
+  return md
+
+
 def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
   return (f"- Analysis: key irreps have final logit similarity > {settings['key_threshold']:g} and an irrep "
           f"is learned at the first checkpoint with similarity > {settings['order_threshold']:g} (the "
           "thresholds of *A Toy Model of Universality*'s code: 0.005 and 0.05); a neuron is universal "
           f"when its excess correlation over the rotation baseline is > {settings['universal_threshold']:g}; "
+          f"a coset neuron's best subgroup explains ≥ {settings['coset_threshold']:g} of an input's variance; "
           f"a run has generalised when its test accuracy is ≥ {threshold:g}, and only generalised runs enter "
           "the key-irrep and learning-order tables; cross-seed numbers compare the runs of one cohort (same "
           "group, lr, weight decay and train fraction; different seeds)")
@@ -198,5 +239,6 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
              "", f"![CKA]({save(sub.plot.cka(spec), prefix + '_cka.png')})", ""]
     else:
       md += ["(One run: no cross-seed comparison.)", ""]
+    md += coset_lines(group, agg, records)
     md += ["<details><summary>Runs</summary>", "", runs_table(records), "</details>", ""]
   return md

@@ -22,6 +22,7 @@ from engine import groups as groups_lib
 from engine import irreps as irreps_lib
 from engine import plots
 from engine import replay
+from engine.analysis import cosets
 from engine.analysis import cross_seed
 from engine.analysis import driver
 from engine.analysis import pipeline
@@ -188,6 +189,31 @@ class View(replay.Run):
       res = pipeline.neuron_irreps_from_hidden(hidden, grp, tables)
     out = {k: np.asarray(v) for k, v in res.items()}
     out["irreps"] = list(tables.names)
+    return out
+
+  def cosets(self, step: int | None = None, group: str | None = None, *, threshold: float | None = None
+             ) -> dict:
+    """Coset neurons of the selected runs of one group (``engine.analysis.cosets``), as the analysis
+    computes them: per run, input side (a, b) and neuron, the share of each subgroup's left / right cosets,
+    the best subgroup, its coset kind, share, adjusted share and induced share.
+
+    Returns numpy ``share_SxIxKxHxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
+    ``best_adjusted_SxIxN``, ``coset_SxIxN``, ``induced_share_SxIxN``, ``source``, ``subgroups``
+    (``engine.groups.Subgroups``) and ``labels`` (each subgroup's class label).
+    """
+    sub = self._one_group(group)
+    grp = groups_lib.get(sub.groups[0])
+    tables = representation.irrep_tables(grp, irreps_lib.real_irreps(grp))
+    g = grp.order
+    if threshold is None:
+      threshold = cosets.DEFAULT_COSET_THRESHOLD
+    mats = {k: np.asarray(v) for k, v in self._matrices_fn()(sub.params(step)).items()}
+    hidden = None if "pre_a" in mats else sub.hidden(step).reshape(len(sub), g, g, -1)
+    f, source = cosets.input_functions(mats["pre_a"][:, :g] if "pre_a" in mats else None,
+                                       mats["pre_b"][:, :g] if "pre_b" in mats else None, hidden)
+    table = cosets.coset_tables(grp, tables)
+    out = {k: np.asarray(v) for k, v in cosets.coset_neurons(f, grp, tables, table, threshold=threshold).items()}
+    out.update(source=source, subgroups=table.subgroups, labels=cosets.class_labels(table.subgroups))
     return out
 
   def neuron_correlations(self, step: int | None = None, group: str | None = None, *,
