@@ -271,3 +271,16 @@ def test_cosets_view_reproduces_summary(run):
   assert all(r["cosets"]["sides"]["a"]["coset_neurons"] == 0 for r in c7)   # C7 has no proper subgroup
   text = open(os.path.join(run.workdir, "report", "index.md")).read()
   assert text.count("### Cosets") == 2 and "no proper non-trivial subgroup" in text
+
+
+def test_margins_in_summary_and_report(run):
+  summary = run.summary()
+  for rec in summary["runs"]:
+    m = rec["margins"]
+    assert len(m["normalised_margin_by_step"]) == len(summary["steps"])
+    assert m["normalised_margin"] == pytest.approx(m["margin"] / m["norm"], rel=1e-5)
+    assert 0 <= m["single_irrep_fraction"] <= 1 and 0 <= m["irrep_coverage"] <= 1
+  c7 = next(e for c, e in summary["cohorts"].items() if c.startswith("C7"))
+  assert c7["task"]["predicted_coverage"] == 1.0
+  text = open(os.path.join(run.workdir, "report", "index.md")).read()
+  assert text.count("### Margins") == 2

@@ -13,7 +13,9 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``steps``: the checkpoint steps analysed (ascending; the last is the final step of every record);
   ``key_threshold``: the key-irrep threshold on the final logit similarity; ``order_threshold``: the
   learning-order threshold; ``universal_threshold``; ``subgroups``, ``subgroup_classes``,
-  ``proper_nontrivial`` (counts of subgroups of the group and their conjugacy classes), ``coset_threshold``.
+  ``proper_nontrivial`` (counts of subgroups of the group and their conjugacy classes), ``coset_threshold``;
+  ``single_threshold``; ``predicted_coverage``: the max-margin irrep coverage where the margin paper states
+  it (cyclic groups: 1), else None.
 
 ``runs[i]`` (one per run, in the order of ``runs``):
   ``run``: the run's description as given (e.g. the runs.json row).
@@ -40,6 +42,10 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
     ``in_key_irreps``: fraction of live neurons whose dominant irrep is a key irrep of this run,
     ``universal_fraction``: live neurons with excess correlation > ``universal_threshold`` (None for S = 1),
     ``mean_excess``: their mean excess correlation}.
+  ``margins`` (``engine.analysis.margins``; None for models without additive pre-activations):
+    {``margin_by_step``, ``normalised_margin_by_step`` (at each of ``group.steps``), ``margin``,
+    ``normalised_margin``, ``norm`` (‖θ_eff‖^ν) at the final step, ``single_irrep_fraction`` (of live
+    neurons), ``irrep_coverage`` and ``covered_irreps`` (non-trivial irreps with a single-irrep neuron)}.
   ``cosets`` (``engine.analysis.cosets``): {``source``: ``"pre_activation"`` (P_a, P_b) or ``"hidden"``
     (marginals of the activation), ``sides``: {``a``, ``b``: {``coset_neurons``, ``coset_fraction`` (of live
     neurons), ``left`` / ``right`` (coset neurons by best coset kind), ``by_subgroup``: {subgroup class:
@@ -60,6 +66,8 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   neuron's best match in another run share its dominant irrep; the second over universal neurons only).
   ``matching`` (S ≥ 2): ``mean_matched_corr`` S×S (Hungarian one-to-one matching; 1 on the diagonal) and
   ``mean_offdiagonal``.
+  ``margins`` (None without margins): ``mean_normalised_margin``, ``positive_margin_runs``,
+  ``mean_single_irrep_fraction``, ``mean_irrep_coverage`` and ``mean_irrep_coverage_generalised``.
   ``cosets``: {``coset_fraction``: {``a``, ``b``: mean over runs}, ``by_subgroup``: {class: {``order``,
   ``conjugates``, ``normal``, ``neurons`` (coset neurons of all runs, both sides), ``runs``, ``induced``:
   {irrep: multiplicity in Ind_H^G 1}}}}.
@@ -79,6 +87,7 @@ import numpy as np
 from engine import groups as groups_lib
 from engine.analysis import cosets as cosets_lib
 from engine.analysis import cross_seed
+from engine.analysis import margins as margins_lib
 from engine.analysis import representation as rep
 from engine.analysis.jsonable import to_json
 
@@ -157,7 +166,8 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
                   key_threshold: float = rep.DEFAULT_KEY_THRESHOLD,
                   order_threshold: float = rep.DEFAULT_ORDER_THRESHOLD,
                   generalised: Sequence[bool] | None = None,
-                  coset_threshold: float = cosets_lib.DEFAULT_COSET_THRESHOLD, key=None,
+                  coset_threshold: float = cosets_lib.DEFAULT_COSET_THRESHOLD,
+                  single_threshold: float = margins_lib.DEFAULT_SINGLE_THRESHOLD, key=None,
                   universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, knn_k: int = 10,
                   knn_inputs: int = 1024, batch_size: int | None = None, backend: str = "auto") -> dict:
   """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
@@ -171,6 +181,8 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     runs: one description per run (leading axis of the parameters).
     key_threshold: key-irrep threshold on the final logit similarity; order_threshold: learning-order
       threshold; universal_threshold: on excess correlation.
+    single_threshold: share of a neuron's non-constant pre-activation in one irrep that makes it a
+      single-irrep neuron (margins).
     coset_threshold: share of a neuron side's variance its best subgroup's cosets must explain.
     generalised: one bool per run (the family's test); runs marked False are left out of the key-irrep and
       learning-order aggregates. None: all runs count.
@@ -193,10 +205,15 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
   if len(generalised) != n_runs:
     raise ValueError(f"generalised: {len(generalised)} values for {n_runs} runs")
 
-  sims = []
+  sims, margins = [], []
   for step in steps:
     logits, hidden = evaluate_all_pairs(apply_fn, params_by_step[step], n_runs, g, batch_size)
     sims.append(np.asarray(rep.logit_similarity(logits, group, tables)))
+    step_mats = matrices_fn(params_by_step[step])
+    if "pre_a" in step_mats and "pre_b" in step_mats:  # margins need the homogeneous effective weights
+      margins.append({k: np.asarray(v) for k, v in margins_lib.normalised_margin(
+          logits, tables.table, step_mats["pre_a"][:, :g], step_mats["pre_b"][:, :g],
+          step_mats["unembed"][:, :g]).items()})
   sim_KxSxR = np.stack(sims)
   sim_SxR = sim_KxSxR[-1]
   key_SxR = np.asarray(rep.key_irreps(sim_SxR, key_threshold))
@@ -287,14 +304,25 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     records.append(rec)
   for rec, coset_rec in zip(records, cosets_lib.run_records(coset_res, coset, dead_SxN, coset_source)):
     rec["cosets"] = coset_rec
-
+  single = margins_lib.single_irrep_neurons(neurons["share_SxNxR"], ~dead_SxN, single_threshold)
+  for i, rec in enumerate(records):
+    rec["margins"] = None if not margins else {
+        "margin_by_step": [m["margin_S"][i] for m in margins],
+        "normalised_margin_by_step": [m["normalised_S"][i] for m in margins],
+        "margin": margins[-1]["margin_S"][i], "normalised_margin": margins[-1]["normalised_S"][i],
+        "norm": margins[-1]["norm_S"][i],
+        "single_irrep_fraction": single["fraction_S"][i], "irrep_coverage": single["coverage_S"][i],
+        "covered_irreps": [names[r] for r in np.flatnonzero(single["covered_SxR"][i])]}
 
   aggregate = _aggregate(records, names, corr, neurons, dead_SxN, sim_mats,
                          None if n_runs < 2 else matching, n_runs)
   aggregate["cosets"] = cosets_lib.cohort_record([r["cosets"] for r in records], coset)
+  aggregate["margins"] = None if not margins else _margin_aggregate(records)
   out = {
       "group": {"name": group.name, "order": g, "steps": steps, "key_threshold": float(key_threshold),
                 "order_threshold": float(order_threshold), **cosets_lib.task_record(coset, coset_threshold),
+                "single_threshold": float(single_threshold),
+                "predicted_coverage": margins_lib.predicted_coverage(group.name),
                 "universal_threshold": float(universal_threshold),
                 "irreps": [{"name": n, "dim": int(d), "frobenius_schur": int(fs)}
                            for n, d, fs in zip(names, tables.dims, tables.frobenius_schur)]},
@@ -302,6 +330,17 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
       "aggregate": aggregate,
   }
   return to_json(out)
+
+
+def _margin_aggregate(records) -> dict:
+  m = [r["margins"] for r in records]
+  done = [r["margins"] for r in records if r["generalised"]]
+  mean = lambda xs: float(np.mean(xs)) if len(xs) else None  # noqa: E731
+  return {"mean_normalised_margin": mean([x["normalised_margin"] for x in m]),
+          "positive_margin_runs": int(sum(x["margin"] > 0 for x in m)),
+          "mean_single_irrep_fraction": mean([x["single_irrep_fraction"] for x in m]),
+          "mean_irrep_coverage": mean([x["irrep_coverage"] for x in m]),
+          "mean_irrep_coverage_generalised": mean([x["irrep_coverage"] for x in done])}
 
 
 def _offdiag_mean(m_SxS: np.ndarray):

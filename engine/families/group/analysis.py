@@ -14,6 +14,7 @@ from engine import groups as groups_lib
 from engine import irreps as irreps_lib
 from engine.analysis import cosets
 from engine.analysis import cross_seed
+from engine.analysis import margins
 from engine.analysis import pipeline
 from engine.analysis import representation
 from engine.families.group import models
@@ -22,7 +23,8 @@ from engine.families.group import models
 SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
             "order_threshold": representation.DEFAULT_ORDER_THRESHOLD,
             "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD,
-            "coset_threshold": cosets.DEFAULT_COSET_THRESHOLD}
+            "coset_threshold": cosets.DEFAULT_COSET_THRESHOLD,
+            "single_threshold": margins.DEFAULT_SINGLE_THRESHOLD}
 
 
 def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
@@ -57,6 +59,7 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
                                order_threshold=settings["order_threshold"],
                                generalised=generalised(view, max(params_by_step)),
                                universal_threshold=settings["universal_threshold"],
-                               coset_threshold=settings["coset_threshold"], key=key,
+                               coset_threshold=settings["coset_threshold"],
+                               single_threshold=settings["single_threshold"], key=key,
                                batch_size=batch_size)
   return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}

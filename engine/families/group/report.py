@@ -171,12 +171,43 @@ def coset_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping], 
   return md
 
 
+def margin_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping]) -> list[str]:
+  """The margins section of a cohort (MLP only): normalised margin, single-irrep neurons, irrep coverage."""
+  agg = aggregate.get("margins")
+  if not agg:
+    return []
+  pred = group.get("predicted_coverage")
+  md = ["### Margins", "",
+        "Normalised margin: min over all pairs of (correct logit − best wrong logit) / Σ‖θ_n‖² over the "
+        "effective per-neuron weights θ_n = (P_a[:, n], P_b[:, n], U[n]) (the MLP is 2-homogeneous in them). "
+        f"Single-irrep neurons: ≥ {group['single_threshold']:g} of the non-constant pre-activation in one "
+        "irrep. Coverage: share of the non-trivial irreps that some single-irrep neuron uses; the max-margin "
+        "prediction of *Feature emergence via margin maximization* is "
+        + ("every irrep (coverage 1) for cyclic groups." if pred is not None else
+           "not stated for this group."), ""]
+  header = ["runs with positive margin", "mean normalised margin", "mean single-irrep neurons",
+            "mean coverage (generalised runs)", "max-margin coverage"]
+  row = [f"{agg['positive_margin_runs']}/{len(records)}", _fmt(agg["mean_normalised_margin"], 6),
+         "–" if agg["mean_single_irrep_fraction"] is None else f"{agg['mean_single_irrep_fraction']:.1%}",
+         _fmt(agg["mean_irrep_coverage_generalised"]), _fmt(pred)]
+  md += [_table(header, [row])]
+  rows = [[label, _fmt(r["margins"]["margin"]), _fmt(r["margins"]["normalised_margin"], 6),
+           f"{r['margins']['single_irrep_fraction']:.1%}", _fmt(r["margins"]["irrep_coverage"]),
+           ", ".join(r["margins"]["covered_irreps"]) or "(none)"]
+          for label, r in zip(plots.run_labels(records), records) if r.get("margins")]
+  md += ["<details><summary>Margins per run</summary>", "",
+         _table(["run", "margin", "normalised margin", "single-irrep neurons", "coverage", "irreps covered"],
+                rows), "</details>", ""]
+  return md
+
+
 def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
   return (f"- Analysis: key irreps have final logit similarity > {settings['key_threshold']:g} and an irrep "
           f"is learned at the first checkpoint with similarity > {settings['order_threshold']:g} (the "
           "thresholds of *A Toy Model of Universality*'s code: 0.005 and 0.05); a neuron is universal "
           f"when its excess correlation over the rotation baseline is > {settings['universal_threshold']:g}; "
           f"a coset neuron's best subgroup explains ≥ {settings['coset_threshold']:g} of an input's variance; "
+          f"a single-irrep neuron has ≥ {settings['single_threshold']:g} of its pre-activation in one irrep; "
           f"a run has generalised when its test accuracy is ≥ {threshold:g}, and only generalised runs enter "
           "the key-irrep and learning-order tables; cross-seed numbers compare the runs of one cohort (same "
           "group, lr, weight decay and train fraction; different seeds)")
@@ -240,5 +271,6 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
     else:
       md += ["(One run: no cross-seed comparison.)", ""]
     md += coset_lines(group, agg, records)
+    md += margin_lines(group, agg, records)
     md += ["<details><summary>Runs</summary>", "", runs_table(records), "</details>", ""]
   return md
