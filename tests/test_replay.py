@@ -284,3 +284,19 @@ def test_margins_in_summary_and_report(run):
   assert c7["task"]["predicted_coverage"] == 1.0
   text = open(os.path.join(run.workdir, "report", "index.md")).read()
   assert text.count("### Margins") == 2
+
+
+def test_connectivity_view_reproduces_summary(run):
+  summary = run.summary()
+  spec = "S3"
+  res = run.select(group=spec).connectivity()
+  entry = next(e for c, e in summary["cohorts"].items() if c.startswith(spec))
+  conn = entry["aggregate"]["connectivity"]
+  assert conn["points"] == len(res["lambda_L"]) == 25
+  for name in ("raw", "activation", "weight"):
+    saved = np.asarray(conn["alignments"][name]["barrier"], float)
+    for p, (i, j) in enumerate(res["pairs_Px2"]):
+      assert saved[i, j] == pytest.approx(float(res[name]["barrier_P"][p]), abs=1e-5)
+  text = open(os.path.join(run.workdir, "report", "index.md")).read()
+  assert text.count("### Mode connectivity") == 2
+

@@ -68,6 +68,11 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``mean_offdiagonal``.
   ``margins`` (None without margins): ``mean_normalised_margin``, ``positive_margin_runs``,
   ``mean_single_irrep_fraction``, ``mean_irrep_coverage`` and ``mean_irrep_coverage_generalised``.
+  ``connectivity`` (``engine.analysis.connectivity``; MLP with S ≥ 2, else None): {``points``, ``weights``
+  (what is interpolated), ``key_irrep_jaccard`` S×S, ``alignments``: {``raw``, ``activation``, ``weight``:
+  {``barrier`` S×S, ``mean_barrier``, ``mean_barrier_same_key_irreps`` / ``_different_key_irreps`` and
+  ``pairs_same_key_irreps`` / ``pairs_different_key_irreps`` (over pairs of generalised runs),
+  ``mean_loss_path`` (over pairs, at each path point), ``mean_min_accuracy`` (lowest accuracy on the path)}}}.
   ``cosets``: {``coset_fraction``: {``a``, ``b``: mean over runs}, ``by_subgroup``: {class: {``order``,
   ``conjugates``, ``normal``, ``neurons`` (coset neurons of all runs, both sides), ``runs``, ``induced``:
   {irrep: multiplicity in Ind_H^G 1}}}}.
@@ -85,6 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import groups as groups_lib
+from engine.analysis import connectivity as connectivity_lib
 from engine.analysis import cosets as cosets_lib
 from engine.analysis import cross_seed
 from engine.analysis import margins as margins_lib
@@ -167,7 +173,8 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
                   order_threshold: float = rep.DEFAULT_ORDER_THRESHOLD,
                   generalised: Sequence[bool] | None = None,
                   coset_threshold: float = cosets_lib.DEFAULT_COSET_THRESHOLD,
-                  single_threshold: float = margins_lib.DEFAULT_SINGLE_THRESHOLD, key=None,
+                  single_threshold: float = margins_lib.DEFAULT_SINGLE_THRESHOLD,
+                  connectivity_points: int = connectivity_lib.DEFAULT_POINTS, key=None,
                   universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, knn_k: int = 10,
                   knn_inputs: int = 1024, batch_size: int | None = None, backend: str = "auto") -> dict:
   """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
@@ -181,6 +188,7 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     runs: one description per run (leading axis of the parameters).
     key_threshold: key-irrep threshold on the final logit similarity; order_threshold: learning-order
       threshold; universal_threshold: on excess correlation.
+    connectivity_points: points on the linear path between two runs' weights (0: no mode connectivity).
     single_threshold: share of a neuron's non-constant pre-activation in one irrep that makes it a
       single-irrep neuron (margins).
     coset_threshold: share of a neuron side's variance its best subgroup's cosets must explain.
@@ -318,6 +326,12 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
                          None if n_runs < 2 else matching, n_runs)
   aggregate["cosets"] = cosets_lib.cohort_record([r["cosets"] for r in records], coset)
   aggregate["margins"] = None if not margins else _margin_aggregate(records)
+  aggregate["connectivity"] = None
+  if n_runs >= 2 and "pre_a" in mats and connectivity_points:
+    conn = connectivity_lib.connectivity(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g],
+                                         tables.table, matching["perm_SxSxN"], points=connectivity_points)
+    aggregate["connectivity"] = connectivity_lib.cohort_record(conn, [r["key_irreps"] for r in records],
+                                                               generalised)
   out = {
       "group": {"name": group.name, "order": g, "steps": steps, "key_threshold": float(key_threshold),
                 "order_threshold": float(order_threshold), **cosets_lib.task_record(coset, coset_threshold),

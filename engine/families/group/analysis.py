@@ -12,6 +12,7 @@ import jax
 
 from engine import groups as groups_lib
 from engine import irreps as irreps_lib
+from engine.analysis import connectivity
 from engine.analysis import cosets
 from engine.analysis import cross_seed
 from engine.analysis import margins
@@ -24,7 +25,8 @@ SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
             "order_threshold": representation.DEFAULT_ORDER_THRESHOLD,
             "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD,
             "coset_threshold": cosets.DEFAULT_COSET_THRESHOLD,
-            "single_threshold": margins.DEFAULT_SINGLE_THRESHOLD}
+            "single_threshold": margins.DEFAULT_SINGLE_THRESHOLD,
+            "connectivity_points": connectivity.DEFAULT_POINTS}
 
 
 def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
@@ -60,6 +62,7 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
                                generalised=generalised(view, max(params_by_step)),
                                universal_threshold=settings["universal_threshold"],
                                coset_threshold=settings["coset_threshold"],
-                               single_threshold=settings["single_threshold"], key=key,
+                               single_threshold=settings["single_threshold"],
+                               connectivity_points=int(settings["connectivity_points"]), key=key,
                                batch_size=batch_size)
   return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}

@@ -201,6 +201,32 @@ def margin_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping])
   return md
 
 
+def connectivity_lines(aggregate: Mapping, save: Callable[[Any, str], str] | None = None, fig=None,
+                       name: str = "") -> list[str]:
+  """The mode-connectivity section of a cohort: barriers per alignment, split by shared key irreps."""
+  conn = aggregate.get("connectivity")
+  if not conn:
+    return []
+  md = ["### Mode connectivity", "",
+        f"Loss on all pairs along the straight line between two seeds' {conn['weights']} weights "
+        f"({conn['points']} points); barrier = max over the path of the loss minus the line between the end "
+        "losses. The second run's neurons are left as they are (raw), or reordered by activation matching "
+        "(Hungarian on neuron correlations) or by weight matching (one linear assignment on the neurons' "
+        "effective weights). Same / different key irreps: pairs of generalised runs whose key-irrep sets "
+        "are equal / differ.", ""]
+  rows = []
+  for align, a in conn["alignments"].items():
+    rows.append([align, _fmt(a["mean_barrier"]),
+                 f"{_fmt(a['mean_barrier_same_key_irreps'])} ({a['pairs_same_key_irreps']})",
+                 f"{_fmt(a['mean_barrier_different_key_irreps'])} ({a['pairs_different_key_irreps']})",
+                 _fmt(a["mean_min_accuracy"])])
+  md += [_table(["alignment", "mean barrier", "same key irreps (pairs)", "different key irreps (pairs)",
+                 "mean lowest accuracy on the path"], rows)]
+  if save is not None and fig is not None:
+    md += [f"![loss along the path]({save(fig, name)})", ""]
+  return md
+
+
 def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
   return (f"- Analysis: key irreps have final logit similarity > {settings['key_threshold']:g} and an irrep "
           f"is learned at the first checkpoint with similarity > {settings['order_threshold']:g} (the "
@@ -208,6 +234,7 @@ def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
           f"when its excess correlation over the rotation baseline is > {settings['universal_threshold']:g}; "
           f"a coset neuron's best subgroup explains ≥ {settings['coset_threshold']:g} of an input's variance; "
           f"a single-irrep neuron has ≥ {settings['single_threshold']:g} of its pre-activation in one irrep; "
+          f"mode connectivity on {settings['connectivity_points']} path points; "
           f"a run has generalised when its test accuracy is ≥ {threshold:g}, and only generalised runs enter "
           "the key-irrep and learning-order tables; cross-seed numbers compare the runs of one cohort (same "
           "group, lr, weight decay and train fraction; different seeds)")
@@ -272,5 +299,7 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
       md += ["(One run: no cross-seed comparison.)", ""]
     md += coset_lines(group, agg, records)
     md += margin_lines(group, agg, records)
+    if agg.get("connectivity"):
+      md += connectivity_lines(agg, save, sub.plot.connectivity(spec), prefix + "_connectivity.png")
     md += ["<details><summary>Runs</summary>", "", runs_table(records), "</details>", ""]
   return md

@@ -22,6 +22,7 @@ from engine import groups as groups_lib
 from engine import irreps as irreps_lib
 from engine import plots
 from engine import replay
+from engine.analysis import connectivity
 from engine.analysis import cosets
 from engine.analysis import cross_seed
 from engine.analysis import driver
@@ -216,6 +217,23 @@ class View(replay.Run):
     out.update(source=source, subgroups=table.subgroups, labels=cosets.class_labels(table.subgroups))
     return out
 
+  def connectivity(self, step: int | None = None, group: str | None = None, *, points: int | None = None
+                   ) -> dict:
+    """Linear mode connectivity between every pair of the selected runs of one group (MLP), raw and after
+    activation and weight matching (``engine.analysis.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
+    alignment ``perm_PxN``, ``loss_PxL``, ``accuracy_PxL``, ``barrier_P``."""
+    sub = self._one_group(group)
+    if len(sub) < 2:
+      raise ValueError("connectivity needs at least two runs of the group")
+    grp = groups_lib.get(sub.groups[0])
+    g = grp.order
+    mats = {k: np.asarray(v) for k, v in self._matrices_fn()(sub.params(step)).items()}
+    if "pre_a" not in mats:
+      raise ValueError("connectivity interpolates the MLP's effective weights; this model has none")
+    perm = cross_seed.match_neurons(sub.hidden(step))["perm_SxSxN"]
+    return connectivity.connectivity(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g],
+                                     grp.table, perm, points=points or connectivity.DEFAULT_POINTS)
+
   def neuron_correlations(self, step: int | None = None, group: str | None = None, *,
                           universal_threshold: float | None = None, seed: int = 0) -> dict:
     """Per-neuron cross-seed correlations of the selected runs of one group (``cross_seed``), with the
@@ -370,6 +388,17 @@ class Plots:
     title = f"{sub.groups[0]}: neuron correlations across {s} runs at step {sub._step(step)}"
     return plots.correlation_distribution(res["max_SxNxS"][sel], res["baseline_max_SxNxS"][sel],
                                           res["excess_SxN"][live_SxN], thr, title=title)
+
+  def connectivity(self, group: str | None = None):
+    """Mean loss over seed pairs along the linear path between their weights, per alignment
+    (summary.json)."""
+    gs = self._run.group_summary(group)
+    conn = gs["aggregate"].get("connectivity")
+    if not conn:
+      raise ValueError(f"summary.json has no mode connectivity for {gs['spec']} (one run, or not an MLP)")
+    return plots.loss_paths(np.linspace(0, 1, conn["points"]),
+                            {k: v["mean_loss_path"] for k, v in conn["alignments"].items()},
+                            title=f"{gs['spec']}: loss between seeds")
 
   def cka(self, group: str | None = None, measure: str = "cka"):
     """The S×S matrix of ``measure`` (``cka``, ``procrustes``, ``mutual_knn`` or ``matching``) between
