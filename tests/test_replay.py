@@ -300,3 +300,12 @@ def test_connectivity_view_reproduces_summary(run):
   text = open(os.path.join(run.workdir, "report", "index.md")).read()
   assert text.count("### Mode connectivity") == 2
 
+
+def test_redundancy_in_summary_and_report(run):
+  summary = run.summary()
+  for rec in summary["runs"]:
+    red = rec["redundancy"]
+    assert red["feature_complexity"] + red["never_active"] + red["merges"] == red["width"]
+    assert red["merged_loss"] <= red["loss"] + summary["settings"]["merge_tolerance"] + 1e-6
+  text = open(os.path.join(run.workdir, "report", "index.md")).read()
+  assert text.count("### Redundancy") == 2

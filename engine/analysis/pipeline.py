@@ -46,6 +46,9 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
     {``margin_by_step``, ``normalised_margin_by_step`` (at each of ``group.steps``), ``margin``,
     ``normalised_margin``, ``norm`` (‖θ_eff‖^ν) at the final step, ``single_irrep_fraction`` (of live
     neurons), ``irrep_coverage`` and ``covered_irreps`` (non-trivial irreps with a single-irrep neuron)}.
+  ``redundancy`` (``engine.analysis.redundancy``; MLP, else None): {``width``, ``never_active``, ``merges``,
+    ``feature_complexity`` (neurons left after iterative feature merging), ``loss`` and ``merged_loss`` on
+    all pairs}.
   ``cosets`` (``engine.analysis.cosets``): {``source``: ``"pre_activation"`` (P_a, P_b) or ``"hidden"``
     (marginals of the activation), ``sides``: {``a``, ``b``: {``coset_neurons``, ``coset_fraction`` (of live
     neurons), ``left`` / ``right`` (coset neurons by best coset kind), ``by_subgroup``: {subgroup class:
@@ -68,6 +71,9 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``mean_offdiagonal``.
   ``margins`` (None without margins): ``mean_normalised_margin``, ``positive_margin_runs``,
   ``mean_single_irrep_fraction``, ``mean_irrep_coverage`` and ``mean_irrep_coverage_generalised``.
+  ``redundancy`` (MLP, else None): ``mean_feature_complexity`` (all runs), ``_generalised``, and
+  ``feature_complexity_by_key_irreps``: {number of key irreps: mean feature complexity of the generalised
+  runs with that many}.
   ``connectivity`` (``engine.analysis.connectivity``; MLP with S ≥ 2, else None): {``points``, ``weights``
   (what is interpolated), ``key_irrep_jaccard`` S×S, ``alignments``: {``raw``, ``activation``, ``weight``:
   {``barrier`` S×S, ``mean_barrier``, ``mean_barrier_same_key_irreps`` / ``_different_key_irreps`` and
@@ -94,6 +100,7 @@ from engine.analysis import connectivity as connectivity_lib
 from engine.analysis import cosets as cosets_lib
 from engine.analysis import cross_seed
 from engine.analysis import margins as margins_lib
+from engine.analysis import redundancy as redundancy_lib
 from engine.analysis import representation as rep
 from engine.analysis.jsonable import to_json
 
@@ -174,7 +181,8 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
                   generalised: Sequence[bool] | None = None,
                   coset_threshold: float = cosets_lib.DEFAULT_COSET_THRESHOLD,
                   single_threshold: float = margins_lib.DEFAULT_SINGLE_THRESHOLD,
-                  connectivity_points: int = connectivity_lib.DEFAULT_POINTS, key=None,
+                  connectivity_points: int = connectivity_lib.DEFAULT_POINTS,
+                  merge_tolerance: float = redundancy_lib.DEFAULT_TOLERANCE, key=None,
                   universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, knn_k: int = 10,
                   knn_inputs: int = 1024, batch_size: int | None = None, backend: str = "auto") -> dict:
   """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
@@ -188,6 +196,7 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     runs: one description per run (leading axis of the parameters).
     key_threshold: key-irrep threshold on the final logit similarity; order_threshold: learning-order
       threshold; universal_threshold: on excess correlation.
+    merge_tolerance: the loss rise on all pairs that stops iterative feature merging (redundancy).
     connectivity_points: points on the linear path between two runs' weights (0: no mode connectivity).
     single_threshold: share of a neuron's non-constant pre-activation in one irrep that makes it a
       single-irrep neuron (margins).
@@ -326,6 +335,19 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
                          None if n_runs < 2 else matching, n_runs)
   aggregate["cosets"] = cosets_lib.cohort_record([r["cosets"] for r in records], coset)
   aggregate["margins"] = None if not margins else _margin_aggregate(records)
+  aggregate["redundancy"] = None
+  if "pre_a" in mats:
+    merged = {k: np.asarray(v) for k, v in redundancy_lib.merge_features(
+        mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g], tables.table,
+        tolerance=merge_tolerance).items()}
+    for i, rec in enumerate(records):
+      rec["redundancy"] = {"width": int(merged["alive_SxN"].shape[1]), "never_active": merged["never_active_S"][i],
+                           "merges": merged["merges_S"][i], "feature_complexity": merged["width_S"][i],
+                           "loss": merged["loss_S"][i], "merged_loss": merged["merged_loss_S"][i]}
+    aggregate["redundancy"] = _redundancy_aggregate(records)
+  else:
+    for rec in records:
+      rec["redundancy"] = None
   aggregate["connectivity"] = None
   if n_runs >= 2 and "pre_a" in mats and connectivity_points:
     conn = connectivity_lib.connectivity(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g],
@@ -344,6 +366,17 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
       "aggregate": aggregate,
   }
   return to_json(out)
+
+
+def _redundancy_aggregate(records) -> dict:
+  done = [r for r in records if r["generalised"]]
+  by_keys: dict[int, list[int]] = collections.defaultdict(list)
+  for r in done:
+    by_keys[len(r["key_irreps"])].append(r["redundancy"]["feature_complexity"])
+  return {"mean_feature_complexity": float(np.mean([r["redundancy"]["feature_complexity"] for r in records])),
+          "mean_feature_complexity_generalised": (
+              float(np.mean([r["redundancy"]["feature_complexity"] for r in done])) if done else None),
+          "feature_complexity_by_key_irreps": {str(k): float(np.mean(v)) for k, v in sorted(by_keys.items())}}
 
 
 def _margin_aggregate(records) -> dict:

@@ -17,6 +17,7 @@ from engine.analysis import cosets
 from engine.analysis import cross_seed
 from engine.analysis import margins
 from engine.analysis import pipeline
+from engine.analysis import redundancy
 from engine.analysis import representation
 from engine.families.group import models
 
@@ -26,7 +27,8 @@ SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
             "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD,
             "coset_threshold": cosets.DEFAULT_COSET_THRESHOLD,
             "single_threshold": margins.DEFAULT_SINGLE_THRESHOLD,
-            "connectivity_points": connectivity.DEFAULT_POINTS}
+            "connectivity_points": connectivity.DEFAULT_POINTS,
+            "merge_tolerance": redundancy.DEFAULT_TOLERANCE}
 
 
 def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
@@ -63,6 +65,7 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
                                universal_threshold=settings["universal_threshold"],
                                coset_threshold=settings["coset_threshold"],
                                single_threshold=settings["single_threshold"],
-                               connectivity_points=int(settings["connectivity_points"]), key=key,
+                               connectivity_points=int(settings["connectivity_points"]),
+                               merge_tolerance=settings["merge_tolerance"], key=key,
                                batch_size=batch_size)
   return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}

@@ -227,6 +227,30 @@ def connectivity_lines(aggregate: Mapping, save: Callable[[Any, str], str] | Non
   return md
 
 
+def redundancy_lines(aggregate: Mapping, records: Sequence[Mapping], tolerance: float | None) -> list[str]:
+  """The redundancy section of a cohort: feature complexity per run beside its number of key irreps."""
+  agg = aggregate.get("redundancy")
+  if not agg:
+    return []
+  tol = "" if tolerance is None else f" by more than {tolerance:g}"
+  md = ["### Redundancy", "",
+        "Iterative feature merging: neurons never active on any pair are dropped, then the two neurons with "
+        "the most similar incoming weights (cosine) are merged, the outgoing weights folded in, until the "
+        f"loss on all pairs would rise{tol}. The neurons left are the run's feature complexity.", ""]
+  by_keys = agg.get("feature_complexity_by_key_irreps") or {}
+  md += [_table(["mean feature complexity", "generalised runs", "by number of key irreps (generalised)"],
+                [[_fmt(agg["mean_feature_complexity"], 1), _fmt(agg["mean_feature_complexity_generalised"], 1),
+                  ", ".join(f"{k}: {v:.1f}" for k, v in by_keys.items()) or "–"]])]
+  rows = [[label, r["redundancy"]["width"], r["redundancy"]["never_active"], r["redundancy"]["feature_complexity"],
+           len(r["key_irreps"]) if r.get("generalised", True) else "–", _fmt(r["redundancy"]["loss"], 4),
+           _fmt(r["redundancy"]["merged_loss"], 4)]
+          for label, r in zip(plots.run_labels(records), records) if r.get("redundancy")]
+  md += ["<details><summary>Feature complexity per run</summary>", "",
+         _table(["run", "width", "never active", "feature complexity", "key irreps", "loss", "merged loss"],
+                rows), "</details>", ""]
+  return md
+
+
 def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
   return (f"- Analysis: key irreps have final logit similarity > {settings['key_threshold']:g} and an irrep "
           f"is learned at the first checkpoint with similarity > {settings['order_threshold']:g} (the "
@@ -234,7 +258,8 @@ def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
           f"when its excess correlation over the rotation baseline is > {settings['universal_threshold']:g}; "
           f"a coset neuron's best subgroup explains ≥ {settings['coset_threshold']:g} of an input's variance; "
           f"a single-irrep neuron has ≥ {settings['single_threshold']:g} of its pre-activation in one irrep; "
-          f"mode connectivity on {settings['connectivity_points']} path points; "
+          f"mode connectivity on {settings['connectivity_points']} path points; feature merging stops at a "
+          f"loss rise of {settings['merge_tolerance']:g}; "
           f"a run has generalised when its test accuracy is ≥ {threshold:g}, and only generalised runs enter "
           "the key-irrep and learning-order tables; cross-seed numbers compare the runs of one cohort (same "
           "group, lr, weight decay and train fraction; different seeds)")
@@ -299,6 +324,7 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
       md += ["(One run: no cross-seed comparison.)", ""]
     md += coset_lines(group, agg, records)
     md += margin_lines(group, agg, records)
+    md += redundancy_lines(agg, records, summary.get("settings", {}).get("merge_tolerance"))
     if agg.get("connectivity"):
       md += connectivity_lines(agg, save, sub.plot.connectivity(spec), prefix + "_connectivity.png")
     md += ["<details><summary>Runs</summary>", "", runs_table(records), "</details>", ""]
