@@ -111,7 +111,8 @@ def _share_reference(f_SxIxGxN, g, masks):
   for h, m in enumerate(masks):
     members = np.flatnonzero(m)
     for k, kind in enumerate(("left", "right")):
-      coset_of = [frozenset(g.table[a, members] if kind == "left" else g.table[members, a]) for a in range(g.order)]
+      coset_of = [frozenset(g.table[a, members] if kind == "left" else g.table[members, a])
+                  for a in range(g.order)]
       for s in range(s_):
         for i in range(i_):
           for n in range(n_):

@@ -6,8 +6,9 @@ neuron correlations and their rotation baseline, universal neurons, one-to-one m
 mutual k-NN; ``cosets`` — the share of each neuron's input explained by the cosets of every subgroup, its
 best subgroup and the irreps of the permutation representation on those cosets; ``margins`` — normalised
 margin, single-irrep neurons, irrep coverage; ``connectivity`` — loss barriers on the linear path between
-seeds, raw and after neuron alignment; ``redundancy`` — iterative feature merging; ``pipeline`` — all of it for the runs of one group, as JSON-ready records. ``driver``: every
-cohort of a run directory (runs that differ only in seed) into analysis/summary.json.
+seeds, raw and after neuron alignment; ``redundancy`` — iterative feature merging; ``pipeline`` — all of
+it for the runs of one group, as JSON-ready records. ``driver``: every cohort of a run directory (runs that
+differ only in seed) into analysis/summary.json.
 """
 
 from engine.analysis.cosets import coset_neurons

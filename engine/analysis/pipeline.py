@@ -321,37 +321,17 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     records.append(rec)
   for rec, coset_rec in zip(records, cosets_lib.run_records(coset_res, coset, dead_SxN, coset_source)):
     rec["cosets"] = coset_rec
-  single = margins_lib.single_irrep_neurons(neurons["share_SxNxR"], ~dead_SxN, single_threshold)
-  for i, rec in enumerate(records):
-    rec["margins"] = None if not margins else {
-        "margin_by_step": [m["margin_S"][i] for m in margins],
-        "normalised_margin_by_step": [m["normalised_S"][i] for m in margins],
-        "margin": margins[-1]["margin_S"][i], "normalised_margin": margins[-1]["normalised_S"][i],
-        "norm": margins[-1]["norm_S"][i],
-        "single_irrep_fraction": single["fraction_S"][i], "irrep_coverage": single["coverage_S"][i],
-        "covered_irreps": [names[r] for r in np.flatnonzero(single["covered_SxR"][i])]}
-
   aggregate = _aggregate(records, names, corr, neurons, dead_SxN, sim_mats,
                          None if n_runs < 2 else matching, n_runs)
   aggregate["cosets"] = cosets_lib.cohort_record([r["cosets"] for r in records], coset)
-  aggregate["margins"] = None if not margins else _margin_aggregate(records)
-  aggregate["redundancy"] = None
-  if "pre_a" in mats:
-    merged = {k: np.asarray(v) for k, v in redundancy_lib.merge_features(
-        mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g], tables.table,
-        tolerance=merge_tolerance).items()}
-    for i, rec in enumerate(records):
-      rec["redundancy"] = {"width": int(merged["alive_SxN"].shape[1]), "never_active": merged["never_active_S"][i],
-                           "merges": merged["merges_S"][i], "feature_complexity": merged["width_S"][i],
-                           "loss": merged["loss_S"][i], "merged_loss": merged["merged_loss_S"][i]}
-    aggregate["redundancy"] = _redundancy_aggregate(records)
-  else:
-    for rec in records:
-      rec["redundancy"] = None
+  single = margins_lib.single_irrep_neurons(neurons["share_SxNxR"], ~dead_SxN, single_threshold)
+  aggregate["margins"] = _add_margins(records, margins, single, names)
+  effective = None if "pre_a" not in mats else (mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g])
+  aggregate["redundancy"] = _add_redundancy(records, effective, tables.table, merge_tolerance)
   aggregate["connectivity"] = None
-  if n_runs >= 2 and "pre_a" in mats and connectivity_points:
-    conn = connectivity_lib.connectivity(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g],
-                                         tables.table, matching["perm_SxSxN"], points=connectivity_points)
+  if n_runs >= 2 and effective is not None and connectivity_points:
+    conn = connectivity_lib.connectivity(*effective, tables.table, matching["perm_SxSxN"],
+                                         points=connectivity_points)
     aggregate["connectivity"] = connectivity_lib.cohort_record(conn, [r["key_irreps"] for r in records],
                                                                generalised)
   out = {
@@ -366,6 +346,34 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
       "aggregate": aggregate,
   }
   return to_json(out)
+
+
+def _add_margins(records, margins, single, names) -> dict | None:
+  """Each record's ``margins`` (None without margins) and the cohort's margin aggregate."""
+  for i, rec in enumerate(records):
+    rec["margins"] = None if not margins else {
+        "margin_by_step": [m["margin_S"][i] for m in margins],
+        "normalised_margin_by_step": [m["normalised_S"][i] for m in margins],
+        "margin": margins[-1]["margin_S"][i], "normalised_margin": margins[-1]["normalised_S"][i],
+        "norm": margins[-1]["norm_S"][i],
+        "single_irrep_fraction": single["fraction_S"][i], "irrep_coverage": single["coverage_S"][i],
+        "covered_irreps": [names[r] for r in np.flatnonzero(single["covered_SxR"][i])]}
+  return None if not margins else _margin_aggregate(records)
+
+
+def _add_redundancy(records, effective, table, tolerance) -> dict | None:
+  """Each record's ``redundancy`` (None without effective weights) and the cohort's aggregate."""
+  if effective is None:
+    for rec in records:
+      rec["redundancy"] = None
+    return None
+  merged = {k: np.asarray(v) for k, v in redundancy_lib.merge_features(*effective, table,
+                                                                        tolerance=tolerance).items()}
+  for i, rec in enumerate(records):
+    rec["redundancy"] = {"width": int(merged["alive_SxN"].shape[1]), "never_active": merged["never_active_S"][i],
+                         "merges": merged["merges_S"][i], "feature_complexity": merged["width_S"][i],
+                         "loss": merged["loss_S"][i], "merged_loss": merged["merged_loss_S"][i]}
+  return _redundancy_aggregate(records)
 
 
 def _redundancy_aggregate(records) -> dict:

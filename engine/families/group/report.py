@@ -144,8 +144,8 @@ def coset_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping], 
   md += [f"For each live neuron and input side, the share of the variance of its input function ({what}) "
          f"explained by the left or right cosets of each of the {group['proper_nontrivial']} proper "
          f"non-trivial subgroups (of {group['subgroups']} subgroups in {group['subgroup_classes']} conjugacy "
-         "classes, counting the trivial one and the whole group); the best subgroup maximises the adjusted share; a coset neuron's best share is ≥ "
-         f"{group['coset_threshold']:g}. Induced share: the part of the neuron's non-constant input in the "
+         "classes, counting the trivial one and the whole group); the best subgroup maximises the adjusted "
+         f"share; a coset neuron's best share is ≥ {group['coset_threshold']:g}. Induced share: the part of the neuron's non-constant input in the "
          "irreps of Ind_H^G 1 of its best subgroup H.", ""]
   rows = []
   for side in ("a", "b"):
@@ -154,7 +154,8 @@ def coset_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping], 
     rows.append([side, sum(p["coset_neurons"] for p in per),
                  _fmt(_mean(p["coset_fraction"] for p in per)),
                  sum(p["left"] for p in per), sum(p["right"] for p in per),
-                 _fmt(_mean(p["mean_best_share"] for p in per)), _fmt(_mean(p["mean_induced_share"] for p in per))])
+                 _fmt(_mean(p["mean_best_share"] for p in per)),
+                 _fmt(_mean(p["mean_induced_share"] for p in per))])
   md += [_table(["input", "coset neurons (all runs)", "mean fraction of live neurons", "left cosets",
                  "right cosets", "mean best share", "mean induced share"], rows)]
   classes = list(aggregate["cosets"]["by_subgroup"].items())
