@@ -9,6 +9,7 @@ Images (``<c>`` is a cohort's position and a filename-safe name, e.g. ``c0_S5_lr
   <c>_learning_order_seed<k>.png  one run's similarity curves over the checkpoints
   <c>_correlation.png           max cross-seed neuron correlation vs its rotation baseline; excess
   <c>_cka.png                   linear CKA between the runs' hidden representations
+  <c>_connectivity.png          mean loss over seed pairs along the linear path between their weights
 
 The figures come from the notebook view's ``plot`` (one plotting code path for notebooks and reports).
 """
