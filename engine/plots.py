@@ -289,6 +289,19 @@ def correlation_distribution(max_M, baseline_M, excess_L, universal_threshold: f
   return fig
 
 
+def loss_paths(lambda_L, paths: Mapping[str, Sequence[float]], title: str = "") -> Figure:
+  """Mean loss over pairs of runs along the linear path between their weights, one line per alignment."""
+  fig = Figure(figsize=(4.6, 3.4), layout="constrained")
+  ax = fig.subplots()
+  for name, path in paths.items():
+    ax.plot(lambda_L, path, marker=".", ms=3, label=name)
+  ax.set_xlabel("λ (run i → aligned run j)")
+  ax.set_ylabel("loss on all pairs (mean over pairs)")
+  ax.legend(fontsize=7)
+  ax.set_title(title, fontsize=9)
+  return fig
+
+
 def matrix(m_SxS, labels: Sequence[str], title: str = "", vmin: float = 0.0, vmax: float = 1.0,
            cmap: str = "viridis") -> Figure:
   """An annotated run × run matrix (CKA, matched correlation, Procrustes distance)."""

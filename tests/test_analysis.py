@@ -461,26 +461,40 @@ def test_analyze_group_fields_agree_with_the_passes():
   # Without pre-activations (as for a transformer) the neuron split falls back to the hidden layer.
   plain = lambda p: {k: v for k, v in full(p).items() if not k.startswith("pre_")}
   runs = [{"seed": k} for k in range(3)]
+  generalised = [True, False, True]
   for matrices_fn, source in ((full, "pre_activation"), (plain, "hidden")):
     out = analysis.analyze_group(g, irreps, apply_fn, matrices_fn, {10: later, 0: params}, runs,
-                                 key=jax.random.key(1), batch_size=12)
+                                 key=jax.random.key(1), batch_size=12, generalised=generalised)
     json.dumps(out, allow_nan=False)
     assert out["group"]["steps"] == [0, 10]
+    assert (out["group"]["key_threshold"], out["group"]["order_threshold"]) == (0.005, 0.05)
     logits, hidden = analysis.evaluate_all_pairs(apply_fn, later, 3, g.order)
     sim = np.asarray(analysis.logit_similarity(logits, g, irreps))
+    sim0 = np.asarray(analysis.logit_similarity(analysis.evaluate_all_pairs(apply_fn, params, 3, g.order)[0],
+                                                g, irreps))
     names = [ir.name for ir in irreps]
     for i, record in enumerate(out["runs"]):
-      assert record["run"] == runs[i]
+      assert record["run"] == runs[i] and record["generalised"] == generalised[i]
       np.testing.assert_allclose([record["logit_similarity"][n] for n in names], sim[i], atol=1e-6)
-      assert record["key_irreps"] == [n for n, v in zip(names, sim[i]) if v > 0.05 and n != names[0]]
+      assert record["key_irreps"] == [n for n, v in zip(names, sim[i]) if v > 0.005 and n != names[0]]
+      # The learning order has its own threshold: the first of the two steps above 0.05.
+      for r, n in enumerate(names[1:], 1):
+        want = 0 if sim0[i, r] > 0.05 else (10 if sim[i, r] > 0.05 else None)
+        assert record["learning_order"][n] == want, (i, n)
       assert record["neurons"]["source"] == source
       assert (record["losses"] is None) == (source == "hidden")
       np.testing.assert_allclose(sum(record["fve"]["embed_a"].values()), 1.0, atol=1e-5)
-    assert out["aggregate"]["key_irrep_counts"] == {
-        n: sum(n in r["key_irreps"] for r in out["runs"]) for n in names}
+    agg = out["aggregate"]
+    done = [r for r, ok in zip(out["runs"], generalised) if ok]
+    assert agg["n_generalised"] == 2 and agg["not_generalised"] == [1]
+    assert agg["key_irrep_counts"] == {n: sum(n in r["key_irreps"] for r in done) for n in names}
+    assert sum(c["count"] for c in agg["key_irrep_sets"]) == 2
+    assert sum(agg["first_learned_counts"].values()) == sum(r["first_learned"] is not None for r in done)
   one = analysis.analyze_group(g, irreps, apply_fn, full, {0: jax.tree.map(lambda x: x[:1], params)},
-                               runs[:1])
+                               runs[:1], key_threshold=0.3, order_threshold=0.4)
   assert one["aggregate"]["correlation"] is None and one["runs"][0]["neurons"]["universal_fraction"] is None
+  assert one["runs"][0]["key_irreps"] == [n for n, v in zip(names, sim0[0]) if v > 0.3 and n != names[0]]
+  assert one["aggregate"]["n_generalised"] == 1
   json.dumps(one, allow_nan=False)
 
 

@@ -256,3 +256,56 @@ def test_plot_helpers_return_figures(run):
   assert len(figs[0].axes[1].lines) >= 2 * 3  # train and test curve of each S3 run
   with pytest.raises(ValueError, match="unknown measure"):
     run.plot.cka("S3", measure="cosine")
+
+
+def test_cosets_view_reproduces_summary(run):
+  summary = run.summary()
+  res = run.select(group="S3").cosets()
+  assert res["source"] == "pre_activation" and len(res["subgroups"]) == 6
+  records = [r for r in summary["runs"] if r["group"] == "S3"]
+  dead = run.select(group="S3").neuron_correlations()["dead_SxN"]
+  for s, rec in enumerate(records):
+    for i, side in enumerate("ab"):
+      assert int(np.sum(res["coset_SxIxN"][s, i] & ~dead[s])) == rec["cosets"]["sides"][side]["coset_neurons"]
+  c7 = [r for r in summary["runs"] if r["group"] == "C7"]
+  assert all(r["cosets"]["sides"]["a"]["coset_neurons"] == 0 for r in c7)   # C7 has no proper subgroup
+  text = open(os.path.join(run.workdir, "report", "index.md")).read()
+  assert text.count("### Cosets") == 2 and "no proper non-trivial subgroup" in text
+
+
+def test_margins_in_summary_and_report(run):
+  summary = run.summary()
+  for rec in summary["runs"]:
+    m = rec["margins"]
+    assert len(m["normalised_margin_by_step"]) == len(summary["steps"])
+    assert m["normalised_margin"] == pytest.approx(m["margin"] / m["norm"], rel=1e-5)
+    assert 0 <= m["single_irrep_fraction"] <= 1 and 0 <= m["irrep_coverage"] <= 1
+  c7 = next(e for c, e in summary["cohorts"].items() if c.startswith("C7"))
+  assert c7["task"]["predicted_coverage"] == 1.0
+  text = open(os.path.join(run.workdir, "report", "index.md")).read()
+  assert text.count("### Margins") == 2
+
+
+def test_connectivity_view_reproduces_summary(run):
+  summary = run.summary()
+  spec = "S3"
+  res = run.select(group=spec).connectivity()
+  entry = next(e for c, e in summary["cohorts"].items() if c.startswith(spec))
+  conn = entry["aggregate"]["connectivity"]
+  assert conn["points"] == len(res["lambda_L"]) == 25
+  for name in ("raw", "activation", "weight"):
+    saved = np.asarray(conn["alignments"][name]["barrier"], float)
+    for p, (i, j) in enumerate(res["pairs_Px2"]):
+      assert saved[i, j] == pytest.approx(float(res[name]["barrier_P"][p]), abs=1e-5)
+  text = open(os.path.join(run.workdir, "report", "index.md")).read()
+  assert text.count("### Mode connectivity") == 2
+
+
+def test_redundancy_in_summary_and_report(run):
+  summary = run.summary()
+  for rec in summary["runs"]:
+    red = rec["redundancy"]
+    assert red["feature_complexity"] + red["never_active"] + red["merges"] == red["width"]
+    assert red["merged_loss"] <= red["loss"] + summary["settings"]["merge_tolerance"] + 1e-6
+  text = open(os.path.join(run.workdir, "report", "index.md")).read()
+  assert text.count("### Redundancy") == 2

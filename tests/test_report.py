@@ -48,10 +48,13 @@ def test_report_images_are_valid_pngs_of_the_right_size(study):
   pngs = sorted(n for n in os.listdir(out) if n.endswith(".png"))
   assert sorted(images) == pngs  # every image is linked, every link exists
   expected = {"learning_curves.png"}
+  # No run of this short study generalises: no key-irrep or learning-order figures.
+  assert not any(r["generalised"] for r in _summary(study)["runs"])
   for ci, spec in enumerate(("C7", "S3")):
     expected |= {f"c{ci}_{spec}_lr0.01_wd1_frac0.6_{kind}.png" for kind in
-                 ("similarity", "key_irreps", "learning_order", "correlation", "cka")}
+                 ("similarity", "correlation", "cka")}
   assert expected <= set(pngs)
+  assert not [n for n in pngs if "key_irreps" in n or "learning_order" in n]
   for name in pngs:
     path = os.path.join(out, name)
     width, height = _png_size(path)
@@ -71,7 +74,7 @@ def test_index_mentions_study_groups_and_irreps(study):
   for cohort, entry in summary["cohorts"].items():
     assert f"## {cohort} (order {entry['task']['order']})" in text
     for irrep in entry["task"]["irreps"]:
-      assert f"| {irrep['name']} |" in text
+      assert f"{irrep['name']} (dim {irrep['dim']}" in text
 
 
 def _tables_by_group(text):
@@ -92,12 +95,24 @@ def _tables_by_group(text):
   return out
 
 
-def test_key_irrep_tables_equal_counts_recomputed_from_summary(study):
+def test_key_irrep_tables_equal_counts_recomputed_from_summary(study, tmp_path):
+  # No run of the study generalises: every run is listed apart and no cohort has a key-irrep table.
+  assert not _tables_by_group(_index(study))
+  assert _index(study).count("did not generalise (left out") == 2
+  # Mark seeds 0 and 2 of each cohort as generalised in a copy: the tables count those runs only.
+  copy = tmp_path / os.path.basename(study)
+  shutil.copytree(study, copy, ignore=shutil.ignore_patterns(".lock"))
   summary = _summary(study)
-  tables = _tables_by_group(_index(study))
+  for r in summary["runs"]:
+    r["generalised"] = r["seed"] != 1
+  (copy / "analysis" / "summary.json").write_text(json.dumps(summary))
+  report.write_report(str(copy))
+  text = (copy / "report" / "index.md").read_text()
+  tables = _tables_by_group(text)
   assert set(tables) == set(summary["cohorts"])
   for spec, entry in summary["cohorts"].items():
-    records = [summary["runs"][i] for i in entry["runs"]]
+    records = [summary["runs"][i] for i in entry["runs"] if summary["runs"][i]["generalised"]]
+    assert len(records) == 2
     assert [row[0] for row in tables[spec]] == [r["name"] for r in entry["task"]["irreps"]]
     for row in tables[spec]:
       name = row[0]
@@ -107,10 +122,8 @@ def test_key_irrep_tables_equal_counts_recomputed_from_summary(study):
       neurons = sum(r["neurons"]["dominant_counts"][name] for r in records)
       assert (int(row[3]), int(row[4]), int(row[6])) == (key, first, neurons), (spec, row)
       assert float(row[5]) == pytest.approx(sim, abs=5e-4)
-      # The same numbers as the saved aggregate (the paper's table).
-      assert key == entry["aggregate"]["key_irrep_counts"][name]
-      assert first == entry["aggregate"]["first_learned_counts"][name]
     assert sum(int(row[4]) for row in tables[spec]) == sum(r["first_learned"] is not None for r in records)
+  assert text.count("did not generalise (left out") == 2 and "of 2 runs" in text
 
 
 def _digest(directory):

@@ -78,7 +78,9 @@ def test_nothing_below_the_launcher_imports_it():
 
 
 def test_passes_and_trainer_load_no_io_or_plotting():
-  code = ("import sys, engine.analysis.representation, engine.analysis.cross_seed, engine.train; "
+  code = ("import sys, engine.analysis.representation, engine.analysis.cross_seed, engine.analysis.cosets, "
+          "engine.analysis.margins, engine.analysis.connectivity, engine.analysis.redundancy, "
+          "engine.train; "
           "print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'matplotlib', 'tensorstore'}))")
   res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -11,7 +11,11 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
 ``group``:
   ``name``, ``order``; ``irreps``: list of {``name``, ``dim``, ``frobenius_schur``} (trivial first);
   ``steps``: the checkpoint steps analysed (ascending; the last is the final step of every record);
-  ``threshold``: the key-irrep threshold on the logit similarity; ``universal_threshold``.
+  ``key_threshold``: the key-irrep threshold on the final logit similarity; ``order_threshold``: the
+  learning-order threshold; ``universal_threshold``; ``subgroups``, ``subgroup_classes``,
+  ``proper_nontrivial`` (counts of subgroups of the group and their conjugacy classes), ``coset_threshold``;
+  ``single_threshold``; ``predicted_coverage``: the max-margin irrep coverage where the margin paper states
+  it (cyclic groups: 1), else None.
 
 ``runs[i]`` (one per run, in the order of ``runs``):
   ``run``: the run's description as given (e.g. the runs.json row).
@@ -19,10 +23,11 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``logit_similarity``: {irrep: mean cosine between centred logits and tr ρ(a·b·c⁻¹)} at the final step.
   ``fraction_explained``: Σ over non-trivial irreps of similarity²; ``fraction_explained_key``: the same
     sum over key irreps only.
-  ``key_irreps``: irreps with similarity > ``threshold``, in the irreps' order.
-  ``learning_order``: {irrep: first checkpoint step with similarity > threshold, or None if never}.
-  ``key_irreps_in_order``: key irreps sorted by that step (ties: larger similarity at that step first);
-    ``first_learned``: the first of them (None if no key irreps).
+  ``generalised``: as given (``generalised``; True when not given).
+  ``key_irreps``: irreps with final similarity > ``key_threshold``, in the irreps' order.
+  ``learning_order``: {irrep: first checkpoint step with similarity > ``order_threshold``, or None if never}.
+  ``key_irreps_in_order``: key irreps sorted by that step (ties: larger similarity at that step first; key
+    irreps that never crossed it last); ``first_learned``: the first of them that crossed it (None if none).
   ``similarity_by_step``: {irrep: [similarity at each of ``group.steps``]}.
   ``fve``: {matrix: {irrep: fraction of its squared norm in that irrep's span}} for ``embed_a``,
     ``embed_b``, ``unembed`` (rows c), ``pre_a``/``pre_b`` (total embeddings, when ``matrices_fn`` gives
@@ -37,17 +42,46 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
     ``in_key_irreps``: fraction of live neurons whose dominant irrep is a key irrep of this run,
     ``universal_fraction``: live neurons with excess correlation > ``universal_threshold`` (None for S = 1),
     ``mean_excess``: their mean excess correlation}.
+  ``margins`` (``engine.analysis.margins``; None for models without additive pre-activations):
+    {``margin_by_step``, ``normalised_margin_by_step`` (at each of ``group.steps``), ``margin``,
+    ``normalised_margin``, ``norm`` (‖θ_eff‖^ν) at the final step, ``single_irrep_fraction`` (of live
+    neurons), ``irrep_coverage`` and ``covered_irreps`` (non-trivial irreps with a single-irrep neuron)}.
+  ``redundancy`` (``engine.analysis.redundancy``; MLP, else None): {``width``, ``never_active``, ``merges``,
+    ``feature_complexity`` (neurons left after iterative feature merging), ``loss`` and ``merged_loss`` on
+    all pairs}.
+  ``cosets`` (``engine.analysis.cosets``): {``source``: ``"pre_activation"`` (P_a, P_b) or ``"hidden"``
+    (marginals of the activation), ``sides``: {``a``, ``b``: {``coset_neurons``, ``coset_fraction`` (of live
+    neurons), ``left`` / ``right`` (coset neurons by best coset kind), ``by_subgroup``: {subgroup class:
+    coset neurons}, ``mean_best_share``, ``mean_induced_share`` (over live neurons)}}, ``both_sides``:
+    neurons that are coset neurons on both sides, ``both_sides_same_class``: of them, those whose two best
+    subgroups are conjugate}.
 
 ``aggregate`` (over the runs of the group):
-  ``n_runs``; ``key_irrep_counts``: {irrep: runs in which it is key} (the paper's table);
-  ``key_irrep_sets``: [{``irreps``: [...], ``count``}] most frequent first; ``first_learned_counts``:
-  {irrep: runs that learned it first}; ``mean_fraction_explained``; ``mean_loss_all``.
+  ``n_runs``; ``n_generalised``; ``not_generalised``: positions (in ``runs``) of the runs that did not
+  generalise. Over the generalised runs only (an unconverged run has a trace of every irrep, so at the
+  paper's key threshold it lists them all): ``key_irrep_counts``: {irrep: runs in which it is key} (the
+  paper's table); ``key_irrep_sets``: [{``irreps``: [...], ``count``}] most frequent first;
+  ``first_learned_counts``: {irrep: runs that learned it first}. Over all runs: ``mean_fraction_explained``,
+  ``mean_loss_all``.
   ``correlation`` (S ≥ 2, else None): ``mean_max``, ``mean_baseline_max`` (over live neurons and other runs),
   ``mean_excess``, ``universal_fraction`` (over all live neurons), ``excess_histogram`` {``edges``,
   ``counts``}, ``irrep_agreement`` / ``irrep_agreement_universal``: {``rate``, ``chance``, ``count``} (does a
   neuron's best match in another run share its dominant irrep; the second over universal neurons only).
   ``matching`` (S ≥ 2): ``mean_matched_corr`` S×S (Hungarian one-to-one matching; 1 on the diagonal) and
   ``mean_offdiagonal``.
+  ``margins`` (None without margins): ``mean_normalised_margin``, ``positive_margin_runs``,
+  ``mean_single_irrep_fraction``, ``mean_irrep_coverage`` and ``mean_irrep_coverage_generalised``.
+  ``redundancy`` (MLP, else None): ``mean_feature_complexity`` (all runs), ``_generalised``, and
+  ``feature_complexity_by_key_irreps``: {number of key irreps: mean feature complexity of the generalised
+  runs with that many}.
+  ``connectivity`` (``engine.analysis.connectivity``; MLP with S ≥ 2, else None): {``points``, ``weights``
+  (what is interpolated), ``key_irrep_jaccard`` S×S, ``alignments``: {``raw``, ``activation``, ``weight``:
+  {``barrier`` S×S, ``mean_barrier``, ``mean_barrier_same_key_irreps`` / ``_different_key_irreps`` and
+  ``pairs_same_key_irreps`` / ``pairs_different_key_irreps`` (over pairs of generalised runs),
+  ``mean_loss_path`` (over pairs, at each path point), ``mean_min_accuracy`` (lowest accuracy on the path)}}}.
+  ``cosets``: {``coset_fraction``: {``a``, ``b``: mean over runs}, ``by_subgroup``: {class: {``order``,
+  ``conjugates``, ``normal``, ``neurons`` (coset neurons of all runs, both sides), ``runs``, ``induced``:
+  {irrep: multiplicity in Ind_H^G 1}}}}.
   ``cka``, ``procrustes``, ``mutual_knn``: S×S matrices of the hidden representations on all pairs, and
   ``mean_offdiagonal`` of each under ``similarity_means``.
 """
@@ -62,7 +96,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import groups as groups_lib
+from engine.analysis import connectivity as connectivity_lib
+from engine.analysis import cosets as cosets_lib
 from engine.analysis import cross_seed
+from engine.analysis import margins as margins_lib
+from engine.analysis import redundancy as redundancy_lib
 from engine.analysis import representation as rep
 from engine.analysis.jsonable import to_json
 
@@ -138,7 +176,13 @@ def neuron_irreps_from_hidden(hidden_SxAxBxN, group, irreps) -> dict:
 
 def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_fn: Callable[[Any], dict],
                   params_by_step: Mapping[int, Any], runs: Sequence[Any], *,
-                  threshold: float = rep.DEFAULT_THRESHOLD, key=None,
+                  key_threshold: float = rep.DEFAULT_KEY_THRESHOLD,
+                  order_threshold: float = rep.DEFAULT_ORDER_THRESHOLD,
+                  generalised: Sequence[bool] | None = None,
+                  coset_threshold: float = cosets_lib.DEFAULT_COSET_THRESHOLD,
+                  single_threshold: float = margins_lib.DEFAULT_SINGLE_THRESHOLD,
+                  connectivity_points: int = connectivity_lib.DEFAULT_POINTS,
+                  merge_tolerance: float = redundancy_lib.DEFAULT_TOLERANCE, key=None,
                   universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, knn_k: int = 10,
                   knn_inputs: int = 1024, batch_size: int | None = None, backend: str = "auto") -> dict:
   """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
@@ -150,7 +194,15 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
       ``pre_a``/``pre_b`` enable the per-neuron split and the ablation losses (``matrices_fn_for``).
     params_by_step: checkpoint step -> parameters stacked over the runs; the largest step is final.
     runs: one description per run (leading axis of the parameters).
-    threshold: key-irrep threshold on the logit similarity; universal_threshold: on excess correlation.
+    key_threshold: key-irrep threshold on the final logit similarity; order_threshold: learning-order
+      threshold; universal_threshold: on excess correlation.
+    merge_tolerance: the loss rise on all pairs that stops iterative feature merging (redundancy).
+    connectivity_points: points on the linear path between two runs' weights (0: no mode connectivity).
+    single_threshold: share of a neuron's non-constant pre-activation in one irrep that makes it a
+      single-irrep neuron (margins).
+    coset_threshold: share of a neuron side's variance its best subgroup's cosets must explain.
+    generalised: one bool per run (the family's test); runs marked False are left out of the key-irrep and
+      learning-order aggregates. None: all runs count.
     key: PRNG key for the rotation baseline and the k-NN subsample (required when there are ≥ 2 runs).
     knn_k, knn_inputs: mutual k-NN alignment settings; batch_size: pairs per ``apply_fn`` call.
     backend: ``kernels.correlation`` backend.
@@ -166,17 +218,25 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
   if key is None and n_runs >= 2:
     raise ValueError("key is required to compare two or more runs (rotation baseline)")
   names = tables.names
+  generalised = [True] * n_runs if generalised is None else [bool(x) for x in generalised]
+  if len(generalised) != n_runs:
+    raise ValueError(f"generalised: {len(generalised)} values for {n_runs} runs")
 
-  sims = []
+  sims, margins = [], []
   for step in steps:
     logits, hidden = evaluate_all_pairs(apply_fn, params_by_step[step], n_runs, g, batch_size)
     sims.append(np.asarray(rep.logit_similarity(logits, group, tables)))
+    step_mats = matrices_fn(params_by_step[step])
+    if "pre_a" in step_mats and "pre_b" in step_mats:  # margins need the homogeneous effective weights
+      margins.append({k: np.asarray(v) for k, v in margins_lib.normalised_margin(
+          logits, tables.table, step_mats["pre_a"][:, :g], step_mats["pre_b"][:, :g],
+          step_mats["unembed"][:, :g]).items()})
   sim_KxSxR = np.stack(sims)
   sim_SxR = sim_KxSxR[-1]
-  key_SxR = np.asarray(rep.key_irreps(sim_SxR, threshold))
+  key_SxR = np.asarray(rep.key_irreps(sim_SxR, key_threshold))
   frac_S = np.asarray(rep.fraction_explained(sim_SxR))
   frac_key_S = np.sum(np.where(key_SxR, sim_SxR, 0.0) ** 2, axis=1)
-  order_SxR = np.asarray(rep.learning_order(np.asarray(steps), sim_KxSxR, threshold))
+  order_SxR = np.asarray(rep.learning_order(np.asarray(steps), sim_KxSxR, order_threshold))
   loss_S, acc_S = (np.asarray(x) for x in _loss_accuracy(jnp.asarray(logits), jnp.asarray(tables.table)))
 
   final_params = params_by_step[steps[-1]]
@@ -201,6 +261,11 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
 
   acts_SxTxN = hidden.reshape(n_runs, g * g, -1)
   dead_SxN = ~np.asarray(cross_seed.live_neurons(acts_SxTxN))
+  coset = cosets_lib.coset_tables(group, tables)
+  f_SxIxGxN, coset_source = cosets_lib.input_functions(
+      mats["pre_a"][:, :g] if "pre_a" in mats else None, mats["pre_b"][:, :g] if "pre_b" in mats else None,
+      hidden)
+  coset_res = cosets_lib.coset_neurons(f_SxIxGxN, group, tables, coset, threshold=coset_threshold)
   corr = None
   if n_runs >= 2:
     k_corr, k_knn = jax.random.split(key)
@@ -226,7 +291,7 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     in_order += [r for r in range(len(names)) if key_SxR[i, r] and order_SxR[i, r] < 0]
     dom = neurons["dominant_SxN"][i][live]
     rec = {
-        "run": _run_description(run),
+        "run": _run_description(run), "generalised": generalised[i],
         "loss_all": loss_S[i], "accuracy_all": acc_S[i],
         "logit_similarity": dict(zip(names, sim_SxR[i])),
         "fraction_explained": frac_S[i], "fraction_explained_key": frac_key_S[i],
@@ -254,11 +319,26 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
         },
     }
     records.append(rec)
-
+  for rec, coset_rec in zip(records, cosets_lib.run_records(coset_res, coset, dead_SxN, coset_source)):
+    rec["cosets"] = coset_rec
   aggregate = _aggregate(records, names, corr, neurons, dead_SxN, sim_mats,
                          None if n_runs < 2 else matching, n_runs)
+  aggregate["cosets"] = cosets_lib.cohort_record([r["cosets"] for r in records], coset)
+  single = margins_lib.single_irrep_neurons(neurons["share_SxNxR"], ~dead_SxN, single_threshold)
+  aggregate["margins"] = _add_margins(records, margins, single, names)
+  effective = None if "pre_a" not in mats else (mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g])
+  aggregate["redundancy"] = _add_redundancy(records, effective, tables.table, merge_tolerance)
+  aggregate["connectivity"] = None
+  if n_runs >= 2 and effective is not None and connectivity_points:
+    conn = connectivity_lib.connectivity(*effective, tables.table, matching["perm_SxSxN"],
+                                         points=connectivity_points)
+    aggregate["connectivity"] = connectivity_lib.cohort_record(conn, [r["key_irreps"] for r in records],
+                                                               generalised)
   out = {
-      "group": {"name": group.name, "order": g, "steps": steps, "threshold": float(threshold),
+      "group": {"name": group.name, "order": g, "steps": steps, "key_threshold": float(key_threshold),
+                "order_threshold": float(order_threshold), **cosets_lib.task_record(coset, coset_threshold),
+                "single_threshold": float(single_threshold),
+                "predicted_coverage": margins_lib.predicted_coverage(group.name),
                 "universal_threshold": float(universal_threshold),
                 "irreps": [{"name": n, "dim": int(d), "frobenius_schur": int(fs)}
                            for n, d, fs in zip(names, tables.dims, tables.frobenius_schur)]},
@@ -266,6 +346,56 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
       "aggregate": aggregate,
   }
   return to_json(out)
+
+
+def _add_margins(records, margins, single, names) -> dict | None:
+  """Each record's ``margins`` (None without margins) and the cohort's margin aggregate."""
+  for i, rec in enumerate(records):
+    rec["margins"] = None if not margins else {
+        "margin_by_step": [m["margin_S"][i] for m in margins],
+        "normalised_margin_by_step": [m["normalised_S"][i] for m in margins],
+        "margin": margins[-1]["margin_S"][i], "normalised_margin": margins[-1]["normalised_S"][i],
+        "norm": margins[-1]["norm_S"][i],
+        "single_irrep_fraction": single["fraction_S"][i], "irrep_coverage": single["coverage_S"][i],
+        "covered_irreps": [names[r] for r in np.flatnonzero(single["covered_SxR"][i])]}
+  return None if not margins else _margin_aggregate(records)
+
+
+def _add_redundancy(records, effective, table, tolerance) -> dict | None:
+  """Each record's ``redundancy`` (None without effective weights) and the cohort's aggregate."""
+  if effective is None:
+    for rec in records:
+      rec["redundancy"] = None
+    return None
+  merged = {k: np.asarray(v) for k, v in redundancy_lib.merge_features(*effective, table,
+                                                                        tolerance=tolerance).items()}
+  for i, rec in enumerate(records):
+    rec["redundancy"] = {"width": int(merged["alive_SxN"].shape[1]), "never_active": merged["never_active_S"][i],
+                         "merges": merged["merges_S"][i], "feature_complexity": merged["width_S"][i],
+                         "loss": merged["loss_S"][i], "merged_loss": merged["merged_loss_S"][i]}
+  return _redundancy_aggregate(records)
+
+
+def _redundancy_aggregate(records) -> dict:
+  done = [r for r in records if r["generalised"]]
+  by_keys: dict[int, list[int]] = collections.defaultdict(list)
+  for r in done:
+    by_keys[len(r["key_irreps"])].append(r["redundancy"]["feature_complexity"])
+  return {"mean_feature_complexity": float(np.mean([r["redundancy"]["feature_complexity"] for r in records])),
+          "mean_feature_complexity_generalised": (
+              float(np.mean([r["redundancy"]["feature_complexity"] for r in done])) if done else None),
+          "feature_complexity_by_key_irreps": {str(k): float(np.mean(v)) for k, v in sorted(by_keys.items())}}
+
+
+def _margin_aggregate(records) -> dict:
+  m = [r["margins"] for r in records]
+  done = [r["margins"] for r in records if r["generalised"]]
+  mean = lambda xs: float(np.mean(xs)) if len(xs) else None  # noqa: E731
+  return {"mean_normalised_margin": mean([x["normalised_margin"] for x in m]),
+          "positive_margin_runs": int(sum(x["margin"] > 0 for x in m)),
+          "mean_single_irrep_fraction": mean([x["single_irrep_fraction"] for x in m]),
+          "mean_irrep_coverage": mean([x["irrep_coverage"] for x in m]),
+          "mean_irrep_coverage_generalised": mean([x["irrep_coverage"] for x in done])}
 
 
 def _offdiag_mean(m_SxS: np.ndarray):
@@ -278,11 +408,13 @@ def _offdiag_mean(m_SxS: np.ndarray):
 
 
 def _aggregate(records, names, corr, neurons, dead_SxN, sim_mats, matching, n_runs) -> dict:
-  key_counts = {n: sum(n in r["key_irreps"] for r in records) for n in names}
-  sets = collections.Counter(tuple(r["key_irreps"]) for r in records)
-  first = collections.Counter(r["first_learned"] for r in records if r["first_learned"] is not None)
+  done = [r for r in records if r["generalised"]]
+  key_counts = {n: sum(n in r["key_irreps"] for r in done) for n in names}
+  sets = collections.Counter(tuple(r["key_irreps"]) for r in done)
+  first = collections.Counter(r["first_learned"] for r in done if r["first_learned"] is not None)
   agg = {
-      "n_runs": n_runs,
+      "n_runs": n_runs, "n_generalised": len(done),
+      "not_generalised": [i for i, r in enumerate(records) if not r["generalised"]],
       "key_irrep_counts": key_counts,
       "key_irrep_sets": [{"irreps": list(k), "count": c}
                          for k, c in sorted(sets.items(), key=lambda kv: (-kv[1], kv[0]))],

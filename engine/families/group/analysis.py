@@ -12,14 +12,23 @@ import jax
 
 from engine import groups as groups_lib
 from engine import irreps as irreps_lib
+from engine.analysis import connectivity
+from engine.analysis import cosets
 from engine.analysis import cross_seed
+from engine.analysis import margins
 from engine.analysis import pipeline
+from engine.analysis import redundancy
 from engine.analysis import representation
 from engine.families.group import models
 
 # The analysis' named settings and their defaults (summary.json "settings").
-SETTINGS = {"threshold": representation.DEFAULT_THRESHOLD,
-            "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD}
+SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
+            "order_threshold": representation.DEFAULT_ORDER_THRESHOLD,
+            "universal_threshold": cross_seed.DEFAULT_UNIVERSAL_THRESHOLD,
+            "coset_threshold": cosets.DEFAULT_COSET_THRESHOLD,
+            "single_threshold": margins.DEFAULT_SINGLE_THRESHOLD,
+            "connectivity_points": connectivity.DEFAULT_POINTS,
+            "merge_tolerance": redundancy.DEFAULT_TOLERANCE}
 
 
 def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
@@ -39,12 +48,24 @@ def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
   return jax.jit(jax.vmap(one))
 
 
+def generalised(view, step: int) -> list[bool]:
+  """Whether each selected run had generalised (``Family.generalised``) by the logged metrics at ``step``."""
+  logged = view.metrics_at(step)
+  return [bool(view.family.generalised(logged[int(i)])) for i in view.index]
+
+
 def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | None = None) -> dict:
   """One cohort (runs of one group that differ only in seed): ``{"task", "aggregate", "runs"}``."""
   spec = view.groups[0]
   group = groups_lib.get(spec)
   res = pipeline.analyze_group(group, irreps_lib.real_irreps(group), view._apply_fn(), view._matrices_fn(),
-                               params_by_step, view.runs, threshold=settings["threshold"],
-                               universal_threshold=settings["universal_threshold"], key=key,
+                               params_by_step, view.runs, key_threshold=settings["key_threshold"],
+                               order_threshold=settings["order_threshold"],
+                               generalised=generalised(view, max(params_by_step)),
+                               universal_threshold=settings["universal_threshold"],
+                               coset_threshold=settings["coset_threshold"],
+                               single_threshold=settings["single_threshold"],
+                               connectivity_points=int(settings["connectivity_points"]),
+                               merge_tolerance=settings["merge_tolerance"], key=key,
                                batch_size=batch_size)
   return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}

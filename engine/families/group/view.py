@@ -22,6 +22,8 @@ from engine import groups as groups_lib
 from engine import irreps as irreps_lib
 from engine import plots
 from engine import replay
+from engine.analysis import connectivity
+from engine.analysis import cosets
 from engine.analysis import cross_seed
 from engine.analysis import driver
 from engine.analysis import pipeline
@@ -194,6 +196,48 @@ class View(replay.Run):
     out["irreps"] = list(tables.names)
     return out
 
+  def cosets(self, step: int | None = None, group: str | None = None, *, threshold: float | None = None
+             ) -> dict:
+    """Coset neurons of the selected runs of one group (``engine.analysis.cosets``), as the analysis
+    computes them: per run, input side (a, b) and neuron, the share of each subgroup's left / right cosets,
+    the best subgroup, its coset kind, share, adjusted share and induced share.
+
+    Returns numpy ``share_SxIxKxHxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
+    ``best_adjusted_SxIxN``, ``coset_SxIxN``, ``induced_share_SxIxN``, ``source``, ``subgroups``
+    (``engine.groups.Subgroups``) and ``labels`` (each subgroup's class label).
+    """
+    sub = self._one_group(group)
+    grp = groups_lib.get(sub.groups[0])
+    tables = representation.irrep_tables(grp, irreps_lib.real_irreps(grp))
+    g = grp.order
+    if threshold is None:
+      threshold = cosets.DEFAULT_COSET_THRESHOLD
+    mats = {k: np.asarray(v) for k, v in self._matrices_fn()(sub.params(step)).items()}
+    hidden = None if "pre_a" in mats else sub.hidden(step).reshape(len(sub), g, g, -1)
+    f, source = cosets.input_functions(mats["pre_a"][:, :g] if "pre_a" in mats else None,
+                                       mats["pre_b"][:, :g] if "pre_b" in mats else None, hidden)
+    table = cosets.coset_tables(grp, tables)
+    out = {k: np.asarray(v) for k, v in cosets.coset_neurons(f, grp, tables, table, threshold=threshold).items()}
+    out.update(source=source, subgroups=table.subgroups, labels=cosets.class_labels(table.subgroups))
+    return out
+
+  def connectivity(self, step: int | None = None, group: str | None = None, *, points: int | None = None
+                   ) -> dict:
+    """Linear mode connectivity between every pair of the selected runs of one group (MLP), raw and after
+    activation and weight matching (``engine.analysis.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
+    alignment ``perm_PxN``, ``loss_PxL``, ``accuracy_PxL``, ``barrier_P``."""
+    sub = self._one_group(group)
+    if len(sub) < 2:
+      raise ValueError("connectivity needs at least two runs of the group")
+    grp = groups_lib.get(sub.groups[0])
+    g = grp.order
+    mats = {k: np.asarray(v) for k, v in self._matrices_fn()(sub.params(step)).items()}
+    if "pre_a" not in mats:
+      raise ValueError("connectivity interpolates the MLP's effective weights; this model has none")
+    perm = cross_seed.match_neurons(sub.hidden(step))["perm_SxSxN"]
+    return connectivity.connectivity(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g],
+                                     grp.table, perm, points=points or connectivity.DEFAULT_POINTS)
+
   def neuron_correlations(self, step: int | None = None, group: str | None = None, *,
                           universal_threshold: float | None = None, seed: int = 0) -> dict:
     """Per-neuron cross-seed correlations of the selected runs of one group (``cross_seed``), with the
@@ -293,13 +337,15 @@ class Plots:
     return plots.similarity_heatmap(sim, plots.run_labels(gs["records"]), names, key, title=title)
 
   def key_irreps(self, group: str | None = None):
-    """Bars: per irrep, the selected runs in which it is key and in which it was learned first."""
+    """Bars: per irrep, the selected runs that generalised in which it is key and in which it was learned
+    first."""
     gs = self._run.group_summary(group)
     names = [r["name"] for r in gs["group"]["irreps"]]
-    key = {n: sum(n in rec["key_irreps"] for rec in gs["records"]) for n in names}
-    first = {n: sum(rec["first_learned"] == n for rec in gs["records"]) for n in names}
-    return plots.key_irrep_bars(names, key, first, len(gs["records"]),
-                                title=f"{gs['spec']}: key irreps over {len(gs['records'])} runs")
+    done = [rec for rec in gs["records"] if rec.get("generalised", True)]
+    key = {n: sum(n in rec["key_irreps"] for rec in done) for n in names}
+    first = {n: sum(rec["first_learned"] == n for rec in done) for n in names}
+    return plots.key_irrep_bars(names, key, first, len(done),
+                                title=f"{gs['spec']}: key irreps over {len(done)} generalised runs")
 
   def learning_order(self, seed: int | None = None, group: str | None = None, **filters):
     """One run (seed number ``seed``): logit similarity of each irrep over the checkpoints, the step it
@@ -313,17 +359,19 @@ class Plots:
     m = one.metrics()
     title = (f"{gs['spec']} {plots.run_labels(one.runs)[0]}: learning order "
              f"{' → '.join(rec['key_irreps_in_order']) or '(no key irreps)'}")
-    return plots.learning_order_run(gs["group"]["steps"], sim, names, gs["group"]["threshold"],
+    return plots.learning_order_run(gs["group"]["steps"], sim, names, gs["group"]["order_threshold"],
                                     rec["learning_order"], rec["key_irreps"], title=title,
                                     metric_steps=m["step"], test_acc=m["test_acc"][:, 0],
                                     train_acc=m["train_acc"][:, 0])
 
   def learning_order_group(self, group: str | None = None):
-    """Every selected run of a group: the checkpoint at which each irrep crossed the threshold."""
+    """Every selected run of a group that generalised: the checkpoint at which each irrep crossed the
+    learning-order threshold."""
     gs = self._run.group_summary(group)
     names = [r["name"] for r in gs["group"]["irreps"]]
-    return plots.learning_order_group(gs["records"], names, gs["group"]["steps"],
-                                      title=f"{gs['spec']}: learning order over {len(gs['records'])} runs")
+    done = [rec for rec in gs["records"] if rec.get("generalised", True)]
+    return plots.learning_order_group(done, names, gs["group"]["steps"],
+                                      title=f"{gs['spec']}: learning order over {len(done)} generalised runs")
 
   def correlation_distribution(self, group: str | None = None, step: int | None = None):
     """Max cross-seed correlation of each live neuron (per other run) against its rotation baseline, and
@@ -344,6 +392,17 @@ class Plots:
     title = f"{sub.groups[0]}: neuron correlations across {s} runs at step {sub._step(step)}"
     return plots.correlation_distribution(res["max_SxNxS"][sel], res["baseline_max_SxNxS"][sel],
                                           res["excess_SxN"][live_SxN], thr, title=title)
+
+  def connectivity(self, group: str | None = None):
+    """Mean loss over seed pairs along the linear path between their weights, per alignment
+    (summary.json)."""
+    gs = self._run.group_summary(group)
+    conn = gs["aggregate"].get("connectivity")
+    if not conn:
+      raise ValueError(f"summary.json has no mode connectivity for {gs['spec']} (one run, or not an MLP)")
+    return plots.loss_paths(np.linspace(0, 1, conn["points"]),
+                            {k: v["mean_loss_path"] for k, v in conn["alignments"].items()},
+                            title=f"{gs['spec']}: loss between seeds")
 
   def cka(self, group: str | None = None, measure: str = "cka"):
     """The S×S matrix of ``measure`` (``cka``, ``procrustes``, ``mutual_knn`` or ``matching``) between

@@ -1,0 +1,162 @@
+"""Linear mode connectivity across seeds (*Mechanistic Mode Connectivity*, Lubana et al. 2023; *Git
+Re-Basin*, Ainsworth et al. 2023): is the straight path between two seeds' solutions a valley, once their
+neurons are put in the same order?
+
+The MLP is h = ReLU(P_a[a] + P_b[b]), logits = h·U. The path interpolates the **effective** weights
+(P_a = W_a·W₁[:E], P_b = W_b·W₁[E:], U), not the raw W_a, W₁: the raw weights also have an embedding-space
+symmetry (W_a → W_aQ, W₁[:E] → QᵀW₁[:E] for any invertible Q) that no neuron permutation aligns, and
+every point of the effective path is again a model of the same form. What remains to align is the order of
+the hidden neurons:
+
+* **raw**: no alignment;
+* **activation matching**: the one-to-one matching of the two runs' neurons that maximises their summed
+  activation correlation on all pairs (``cross_seed.match_neurons``, Hungarian algorithm);
+* **weight matching**: the permutation maximising Σ_n ⟨θ_i[n], θ_j[π(n)]⟩ over the neurons' effective
+  weights θ[n] = (P_a[:, n], P_b[:, n], U[n]). With a single permuted layer, Git Re-Basin's coordinate
+  descent is one linear assignment.
+
+Along λ ∈ [0, 1] (``points`` values, ends included) the loss and accuracy on all |G|² pairs; the
+**barrier** is max_λ L(λ) − ((1 − λ)L(0) + λL(1)). One jitted pass vmapped over path points and mapped over
+pairs of runs in batches (a pair's path holds ``points`` hidden layers of |G|² × N).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+DEFAULT_POINTS = 25
+ALIGNMENTS = ("raw", "activation", "weight")
+
+
+def pairs_of(n_runs: int) -> np.ndarray:
+  """int ``[P, 2]``: every pair (i, j) with i < j."""
+  i, j = np.triu_indices(n_runs, k=1)
+  return np.stack([i, j], axis=1)
+
+
+def weight_matching(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, pairs_Px2) -> np.ndarray:
+  """int ``[P, N]``: for each pair (i, j), neuron n of run i is matched to neuron perm[p, n] of run j,
+  maximising the summed inner products of the neurons' effective weights."""
+  pa, pb, u = (np.asarray(x, np.float64) for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN))
+  chex.assert_rank([pa, pb, u], 3)
+  feats_SxNxF = np.concatenate([pa.transpose(0, 2, 1), pb.transpose(0, 2, 1), u.transpose(0, 2, 1)], axis=2)
+  pairs_Px2 = np.asarray(pairs_Px2, np.int64).reshape(-1, 2)
+  sim_PxNxN = np.einsum("pnf,pmf->pnm", feats_SxNxF[pairs_Px2[:, 0]], feats_SxNxF[pairs_Px2[:, 1]])
+  perm = np.empty(sim_PxNxN.shape[:2], np.int64)
+  for p, sim in enumerate(sim_PxNxN):  # one assignment problem per pair (scipy, on the host)
+    rows, cols = scipy.optimize.linear_sum_assignment(sim, maximize=True)
+    perm[p, rows] = cols
+  return perm
+
+
+def path_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, pairs_Px2, perm_PxN, *,
+                points: int = DEFAULT_POINTS, batch: int = 4) -> dict:
+  """Loss and accuracy on all pairs along the linear path from run i to run j (neurons of j reordered by
+  ``perm``), and the barrier.
+
+  Args:
+    pre_a_SxGxN, pre_b_SxGxN: effective first-layer weights; unembed_SxCxN: unembedding rows per class
+      (padded classes sliced off).
+    table_AxB: the Cayley table; pairs_Px2: (i, j) run indices; perm_PxN: run j's neuron at position n.
+    points: path points, λ = 0 and 1 included; batch: pairs evaluated together.
+
+  Returns:
+    dict of float32 ``loss_PxL``, ``accuracy_PxL``, ``lambda_L`` and ``barrier_P``.
+  """
+  pa, pb, u = (jnp.asarray(x, jnp.float32) for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN))
+  chex.assert_rank([pa, pb, u], 3)
+  chex.assert_equal_shape([pa, pb])
+  s, g, n = pa.shape
+  chex.assert_shape(u, (s, g, n))
+  pairs_Px2 = jnp.asarray(pairs_Px2, jnp.int32).reshape(-1, 2)
+  perm_PxN = jnp.asarray(perm_PxN, jnp.int32)
+  chex.assert_shape(perm_PxN, (pairs_Px2.shape[0], n))
+  if points < 2:
+    raise ValueError(f"points must be >= 2, got {points}")
+  lam_L = jnp.linspace(0.0, 1.0, points, dtype=jnp.float32)
+  loss, acc = _paths(pa, pb, u, jnp.asarray(table_AxB, jnp.int32), pairs_Px2, perm_PxN, lam_L, batch=batch)
+  ends = loss[:, :1] * (1.0 - lam_L)[None, :] + loss[:, -1:] * lam_L[None, :]
+  return {"loss_PxL": loss, "accuracy_PxL": acc, "lambda_L": lam_L, "barrier_P": jnp.max(loss - ends, axis=1)}
+
+
+def _loss_at(pa_GxN, pb_GxN, u_CxN, table_AxB):
+  hidden_AxBxN = jax.nn.relu(pa_GxN[:, None, :] + pb_GxN[None, :, :])
+  logits = jnp.einsum("abn,cn->abc", hidden_AxBxN, u_CxN)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  loss = -jnp.take_along_axis(logp, table_AxB[:, :, None], axis=-1).mean()
+  return loss, (jnp.argmax(logits, axis=-1) == table_AxB).mean()
+
+
+@functools.partial(jax.jit, static_argnames=("batch",))
+def _paths(pa, pb, u, table_AxB, pairs_Px2, perm_PxN, lam_L, *, batch):
+  def one_pair(args):
+    (i, j), perm_N = args
+    ends = [(pa[i], pa[j][:, perm_N]), (pb[i], pb[j][:, perm_N]), (u[i], u[j][:, perm_N])]
+
+    def at(lam):
+      (a0, a1), (b0, b1), (u0, u1) = ends
+      return _loss_at((1 - lam) * a0 + lam * a1, (1 - lam) * b0 + lam * b1, (1 - lam) * u0 + lam * u1,
+                      table_AxB)
+
+    return jax.vmap(at)(lam_L)
+
+  return jax.lax.map(one_pair, (pairs_Px2, perm_PxN), batch_size=batch)
+
+
+def connectivity(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, activation_perm_SxSxN=None, *,
+                 points: int = DEFAULT_POINTS) -> dict:
+  """Paths between every pair of runs under each alignment (``raw``, ``activation`` when
+  ``activation_perm_SxSxN`` from ``cross_seed.match_neurons`` is given, ``weight``).
+
+  Returns:
+    ``{"pairs_Px2", "lambda_L", alignment: {"perm_PxN", "loss_PxL", "accuracy_PxL", "barrier_P"}}`` as numpy.
+  """
+  s, _, n = np.shape(pre_a_SxGxN)
+  pairs = pairs_of(s)
+  perms = {"raw": np.tile(np.arange(n), (len(pairs), 1))}
+  if activation_perm_SxSxN is not None:
+    perms["activation"] = np.asarray(activation_perm_SxSxN)[pairs[:, 0], pairs[:, 1]]
+  perms["weight"] = weight_matching(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, pairs)
+  out: dict = {"pairs_Px2": pairs}
+  for name, perm in perms.items():
+    res = {k: np.asarray(v) for k, v in path_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, pairs,
+                                                      perm, points=points).items()}
+    out["lambda_L"] = res.pop("lambda_L")
+    out[name] = dict(res, perm_PxN=perm)
+  return out
+
+
+def cohort_record(res: dict, key_irreps: list[list[str]], generalised: list[bool]) -> dict:
+  """JSON-ready: S×S barrier matrices per alignment, mean barriers over all pairs, over pairs of generalised
+  runs with the same and with different key-irrep sets, the mean loss path, and the key-irrep Jaccard."""
+  pairs = res["pairs_Px2"]
+  s = len(key_irreps)
+  sets = [set(k) for k in key_irreps]
+  jac = np.eye(s)
+  for i, j in pairs:
+    union = sets[i] | sets[j]
+    jac[i, j] = jac[j, i] = len(sets[i] & sets[j]) / len(union) if union else 1.0
+  both = np.asarray([generalised[i] and generalised[j] for i, j in pairs], bool)
+  same = np.asarray([sets[i] == sets[j] for i, j in pairs], bool)
+  mean = lambda x: float(np.mean(x)) if np.size(x) else None  # noqa: E731
+  out = {"points": int(len(res["lambda_L"])), "weights": "effective (P_a, P_b, U)",
+         "key_irrep_jaccard": jac, "alignments": {}}
+  for name in ALIGNMENTS:
+    if name not in res:
+      continue
+    r = res[name]
+    mat = np.zeros((s, s))
+    mat[pairs[:, 0], pairs[:, 1]] = mat[pairs[:, 1], pairs[:, 0]] = r["barrier_P"]
+    out["alignments"][name] = {
+        "barrier": mat, "mean_barrier": mean(r["barrier_P"]),
+        "mean_barrier_same_key_irreps": mean(r["barrier_P"][both & same]),
+        "mean_barrier_different_key_irreps": mean(r["barrier_P"][both & ~same]),
+        "pairs_same_key_irreps": int(np.sum(both & same)), "pairs_different_key_irreps": int(np.sum(both & ~same)),
+        "mean_loss_path": r["loss_PxL"].mean(axis=0), "mean_min_accuracy": mean(r["accuracy_PxL"].min(axis=1))}
+  return out
