@@ -15,10 +15,11 @@ import itertools
 import math
 import os
 import re
-import tempfile
 from typing import Sequence
 
 import numpy as np
+
+from engine import atomic
 
 MAX_ORDER = 6000  # a table of 6000² int32 is 144 MB; larger groups are not tabulated
 
@@ -547,20 +548,9 @@ def _subgroups_path(group: Group) -> str:
 
 
 def _save_subgroups(group: Group, subs: Subgroups) -> None:
-  tmp = None
-  try:
-    os.makedirs(subgroups_cache_dir(), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=subgroups_cache_dir(), prefix=f".{group.key}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, format=np.asarray(SUBGROUPS_FORMAT), key=np.asarray(group.key),
-               order=np.asarray(group.order), masks=np.packbits(subs.masks, axis=1), classes=subs.classes)
-    os.replace(tmp, _subgroups_path(group))
-    tmp = None
-  except OSError:
-    pass  # an unwritable cache only costs recomputation
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
+  atomic.write_cache(_subgroups_path(group), {
+      "format": np.asarray(SUBGROUPS_FORMAT), "key": np.asarray(group.key), "order": np.asarray(group.order),
+      "masks": np.packbits(subs.masks, axis=1), "classes": subs.classes})
 
 
 def _load_subgroups(group: Group) -> Subgroups | None:

@@ -55,7 +55,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Sequence
 
@@ -64,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from engine import atomic
 from engine import groups as groups_lib
 
 FORMAT = "engine.irreps/1"  # bump when the computation or the file layout changes
@@ -640,19 +640,7 @@ def _save(group: groups_lib.Group, irreps: Sequence[Irrep]) -> None:
   for i, ir in enumerate(irreps):
     arrays[f"matrices_{i}"] = ir.matrices
     arrays[f"basis_{i}"] = ir.basis
-  tmp = None
-  try:
-    os.makedirs(cache_dir(), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix=f".{group.key}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, _path(group))
-    tmp = None
-  except OSError:
-    pass  # an unwritable cache only costs recomputation
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
+  atomic.write_cache(_path(group), arrays)
 
 
 def _load(group: groups_lib.Group) -> tuple[Irrep, ...] | None:

@@ -39,6 +39,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from engine import atomic
+
 FORMAT_VERSION = 2
 CONFIG = "config.json"
 RUNS = "runs.json"
@@ -384,10 +386,7 @@ def _cohort_file(workdir: str, cohort: str) -> str:
 def write_cohort_arrays(workdir: str, cohort: str, arrays: dict[str, np.ndarray]) -> str:
   """Writes one cohort's arrays (numeric, or bool) atomically; returns the file's path."""
   out = _cohort_file(workdir, cohort)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = f"{out}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-  os.replace(tmp, out)
+  atomic.write_npz(out, arrays)
   return out
 
 

@@ -3,8 +3,11 @@ shape of the models Gurnee et al. (2024) compared, trained here on the Python st
 accelerators.
 
 Command:   python -m experiments.lm_universality --workdir=runs/gpt2s --config=experiments/configs/lm_gpt2_small.py
-Runtime:   not measured in this project yet (it needs an accelerator); the correlation pass compares
-           5 × 36,864 neurons over 2^24 held-out bytes in bounded memory (kernels.correlation).
+Runtime:   not measured in this project yet (it needs an accelerator).
+Memory:    the correlation pass compares 5 × 36,864 neurons over 2^24 held-out bytes in memory that does not
+           grow with T, but its fixed part is large: one Haar rotation and one own co-moment per model
+           (5 × 36,864² floats each, 27 GB each) and the co-moment tiles of one pass (``analysis.memory_gb``);
+           about 80 GB of device memory in all, so an H200-class accelerator, or fewer seeds / layers.
 Result:    the universal fraction per layer and the properties of universal neurons, comparable with the
            paper's GPT2-small figures (4.16% universal) but with a rotation baseline.
 """
@@ -29,5 +32,5 @@ def get_config():
   cfg.opt.warmup_steps = 2000
   cfg.analysis.tokens = 1 << 24
   cfg.analysis.batch_windows = 8
-  cfg.analysis.memory_gb = 16.0
+  cfg.analysis.memory_gb = 22.0   # four 36,864² tiles: the first pass's row of cross-model tiles
   return cfg
