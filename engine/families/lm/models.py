@@ -3,9 +3,10 @@
 Token and learned position embeddings; ``n_layers`` pre-LayerNorm blocks of causal multi-head attention and
 a GELU MLP (GPT-2's tanh approximation), each added to the residual stream; a final LayerNorm; an
 unembedding without bias. Block weights are stacked over layers (leading axis L); the blocks run as a
-Python loop over that axis, so the program holds one copy of the block per layer: on XLA:CPU a ``lax.scan``
-over layers spends about a quarter of the training step stacking, zero-filling and copying the per-layer
-residuals of the backward pass (benchmarks/README.md, "Language-model training throughput").
+Python loop over that axis, so the program holds one copy of the block per layer (compile time grows with
+depth): on XLA:CPU a ``lax.scan`` over layers spent about a third of the training step's op time stacking,
+zero-filling and copying the per-layer residuals of the backward pass (benchmarks/README.md,
+"Language-model training throughput").
 
 ``apply`` returns the logits and the MLP activations that analyses read, for every layer:
 ``mlp_pre`` (the input of the GELU) and ``mlp_post`` (its output), each ``[B, T, L, N]``.
@@ -68,9 +69,9 @@ def _flat(x):
 # Dense layers with a hand-written backward that only differs from autodiff's in one place: the output
 # gradient passes an optimisation barrier before its two products. Without it XLA:CPU fuses the whole
 # elementwise chain that produces the gradient (residual adds, LayerNorm backward) into the transposed copy
-# that feeds the weight-gradient product, and recomputes that chain again for the input gradient: ~25% of
-# the step (benchmarks/README.md). The arithmetic is the same products in the same order. Reverse mode
-# only (custom_vjp): nothing here takes forward-mode derivatives of the model.
+# that feeds the weight-gradient product, and evaluates that chain again for the input gradient: with the
+# barrier the forward and backward take ~30% less CPU time (benchmarks/README.md). The products are the two
+# autodiff emits. Reverse mode only (custom_vjp): nothing here takes forward-mode derivatives of the model.
 
 
 @jax.custom_vjp
