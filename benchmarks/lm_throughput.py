@@ -3,7 +3,7 @@
 usage: python benchmarks/lm_throughput.py [--seeds 1,8] [--evals 1] [--reps 3] [--torch-steps 20]
                                          [--layers 2] [--d-model 128] [--heads 4] [--d-mlp 512]
                                          [--context 128] [--batch 8] [--eval-every 50] [--run-chunk 0]
-                                         [--no-torch] [--no-breakdown] [--quick]
+                                         [--no-torch] [--no-breakdown] [--only-breakdown] [--quick]
 
 The model and training are those of ``experiments/configs/lm_default.py`` (2 layers, d_model 128, 4 heads,
 d_mlp 512, context 128, 8 windows per step, AdamW lr 3e-3, betas 0.9/0.95, weight decay 0.1, global-norm
