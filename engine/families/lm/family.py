@@ -207,8 +207,7 @@ class LMFamily(families.Family):
     def loss_and_grads(params, key, step, d, shared):
       starts_B = jax.random.randint(jax.random.fold_in(d["data_key"], step), (batch,), 0, n_starts)
       windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(shared["train"], s, context + 1))(starts_B)
-      (value, _), grads = jax.value_and_grad(models.next_byte_loss, has_aux=True)(params, windows, gpt)
-      return value, grads
+      return jax.value_and_grad(models.next_byte_xent)(params, windows, gpt)
 
     def evaluate(params, d, shared):
       train_loss, _ = models.next_byte_loss(params, shared["eval_train"], gpt)

@@ -2,8 +2,11 @@
 
 Token and learned position embeddings; ``n_layers`` pre-LayerNorm blocks of causal multi-head attention and
 a GELU MLP (GPT-2's tanh approximation), each added to the residual stream; a final LayerNorm; an
-unembedding without bias. Block weights are stacked over layers (leading axis L) and the blocks run as a
-``lax.scan``, so the program's size does not grow with depth.
+unembedding without bias. Block weights are stacked over layers (leading axis L); the blocks run as a
+Python loop over that axis, so the program holds one copy of the block per layer (compile time grows with
+depth): on XLA:CPU a ``lax.scan`` over layers spent about a third of the training step's op time stacking,
+zero-filling and copying the per-layer residuals of the backward pass (benchmarks/README.md,
+"Language-model training throughput").
 
 ``apply`` returns the logits and the MLP activations that analyses read, for every layer:
 ``mlp_pre`` (the input of the GELU) and ``mlp_post`` (its output), each ``[B, T, L, N]``.
@@ -58,9 +61,57 @@ def layer_norm(x, g, b):
   return (x - mean) * jax.lax.rsqrt(var + _LN_EPS) * _lead(g, x) + _lead(b, x)
 
 
+def _flat(x):
+  """``x`` with its leading axes merged: ``[..., K]`` -> ``[M, K]``."""
+  return x.reshape(-1, x.shape[-1])
+
+
+# Dense layers with a hand-written backward that only differs from autodiff's in one place: the output
+# gradient passes an optimisation barrier before its two products. Without it XLA:CPU fuses the whole
+# elementwise chain that produces the gradient (residual adds, LayerNorm backward) into the transposed copy
+# that feeds the weight-gradient product, and evaluates that chain again for the input gradient: with the
+# barrier the forward and backward take ~30% less CPU time (benchmarks/README.md). The products are the two
+# autodiff emits. Reverse mode only (custom_vjp): nothing here takes forward-mode derivatives of the model.
+
+
+@jax.custom_vjp
+def _project(x, w):
+  """``x @ w`` over x's last axis (no bias)."""
+  return x @ w
+
+
+def _project_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _project_bwd(res, g):
+  x, w = res
+  g = jax.lax.optimization_barrier(g)
+  return g @ w.T, _flat(x).T @ _flat(g)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
+@jax.custom_vjp
 def _affine(x, w, b):
+  """``x @ w + b`` over x's last axis."""
   out = x @ w
   return out + _lead(b, out)
+
+
+def _affine_fwd(x, w, b):
+  return _affine(x, w, b), (x, w)
+
+
+def _affine_bwd(res, g):
+  x, w = res
+  g = jax.lax.optimization_barrier(g)
+  g_MxN = _flat(g)
+  return g @ w.T, _flat(x).T @ g_MxN, jnp.sum(g_MxN, axis=0)
+
+
+_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 def _attention(x_BxTxD, w, n_heads: int):
@@ -82,15 +133,17 @@ def apply(params, tokens_BxT: jax.Array, cfg) -> tuple[jax.Array, dict[str, jax.
   x = params["embed"][tokens_BxT.astype(jnp.int32)]
   x = x + _lead(params["pos"][:t], x)
 
-  def block(x, w):
+  pres, posts = [], []
+  for layer in range(params["blocks"]["w_in"].shape[0]):
+    w = jax.tree.map(lambda a: a[layer], params["blocks"])
     x = x + _attention(layer_norm(x, w["ln1_g"], w["ln1_b"]), w, cfg.n_heads)
     pre = _affine(layer_norm(x, w["ln2_g"], w["ln2_b"]), w["w_in"], w["b_in"])
     post = jax.nn.gelu(pre, approximate=True)
-    return x + _affine(post, w["w_out"], w["b_out"]), (pre, post)
-
-  x, (pre_LxBxTxN, post_LxBxTxN) = jax.lax.scan(block, x, params["blocks"])
-  logits = layer_norm(x, params["lnf_g"], params["lnf_b"]) @ params["unembed"]
-  acts = {"mlp_pre": jnp.moveaxis(pre_LxBxTxN, 0, 2), "mlp_post": jnp.moveaxis(post_LxBxTxN, 0, 2)}
+    x = x + _affine(post, w["w_out"], w["b_out"])
+    pres.append(pre)
+    posts.append(post)
+  logits = _project(layer_norm(x, params["lnf_g"], params["lnf_b"]), params["unembed"])
+  acts = {"mlp_pre": jnp.stack(pres, axis=2), "mlp_post": jnp.stack(posts, axis=2)}
   return logits, acts
 
 
@@ -101,14 +154,24 @@ def activation_floats_per_token(cfg) -> int:
   return cfg.n_layers * (12 * cfg.d_model + 4 * cfg.d_mlp + 3 * cfg.n_heads * cfg.context) + 3 * corpus.VOCAB
 
 
+def _next_byte_nll(logits_BxTxV, targets_BxT):
+  logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+  return -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
+
+
+def next_byte_xent(params, windows_BxC1: jax.Array, cfg) -> jax.Array:
+  """Mean cross-entropy (nats) of predicting bytes 1..C of each window from the bytes before (the
+  training loss: ``next_byte_loss`` without the accuracy, whose argmax the step does not need)."""
+  logits, _ = apply(params, windows_BxC1[:, :-1], cfg)
+  return jnp.mean(_next_byte_nll(logits, windows_BxC1[:, 1:].astype(jnp.int32)))
+
+
 def next_byte_loss(params, windows_BxC1: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
   """Mean cross-entropy (nats) and accuracy of predicting bytes 1..C of each window from the bytes before."""
   logits, _ = apply(params, windows_BxC1[:, :-1], cfg)
   targets = windows_BxC1[:, 1:].astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   acc = jnp.mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
-  return jnp.mean(nll), acc
+  return jnp.mean(_next_byte_nll(logits, targets)), acc
 
 
 def unembedding(params) -> jax.Array:
