@@ -6,6 +6,11 @@ from the newest restorable checkpoint; the final state equals an uninterrupted r
 relaunch with a different study config is refused; execution settings (``config.exec``) may differ. Only
 process 0 writes files other than checkpoints.
 
+SIGTERM or SIGINT during training stops every process at the end of the same eval interval, writes the whole
+state as the rolling resume checkpoint (``checkpoints_resume/``) and raises ``Preempted`` (the entry point
+exits with ``PREEMPTED_EXIT``). A relaunch resumes from the newest step of the analysis checkpoints and the
+resume checkpoint.
+
 A launch is checked against the memory it may use (``engine.budget``) before anything is built, and writes
 config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
 config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -26,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from engine import budget
 from engine import checkpoint as checkpoint_lib
@@ -38,6 +46,19 @@ from engine import train as train_lib
 from engine.analysis import driver
 
 LaunchError = rundir.RunDirError  # a work directory or config that cannot be used; one-line message
+# The exit status of a launch stopped by SIGTERM or SIGINT once its resume checkpoint is written: EX_TEMPFAIL
+# of sysexits.h ("try again later"), so a requeue script can tell a preemption from a failure (2) or a crash.
+PREEMPTED_EXIT = 75
+
+
+class Preempted(RuntimeError):
+  """Training stopped on SIGTERM or SIGINT at the end of an eval interval, with a resume checkpoint at that
+  step and the metrics logged up to it; the message is one line."""
+
+  def __init__(self, signal_name: str, step: int):
+    super().__init__(f"{signal_name}: stopped at step {step} with a resume checkpoint; relaunch the same "
+                     "command to resume")
+    self.signal_name, self.step = signal_name, step
 
 
 def _runs_rows(trainer) -> list[dict]:
@@ -120,10 +141,68 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   return final
 
 
+class _StopRequests:
+  """SIGTERM and SIGINT, while training, as a request to stop at the end of the current eval interval.
+
+  Preemptible VMs and SLURM send SIGTERM shortly before they stop a job. A handler only sets a flag (a
+  second SIGINT aborts at once, as Ctrl-C usually does); the loop reads it between intervals, where the
+  state is whole. Every process of a multi-process job must stop after the same interval, or the others
+  would hang in the next interval's collectives. JAX's preemption sync point
+  (``multihost_utils.reached_preemption_sync_point``) needs the coordination service's preemption notifier,
+  which hears SIGTERM only and does not exist in a single-process launch. Instead every process adds its
+  flag to one allgather of a few int32 per interval (next to the interval's metrics, which are gathered
+  anyway; microseconds against an interval's eval_every steps of every run), and all stop when any asked.
+  The handlers are installed after ``jax.distributed.initialize``, so they replace that notifier's, and
+  are removed when training ends: the analysis after it is not interruptible this way.
+  """
+
+  def __init__(self):
+    self.signal: str | None = None   # the first signal this process received
+    self.stopped: str | None = None   # the signal every process agreed to stop on
+    self._previous: dict = {}
+
+  def __enter__(self) -> "_StopRequests":
+    if threading.current_thread() is threading.main_thread():  # Python handles signals in it alone
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, previous in self._previous.items():
+      if self.stopped == "SIGTERM" and sig == signal.SIGTERM:
+        previous = signal.SIG_IGN  # a scheduler's notice may repeat: it must not kill the exit under way
+      signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: a handler set outside Python
+
+  def _handle(self, signum, frame) -> None:
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signal is None:
+      self.signal = signal.Signals(signum).name
+      logging.info("%s received: stopping at the end of this eval interval", self.signal)
+
+  def agreed(self) -> str | None:
+    """The name of the signal that stops training after this interval (None: go on). Collective: every
+    process calls it after every interval."""
+    if jax.process_count() == 1:
+      name = self.signal
+    else:
+      mine = signal.Signals[self.signal].value if self.signal else 0
+      codes = np.asarray(multihost_utils.process_allgather(np.asarray([mine], np.int32))).reshape(-1)
+      asked = [int(c) for c in codes if c]
+      name = (self.signal or signal.Signals(asked[0]).name) if asked else None
+    self.stopped = name
+    return name
+
+
 def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) -> dict[str, Any]:
   schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
-  with checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt:
-    return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt)
+  # The handlers outlive the checkpointers: a signal that arrives while the last checkpoint is committed
+  # must not cut it short.
+  with _StopRequests() as stop, \
+      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt, \
+      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.RESUME_CHECKPOINTS), keep=1) as resume:
+    return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt, resume,
+                       stop)
 
 
 def _record(at_step: int, m: dict, names: list[str], was_diverged: np.ndarray) -> tuple[dict, list[str]]:
@@ -160,18 +239,20 @@ def _recompute_missing(trainer, state, step, log, names) -> dict | None:
   return m
 
 
-def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt):
+def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt, resume, stop):
   state = trainer.init()
   step = 0
   was_diverged = np.zeros(len(rows), dtype=bool)
-  resumed = bool(ckpt.steps())
+  found = checkpoint_lib.restore_newest([ckpt, resume], train_lib.host_state_spec(trainer))
+  resumed = found is not None
   if resumed:
-    step, host = ckpt.restore(train_lib.host_state_spec(trainer))
+    step, host = found
     state = trainer.shard(host)
     was_diverged = np.asarray(host.diverged, dtype=bool)  # reported before the crash: not again
     logging.info("resuming %s from step %d", workdir, step)
     if is_main:
-      print(f"Resuming from checkpoint at step {step}", flush=True)
+      kind = "" if step in ckpt.steps() else " (the resume checkpoint)"
+      print(f"Resuming from checkpoint at step {step}{kind}", flush=True)
   elif os.path.exists(rundir.path(workdir, rundir.CONFIG)) and is_main:
     print("No checkpoint found in an existing workdir: starting from step 0", flush=True)
   started()
@@ -202,6 +283,10 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
       log_metrics(step, metrics)
       if step in schedule:
         ckpt.save(step, trainer.unpad(state))
+      stopped_by = stop.agreed()
+      if stopped_by:
+        resume.save(step, trainer.unpad(state))  # committed and sealed as the checkpointers close
+        raise Preempted(stopped_by, step)
   finally:
     bar.close()
   if last is None:  # already finished: report the last logged metrics

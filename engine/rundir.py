@@ -12,6 +12,10 @@ Nothing in it is executed, evaluated or unpickled.
   checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
                      checkpoints/<step>/sha256.json: the checksum of every file of the step, written once
                      Orbax has committed it (``write_checksums``, ``verify_checksums``)
+  checkpoints_resume/   the rolling resume checkpoint (engine.checkpoint; only the newest step is kept, with
+                     its sha256.json): the whole train state at a step that need not be an analysis step,
+                     written on preemption and every exec.resume_every_* so a crash loses bounded work.
+                     Analyses never read it; a relaunch resumes from the newest step of either directory
   analysis/summary.json   written by engine.analysis.driver
   analysis/cohorts/<cohort>.npz   per-cohort arrays of a family's analysis (e.g. one row per neuron), plain
                      numeric arrays read with allow_pickle=False
@@ -44,6 +48,7 @@ CONFIG = "config.json"
 RUNS = "runs.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+RESUME_CHECKPOINTS = "checkpoints_resume"
 CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 CHECKSUMS = "sha256.json"             # inside a checkpoint's step directory
 DAMAGED_SUFFIX = ".damaged-"          # metrics.jsonl.damaged-<time>: a metrics log as found, kept aside
