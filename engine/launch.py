@@ -6,10 +6,12 @@ from the newest restorable checkpoint; the final state equals an uninterrupted r
 relaunch with a different study config is refused; execution settings (``config.exec``) may differ. Only
 process 0 writes files other than checkpoints.
 
-SIGTERM or SIGINT during training stops every process at the end of the same eval interval, writes the whole
-state as the rolling resume checkpoint (``checkpoints_resume/``) and raises ``Preempted`` (the entry point
-exits with ``PREEMPTED_EXIT``). A relaunch resumes from the newest step of the analysis checkpoints and the
-resume checkpoint.
+Beside the log-spaced analysis checkpoints, the whole state is written as the rolling resume checkpoint
+(``checkpoints_resume/``, only the newest kept) every ``exec.resume_every_steps`` steps or
+``exec.resume_every_minutes`` of wall time, so a crash loses bounded work. SIGTERM or SIGINT during training
+stops every process at the end of the same eval interval, writes a checkpoint at that step (the resume
+checkpoint, or the analysis checkpoint when the step is on its schedule) and raises ``Preempted`` (the entry
+point exits with ``PREEMPTED_EXIT``). A relaunch resumes from the newest step of either kind.
 
 A launch is checked against the memory it may use (``engine.budget``) before anything is built, and writes
 config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
@@ -46,18 +48,18 @@ from engine import train as train_lib
 from engine.analysis import driver
 
 LaunchError = rundir.RunDirError  # a work directory or config that cannot be used; one-line message
-# The exit status of a launch stopped by SIGTERM or SIGINT once its resume checkpoint is written: EX_TEMPFAIL
+# The exit status of a launch stopped by SIGTERM or SIGINT once its checkpoint is written: EX_TEMPFAIL
 # of sysexits.h ("try again later"), so a requeue script can tell a preemption from a failure (2) or a crash.
 PREEMPTED_EXIT = 75
 
 
 class Preempted(RuntimeError):
-  """Training stopped on SIGTERM or SIGINT at the end of an eval interval, with a resume checkpoint at that
+  """Training stopped on SIGTERM or SIGINT at the end of an eval interval, with a checkpoint at that
   step and the metrics logged up to it; the message is one line."""
 
   def __init__(self, signal_name: str, step: int):
-    super().__init__(f"{signal_name}: stopped at step {step} with a resume checkpoint; relaunch the same "
-                     "command to resume")
+    super().__init__(f"{signal_name}: stopped at step {step} with a checkpoint; relaunch the same command "
+                     "to resume")
     self.signal_name, self.step = signal_name, step
 
 
@@ -180,18 +182,39 @@ class _StopRequests:
       self.signal = signal.Signals(signum).name
       logging.info("%s received: stopping at the end of this eval interval", self.signal)
 
-  def agreed(self) -> str | None:
-    """The name of the signal that stops training after this interval (None: go on). Collective: every
-    process calls it after every interval."""
+  def agreed(self, resume_due: bool = False) -> tuple[str | None, bool]:
+    """After an interval: the name of the signal that stops training (None: go on), and whether any process
+    finds a resume checkpoint due (its wall clock may differ from the others'). Collective: every process
+    calls it after every interval."""
     if jax.process_count() == 1:
-      name = self.signal
+      name, due = self.signal, resume_due
     else:
       mine = signal.Signals[self.signal].value if self.signal else 0
-      codes = np.asarray(multihost_utils.process_allgather(np.asarray([mine], np.int32))).reshape(-1)
-      asked = [int(c) for c in codes if c]
+      gathered = multihost_utils.process_allgather(np.asarray([mine, int(resume_due)], np.int32))
+      codes = np.asarray(gathered).reshape(-1, 2)
+      asked = [int(c) for c in codes[:, 0] if c]
       name = (self.signal or signal.Signals(asked[0]).name) if asked else None
+      due = bool(codes[:, 1].any())
     self.stopped = name
-    return name
+    return name, due
+
+
+class _ResumeSchedule:
+  """When the rolling resume checkpoint is due: the first interval end that reaches a multiple of
+  ``every_steps``, or ``every_minutes`` of wall time since the last checkpoint of either kind (0: off)."""
+
+  def __init__(self, every_steps: int, every_minutes: float):
+    self.every_steps, self.seconds = int(every_steps), 60.0 * float(every_minutes)
+    self.last_time = time.monotonic()
+
+  def due(self, before: int, step: int) -> bool:
+    """Whether an interval from ``before`` to ``step`` calls for a resume checkpoint (this process's clock)."""
+    by_steps = self.every_steps > 0 and step // self.every_steps > before // self.every_steps
+    by_time = self.seconds > 0 and time.monotonic() - self.last_time >= self.seconds
+    return by_steps or by_time
+
+  def saved(self) -> None:
+    self.last_time = time.monotonic()
 
 
 def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) -> dict[str, Any]:
@@ -276,17 +299,21 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
     bar.update(at_step, cfg.eval_every, m, m["diverged"].astype(bool))
     last = m
 
+  timer = _ResumeSchedule(cfg.exec.resume_every_steps, cfg.exec.resume_every_minutes)
   try:
     while step < cfg.steps:
       state, metrics = trainer.run(state, 1)  # metrics come back on the host, one row per run
       step += cfg.eval_every
       log_metrics(step, metrics)
+      stopped_by, due = stop.agreed(timer.due(step - cfg.eval_every, step))
       if step in schedule:
-        ckpt.save(step, trainer.unpad(state))
-      stopped_by = stop.agreed()
+        ckpt.save(step, trainer.unpad(state))  # the whole state too: a point to resume from as well
+        timer.saved()
+      elif due or stopped_by:
+        resume.save(step, trainer.unpad(state))  # replaces the previous one once committed (keep=1)
+        timer.saved()
       if stopped_by:
-        resume.save(step, trainer.unpad(state))  # committed and sealed as the checkpointers close
-        raise Preempted(stopped_by, step)
+        raise Preempted(stopped_by, step)  # the checkpoints are committed and sealed as their managers close
   finally:
     bar.close()
   if last is None:  # already finished: report the last logged metrics

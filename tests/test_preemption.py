@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM stops a launch at the end of an eval interval with a resume checkpoint, one process or
+"""Preemption: SIGTERM stops a launch at the end of an eval interval with a checkpoint, one process or
 two (every process stops at the same step), and the relaunch equals an uninterrupted run bit for bit."""
 
 import os
@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from engine import checkpoint, launch, rundir, train
-from tests.helpers import group_config
+from engine import checkpoint, launch, replay, rundir, train
+from engine import config as config_lib
+from tests.helpers import group_config, set_fields
 from tests.test_launch import ROOT, _cli
 from tests.test_launch_distributed import _env, _free_port
 
@@ -22,7 +23,7 @@ from tests.test_launch_distributed import _env, _free_port
 FLAGS = ["--config.task.groups=C11", "--config.seeds=2", "--config.model.mlp.embed_dim=16",
          "--config.model.mlp.hidden=16", "--config.steps=2400", "--config.eval_every=200",
          "--config.num_checkpoints=4"]
-STOPPED = re.compile(r"^preempted: (SIG\w+): stopped at step (\d+) with a resume checkpoint; relaunch the same "
+STOPPED = re.compile(r"^preempted: (SIG\w+): stopped at step (\d+) with a checkpoint; relaunch the same "
                      r"command to resume$")
 
 
@@ -61,16 +62,44 @@ def _stopped_at(stderr):
   return STOPPED.match(lines[0]).group(1), int(STOPPED.match(lines[0]).group(2))
 
 
-def test_sigterm_stops_at_interval_end_with_checkpoint_and_relaunch_is_bit_identical(tmp_path):
-  whole = tmp_path / "whole"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  whole = tmp_path_factory.mktemp("preemption") / "whole"
   res = _cli(whole, *FLAGS)
   assert res.returncode == 0, res.stderr[-2000:]
+  return whole
 
-  stopped = tmp_path / "stopped"
-  cmd = [sys.executable, "-m", "experiments.group_universality", f"--workdir={stopped}", "--noprogress",
-         "--noanalyze", *FLAGS]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+
+def _launch(workdir, *flags):
+  cmd = [sys.executable, "-m", "experiments.group_universality", f"--workdir={workdir}", "--noprogress",
+         "--noanalyze", *FLAGS, *flags]
+  return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
+
+
+def _relaunch_equals(workdir, whole, *flags):
+  """Relaunches ``workdir``; its final state, metrics and analysis checkpoints equal ``whole``'s."""
+  res = _cli(workdir, *FLAGS, *flags)
+  assert res.returncode == 0, res.stderr[-2000:]
+  step_a, a = _newest_state(whole, _config())
+  step_b, b = _newest_state(workdir, _config())
+  assert step_a == step_b == 2400
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  ma, mb = rundir.read_metrics(str(whole)), rundir.read_metrics(str(workdir))
+  for k in ma:
+    np.testing.assert_array_equal(ma[k], mb[k])
+  # The analysis checkpoints are those of the uninterrupted run: resume checkpoints added none.
+  assert sorted(os.listdir(workdir / rundir.CHECKPOINTS)) == sorted(os.listdir(whole / rundir.CHECKPOINTS))
+  return res
+
+
+def _dirs(workdir, name):
+  return sorted(os.listdir(workdir / name)) if (workdir / name).exists() else []
+
+
+def test_sigterm_stops_at_interval_end_with_checkpoint_and_relaunch_is_bit_identical(uninterrupted, tmp_path):
+  stopped = tmp_path / "stopped"
+  proc = _launch(stopped)
   last = _wait_for_step([proc], stopped, 600)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
@@ -79,23 +108,30 @@ def test_sigterm_stops_at_interval_end_with_checkpoint_and_relaunch_is_bit_ident
   # The interval under way when the signal came is finished, no further one is begun.
   assert name == "SIGTERM" and step in (last, last + 200) and step < 2400, (last, step)
   assert _logged_steps(stopped)[-1] == step  # metrics flushed up to the stop
-  resume_dir = stopped / rundir.RESUME_CHECKPOINTS
-  assert sorted(os.listdir(resume_dir)) == [str(step)]
-  assert rundir.verify_checksums(str(resume_dir / str(step))) is None  # committed and sealed
+  # A checkpoint at that step: the resume checkpoint, or the analysis one when the step is on its schedule.
+  kind = rundir.CHECKPOINTS if str(step) in _dirs(stopped, rundir.CHECKPOINTS) else rundir.RESUME_CHECKPOINTS
+  assert _dirs(stopped, rundir.RESUME_CHECKPOINTS) == ([] if kind == rundir.CHECKPOINTS else [str(step)])
+  assert rundir.verify_checksums(str(stopped / kind / str(step))) is None  # committed and sealed
   assert "Traceback" not in err
-
-  res = _cli(stopped, *FLAGS)
-  assert res.returncode == 0, res.stderr[-2000:]
+  res = _relaunch_equals(stopped, uninterrupted)
   assert f"Resuming from checkpoint at step {step}" in res.stdout
-  step_a, a = _newest_state(whole, _config())
-  step_b, b = _newest_state(stopped, _config())
-  assert step_a == step_b == 2400
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-  ma, mb = rundir.read_metrics(str(whole)), rundir.read_metrics(str(stopped))
-  for k in ma:
-    np.testing.assert_array_equal(ma[k], mb[k])
-  # The analysis checkpoints are those of the uninterrupted run: the stop added none.
-  assert sorted(os.listdir(stopped / rundir.CHECKPOINTS)) == sorted(os.listdir(whole / rundir.CHECKPOINTS))
+
+
+def test_sigkill_loses_at_most_the_resume_interval(uninterrupted, tmp_path):
+  killed = tmp_path / "killed"
+  proc = _launch(killed, "--config.exec.resume_every_steps=400")
+  deadline = time.time() + 240
+  while not any(int(s) >= 1000 for s in _dirs(killed, rundir.RESUME_CHECKPOINTS) if s.isdigit()):
+    assert proc.poll() is None and time.time() < deadline, "no resume checkpoint at step 1000 or later"
+    time.sleep(0.01)
+  proc.kill()
+  proc.communicate()
+  logged = _logged_steps(killed)[-1]
+  assert logged < 2400, "the run finished before it could be killed"
+  res = _relaunch_equals(killed, uninterrupted, "--config.exec.resume_every_steps=400")
+  resumed = int(re.search(r"Resuming from checkpoint at step (\d+)", res.stdout).group(1))
+  assert logged - resumed <= 400, (logged, resumed)
+  assert _dirs(killed, rundir.RESUME_CHECKPOINTS) == ["2000"]  # only the newest is kept
 
 
 def test_two_processes_signalled_at_different_moments_stop_at_one_step(tmp_path):
@@ -123,8 +159,8 @@ def test_two_processes_signalled_at_different_moments_stop_at_one_step(tmp_path)
   (name_0, step_0), (name_1, step_1) = (_stopped_at(err) for _, err in outs)
   assert name_0 == name_1 == "SIGTERM" and step_0 == step_1 < 2400
   assert _logged_steps(workdir)[-1] == step_0
-  assert sorted(os.listdir(workdir / rundir.RESUME_CHECKPOINTS)) == [str(step_0)]
-  assert rundir.verify_checksums(str(workdir / rundir.RESUME_CHECKPOINTS / str(step_0))) is None
+  kind = rundir.CHECKPOINTS if str(step_0) in _dirs(workdir, rundir.CHECKPOINTS) else rundir.RESUME_CHECKPOINTS
+  assert rundir.verify_checksums(str(workdir / kind / str(step_0))) is None
 
 
 def test_sigint_in_process_raises_preempted_restores_handlers_and_resumes(tmp_path):
@@ -139,8 +175,40 @@ def test_sigint_in_process_raises_preempted_restores_handlers_and_resumes(tmp_pa
 
   before = signal.getsignal(signal.SIGINT)
   threading.Thread(target=interrupt_once_logging, daemon=True).start()
-  with pytest.raises(launch.Preempted, match=r"^SIGINT: stopped at step \d+ with a resume checkpoint") as e:
+  with pytest.raises(launch.Preempted, match=r"^SIGINT: stopped at step \d+ with a checkpoint") as e:
     launch.run_study(cfg, str(workdir), progress=False)
   assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C is Python's again once training stopped
-  assert e.value.step < 3000 and sorted(os.listdir(workdir / rundir.RESUME_CHECKPOINTS)) == [str(e.value.step)]
+  step = e.value.step
+  assert step < 3000 and str(step) in _dirs(workdir, rundir.CHECKPOINTS) + _dirs(workdir, rundir.RESUME_CHECKPOINTS)
   assert launch.run_study(cfg, str(workdir), progress=False)["step"] == 3000
+
+
+def test_resume_checkpoints_by_time_are_never_analysed_and_a_corrupt_one_falls_back(tmp_path, capsys):
+  cfg = group_config(groups="C5", embed_dim=8, hidden=8, analyze=False)
+  cfg.seeds, cfg.steps, cfg.eval_every, cfg.num_checkpoints = 1, 400, 20, 3
+  for field, bad in (("resume_every_minutes", -1.0), ("resume_every_minutes", float("inf")),
+                     ("resume_every_steps", -5)):
+    with pytest.raises(ValueError, match=f"^config.exec.{field}: "):
+      config_lib.validate(set_fields(group_config(), **{f"exec.{field}": bad}))
+  cfg.exec.resume_every_minutes = 1e-9  # due after every interval
+  workdir = tmp_path / "w"
+  launch.run_study(cfg, str(workdir), progress=False)
+  schedule = checkpoint.log_spaced_steps(400, 3, 20)
+  assert _dirs(workdir, rundir.RESUME_CHECKPOINTS) == ["380"]  # the newest off the schedule, alone
+  assert rundir.verify_checksums(str(workdir / rundir.RESUME_CHECKPOINTS / "380")) is None
+  with replay.open(str(workdir)) as run:
+    assert run.steps == schedule
+  # A resume checkpoint newer than every analysis checkpoint and corrupt: reported, moved aside, the newest
+  # analysis checkpoint used.
+  os.rename(workdir / rundir.CHECKPOINTS / "400", tmp_path / "400")  # now 380 (resume) is the newest
+  target = max((os.path.join(r, f) for r, _, fs in os.walk(workdir / rundir.RESUME_CHECKPOINTS / "380")
+                for f in fs if os.path.basename(r) == "d"), key=os.path.getsize)
+  data = bytearray(open(target, "rb").read())
+  data[len(data) // 2] ^= 0xFF
+  open(target, "wb").write(bytes(data))
+  capsys.readouterr()
+  launch.run_study(cfg, str(workdir), progress=False)
+  printed = capsys.readouterr().out
+  assert "WARNING: resume checkpoint 380 is corrupt (checksum mismatch" in printed
+  assert f"Resuming from checkpoint at step {schedule[-2]}" in printed
+  assert [p.rsplit("-", 2)[0] for p in os.listdir(workdir / rundir.CORRUPT_CHECKPOINTS)] == ["resume-380"]
