@@ -74,6 +74,7 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
   # either kind; 0 turns a trigger off. SIGTERM and SIGINT always write one.
   cfg[EXECUTION].resume_every_steps = 0
   cfg[EXECUTION].resume_every_minutes = 10.0
+  cfg[EXECUTION].tensorboard = False  # also write every run's metrics as TensorBoard scalars (engine.events)
   families.get(family).add_config(cfg)
   return cfg
 
@@ -155,6 +156,8 @@ def validate(cfg) -> None:
   if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0 or math.isinf(budget):
     raise ValueError(f"config.{EXECUTION}.memory_budget_gb: expected a finite number of GB >= 0 (0: what the "
                      f"machine reports), got {budget!r}")
+  if not isinstance(cfg[EXECUTION].tensorboard, bool):
+    raise ValueError(f"config.{EXECUTION}.tensorboard: expected True or False, got {cfg[EXECUTION].tensorboard!r}")
   int_field(cfg[EXECUTION], "resume_every_steps", 0, f"{EXECUTION}.")
   minutes = cfg[EXECUTION].resume_every_minutes
   if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0 or math.isinf(minutes):

@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 from engine import budget
 from engine import checkpoint as checkpoint_lib
 from engine import config as config_lib
+from engine import events
 from engine import families
 from engine import replay
 from engine import report
@@ -115,6 +116,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   """
   config_lib.validate(cfg)
   budget.check(cfg, jax.devices())  # before anything is built or written
+  if cfg.exec.tensorboard:
+    events.check_available()
   cfg = families.get(cfg.family).resolve(cfg)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
@@ -281,6 +284,8 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
   started()
   log = _open_log(workdir, step, resumed, is_main)
   names = [r["name"] for r in rows]
+  if cfg.exec.tensorboard and is_main:
+    log.mirror = events.ScalarEvents(workdir, names, step if resumed else None)
   last = _recompute_missing(trainer, state, step, log, names) if step else None
   if step == 0:
     ckpt.save(0, trainer.unpad(state))
