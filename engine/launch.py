@@ -156,7 +156,8 @@ class _StopRequests:
   (``multihost_utils.reached_preemption_sync_point``) needs the coordination service's preemption notifier,
   which hears SIGTERM only and does not exist in a single-process launch. Instead every process adds its
   flag to one allgather of a few int32 per interval (next to the interval's metrics, which are gathered
-  anyway; microseconds against an interval's eval_every steps of every run), and all stop when any asked.
+  anyway: one network round trip, milliseconds, against an interval's eval_every steps of every run), and
+  all stop when any asked.
   The handlers are installed after ``jax.distributed.initialize``, so they replace that notifier's, and
   are removed when training ends: the analysis after it is not interruptible this way.
   """
