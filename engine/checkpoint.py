@@ -2,7 +2,9 @@
 
 A run directory holds ``checkpoints/<step>/state`` (Orbax, written asynchronously and committed atomically
 by every process of a multi-host job). Steps follow a log-spaced schedule plus the last step, because the
-analyses need early checkpoints to find the order in which features are learned.
+analyses need early checkpoints to find the order in which features are learned. The rolling resume
+checkpoint (``checkpoints_resume/<step>``, ``keep=1``) is a second Checkpointer of the same kind that the
+analyses never read; ``restore_newest`` resumes from the newest step of both.
 
 Once Orbax has committed a step (saves are asynchronous: at the next save, or at ``close``), process 0 writes
 the sha256 of every file of the step into it (``engine.rundir.write_checksums``). A restore first verifies
@@ -73,8 +75,11 @@ class Checkpointer:
   """Saves and restores one pytree (the stacked train state) per step under ``directory``."""
 
   def __init__(self, directory: str | os.PathLike, *, async_save: bool = True, read_only: bool = False,
-               this_process_only: bool = False):
+               this_process_only: bool = False, keep: int | None = None):
     """Opens (and unless ``read_only`` creates) the checkpoint directory.
+
+    ``keep``: how many of the newest steps to keep (None: all); a save beyond it deletes the oldest once
+    the new one is committed, as the rolling resume checkpoint does (``keep=1``).
 
     Saving and restoring are collective in a multi-process job: every process must take part. A reader
     that runs on one process alone (a notebook, the report written by process 0) passes
@@ -102,7 +107,7 @@ class Checkpointer:
       absl_logger.setLevel(max(level, pylogging.ERROR))
     try:
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=None, create=not read_only, read_only=read_only,
+          max_to_keep=keep, create=not read_only, read_only=read_only,
           enable_async_checkpointing=async_save and not read_only, cleanup_tmp_directories=not read_only,
           **extra)
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
@@ -165,22 +170,37 @@ class Checkpointer:
     if step is not None and int(step) not in self.steps():
       raise CheckpointError(f"no checkpoint at step {step} in {self.directory} (have {self.steps()})")
     for s in reversed(candidates):
-      reason = self._verify(s)
-      if reason is None:
-        _drop_closed_loop_callbacks()
-        try:
-          restored = self._manager.restore(
-              s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-          return s, restored["state"]
-        except Exception as e:  # Orbax raises many types (ValueError, OSError, JSON errors) for bad data.
-          reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+      ok, out = self.try_restore(abstract_state, s, quarantine=fallback)
+      if ok:
+        return s, out
       if not fallback:
-        raise CheckpointError(f"checkpoint {s} in {self.directory} does not restore: {reason}") from None
-      logging.info("checkpoint %d in %s is corrupt (%s); falling back to the previous one",
-                   s, self.directory, reason)
-      print(f"WARNING: checkpoint {s} is corrupt ({reason}); falling back to the previous one", flush=True)
-      self._quarantine(s)
+        raise CheckpointError(f"checkpoint {s} in {self.directory} does not restore: {out}") from None
     raise CheckpointError(f"no restorable checkpoint in {self.directory}")
+
+  def try_restore(self, abstract_state: Any, step: int, quarantine: bool = True) -> tuple[bool, Any]:
+    """``(True, state)`` when the checkpoint at ``step`` verifies and restores; else ``(False, reason)``,
+    and with ``quarantine`` the step is reported in one line and moved aside."""
+    reason = self._verify(step)
+    if reason is None:
+      _drop_closed_loop_callbacks()
+      try:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return True, restored["state"]
+      except Exception as e:  # Orbax raises many types (ValueError, OSError, JSON errors) for bad data.
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    if quarantine:
+      logging.info("checkpoint %d in %s is corrupt (%s); falling back to the previous one",
+                   step, self.directory, reason)
+      print(f"WARNING: {self.kind}checkpoint {step} is corrupt ({reason}); falling back to the previous one",
+            flush=True)
+      self._quarantine(step)
+    return False, reason
+
+  @property
+  def kind(self) -> str:
+    """"" for the analysis checkpoints, "resume " for the rolling resume checkpoint (in messages)."""
+    return "" if os.path.basename(self.directory) == rundir.CHECKPOINTS else "resume "
 
   def _quarantine(self, step: int) -> None:
     """Moves a corrupt step directory aside so that a resumed run can write that step again."""
@@ -189,7 +209,8 @@ class Checkpointer:
     src = self._step_dir(step)
     dst_dir = os.path.join(os.path.dirname(self.directory), rundir.CORRUPT_CHECKPOINTS)
     os.makedirs(dst_dir, exist_ok=True)
-    dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    prefix = self.kind.strip() + "-" if self.kind else ""  # a resume step may share an analysis step's number
+    dst = os.path.join(dst_dir, f"{prefix}{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.isdir(src):
       os.replace(src, dst)
     self._manager.reload()
@@ -204,4 +225,18 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def restore_newest(checkpointers: list[Checkpointer], abstract_state: Any) -> tuple[int, Any] | None:
+  """The newest checkpoint that restores among several directories (the analysis checkpoints and the
+  resume checkpoint), as ``(step, state)``; None when there is none. A corrupt one is reported, moved
+  aside and the next newest of either kind is tried. On equal steps the first checkpointer's wins."""
+  candidates = sorted(((s, -i) for i, c in enumerate(checkpointers) for s in c.steps()), reverse=True)
+  for s, i in candidates:
+    ok, out = checkpointers[-i].try_restore(abstract_state, s)
+    if ok:
+      return s, out
+  if candidates:
+    raise CheckpointError(f"no restorable checkpoint in {checkpointers[0].directory} or beside it")
+  return None
 

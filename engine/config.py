@@ -68,6 +68,13 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
   cfg[ANALYSIS] = ml_collections.ConfigDict()  # filled by the family (none for group composition)
   cfg[EXECUTION].memory_budget_gb = 0.0  # memory a launch may use (engine.budget): per device on accelerators,
                                          # host RAM on the CPU; 0: what the machine reports
+  # The rolling resume checkpoint (checkpoints_resume/, the whole train state, only the newest kept), so that a
+  # crash loses bounded work: at the end of the first eval interval that reaches a multiple of
+  # resume_every_steps, and of the first interval ending resume_every_minutes after the last checkpoint of
+  # either kind; 0 turns a trigger off. SIGTERM and SIGINT always write one.
+  cfg[EXECUTION].resume_every_steps = 0
+  cfg[EXECUTION].resume_every_minutes = 10.0
+  cfg[EXECUTION].tensorboard = False  # also write every run's metrics as TensorBoard scalars (engine.events)
   families.get(family).add_config(cfg)
   return cfg
 
@@ -149,6 +156,13 @@ def validate(cfg) -> None:
   if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0 or math.isinf(budget):
     raise ValueError(f"config.{EXECUTION}.memory_budget_gb: expected a finite number of GB >= 0 (0: what the "
                      f"machine reports), got {budget!r}")
+  if not isinstance(cfg[EXECUTION].tensorboard, bool):
+    raise ValueError(f"config.{EXECUTION}.tensorboard: expected True or False, got {cfg[EXECUTION].tensorboard!r}")
+  int_field(cfg[EXECUTION], "resume_every_steps", 0, f"{EXECUTION}.")
+  minutes = cfg[EXECUTION].resume_every_minutes
+  if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0 or math.isinf(minutes):
+    raise ValueError(f"config.{EXECUTION}.resume_every_minutes: expected a finite number of minutes >= 0 (0: "
+                     f"off), got {minutes!r}")
   families.get(cfg.family).validate(cfg)
 
 

@@ -6,6 +6,13 @@ from the newest restorable checkpoint; the final state equals an uninterrupted r
 relaunch with a different study config is refused; execution settings (``config.exec``) may differ. Only
 process 0 writes files other than checkpoints.
 
+Beside the log-spaced analysis checkpoints, the whole state is written as the rolling resume checkpoint
+(``checkpoints_resume/``, only the newest kept) every ``exec.resume_every_steps`` steps or
+``exec.resume_every_minutes`` of wall time, so a crash loses bounded work. SIGTERM or SIGINT during training
+stops every process at the end of the same eval interval, writes a checkpoint at that step (the resume
+checkpoint, or the analysis checkpoint when the step is on its schedule) and raises ``Preempted`` (the entry
+point exits with ``PREEMPTED_EXIT``). A relaunch resumes from the newest step of either kind.
+
 A launch is checked against the memory it may use (``engine.budget``) before anything is built, and writes
 config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
 config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
@@ -18,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -26,10 +35,12 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from engine import budget
 from engine import checkpoint as checkpoint_lib
 from engine import config as config_lib
+from engine import events
 from engine import families
 from engine import replay
 from engine import report
@@ -38,6 +49,19 @@ from engine import train as train_lib
 from engine.analysis import driver
 
 LaunchError = rundir.RunDirError  # a work directory or config that cannot be used; one-line message
+# The exit status of a launch stopped by SIGTERM or SIGINT once its checkpoint is written: EX_TEMPFAIL
+# of sysexits.h ("try again later"), so a requeue script can tell a preemption from a failure (2) or a crash.
+PREEMPTED_EXIT = 75
+
+
+class Preempted(RuntimeError):
+  """Training stopped on SIGTERM or SIGINT at the end of an eval interval, with a checkpoint at that
+  step and the metrics logged up to it; the message is one line."""
+
+  def __init__(self, signal_name: str, step: int):
+    super().__init__(f"{signal_name}: stopped at step {step} with a checkpoint; relaunch the same command "
+                     "to resume")
+    self.signal_name, self.step = signal_name, step
 
 
 def _runs_rows(trainer) -> list[dict]:
@@ -92,6 +116,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   """
   config_lib.validate(cfg)
   budget.check(cfg, jax.devices())  # before anything is built or written
+  if cfg.exec.tensorboard:
+    events.check_available()
   cfg = families.get(cfg.family).resolve(cfg)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
@@ -120,10 +146,90 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   return final
 
 
+class _StopRequests:
+  """SIGTERM and SIGINT, while training, as a request to stop at the end of the current eval interval.
+
+  Preemptible VMs and SLURM send SIGTERM shortly before they stop a job. A handler only sets a flag (a
+  second SIGINT aborts at once, as Ctrl-C usually does); the loop reads it between intervals, where the
+  state is whole. Every process of a multi-process job must stop after the same interval, or the others
+  would hang in the next interval's collectives. JAX's preemption sync point
+  (``multihost_utils.reached_preemption_sync_point``) needs the coordination service's preemption notifier,
+  which hears SIGTERM only and does not exist in a single-process launch. Instead every process adds its
+  flag to one allgather of a few int32 per interval (next to the interval's metrics, which are gathered
+  anyway: one network round trip, milliseconds, against an interval's eval_every steps of every run), and
+  all stop when any asked.
+  The handlers are installed after ``jax.distributed.initialize``, so they replace that notifier's, and
+  are removed when training ends: the analysis after it is not interruptible this way.
+  """
+
+  def __init__(self):
+    self.signal: str | None = None   # the first signal this process received
+    self.stopped: str | None = None   # the signal every process agreed to stop on
+    self._previous: dict = {}
+
+  def __enter__(self) -> "_StopRequests":
+    if threading.current_thread() is threading.main_thread():  # Python handles signals in it alone
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, previous in self._previous.items():
+      if self.stopped == "SIGTERM" and sig == signal.SIGTERM:
+        previous = signal.SIG_IGN  # a scheduler's notice may repeat: it must not kill the exit under way
+      signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # None: a handler set outside Python
+
+  def _handle(self, signum, frame) -> None:
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signal is None:
+      self.signal = signal.Signals(signum).name
+      logging.info("%s received: stopping at the end of this eval interval", self.signal)
+
+  def agreed(self, resume_due: bool = False) -> tuple[str | None, bool]:
+    """After an interval: the name of the signal that stops training (None: go on), and whether any process
+    finds a resume checkpoint due (its wall clock may differ from the others'). Collective: every process
+    calls it after every interval."""
+    if jax.process_count() == 1:
+      name, due = self.signal, resume_due
+    else:
+      mine = signal.Signals[self.signal].value if self.signal else 0
+      gathered = multihost_utils.process_allgather(np.asarray([mine, int(resume_due)], np.int32))
+      codes = np.asarray(gathered).reshape(-1, 2)
+      asked = [int(c) for c in codes[:, 0] if c]
+      name = (self.signal or signal.Signals(asked[0]).name) if asked else None
+      due = bool(codes[:, 1].any())
+    self.stopped = name
+    return name, due
+
+
+class _ResumeSchedule:
+  """When the rolling resume checkpoint is due: the first interval end that reaches a multiple of
+  ``every_steps``, or ``every_minutes`` of wall time since the last checkpoint of either kind (0: off)."""
+
+  def __init__(self, every_steps: int, every_minutes: float):
+    self.every_steps, self.seconds = int(every_steps), 60.0 * float(every_minutes)
+    self.last_time = time.monotonic()
+
+  def due(self, before: int, step: int) -> bool:
+    """Whether an interval from ``before`` to ``step`` calls for a resume checkpoint (this process's clock)."""
+    by_steps = self.every_steps > 0 and step // self.every_steps > before // self.every_steps
+    by_time = self.seconds > 0 and time.monotonic() - self.last_time >= self.seconds
+    return by_steps or by_time
+
+  def saved(self) -> None:
+    self.last_time = time.monotonic()
+
+
 def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) -> dict[str, Any]:
   schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
-  with checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt:
-    return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt)
+  # The handlers outlive the checkpointers: a signal that arrives while the last checkpoint is committed
+  # must not cut it short.
+  with _StopRequests() as stop, \
+      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt, \
+      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.RESUME_CHECKPOINTS), keep=1) as resume:
+    return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt, resume,
+                       stop)
 
 
 def _record(at_step: int, m: dict, names: list[str], was_diverged: np.ndarray) -> tuple[dict, list[str]]:
@@ -160,23 +266,27 @@ def _recompute_missing(trainer, state, step, log, names) -> dict | None:
   return m
 
 
-def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt):
+def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt, resume, stop):
   state = trainer.init()
   step = 0
   was_diverged = np.zeros(len(rows), dtype=bool)
-  resumed = bool(ckpt.steps())
+  found = checkpoint_lib.restore_newest([ckpt, resume], train_lib.host_state_spec(trainer))
+  resumed = found is not None
   if resumed:
-    step, host = ckpt.restore(train_lib.host_state_spec(trainer))
+    step, host = found
     state = trainer.shard(host)
     was_diverged = np.asarray(host.diverged, dtype=bool)  # reported before the crash: not again
     logging.info("resuming %s from step %d", workdir, step)
     if is_main:
-      print(f"Resuming from checkpoint at step {step}", flush=True)
+      kind = "" if step in ckpt.steps() else " (the resume checkpoint)"
+      print(f"Resuming from checkpoint at step {step}{kind}", flush=True)
   elif os.path.exists(rundir.path(workdir, rundir.CONFIG)) and is_main:
     print("No checkpoint found in an existing workdir: starting from step 0", flush=True)
   started()
   log = _open_log(workdir, step, resumed, is_main)
   names = [r["name"] for r in rows]
+  if cfg.exec.tensorboard and is_main:
+    log.mirror = events.ScalarEvents(workdir, names, step if resumed else None)
   last = _recompute_missing(trainer, state, step, log, names) if step else None
   if step == 0:
     ckpt.save(0, trainer.unpad(state))
@@ -195,13 +305,21 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
     bar.update(at_step, cfg.eval_every, m, m["diverged"].astype(bool))
     last = m
 
+  timer = _ResumeSchedule(cfg.exec.resume_every_steps, cfg.exec.resume_every_minutes)
   try:
     while step < cfg.steps:
       state, metrics = trainer.run(state, 1)  # metrics come back on the host, one row per run
       step += cfg.eval_every
       log_metrics(step, metrics)
+      stopped_by, due = stop.agreed(timer.due(step - cfg.eval_every, step))
       if step in schedule:
-        ckpt.save(step, trainer.unpad(state))
+        ckpt.save(step, trainer.unpad(state))  # the whole state too: a point to resume from as well
+        timer.saved()
+      elif due or stopped_by:
+        resume.save(step, trainer.unpad(state))  # replaces the previous one once committed (keep=1)
+        timer.saved()
+      if stopped_by:
+        raise Preempted(stopped_by, step)  # the checkpoints are committed and sealed as their managers close
   finally:
     bar.close()
   if last is None:  # already finished: report the last logged metrics

@@ -12,6 +12,12 @@ Nothing in it is executed, evaluated or unpickled.
   checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
                      checkpoints/<step>/sha256.json: the checksum of every file of the step, written once
                      Orbax has committed it (``write_checksums``, ``verify_checksums``)
+  checkpoints_resume/   the rolling resume checkpoint (engine.checkpoint; only the newest step is kept, with
+                     its sha256.json): the whole train state at a step that need not be an analysis step,
+                     written on preemption and every exec.resume_every_* so a crash loses bounded work.
+                     Analyses never read it; a relaunch resumes from the newest step of either directory
+  tensorboard/<run>/ TensorBoard event files of every run's metrics (engine.events; exec.tensorboard), a view of
+                     metrics.jsonl, one file per run and launch
   analysis/summary.json   written by engine.analysis.driver
   analysis/cohorts/<cohort>.npz   per-cohort arrays of a family's analysis (e.g. one row per neuron), plain
                      numeric arrays read with allow_pickle=False
@@ -46,9 +52,11 @@ CONFIG = "config.json"
 RUNS = "runs.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+RESUME_CHECKPOINTS = "checkpoints_resume"
 CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 CHECKSUMS = "sha256.json"             # inside a checkpoint's step directory
 DAMAGED_SUFFIX = ".damaged-"          # metrics.jsonl.damaged-<time>: a metrics log as found, kept aside
+TENSORBOARD = "tensorboard"
 ANALYSIS = "analysis"
 SUMMARY = os.path.join(ANALYSIS, "summary.json")
 REPORT = "report"
@@ -281,6 +289,7 @@ class MetricsLog:
     self.aside: str | None = None
     self.steps: set[int] = set()
     self.last: dict | None = None
+    self.mirror = None  # another sink of every record appended (engine.events.ScalarEvents), or None
     if not enabled:
       return
     if resume_step is None or not os.path.exists(self.path):
@@ -302,6 +311,8 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
+    if self.mirror is not None:
+      self.mirror.append(record)
     self.steps.add(int(record["step"]))
     self.last = record
 

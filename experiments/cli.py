@@ -147,6 +147,9 @@ def main(argv):
   from engine import checkpoint, launch
   try:
     launch.run_study(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value, analyze=_ANALYZE.value)
+  except launch.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr)  # every process: each host keeps its own log
+    sys.exit(launch.PREEMPTED_EXIT)
   except (ValueError, launch.LaunchError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

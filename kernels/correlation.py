@@ -815,6 +815,13 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
 
   Returns:
     :class:`MaxCorrelation` with ``max_SxNxS``, ``argmax_SxNxS``, ``dead_SxN`` (and baseline fields).
+
+  Composes with ``jax.jit`` and ``jax.export`` for an array: the Pallas kernel is traced as it runs, and the
+  XLA path, which streams batches through host loops for concrete arrays, takes one shot over all inputs
+  (the whole ``S·N × S·N`` co-moment, refused in one line beyond ``memory_bytes``). Traced activations are
+  not checked for NaN or infinity: non-finite ones give max NaN and argmax -1. ``platform`` and
+  ``interpret`` default from the backend the trace runs on, so an export for another platform names them
+  (``platform='tpu', interpret=False``).
   """
   _check_options(backend, baseline, key, dead_rtol)
   if memory_bytes <= 0:
@@ -830,17 +837,20 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
   _check_acts(acts_SxTxN)
   acts = jnp.asarray(acts_SxTxN)
   chex.assert_rank(acts, 3)
-  if not bool(jnp.all(jnp.isfinite(acts))):
+  # Under jax.jit (or any transformation) the activations have no value to check or to stream through host
+  # loops; the traced path (``_traced_max``) never converts a device value to a Python one.
+  traced = isinstance(acts, jax.core.Tracer)
+  if not traced and not bool(jnp.all(jnp.isfinite(acts))):
     raise CorrelationError("activations contain NaN or infinity")
   s, t, n = acts.shape
+  if traced:
+    return _traced_max(acts, q_fn, backend=backend, memory_bytes=memory_bytes, block_rows=block_rows,
+                       block_t=block_t, block_n=block_n, dead_rtol=dead_rtol, platform=platform,
+                       interpret=interpret, within=within)
   q = q_fn(s, n) if q_fn is not None else None
   if resolve_backend(backend) == "pallas":
-    platform = platform or _pallas_platform()
-    if platform not in pallas_correlation.PLATFORMS:
-      raise CorrelationError(f"platform must be one of {pallas_correlation.PLATFORMS}, got {platform!r}")
-    if interpret is None:
-      interpret = jax.default_backend() == "cpu"
-    outs, dead = _pallas_max(acts, q, platform=platform, interpret=bool(interpret),
+    platform, interpret = _pallas_args(platform, interpret)
+    outs, dead = _pallas_max(acts, q, platform=platform, interpret=interpret,
                              block_rows=block_rows, block_t=block_t, block_n=block_n,
                              dead_rtol=dead_rtol)
   else:
@@ -850,6 +860,42 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
     batches = [acts[:, i:i + XLA_BATCH] for i in range(0, t, XLA_BATCH)]
     outs, dead, s, n = _stream(lambda: iter(batches), q_fn, memory_bytes=memory_bytes,
                                block_rows=block_rows, dead_rtol=dead_rtol, within=within)
+  return _without_self(_assemble(outs, dead, s, n), within)
+
+
+def _pallas_args(platform, interpret):
+  platform = platform or _pallas_platform()
+  if platform not in pallas_correlation.PLATFORMS:
+    raise CorrelationError(f"platform must be one of {pallas_correlation.PLATFORMS}, got {platform!r}")
+  return platform, bool(jax.default_backend() == "cpu" if interpret is None else interpret)
+
+
+def _traced_max(acts, q_fn, *, backend, memory_bytes, block_rows, block_t, block_n, dead_rtol, platform,
+                interpret, within) -> MaxCorrelation:
+  """``max_correlation`` of traced activations (inside ``jax.jit``, ``jax.export``, ...).
+
+  Pallas runs as on concrete arrays. The XLA path cannot stream batches through host loops, so it takes
+  one shot: the whole ``S·N × S·N`` co-moment from all T inputs at once, which it refuses (one line naming
+  backend='pallas') when that exceeds ``memory_bytes``. Non-finite activations cannot raise here: they
+  give max NaN and argmax -1 for every neuron instead.
+  """
+  s, _, n = acts.shape
+  q = q_fn(s, n) if q_fn is not None else None
+  if resolve_backend(backend) == "pallas":
+    platform, interpret = _pallas_args(platform, interpret)
+    outs, dead = _pallas_max(acts, q, platform=platform, interpret=interpret, block_rows=block_rows,
+                             block_t=block_t, block_n=block_n, dead_rtol=dead_rtol)
+  else:
+    need = 4 * (s * n) ** 2
+    if need > memory_bytes:
+      raise CorrelationError(
+          f"under jax.jit the XLA path holds the whole S·N x S·N co-moment ({need / 2**30:.2f} GiB > "
+          f"memory_bytes={memory_bytes}); use backend='pallas', or call max_correlation outside jit")
+    state = _update(init(s, n), acts)
+    outs, dead = _finalize_rows(state, q, _within_from_full(state) if q is not None else None,
+                                dead_rtol=dead_rtol)
+  finite = jnp.all(jnp.isfinite(acts))
+  outs = tuple(jnp.where(finite, o, -1 if o.dtype == jnp.int32 else jnp.nan) for o in outs)
   return _without_self(_assemble(outs, dead, s, n), within)
 
 

@@ -406,3 +406,46 @@ def test_cross_model_blocks_only_equal_the_full_computation(s, n, memory_bytes):
   ref_max, _, dead, _ = _reference(acts)
   live = ~np.asarray(dead)[:, :, None] & other_SxNxS
   np.testing.assert_allclose(np.asarray(cross.max_SxNxS)[live], np.asarray(ref_max)[live], atol=1e-4)
+
+
+# The public entry point inside jax.jit: Pallas (interpreted here) and the XLA path's one-shot traced form.
+@pytest.mark.parametrize("kwargs", [
+    dict(backend="pallas", platform="tpu", interpret=True, block_t=128),
+    dict(backend="pallas", platform="gpu", interpret=True, block_t=32, block_rows=32),
+    dict(backend="xla"),
+    dict(backend="xla", within=False),
+])
+def test_jit_of_max_correlation_equals_eager(kwargs):
+  acts = _planted(21, 2, 150, 5)
+  acts[0, :, 2] = 1.5  # a dead neuron
+  key = jax.random.key(3)
+  eager = kc.max_correlation(acts, baseline="rotation", key=key, **kwargs)
+  jitted = jax.jit(lambda x, k: kc.max_correlation(x, baseline="rotation", key=k, **kwargs))(acts, key)
+  for a, b in zip(eager, jitted):
+    if a.dtype == jnp.float32:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_jit_of_max_correlation_marks_non_finite_and_refuses_too_large_xla():
+  acts = _planted(22, 2, 40, 3)
+  acts[1, 5, 0] = np.inf
+  res = jax.jit(lambda x: kc.max_correlation(x, backend="xla"))(acts)
+  assert np.isnan(np.asarray(res.max_SxNxS)).all() and (np.asarray(res.argmax_SxNxS) == -1).all()
+  with pytest.raises(kc.CorrelationError, match=r"^under jax.jit the XLA path .* use backend='pallas'"):
+    jax.jit(lambda x: kc.max_correlation(x, backend="xla", memory_bytes=100))(acts)
+
+
+def _public_fn(platform):
+  return lambda acts: kc.max_correlation(acts, backend="pallas", platform=platform, interpret=False,
+                                         baseline="rotation", key=jax.random.key(0))
+
+
+def test_public_entry_point_exports_for_tpu_and_cuda():
+  spec = jax.ShapeDtypeStruct((3, 1000, 100), jnp.float32)
+  text = export.export(jax.jit(_public_fn("tpu")), platforms=["tpu"])(spec).mlir_module()
+  assert "tpu_custom_call" in text
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  text = export.export(jax.jit(_public_fn("gpu")), platforms=["cuda"], disabled_checks=checks)(spec).mlir_module()
+  assert "__gpu$xla.gpu.triton" in text
