@@ -1,9 +1,11 @@
 r"""Default study: three groups of order 60 x 16 seeds, trained together; groks on a 2-core CPU.
 
 Command:   python -m experiments.group_universality --workdir=runs/default
-Runtime:   about 4 minutes on a 2-core CPU from a fresh clone (measured 3 min 56 s including the pip install:
-           training 2 min 41 s at ~890 model-steps/s, analysis and report ~1 min; 9 min 14 s on the same
-           machine busy with other jobs); about a minute on one accelerator.
+Runtime:   4-7 minutes on a 2-core CPU from a fresh clone, the pip install included: 3 min 56 s measured when
+           training ran at ~890 model-steps/s; 6 min 27 s on a slower day of the same kind of machine
+           (training 4 min 42 s at ~510 model-steps/s — the engine of that earlier day ran at the same rate
+           there — then the analysis, now with cosets, margins, mode connectivity and redundancy, and the
+           report ~1.5 min; all 48 runs generalised); about a minute on one accelerator.
 Result:    most of the 48 runs generalise (test accuracy >= 0.99): the cyclic and dihedral runs within a few
            hundred steps, A5 within ~2,000. report/index.md shows, per group, the key-irrep table (how many
            seeds use each irrep) — seeds use different subsets of the irreps, as in *A Toy Model of
