@@ -12,8 +12,6 @@ Per-cohort accessors need the selection to hold one cohort (``select(lr=...)`` n
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import numpy as np
 
@@ -59,10 +57,6 @@ class View(replay.Run):
   def activations(self, text: str | bytes, step: int | None = None) -> dict[str, np.ndarray]:
     """``{"mlp_pre", "mlp_post"}`` ``[S, T, L, N]`` of the selected runs on ``text``."""
     return self.apply(text, step)[1]
-
-  def cohort_entry(self, **filters) -> dict[str, Any]:
-    """The summary's entry of one cohort, restricted to the selected runs (``replay.Run.cohort_summary``)."""
-    return self.cohort_summary(**filters)
 
   def neurons(self, **filters) -> dict[str, np.ndarray]:
     """The per-neuron table of one cohort for the selected runs: every array of the analysis (``excess``,
