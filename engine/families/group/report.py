@@ -16,12 +16,12 @@ The figures come from the notebook view's ``plot`` (one plotting code path for n
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from engine import plots
+from engine.report import file_prefix, markdown_table
 
 _FS_TYPE = {1: "real", 0: "complex", -1: "quaternionic"}
 
@@ -36,20 +36,9 @@ def _fmt(x, digits: int = 3) -> str:
   return f"{float(x):.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines) + "\n"
-
-
 def _mean(values) -> float | None:
   vals = [float(v) for v in values if v is not None and np.isfinite(v)]
   return float(np.mean(vals)) if vals else None
-
-
-def file_prefix(position: int, cohort: str) -> str:
-  """Filename-safe prefix of a cohort's images: its position among the cohorts and its sanitised name."""
-  return f"c{position}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", cohort)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,7 +69,7 @@ def key_irrep_table(group: Mapping, records: Sequence[Mapping]) -> str:
             "mean logit similarity", "neurons dominant"]
   rows = [[r["irrep"], r["dim"], r["type"], r["key"], r["first"], _fmt(r["similarity"]), r["neurons"]]
           for r in key_irrep_rows(group, records)]
-  return _table(header, rows)
+  return markdown_table(header, rows)
 
 
 def results_table(aggregate: Mapping, records: Sequence[Mapping]) -> str:
@@ -101,7 +90,7 @@ def results_table(aggregate: Mapping, records: Sequence[Mapping]) -> str:
          "–" if corr.get("universal_fraction") is None else f"{corr['universal_fraction']:.1%}",
          "–" if agree.get("rate") is None else f"{agree['rate']:.1%} ({agree['chance']:.1%})",
          _fmt(matching.get("mean_offdiagonal")), _fmt(means.get("cka")), _fmt(means.get("procrustes"))]
-  return _table(header, [row])
+  return markdown_table(header, [row])
 
 
 def key_irrep_sets_table(records: Sequence[Mapping], limit: int = 8) -> str:
@@ -114,7 +103,7 @@ def key_irrep_sets_table(records: Sequence[Mapping], limit: int = 8) -> str:
   rows = [[", ".join(k) or "(none)", c] for k, c in ordered[:limit]]
   if len(ordered) > limit:
     rows.append([f"… {len(ordered) - limit} more sets", sum(c for _, c in ordered[limit:])])
-  return _table(["key irreps", "runs"], rows)
+  return markdown_table(["key irreps", "runs"], rows)
 
 
 def runs_table(records: Sequence[Mapping]) -> str:
@@ -128,7 +117,7 @@ def runs_table(records: Sequence[Mapping]) -> str:
                  _fmt(r.get("fraction_explained")),
                  ", ".join(f"{n} ({s})" for n, s in zip(order, steps)) or "(none)",
                  _fmt((r.get("neurons") or {}).get("mean_excess"))])
-  return _table(["run", "generalised", "test acc", "fraction explained", "key irreps (step learned)",
+  return markdown_table(["run", "generalised", "test acc", "fraction explained", "key irreps (step learned)",
                  "mean excess corr"], rows)
 
 
@@ -146,7 +135,8 @@ def coset_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping], 
          f"explained by the left or right cosets of each of the {group['proper_nontrivial']} proper "
          f"non-trivial subgroups (of {group['subgroups']} subgroups in {group['subgroup_classes']} conjugacy "
          "classes, counting the trivial one and the whole group); the best subgroup maximises the adjusted "
-         f"share; a coset neuron's best share is ≥ {group['coset_threshold']:g}. Induced share: the part of the neuron's non-constant input in the "
+         f"share; a coset neuron's best share is ≥ {group['coset_threshold']:g}. Induced share: the part of "
+         "the neuron's non-constant input in the "
          "irreps of Ind_H^G 1 of its best subgroup H.", ""]
   rows = []
   for side in ("a", "b"):
@@ -157,7 +147,7 @@ def coset_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping], 
                  sum(p["left"] for p in per), sum(p["right"] for p in per),
                  _fmt(_mean(p["mean_best_share"] for p in per)),
                  _fmt(_mean(p["mean_induced_share"] for p in per))])
-  md += [_table(["input", "coset neurons (all runs)", "mean fraction of live neurons", "left cosets",
+  md += [markdown_table(["input", "coset neurons (all runs)", "mean fraction of live neurons", "left cosets",
                  "right cosets", "mean best share", "mean induced share"], rows)]
   classes = list(aggregate["cosets"]["by_subgroup"].items())
   if classes:
@@ -168,7 +158,7 @@ def coset_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping], 
       rows.append([f"… {len(classes) - limit} more classes", "", "", "", sum(c["neurons"] for _, c in
                                                                             classes[limit:]), "", ""])
     md += ["Subgroup classes used by coset neurons:", "",
-           _table(["subgroup class", "order", "conjugates", "normal", "coset neurons", "runs",
+           markdown_table(["subgroup class", "order", "conjugates", "normal", "coset neurons", "runs",
                    "Ind_H^G 1"], rows)]
   return md
 
@@ -192,13 +182,13 @@ def margin_lines(group: Mapping, aggregate: Mapping, records: Sequence[Mapping])
   row = [f"{agg['positive_margin_runs']}/{len(records)}", _fmt(agg["mean_normalised_margin"], 6),
          "–" if agg["mean_single_irrep_fraction"] is None else f"{agg['mean_single_irrep_fraction']:.1%}",
          _fmt(agg["mean_irrep_coverage_generalised"]), _fmt(pred)]
-  md += [_table(header, [row])]
+  md += [markdown_table(header, [row])]
   rows = [[label, _fmt(r["margins"]["margin"]), _fmt(r["margins"]["normalised_margin"], 6),
            f"{r['margins']['single_irrep_fraction']:.1%}", _fmt(r["margins"]["irrep_coverage"]),
            ", ".join(r["margins"]["covered_irreps"]) or "(none)"]
           for label, r in zip(plots.run_labels(records), records) if r.get("margins")]
   md += ["<details><summary>Margins per run</summary>", "",
-         _table(["run", "margin", "normalised margin", "single-irrep neurons", "coverage", "irreps covered"],
+         markdown_table(["run", "margin", "normalised margin", "single-irrep neurons", "coverage", "irreps covered"],
                 rows), "</details>", ""]
   return md
 
@@ -222,7 +212,7 @@ def connectivity_lines(aggregate: Mapping, save: Callable[[Any, str], str] | Non
                  f"{_fmt(a['mean_barrier_same_key_irreps'])} ({a['pairs_same_key_irreps']})",
                  f"{_fmt(a['mean_barrier_different_key_irreps'])} ({a['pairs_different_key_irreps']})",
                  _fmt(a["mean_min_accuracy"])])
-  md += [_table(["alignment", "mean barrier", "same key irreps (pairs)", "different key irreps (pairs)",
+  md += [markdown_table(["alignment", "mean barrier", "same key irreps (pairs)", "different key irreps (pairs)",
                  "mean lowest accuracy on the path"], rows)]
   if save is not None and fig is not None:
     md += [f"![loss along the path]({save(fig, name)})", ""]
@@ -240,7 +230,7 @@ def redundancy_lines(aggregate: Mapping, records: Sequence[Mapping], tolerance: 
         "the most similar incoming weights (cosine) are merged, the outgoing weights folded in, until the "
         f"loss on all pairs would rise{tol}. The neurons left are the run's feature complexity.", ""]
   by_keys = agg.get("feature_complexity_by_key_irreps") or {}
-  md += [_table(["mean feature complexity", "generalised runs", "by number of key irreps (generalised)"],
+  md += [markdown_table(["mean feature complexity", "generalised runs", "by number of key irreps (generalised)"],
                 [[_fmt(agg["mean_feature_complexity"], 1), _fmt(agg["mean_feature_complexity_generalised"], 1),
                   ", ".join(f"{k}: {v:.1f}" for k, v in by_keys.items()) or "–"]])]
   rows = [[label, r["redundancy"]["width"], r["redundancy"]["never_active"], r["redundancy"]["feature_complexity"],
@@ -248,7 +238,7 @@ def redundancy_lines(aggregate: Mapping, records: Sequence[Mapping], tolerance: 
            _fmt(r["redundancy"]["merged_loss"], 4)]
           for label, r in zip(plots.run_labels(records), records) if r.get("redundancy")]
   md += ["<details><summary>Feature complexity per run</summary>", "",
-         _table(["run", "width", "never active", "feature complexity", "key irreps", "loss", "merged loss"],
+         markdown_table(["run", "width", "never active", "feature complexity", "key irreps", "loss", "merged loss"],
                 rows), "</details>", ""]
   return md
 
@@ -277,7 +267,7 @@ def not_generalised_table(records: Sequence[Mapping]) -> str:
   rows = [[label, _fmt((r.get("final") or {}).get("test_acc")), _fmt(r.get("loss_all")),
            _fmt(r.get("fraction_explained"))]
           for label, r in zip(plots.run_labels(records), records) if not r.get("generalised", True)]
-  return _table(["run", "test acc", "loss (all pairs)", "fraction explained"], rows)
+  return markdown_table(["run", "test acc", "loss (all pairs)", "fraction explained"], rows)
 
 
 def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str]:

@@ -10,12 +10,12 @@ Images (``<c>`` is a cohort's position and a filename-safe name)::
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from engine.families.lm import plots
+from engine.report import file_prefix, markdown_table
 
 _PROPERTY_TEXT = {
     "pre_mean": "pre-activation mean", "pre_var": "pre-activation variance",
@@ -29,16 +29,6 @@ _PROPERTY_TEXT = {
 
 def _pct(x) -> str:
   return "–" if x is None else f"{100 * float(x):.2f}%"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines) + "\n"
-
-
-def file_prefix(position: int, cohort: str) -> str:
-  return f"c{position}_" + re.sub(r"[^A-Za-z0-9.=-]+", "_", cohort).strip("_")
 
 
 def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
@@ -57,7 +47,7 @@ def results_table(records: Sequence[Mapping]) -> str:
     rows.append([r["seed"], fmt("train_bpb"), fmt("test_bpb"), fmt("unigram_bpb"), fmt("test_acc"),
                  "yes" if r.get("generalised") else "no", _pct(r.get("universal_fraction")),
                  " / ".join(_pct(x) for x in r.get("universal_by_layer", []))])
-  return _table(["seed", "train bpb", "held-out bpb", "unigram bpb", "next-byte acc.", "learned",
+  return markdown_table(["seed", "train bpb", "held-out bpb", "unigram bpb", "next-byte acc.", "learned",
                  "universal", "universal by layer"], rows)
 
 
@@ -67,14 +57,14 @@ def layer_table(agg: Mapping) -> str:
     excess = agg.get("mean_excess_by_layer")
     rows.append([j, _pct(frac), "–" if not excess else f"{excess[j]:.3f}",
                  f"{agg['prediction_by_layer'][j]:.1f}", f"{agg['suppression_by_layer'][j]:.1f}"])
-  return _table(["layer", "universal", "mean excess", "prediction neurons / run", "suppression neurons / run"],
+  return markdown_table(["layer", "universal", "mean excess", "prediction neurons / run", "suppression neurons / run"],
                 rows)
 
 
 def property_table(agg: Mapping) -> str:
   contrast = agg.get("property_percentiles") or {}
   rows = [[_PROPERTY_TEXT.get(k, k), f"{v['universal']:.0f}", f"{v['other']:.0f}"] for k, v in contrast.items()]
-  return _table(["property", "universal (median percentile)", "other"], rows) if rows else "(no contrast)\n"
+  return markdown_table(["property", "universal (median percentile)", "other"], rows) if rows else "(no contrast)\n"
 
 
 def _md_escape(text: str) -> str:
