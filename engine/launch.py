@@ -13,6 +13,13 @@ stops every process at the end of the same eval interval, writes a checkpoint at
 checkpoint, or the analysis checkpoint when the step is on its schedule) and raises ``Preempted`` (the entry
 point exits with ``PREEMPTED_EXIT``). A relaunch resumes from the newest step of either kind.
 
+A study its family splits into buckets (``Family.buckets``; e.g. groups of very different orders) is trained
+bucket after bucket, each one program compiled once and spread over every device, into the bucket's own run
+directory (engine.rundir: ``buckets/<name>/``), which is exactly what a launch of the bucket's config alone
+writes; the study's config.json and report index sit above them. A relaunch skips the finished buckets
+(final checkpoint, and report when analysing) and resumes the one in progress; ``Preempted`` stops the
+bucket in progress like a one-program launch. The memory check covers every bucket before any is built.
+
 A launch is checked against the memory it may use (``engine.budget``) before anything is built, and writes
 config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
 config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
@@ -112,14 +119,121 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
               analyze: bool | None = None) -> dict[str, Any]:
   """Trains every run of ``cfg`` into ``workdir`` (resuming if possible), then analyses and reports.
 
-  Returns a dict with the workdir, the final step, the final metrics per run and the paths written.
+  A study its family splits into several buckets (``Family.buckets``) trains them one after another, each
+  one program on every device, into ``buckets/<name>/`` (engine.rundir); a relaunch skips the finished
+  ones and resumes the one in progress.
+
+  Returns a dict with the workdir, the final step, the final metrics per run and the paths written (for
+  several buckets: ``buckets``, that dict per bucket, and ``report``, the study's report index).
   """
   config_lib.validate(cfg)
-  budget.check(cfg, jax.devices())  # before anything is built or written
+  family = families.get(cfg.family)
+  workdir = os.path.abspath(workdir)
+  # One program: a study of one bucket, or a run directory written before its study was split.
+  programs = family.buckets(cfg)
+  if len(programs) > 1 and _agreed(rundir.has_runs(workdir)):
+    print(f"{workdir} is one run directory (written before buckets existed): trained as one program",
+          flush=True)
+    programs = [(family.name, cfg)]
+  _check_budget(programs, jax.devices())  # before anything is built or written
   if cfg.exec.tensorboard:
     events.check_available()
-  cfg = families.get(cfg.family).resolve(cfg)
-  workdir = os.path.abspath(workdir)
+  cfg = family.resolve(cfg)
+  if len(programs) == 1:
+    return _run_one(cfg, workdir, progress=progress, analyze=analyze)
+  return _run_buckets(cfg, family.buckets(cfg), workdir, progress=progress, analyze=analyze)
+
+
+def describe(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Lines naming the buckets of ``cfg`` (``Family.buckets``), their runs and task (printed at launch)."""
+  config_lib.validate(cfg)
+  family = families.get(cfg.family)
+  programs = family.buckets(cfg)
+  out = [f"{len(programs)} bucket(s), trained one after another, each one program compiled once:"]
+  for name, cfg_b in programs:
+    task = family.describe(cfg_b)[0].lstrip("- ")
+    out.append(f"  {name}: {family.n_runs(cfg_b)} runs; {task}")
+  return out
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process (it alone reads the work directory before a launch writes)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag if jax.process_index() == 0 else 0)))
+
+
+def _check_budget(programs, devices) -> None:
+  """The memory check of every program of a launch (the largest bucket decides), named when several."""
+  for name, cfg_b in programs:
+    try:
+      budget.check(cfg_b, devices)
+    except budget.BudgetError as e:
+      if len(programs) == 1:
+        raise
+      raise budget.BudgetError(f"bucket {name}: {e}") from None
+
+
+def _bucket_finished(cfg, workdir: str, analyze: bool) -> bool:
+  """Whether a bucket's run directory holds its final checkpoint (and, when ``analyze``, its report) for
+  this very config; a run directory of another config is refused with the usual one-line error."""
+  if not (rundir.is_rundir(workdir) and rundir.has_final_checkpoint(workdir, cfg.steps)):
+    return False
+  defaults = config_lib.identity(config_lib.default_config(cfg.family))
+  rundir.check_config(workdir, config_lib.identity(cfg), defaults)  # another config's directory: refused
+  if not analyze:
+    return True
+  return (rundir.has_summary(workdir) and rundir.read_summary(workdir).get("steps", [])[-1:] == [cfg.steps]
+          and report.has_report(workdir))
+
+
+def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool | None) -> dict[str, Any]:
+  """``run_study`` of a study of several buckets (engine.rundir), one after another."""
+  family = families.get(cfg.family)
+  is_main = jax.process_index() == 0
+  do_analyze = cfg.exec.analyze if analyze is None else analyze
+  if is_main:
+    rundir.check_writable(workdir)
+  lock = rundir.lock(workdir) if is_main else contextlib.nullcontext()
+  with lock:
+    identity = config_lib.identity(cfg)
+    defaults = config_lib.identity(config_lib.default_config(cfg.family))
+    written = rundir.check_config(workdir, identity, defaults) if is_main else True
+
+    def started():  # the first bucket's state exists: the directory may now name the study
+      nonlocal written
+      if is_main and not written:
+        rundir.write_config(workdir, identity)
+        written = True
+
+    results = {}
+    for i, (name, cfg_b) in enumerate(programs, 1):
+      bucket = rundir.bucket_dir(workdir, name)
+      head = f"Bucket {i}/{len(programs)} {name} ({family.n_runs(cfg_b)} runs)"
+      if _agreed(is_main and _bucket_finished(cfg_b, bucket, do_analyze)):
+        if is_main:
+          print(f"{head}: finished, skipped", flush=True)
+        logged = rundir.read_metrics(bucket) if is_main and rundir.has_metrics(bucket) else {}
+        results[name] = {"workdir": bucket, "step": cfg_b.steps, "skipped": True,
+                         "final_metrics": {k: v[-1] for k, v in logged.items() if k != "step" and len(v)}}
+        continue
+      if is_main:
+        print(f"{head}: {family.describe(cfg_b)[0].lstrip('- ')}", flush=True)
+      results[name] = _run_one(cfg_b, bucket, progress=progress, analyze=analyze, on_start=started)
+    out = {"workdir": workdir, "step": cfg.steps, "buckets": results}
+    if do_analyze and is_main:  # under the lock, as each bucket's own report
+      ran = not all(r.get("skipped") for r in results.values())
+      out["report"] = report.write_study_report(workdir) if ran or not report.has_report(workdir) else \
+          os.path.join(rundir.report_dir(workdir), "index.md")
+  if is_main:
+    runs = sum(family.n_runs(cfg_b) for _, cfg_b in programs)
+    print(f"Done: {len(programs)} buckets, {runs} runs x {cfg.steps} steps in {workdir}"
+          + (f"; report at {out['report']}" if out.get("report") else ""), flush=True)
+  return out
+
+
+def _run_one(cfg, workdir: str, *, progress: bool, analyze: bool | None, on_start=None) -> dict[str, Any]:
+  """``run_study`` of one program into one run directory; ``on_start()`` runs once its state exists."""
   is_main = jax.process_index() == 0
   if is_main:
     rundir.check_writable(workdir)
@@ -132,6 +246,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
     rows = _runs_rows(trainer)
 
     def started():  # the state exists (initialised or restored): the run directory may now name the study
+      if on_start is not None:
+        on_start()
       if is_main:
         if not resuming:
           rundir.write_config(workdir, identity)

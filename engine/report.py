@@ -5,6 +5,10 @@
 weights, the final Orbax checkpoint (nothing is executed or unpickled), and writes ``report/index.md`` — the
 study header, then the task family's sections (``Family.report_module``: ``sections``) with their images.
 
+A study of several buckets (engine.rundir) has a report per bucket, in the bucket's run directory, and at
+the top ``report/index.md`` (``write_study_report``): the study header and one row per bucket (its runs,
+task, share of runs generalised at the last logged step) linked to the bucket's report.
+
 The output is a function of the run directory alone: no timestamps, PNGs without version metadata, files
 replaced atomically; stale files of an earlier report are removed. Only process 0 writes.
 """
@@ -17,6 +21,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 
 from engine import config as config_lib
 from engine import plots
@@ -63,7 +68,8 @@ def _write_png(fig, path: str) -> None:
 
 
 def write_report(workdir: str) -> str:
-  """Writes ``report/`` for an analysed run directory and returns the path of ``report/index.md``.
+  """Writes ``report/`` for an analysed run directory and returns the path of ``report/index.md`` (for a
+  study of several buckets: every bucket's report, then the study's index).
 
   Raises FileNotFoundError when the directory has no analysis/summary.json (run the analysis first). On
   processes other than 0 nothing is written.
@@ -71,7 +77,59 @@ def write_report(workdir: str) -> str:
   if jax.process_index() != 0:
     return os.path.join(rundir.report_dir(os.path.abspath(workdir)), "index.md")
   with replay.open(workdir) as run:
+    if isinstance(run, replay.Study):
+      for view in run.buckets.values():
+        write_report_of(view)
+      return write_study_report_of(run)
     return write_report_of(run)
+
+
+def has_report(workdir: str) -> bool:
+  """Whether ``workdir`` holds a written ``report/index.md``."""
+  return os.path.isfile(os.path.join(rundir.report_dir(workdir), "index.md"))
+
+
+def write_study_report(workdir: str) -> str:
+  """Writes the ``report/index.md`` of a study of several buckets (module docstring); returns its path."""
+  with replay.Study(workdir) as study:
+    return write_study_report_of(study)
+
+
+def write_study_report_of(study) -> str:
+  """``write_study_report`` for an open ``engine.replay.Study``."""
+  out_dir = rundir.report_dir(study.workdir)
+  index_path = os.path.join(out_dir, "index.md")
+  if jax.process_index() != 0:
+    return index_path
+  cfg, family = study.config, study.family
+  lines = [f"# Universality study: {os.path.basename(os.path.normpath(study.workdir))}", "",
+           f"- Study directory: `{study.workdir}`"]
+  lines += family.describe(cfg)
+  lines.append(f"- Seeds: {cfg.seeds} per grid point (base seed {cfg.seed}); {cfg.steps} steps")
+  lines.append(f"- Trained in {len(study.names)} buckets, one program each, so that no group is padded far "
+               "beyond its own size; each bucket's report covers its runs")
+  lines.append("")
+  rows = []
+  for name in study.names:
+    view = study.buckets.get(name)
+    if view is None:
+      rows.append([name, "not started", "", "", ""])
+      continue
+    metrics = view.metrics()
+    last = {k: v[-1] for k, v in metrics.items() if k != "step" and len(v)}
+    done = f"{int(metrics['step'][-1])}" if len(metrics["step"]) else "0"
+    gen = f"{float(np.mean(family.generalised_mask(last))):.0%}" if last else ""
+    task = family.describe(view.config)[0].lstrip("- ").removeprefix("Task: ")
+    link = os.path.relpath(os.path.join(rundir.report_dir(view.workdir), "index.md"), out_dir)
+    rows.append([name, task, len(view), f"{done} / {view.config.steps}", gen,
+                 f"[report]({link})" if has_report(view.workdir) else "not written"])
+  header = ["bucket", "task", "runs", "steps", f"{family.progress_metric} ≥ {family.generalised_threshold:g}",
+            "report"]
+  rows = [r if len(r) == len(header) else r + [""] * (len(header) - len(r)) for r in rows]
+  lines.append(markdown_table(header, rows))
+  os.makedirs(out_dir, exist_ok=True)
+  rundir.atomic_write(index_path, "\n".join(lines).rstrip("\n") + "\n")
+  return index_path
 
 
 def write_report_of(run) -> str:

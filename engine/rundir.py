@@ -24,6 +24,19 @@ Nothing in it is executed, evaluated or unpickled.
   report/            written by engine.report
   .lock              held (flock) by the launch that writes the directory
 
+A study its family splits into several buckets (``Family.buckets``: e.g. groups of very different orders,
+each bucket one program) is a directory of run directories instead::
+
+  config.json        the whole study's config, as above (written once the first bucket has started)
+  buckets/<name>/    one run directory per bucket, as above: exactly what a launch of the bucket's config
+                     alone writes (its config.json, runs.json, metrics.jsonl, checkpoints, analysis, report)
+  report/index.md    written by engine.report: the buckets, each linked to its own report
+  .lock              held by the launch, besides each bucket's own
+
+It has no runs.json at the top (``has_runs``). A study of one bucket is one run directory, as it was before
+buckets existed; so is a directory whose config.json lacks a field that now splits its study (written
+before the field existed): a relaunch resumes it as one program and engine.replay opens it as one.
+
 Format versions: 2 (current) nests the config by concern (``task``, ``model``, ``opt``) and names a run's
 seed number ``seed`` and the config's base seed ``base_seed`` in runs.json. Version 1 (a flat config.json,
 runs.json rows with ``seed`` = base seed and ``seed_index`` = seed number) is read and converted on the fly;
@@ -61,6 +74,7 @@ ANALYSIS = "analysis"
 SUMMARY = os.path.join(ANALYSIS, "summary.json")
 REPORT = "report"
 LOCK = ".lock"
+BUCKETS = "buckets"
 
 
 class RunDirError(RuntimeError):
@@ -74,6 +88,23 @@ def path(workdir: str, name: str) -> str:
 
 def is_rundir(workdir: str) -> bool:
   return os.path.isfile(path(workdir, CONFIG))
+
+
+def has_runs(workdir: str) -> bool:
+  """Whether ``workdir`` holds runs.json: a run directory, not a study of several buckets."""
+  return os.path.isfile(path(workdir, RUNS))
+
+
+def bucket_dir(workdir: str, name: str) -> str:
+  """The run directory of the bucket ``name`` of a study of several buckets."""
+  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.=+_-]*", name):
+    raise RunDirError(f"bucket name {name!r} is not a plain file name")
+  return path(workdir, os.path.join(BUCKETS, name))
+
+
+def has_final_checkpoint(workdir: str, step: int) -> bool:
+  """Whether the analysis checkpoint of ``step`` is committed and sealed with its checksums."""
+  return has_checksums(path(workdir, os.path.join(CHECKPOINTS, str(int(step)))))
 
 
 def atomic_write(file_path: str, text: str) -> None:

@@ -3,8 +3,10 @@
   cli.define("default.py")                      # at import of a launch script: its default config file
   app.run(cli.main, flags_parser=cli.parse_flags)
 
-Relaunching the same command resumes from the newest checkpoint. On a TPU pod or a multi-GPU cluster add
-``--distributed`` (every process runs the same command; see BUILD.md). Bad flags, config files and configs
+The study's buckets are printed first (``engine.launch.describe``: groups of very different orders train one
+bucket after another, each one program). Relaunching the same command resumes from the newest checkpoint.
+On a TPU pod or a multi-GPU cluster add ``--distributed`` (every process runs the same command; see
+BUILD.md). Bad flags, config files and configs
 end with one line ``error: ...`` on stderr and exit status 2.
 """
 
@@ -146,6 +148,8 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from engine import checkpoint, launch
   try:
+    if jax.process_index() == 0:
+      print("\n".join(launch.describe(_CONFIG.value)), flush=True)
     launch.run_study(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value, analyze=_ANALYZE.value)
   except launch.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)  # every process: each host keeps its own log

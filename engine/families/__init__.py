@@ -8,6 +8,8 @@ checkpoints, analysis driver, report and notebook view speak to a study only thr
               fields, ``cohort``, ``name``); rows that differ only in ``seed`` share a cohort
   size        ``n_runs(cfg)`` and ``footprint(cfg)``: how many runs and what one of them holds, from the
               config alone (engine.budget checks a launch against the memory it has before building it)
+  buckets     ``buckets(cfg)`` -> ``[(name, cfg_b)]``: the study split into programs trained one after another
+              (each compiled once), each ``cfg_b`` a study of its own; by default one bucket, ``cfg`` itself
   task        ``make_task(cfg, rows)`` -> a ``Task``: the runs' data stacked over S, data shared by every run
               (e.g. a corpus, replicated on every device rather than copied per run) and the pure per-run
               functions the trainer vmaps (init, loss and gradients of a step, evaluation, apply)
@@ -99,6 +101,16 @@ class Family:
   def n_runs(self, cfg) -> int:
     """``len(runs(cfg))``; families override it to count without building a row per run."""
     return len(self.runs(cfg))
+
+  def buckets(self, cfg) -> list[tuple[str, Any]]:
+    """The study as buckets ``[(name, cfg_b)]``, each trained as one program (compiled once).
+
+    Each ``cfg_b`` is a whole study config whose own buckets are ``[(name, cfg_b)]``, so a bucket launched
+    alone writes the run directory the bucket writes inside its study (engine.rundir); the rule that splits
+    a study must be a function of the study's identity (``engine.config.identity``). A family whose runs all
+    share one program keeps this default: one bucket, ``cfg`` itself.
+    """
+    return [(self.name, cfg)]
 
   def footprint(self, cfg) -> Footprint | None:
     """One run's ``Footprint`` from the config alone; None: not estimated (the size check is skipped)."""

@@ -6,6 +6,9 @@ Config sections::
   task.train_frac           comma-separated fractions of the |G|² pairs used for training (a sweep axis)
   task.train_frac_by_group  per-group fractions overriding train_frac, e.g. "S5=0.4,S6=0.25" (as in the
                             paper, where each group has its own); groups not named use train_frac
+  task.bucket_padding       how far a group may be padded beyond its order (``buckets``): a study's groups are
+                            trained in buckets, one program each, whose largest order is at most
+                            (1 + bucket_padding) × their smallest; part of the study's identity
   model.name                "mlp" (embed a, embed b, linear, ReLU, unembed) or "transformer" (tokens a b =)
   model.mlp.embed_dim, model.mlp.hidden
   model.transformer.d_model, .n_heads, .d_mlp, .n_layers
@@ -18,11 +21,19 @@ seeds innermost)::
 when every group sweeps the same train fractions (a group named in ``train_frac_by_group`` has n_frac = 1).
 A run's initial parameters, split and minibatch stream depend only on (base seed, seed number, group):
 runs that differ only in lr, weight decay or train fraction start from the same weights.
+
+Buckets: the groups sorted by order (ties in config order) are cut greedily: a group joins the open bucket
+while its order is at most (1 + bucket_padding) × the bucket's smallest order, else it opens the next one
+(``order_buckets``). With the default 0.25 the paper's C113, C118, D59, D61 and S5 (orders 113–122) share a
+bucket and A5 (60) and S6 (720) have their own. A bucket is named by its orders (``order113-122``,
+``order60``) and is the study restricted to its groups (``bucket_config``: the groups in config order, their
+entries of train_frac_by_group), so its runs are the study's runs of those groups, in the study's order.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +89,35 @@ def train_fracs(cfg, spec: str) -> tuple[float, ...]:
   return config_lib.parse_floats(cfg.task.train_frac, "task.train_frac")
 
 
+def order_buckets(orders: Sequence[tuple[str, int]], padding: float) -> list[list[str]]:
+  """Group specs cut into buckets by order (module docstring): ``orders`` are ``(spec, order)`` pairs."""
+  out: list[list[str]] = []
+  smallest = None
+  for spec, order in sorted(orders, key=lambda item: item[1]):  # stable: equal orders keep config order
+    if smallest is None or order > (1.0 + padding) * smallest:
+      out.append([])
+      smallest = order
+    out[-1].append(spec)
+  return out
+
+
+def bucket_name(orders: Sequence[int]) -> str:
+  """``order60`` for one order, ``order113-122`` for a range."""
+  lo, hi = min(orders), max(orders)
+  return f"order{lo}" if lo == hi else f"order{lo}-{hi}"
+
+
+def bucket_config(cfg, specs: Sequence[str]):
+  """The study ``cfg`` restricted to the groups ``specs``: a copy whose task.groups lists them in the study's
+  order and whose task.train_frac_by_group keeps their entries as written."""
+  keep = set(specs)
+  out = cfg.copy_and_resolve_references()
+  out.task.groups = ",".join(s for s in group_specs(cfg) if s in keep)
+  items = [t.strip() for t in cfg.task.train_frac_by_group.split(",") if t.strip()]
+  out.task.train_frac_by_group = ",".join(t for t in items if t.partition("=")[0].strip() in keep)
+  return out
+
+
 def cohort_name(row: Mapping[str, Any]) -> str:
   """Every field of a run but its seed: runs with the same cohort name differ only in seed."""
   return f"{row['group']}/lr{row['lr']:g}/wd{row['weight_decay']:g}/frac{row['train_frac']:g}"
@@ -104,6 +144,7 @@ class GroupFamily(families.Family):
     cfg.task.groups = "S5"
     cfg.task.train_frac = "0.4"
     cfg.task.train_frac_by_group = ""
+    cfg.task.bucket_padding = 0.25   # a bucket's largest order <= (1 + this) x its smallest (``buckets``)
     cfg.model = ml_collections.ConfigDict()
     cfg.model.name = "mlp"
     cfg.model.mlp = ml_collections.ConfigDict()
@@ -136,6 +177,18 @@ class GroupFamily(families.Family):
     unknown = sorted(set(train_frac_by_group(cfg)) - set(group_specs(cfg)))
     if unknown:
       raise ValueError(f"config.task.train_frac_by_group: {unknown} not in config.task.groups")
+    padding = cfg.task.bucket_padding
+    if isinstance(padding, bool) or not isinstance(padding, (int, float)) or not 0 <= padding < math.inf:
+      raise ValueError(f"config.task.bucket_padding: expected a finite number >= 0, got {padding!r}")
+
+  def buckets(self, cfg) -> list[tuple[str, Any]]:
+    """The groups cut by order (module docstring); one bucket: ``cfg`` itself."""
+    orders = [(spec, groups_lib.order_of(spec)) for spec in group_specs(cfg)]
+    cut = order_buckets(orders, float(cfg.task.bucket_padding))
+    order = dict(orders)
+    if len(cut) == 1:
+      return [(bucket_name([order[s] for s in cut[0]]), cfg)]
+    return [(bucket_name([order[s] for s in specs]), bucket_config(cfg, specs)) for specs in cut]
 
   def runs(self, cfg) -> list[dict]:
     out = []
