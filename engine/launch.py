@@ -132,8 +132,9 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   # One program: a study of one bucket, or a run directory written before its study was split.
   programs = family.buckets(cfg)
   if len(programs) > 1 and _agreed(rundir.has_runs(workdir)):
-    print(f"{workdir} is one run directory (written before buckets existed): trained as one program",
-          flush=True)
+    if jax.process_index() == 0:
+      print(f"{workdir} is one run directory (written before buckets existed): trained as one program",
+            flush=True)
     programs = [(family.name, cfg)]
   _check_budget(programs, jax.devices())  # before anything is built or written
   if cfg.exec.tensorboard:
