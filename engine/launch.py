@@ -115,11 +115,11 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   Returns a dict with the workdir, the final step, the final metrics per run and the paths written.
   """
   config_lib.validate(cfg)
+  workdir = rundir.resolve(workdir)  # an absolute local path or a gs:// URL; another scheme is refused
   budget.check(cfg, jax.devices())  # before anything is built or written
   if cfg.exec.tensorboard:
     events.check_available()
   cfg = families.get(cfg.family).resolve(cfg)
-  workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     rundir.check_writable(workdir)
@@ -280,7 +280,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
     if is_main:
       kind = "" if step in ckpt.steps() else " (the resume checkpoint)"
       print(f"Resuming from checkpoint at step {step}{kind}", flush=True)
-  elif os.path.exists(rundir.path(workdir, rundir.CONFIG)) and is_main:
+  elif is_main and rundir.is_rundir(workdir):
     print("No checkpoint found in an existing workdir: starting from step 0", flush=True)
   started()
   log = _open_log(workdir, step, resumed, is_main)
@@ -322,6 +322,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
         raise Preempted(stopped_by, step)  # the checkpoints are committed and sealed as their managers close
   finally:
     bar.close()
+    log.close()
   if last is None:  # already finished: report the last logged metrics
     logged = rundir.read_metrics(workdir) if rundir.has_metrics(workdir) else {}
     last = {k: v[-1] for k, v in logged.items() if k != "step" and len(v)}

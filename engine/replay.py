@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import importlib
 import math
-import os
 from typing import Any, Sequence
 
 import jax
@@ -103,7 +102,7 @@ class Run:
   """A read-only view of a run directory, optionally restricted to a subset of its runs."""
 
   def __init__(self, workdir: str, index: Sequence[int] | None = None, _shared: dict | None = None):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = rundir.resolve(workdir)
     self._shared = _shared if _shared is not None else {}
     if "config" not in self._shared:
       self._shared["config"] = _load_config(self.workdir)
@@ -308,7 +307,7 @@ class Run:
 
 def open(workdir: str) -> Run:  # noqa: A001 - mirrors the builtin on purpose: replay.open(workdir)
   """Opens a run directory (read-only) in the notebook view of its task family."""
-  cfg = _load_config(os.path.abspath(workdir))
+  cfg = _load_config(rundir.resolve(workdir))
   module, _, cls = families.get(cfg.family).view_module.partition(":")
   view_class = getattr(importlib.import_module(module), cls or "View")
   return view_class(workdir)

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from engine import config as config_lib
+from engine import paths
 from engine import plots
 from engine import replay
 from engine import rundir
@@ -57,9 +58,7 @@ def _header(run, summary: Mapping, steps: Sequence[int]) -> str:
 
 
 def _write_png(fig, path: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  plots.save(fig, tmp)
-  os.replace(tmp, path)
+  paths.write_png(fig, path, plots.save)  # rendered in memory, written atomically (local or gs://)
 
 
 def write_report(workdir: str) -> str:
@@ -69,7 +68,7 @@ def write_report(workdir: str) -> str:
   processes other than 0 nothing is written.
   """
   if jax.process_index() != 0:
-    return os.path.join(rundir.report_dir(os.path.abspath(workdir)), "index.md")
+    return paths.join(rundir.report_dir(paths.resolve(workdir)), "index.md")
   with replay.open(workdir) as run:
     return write_report_of(run)
 
@@ -77,15 +76,15 @@ def write_report(workdir: str) -> str:
 def write_report_of(run) -> str:
   """``write_report`` for an open view (``engine.replay.open``) of the whole run directory."""
   out_dir = rundir.report_dir(run.workdir)
-  index_path = os.path.join(out_dir, "index.md")
+  index_path = paths.join(out_dir, "index.md")
   if jax.process_index() != 0:
     return index_path
   summary = run.summary()
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   written: list[str] = []
 
   def save(fig, name: str) -> str:
-    _write_png(fig, os.path.join(out_dir, name))
+    _write_png(fig, paths.join(out_dir, name))
     written.append(name)
     return name
 
@@ -94,7 +93,7 @@ def write_report_of(run) -> str:
   text = "\n".join(md).rstrip("\n") + "\n"
   rundir.atomic_write(index_path, text)
   keep = set(written) | {"index.md"}
-  for name in sorted(os.listdir(out_dir)):
+  for name in paths.listdir(out_dir):
     if name not in keep and (name.endswith(".png") or ".tmp-" in name):
-      os.remove(os.path.join(out_dir, name))
+      paths.remove(paths.join(out_dir, name))
   return index_path
