@@ -129,6 +129,12 @@ def _storage_client():
     return _clients["storage"]
 
 
+def reset_clients() -> None:
+  """Forgets the clients, so that the next use reads the environment again (tests point it elsewhere)."""
+  with _lock:
+    _clients.clear()
+
+
 def _fs_path(p: str) -> str:
   return p[len(GCS):]
 
