@@ -22,7 +22,14 @@ Nothing in it is executed, evaluated or unpickled.
   analysis/cohorts/<cohort>.npz   per-cohort arrays of a family's analysis (e.g. one row per neuron), plain
                      numeric arrays read with allow_pickle=False
   report/            written by engine.report
-  .lock              held (flock) by the launch that writes the directory
+  .lock              held by the launch that writes the directory: flock on a local disk, a lease object on
+                     gs:// (engine.paths.lease)
+
+The workdir is a local path or a ``gs://bucket/prefix`` URL (``resolve``; every read and write goes through
+``engine.paths``). On an object store the format is the same, one object per file under the prefix:
+folders are name prefixes, atomic writes are single uploads, metrics.jsonl grows by server-side compose of
+each appended line (readers see whole lines, as locally), setting a file or checkpoint aside is a copy and a
+delete, and ``.lock`` holds the lease record (JSON: host, boot id, pid, process start time, a token).
 
 Format versions: 2 (current) nests the config by concern (``task``, ``model``, ``opt``) and names a run's
 seed number ``seed`` and the config's base seed ``base_seed`` in runs.json. Version 1 (a flat config.json,
