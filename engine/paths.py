@@ -10,16 +10,17 @@ the engine runs on local paths without them.
 
 How the operations map onto an object store (which has objects, not files and folders):
 
-  write_atomic   local: a temporary file beside it, fsync, rename; gs://: one PUT (an object appears whole or not at all)
+  write_atomic   local: a temporary file beside it, fsync, rename; gs://: one upload (an object appears whole
+                 or not at all)
   append         local: ``open(..., "a")``; gs://: objects cannot be appended to, so the new bytes are
                  uploaded as ``<name>.append-<token>`` and composed server-side onto the object (GCS
                  ``compose``: the result is the concatenation and replaces the object atomically; nothing is
                  re-uploaded), then the piece is deleted. A piece left by a kill between the two is harmless
                  (``<name>.append-*`` is never read) and is removed by the next ``remove_pieces``.
   makedirs       gs://: nothing (a "folder" is a prefix of object names)
-  move           local: ``os.replace`` (atomic); gs://: copy then delete, object by object (not atomic: a kill in
-                 the middle leaves part at each place; used only to set corrupt checkpoints aside, which a
-                 later launch finds corrupt again and moves on)
+  move           local: ``os.replace`` (atomic); gs://: copy then delete, object by object (not atomic: a
+                 kill in the middle leaves part at each place; used only to set a damaged metrics log or a
+                 corrupt checkpoint aside, which a later launch finds corrupt again and moves on)
   generation     local: st_mtime_ns; gs://: the object's generation (changes at every write)
 
 The environment variable ``STORAGE_EMULATOR_HOST`` (honoured by gcsfs and google-cloud-storage) points every
@@ -64,7 +65,7 @@ def resolve(workdir: str | os.PathLike) -> str:
   text = os.fspath(workdir)
   m = _SCHEME.match(text)
   if m is None:
-    return os.path.abspath(os.path.expanduser(text))
+    return os.path.abspath(text)
   if m.group(1) != "gs":
     raise RunDirError(f"unsupported workdir scheme {m.group(1)}:// in {text!r}: use a local path or "
                       "gs://bucket/prefix")
@@ -320,7 +321,8 @@ def _gcs_error(e: Exception, url: str) -> str:
     return f"not authorised for gs://{bucket} (401 Unauthorized: check the credentials)"
   if isinstance(e, (gexc.RetryError, ConnectionError, OSError)) or "Connection" in type(e).__name__:
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "storage.googleapis.com"
-    return f"cannot reach the object store at {endpoint} for gs://{bucket} (retried for {PROBE_TIMEOUT_S:g} s)"
+    return (f"cannot reach the object store at {endpoint} for gs://{bucket} "
+            f"(retried for {PROBE_TIMEOUT_S:g} s)")
   return f"gs://{bucket}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 

@@ -39,6 +39,7 @@ any other version is refused with a one-line ``RunDirError``.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import fcntl
@@ -86,7 +87,7 @@ def is_rundir(workdir: str) -> bool:
 
 
 def atomic_write(file_path: str, text: str) -> None:
-  """Writes ``text`` to ``file_path`` atomically (``engine.paths.write_atomic``): readers never see half of it."""
+  """Writes ``text`` to ``file_path`` atomically (``engine.paths.write_atomic``): readers never see half."""
   paths.write_atomic(file_path, text)
 
 
@@ -98,7 +99,6 @@ def check_writable(workdir: str) -> None:
 def _lease_lost(url: str) -> None:
   print(f"ERROR: the lease {url} was taken over by another launch (this one was paused longer than "
         f"{paths.LEASE_TTL_S:.0f} s): stopping", flush=True)
-  import _thread
   _thread.interrupt_main(signal.SIGTERM)  # the launch's SIGTERM handler stops at the end of the interval
 
 

@@ -22,7 +22,7 @@ from tests.test_launch import ROOT, small_config  # noqa: E402
 # About 0.1 s per eval interval on a 2-core CPU: long enough to be killed mid-run after a checkpoint.
 FLAGS = ["--config.task.groups=C11", "--config.seeds=2", "--config.model.mlp.embed_dim=16",
          "--config.model.mlp.hidden=16", "--config.steps=1500", "--config.eval_every=50",
-         "--config.num_checkpoints=6"]
+         "--config.num_checkpoints=4"]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_gs_study_killed_resumed_replayed_and_reported(gcs, tmp_path):
   local = tmp_path / "whole"  # the independent reference: the same study, uninterrupted, on a local disk
   res = _run(local, None, "--noanalyze")
   assert res.returncode == 0, res.stderr[-2000:]
-  cfg = small_config(groups="C11", hidden=16, steps=1500, eval_every=50, num_checkpoints=6)
+  cfg = small_config(groups="C11", hidden=16, steps=1500, eval_every=50, num_checkpoints=4)
   step_a, a = _params(str(local), cfg)
   step_b, b = _params(url, cfg)
   assert step_a == step_b == 1500
