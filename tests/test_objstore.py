@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 
-from engine import checkpoint, launch, paths, replay, rundir, train  # noqa: E402
+from engine import checkpoint, events, launch, paths, replay, rundir, train  # noqa: E402
 from tests import gcs_server  # noqa: E402
 from tests.test_launch import ROOT, small_config  # noqa: E402
 
@@ -140,18 +140,29 @@ def test_second_launch_on_a_leased_gs_workdir_is_refused(gcs):
     pass
 
 
-@pytest.mark.parametrize("workdir,needle", [
-    ("s3://bucket/x", "unsupported workdir scheme s3://"),
+BAD_WORKDIRS = [
+    ("s3://bucket/x", "unsupported workdir scheme s3:// in 's3://bucket/x': use a local path or gs://"),
     ("hdfs://namenode/x", "unsupported workdir scheme hdfs://"),
-    ("gs://no-such-bucket/x", "bucket gs://no-such-bucket does not exist"),
-    ("gs://readonly/x", "no permission to write gs://readonly"),
-])
-def test_bad_workdir_is_one_line_error(gcs, workdir, needle):
+    ("gs://no-such-bucket/x", "workdir gs://no-such-bucket/x: bucket gs://no-such-bucket does not exist"),
+    ("gs://readonly/x", "workdir gs://readonly/x: no permission to write gs://readonly (403 Forbidden"),
+]
+
+
+@pytest.mark.parametrize("workdir,needle", BAD_WORKDIRS[::3])
+def test_bad_workdir_from_the_command_line_is_one_line_error(gcs, workdir, needle):
   res = _run(workdir, gcs, "--noanalyze", timeout=120)
   assert needle in _one_error(res)
   assert not os.path.exists(os.path.join(ROOT, workdir.split(":")[0] + ":"))
   if workdir.startswith("gs://readonly"):
     assert paths.listdir("gs://readonly") == []
+
+
+@pytest.mark.parametrize("workdir,needle", BAD_WORKDIRS)
+def test_bad_workdir_is_refused_before_anything_is_written(gcs, workdir, needle):
+  with pytest.raises(launch.LaunchError) as e:
+    launch.run_study(small_config(steps=20), workdir, progress=False)
+  assert needle in str(e.value) and "\n" not in str(e.value)
+  assert not os.path.exists(workdir.split(":")[0] + ":")
 
 
 def test_unreachable_object_store_is_one_line_error(gcs, monkeypatch):
@@ -165,6 +176,32 @@ def test_unreachable_object_store_is_one_line_error(gcs, monkeypatch):
   finally:
     monkeypatch.undo()
     paths.reset_clients()
+
+
+def test_tensorboard_events_in_a_bucket_equal_the_local_ones(gcs, tmp_path):
+  from tests.test_events import _read_events
+  pytest.importorskip("tensorboardX")
+  rng = np.random.default_rng()
+  records = [{"step": s, "train_loss": [float(x) for x in rng.normal(size=2)], "newly_diverged": []}
+             for s in (10, 20, 30)]
+  written = {}
+  for where in ("gs://bucket/tb", str(tmp_path)):
+    sink = events.ScalarEvents(where, ["a", "b"], resume_step=None)
+    for r in records:
+      sink.append(r)
+    if paths.is_remote(where):
+      assert all(len(_read_events_of(p, tmp_path, _read_events)) == 1 for p in sink.paths)  # not flushed yet
+    sink.close()
+    written[where] = [[(v.tag, e.step, v.simple_value) for e in _read_events_of(p, tmp_path, _read_events)
+                       for v in e.summary.value] for p in sink.paths]
+  assert written["gs://bucket/tb"] == written[str(tmp_path)]
+  assert [x[1] for x in written[str(tmp_path)][1]] == [10, 20, 30]
+
+
+def _read_events_of(p, tmp_path, read):
+  local = tmp_path / "copy.tfevents"
+  local.write_bytes(paths.read_bytes(p))
+  return read(str(local))
 
 
 def _foreign_lease(url, **fields):
