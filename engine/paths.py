@@ -16,7 +16,9 @@ How the operations map onto an object store (which has objects, not files and fo
                  uploaded as ``<name>.append-<token>`` and composed server-side onto the object (GCS
                  ``compose``: the result is the concatenation and replaces the object atomically; nothing is
                  re-uploaded), then the piece is deleted. A piece left by a kill between the two is harmless
-                 (``<name>.append-*`` is never read) and is removed by the next ``remove_pieces``.
+                 (``<name>.append-*`` is never read) and is removed by the next ``remove_pieces``. An
+                 object composed ``MAX_COMPONENTS`` times is rewritten whole once (downloaded and uploaded),
+                 which keeps it below any limit GCS sets on a composite object's component count.
   makedirs       gs://: nothing (a "folder" is a prefix of object names)
   move           local: ``os.replace`` (atomic); gs://: copy then delete, object by object (not atomic: a
                  kill in the middle leaves part at each place; used only to set a damaged metrics log or a
@@ -112,10 +114,13 @@ def _gcsfs():
     if "fs" not in _clients:
       _emulator_setup()
       try:
+        import fsspec
         import gcsfs
         import google.cloud.storage  # noqa: F401  (the lease needs it; refuse early when it is absent)
       except ImportError:
         raise RunDirError(_MISSING_GCS) from None
+      for protocol in ("gs", "gcs"):  # epath's gcsfs (Orbax's listings) must not cache listings either
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
       _clients["fs"] = gcsfs.GCSFileSystem(use_listings_cache=False, skip_instance_cache=True)
     return _clients["fs"]
 
@@ -200,6 +205,7 @@ def write_atomic(p: str, data: bytes | str) -> None:
 
 
 APPEND_PIECE = ".append-"  # gs://: <name>.append-<token>, a piece being composed onto <name>
+MAX_COMPONENTS = 1000  # gs://: a composite object of this many components is rewritten as a plain one
 
 
 def append(p: str, data: bytes | str) -> None:
@@ -212,8 +218,12 @@ def append(p: str, data: bytes | str) -> None:
       f.flush()
     return
   fs = _gcsfs()
-  if not fs.exists(_fs_path(p)):
-    fs.pipe_file(_fs_path(p), data)
+  try:
+    components = int(fs.info(_fs_path(p)).get("componentCount") or 1)
+  except FileNotFoundError:
+    components = 0
+  if components == 0 or components >= MAX_COMPONENTS:  # new, or rewritten whole now and then (see above)
+    fs.pipe_file(_fs_path(p), (read_bytes(p) if components else b"") + data)
     return
   piece = f"{p}{APPEND_PIECE}{uuid.uuid4().hex}"
   fs.pipe_file(_fs_path(piece), data)

@@ -244,16 +244,18 @@ def test_lease_is_refreshed_and_a_takeover_is_noticed(gcs):
   assert json.loads(paths.read_text(url))["host"] == "elsewhere"  # not deleted: it is not ours any more
 
 
-def test_append_composes_and_pieces_of_a_killed_writer_are_removed(gcs):
-  url = "gs://bucket/append/metrics.jsonl"
+@pytest.mark.parametrize("max_components", [1000, 1])
+def test_append_composes_and_pieces_of_a_killed_writer_are_removed(gcs, monkeypatch, max_components):
+  monkeypatch.setattr(paths, "MAX_COMPONENTS", max_components)  # 1: every append rewrites the object whole
+  url = f"gs://bucket/append-{max_components}/metrics.jsonl"
   lines = [json.dumps({"step": i, "x": [float(i)]}) + "\n" for i in range(4)]
   for line in lines:
     paths.append(url, line)
   assert paths.read_text(url) == "".join(lines)
   paths.write_atomic(url + paths.APPEND_PIECE + "left-by-a-kill", "garbage\n")
-  log = rundir.MetricsLog("gs://bucket/append", resume_step=2, enabled=True)
+  log = rundir.MetricsLog(f"gs://bucket/append-{max_components}", resume_step=2, enabled=True)
   assert paths.read_text(url) == "".join(lines[:3]) and log.steps == {0, 1, 2}
-  assert paths.listdir("gs://bucket/append") == ["metrics.jsonl"]
+  assert paths.listdir(f"gs://bucket/append-{max_components}") == ["metrics.jsonl"]
 
 
 def test_corrupt_gs_checkpoint_is_moved_aside_and_the_previous_restored(gcs):
