@@ -15,6 +15,11 @@ it (noted in the log).
 Restoring picks the newest checkpoint that verifies and restores cleanly: a truncated or corrupt one is
 reported with a one-line warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside
 ``checkpoints/`` (never deleted; a read-only reader only skips it), and the previous one is used.
+
+The directory may be a ``gs://`` URL (``engine.paths``): Orbax then writes through TensorStore and marks a
+committed step with a ``commit_success.txt`` object instead of renaming a temporary directory; the
+checksums, their verification and the move aside go through ``engine.paths`` (a move on an object store is
+a copy and a delete, not atomic).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from engine import paths
 from engine import rundir
 
 
@@ -88,10 +94,10 @@ class Checkpointer:
     """
     if this_process_only and not read_only:
       raise ValueError("this_process_only=True is for read-only access")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = paths.resolve(directory)
     if not read_only:
       try:
-        os.makedirs(self.directory, exist_ok=True)
+        paths.makedirs(self.directory)
       except OSError as e:
         raise CheckpointError(f"cannot create checkpoint directory {self.directory}: {e.strerror}") from None
     extra = {}
@@ -128,7 +134,7 @@ class Checkpointer:
     self._unsealed.append(int(step))
 
   def _step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def _seal(self) -> None:
     """Waits for the pending saves, then writes their checksums (process 0; the files are all committed)."""
@@ -137,7 +143,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if jax.process_index() == 0:
       for step in self._unsealed:
-        if os.path.isdir(self._step_dir(step)):
+        if paths.isdir(self._step_dir(step)):
           rundir.write_checksums(self._step_dir(step))
     self._unsealed = []
 
@@ -207,12 +213,12 @@ class Checkpointer:
     if self.read_only or jax.process_index() != 0:
       return
     src = self._step_dir(step)
-    dst_dir = os.path.join(os.path.dirname(self.directory), rundir.CORRUPT_CHECKPOINTS)
-    os.makedirs(dst_dir, exist_ok=True)
+    dst_dir = paths.join(os.path.dirname(self.directory), rundir.CORRUPT_CHECKPOINTS)
+    paths.makedirs(dst_dir)
     prefix = self.kind.strip() + "-" if self.kind else ""  # a resume step may share an analysis step's number
-    dst = os.path.join(dst_dir, f"{prefix}{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.isdir(src):
-      os.replace(src, dst)
+    dst = paths.join(dst_dir, f"{prefix}{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if paths.isdir(src):
+      paths.move(src, dst)
     self._manager.reload()
 
   def close(self) -> None:

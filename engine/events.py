@@ -10,6 +10,10 @@ where a sweep of hundreds of runs needs one appended write per run and evaluatio
 file per run, so a relaunch never rewrites an earlier one; a resumed launch opens with a ``SessionLog.START``
 just after its resume step, which tells TensorBoard to drop the steps after it that an earlier file holds
 (the relaunch logs them again, as metrics.jsonl is cut back to that step).
+
+On an object store (a ``gs://`` workdir), which cannot append, each launch's file of a run is rewritten
+whole from memory at most every ``REMOTE_FLUSH_S`` seconds and when the metrics log closes: a killed launch
+loses at most that much of this view (never of metrics.jsonl, which is appended at every evaluation).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import struct
 import time
 import zlib
 
+from engine import paths
 from engine import rundir
+
+REMOTE_FLUSH_S = 60.0  # gs://: how often a launch's event files are rewritten
 
 _MISSING = ("config.exec.tensorboard needs the tensorboardX package: pip install -e '.[tensorboard]' "
             "(or set it to False)")
@@ -44,7 +51,7 @@ def check_available() -> None:
 def run_dir(workdir: str, run_name: str) -> str:
   """The TensorBoard run directory of one run (its name made safe for a path, and unique by a checksum)."""
   safe = re.sub(r"[^A-Za-z0-9.=,_-]+", "_", run_name).strip("_") or "run"
-  return rundir.path(workdir, os.path.join(rundir.TENSORBOARD, f"{safe}-{zlib.crc32(run_name.encode()):08x}"))
+  return paths.join(workdir, rundir.TENSORBOARD, f"{safe}-{zlib.crc32(run_name.encode()):08x}")
 
 
 class ScalarEvents:
@@ -59,8 +66,11 @@ class ScalarEvents:
     self.paths = []
     for name in run_names:
       directory = run_dir(workdir, name)
-      os.makedirs(directory, exist_ok=True)
-      self.paths.append(os.path.join(directory, f"events.out.tfevents.{stamp}"))
+      paths.makedirs(directory)
+      self.paths.append(paths.join(directory, f"events.out.tfevents.{stamp}"))
+    self._remote = paths.is_remote(workdir)
+    self._written: dict[str, bytearray] = {p: bytearray() for p in self.paths}  # gs://: the whole files
+    self._flushed = time.monotonic()
     first = [self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")]
     if resume_step:
       # TensorBoard keeps the earlier files' steps below a START's step: the resumed step itself stays.
@@ -69,6 +79,7 @@ class ScalarEvents:
                                              status=self._event_pb2.SessionLog.START)))
     for p in self.paths:
       self._write(p, first)
+    self.flush()
 
   def _write(self, file_path: str, events) -> None:
     out = bytearray()
@@ -76,8 +87,21 @@ class ScalarEvents:
       data = event.SerializeToString()
       header = struct.pack("<Q", len(data))
       out += header + struct.pack("<I", self._crc(header)) + data + struct.pack("<I", self._crc(data))
-    with open(file_path, "ab") as f:
-      f.write(out)
+    if self._remote:
+      self._written[file_path] += out
+    else:
+      paths.append(file_path, bytes(out))
+
+  def flush(self) -> None:
+    """gs://: rewrites every file of this launch from memory (locally each write is appended at once)."""
+    if self._remote:
+      for p, data in self._written.items():
+        paths.write_atomic(p, bytes(data))
+      self._flushed = time.monotonic()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.flush()
 
   def append(self, record: dict) -> None:
     """Writes one metrics.jsonl record: every metric that is a number per run, at the record's step."""
@@ -90,3 +114,5 @@ class ScalarEvents:
       values = [self._summary_pb2.Summary.Value(tag=k, simple_value=v[i]) for k, v in metrics.items()]
       self._write(p, [self._event_pb2.Event(wall_time=now, step=step,
                                             summary=self._summary_pb2.Summary(value=values))])
+    if self._remote and time.monotonic() - self._flushed >= REMOTE_FLUSH_S:
+      self.flush()

@@ -49,6 +49,7 @@ from engine import checkpoint as checkpoint_lib
 from engine import config as config_lib
 from engine import events
 from engine import families
+from engine import paths
 from engine import replay
 from engine import report
 from engine import rundir
@@ -128,7 +129,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   """
   config_lib.validate(cfg)
   family = families.get(cfg.family)
-  workdir = os.path.abspath(workdir)
+  workdir = rundir.resolve(workdir)  # an absolute local path or a gs:// URL; another scheme is refused
   # One program: a study of one bucket, or a run directory written before its study was split.
   programs = family.buckets(cfg)
   if len(programs) > 1 and _agreed(rundir.has_runs(workdir)):
@@ -225,7 +226,7 @@ def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool |
     if do_analyze and is_main:  # under the lock, as each bucket's own report
       ran = not all(r.get("skipped") for r in results.values())
       out["report"] = report.write_study_report(workdir) if ran or not report.has_report(workdir) else \
-          os.path.join(rundir.report_dir(workdir), "index.md")
+          paths.join(rundir.report_dir(workdir), "index.md")
   if is_main:
     runs = sum(family.n_runs(cfg_b) for _, cfg_b in programs)
     print(f"Done: {len(programs)} buckets, {runs} runs x {cfg.steps} steps in {workdir}"
@@ -397,7 +398,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
     if is_main:
       kind = "" if step in ckpt.steps() else " (the resume checkpoint)"
       print(f"Resuming from checkpoint at step {step}{kind}", flush=True)
-  elif os.path.exists(rundir.path(workdir, rundir.CONFIG)) and is_main:
+  elif is_main and rundir.is_rundir(workdir):
     print("No checkpoint found in an existing workdir: starting from step 0", flush=True)
   started()
   log = _open_log(workdir, step, resumed, is_main)
@@ -439,6 +440,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
         raise Preempted(stopped_by, step)  # the checkpoints are committed and sealed as their managers close
   finally:
     bar.close()
+    log.close()
   if last is None:  # already finished: report the last logged metrics
     logged = rundir.read_metrics(workdir) if rundir.has_metrics(workdir) else {}
     last = {k: v[-1] for k, v in logged.items() if k != "step" and len(v)}

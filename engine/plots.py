@@ -416,7 +416,8 @@ def neuron_comparison(corr_NxM, dominant_a_N, dominant_b_M, perm_N, irrep_names:
   return fig
 
 
-def save(fig: Figure, path: str, dpi: int = 100) -> str:
-  """Writes ``fig`` as a PNG with the Agg renderer and no timestamp or version metadata (reproducible)."""
+def save(fig: Figure, path, dpi: int = 100):
+  """Writes ``fig`` as a PNG with the Agg renderer and no timestamp or version metadata (reproducible) to a
+  local path or a binary file object (``engine.paths.write_png`` renders into memory for gs://)."""
   fig.savefig(path, format="png", dpi=dpi, metadata={"Software": None})
   return path

@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import importlib
 import math
-import os
 from typing import Any, Sequence
 
 import jax
@@ -116,7 +115,7 @@ class Run:
   """A read-only view of a run directory, optionally restricted to a subset of its runs."""
 
   def __init__(self, workdir: str, index: Sequence[int] | None = None, _shared: dict | None = None):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = rundir.resolve(workdir)
     self._shared = _shared if _shared is not None else {}
     if "config" not in self._shared:
       self._shared["config"] = _load_config(self.workdir)
@@ -324,7 +323,7 @@ class Study:
   their runs: ``views`` maps each bucket with selected runs to its family view."""
 
   def __init__(self, workdir: str, views: dict[str, Run] | None = None, _config=None):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = rundir.resolve(workdir)
     self.config = _config if _config is not None else _load_config(self.workdir)
     self.family = families.get(self.config.family)
     self.names = [name for name, _ in self.family.buckets(self.config)]
@@ -414,7 +413,7 @@ def _open_view(workdir: str) -> Run:
 
 def is_study_of_buckets(workdir: str) -> bool:
   """Whether ``workdir`` is a study of several buckets (no runs.json of its own; engine.rundir)."""
-  workdir = os.path.abspath(workdir)
+  workdir = rundir.resolve(workdir)
   if rundir.has_runs(workdir):  # one run directory, whatever its config would split into today
     return False
   cfg = _load_config(workdir)

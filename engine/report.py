@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import posixpath
 import re
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 from engine import config as config_lib
+from engine import paths
 from engine import plots
 from engine import replay
 from engine import rundir
@@ -62,9 +64,7 @@ def _header(run, summary: Mapping, steps: Sequence[int]) -> str:
 
 
 def _write_png(fig, path: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  plots.save(fig, tmp)
-  os.replace(tmp, path)
+  paths.write_png(fig, path, plots.save)  # rendered in memory, written atomically (local or gs://)
 
 
 def write_report(workdir: str) -> str:
@@ -75,7 +75,7 @@ def write_report(workdir: str) -> str:
   processes other than 0 nothing is written.
   """
   if jax.process_index() != 0:
-    return os.path.join(rundir.report_dir(os.path.abspath(workdir)), "index.md")
+    return paths.join(rundir.report_dir(paths.resolve(workdir)), "index.md")
   with replay.open(workdir) as run:
     if isinstance(run, replay.Study):
       for view in run.buckets.values():
@@ -86,7 +86,7 @@ def write_report(workdir: str) -> str:
 
 def has_report(workdir: str) -> bool:
   """Whether ``workdir`` holds a written ``report/index.md``."""
-  return os.path.isfile(os.path.join(rundir.report_dir(workdir), "index.md"))
+  return paths.isfile(paths.join(rundir.report_dir(workdir), "index.md"))
 
 
 def write_study_report(workdir: str) -> str:
@@ -98,7 +98,7 @@ def write_study_report(workdir: str) -> str:
 def write_study_report_of(study) -> str:
   """``write_study_report`` for an open ``engine.replay.Study``."""
   out_dir = rundir.report_dir(study.workdir)
-  index_path = os.path.join(out_dir, "index.md")
+  index_path = paths.join(out_dir, "index.md")
   if jax.process_index() != 0:
     return index_path
   cfg, family = study.config, study.family
@@ -120,14 +120,14 @@ def write_study_report_of(study) -> str:
     done = f"{int(metrics['step'][-1])}" if len(metrics["step"]) else "0"
     gen = f"{float(np.mean(family.generalised_mask(last))):.0%}" if last else ""
     task = family.describe(view.config)[0].lstrip("- ").removeprefix("Task: ")
-    link = os.path.relpath(os.path.join(rundir.report_dir(view.workdir), "index.md"), out_dir)
+    link = posixpath.relpath(paths.join(rundir.report_dir(view.workdir), "index.md"), out_dir)
     rows.append([name, task, len(view), f"{done} / {view.config.steps}", gen,
                  f"[report]({link})" if has_report(view.workdir) else "not written"])
   header = ["bucket", "task", "runs", "steps", f"{family.progress_metric} ≥ {family.generalised_threshold:g}",
             "report"]
   rows = [r if len(r) == len(header) else r + [""] * (len(header) - len(r)) for r in rows]
   lines.append(markdown_table(header, rows))
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   rundir.atomic_write(index_path, "\n".join(lines).rstrip("\n") + "\n")
   return index_path
 
@@ -135,15 +135,15 @@ def write_study_report_of(study) -> str:
 def write_report_of(run) -> str:
   """``write_report`` for an open view (``engine.replay.open``) of the whole run directory."""
   out_dir = rundir.report_dir(run.workdir)
-  index_path = os.path.join(out_dir, "index.md")
+  index_path = paths.join(out_dir, "index.md")
   if jax.process_index() != 0:
     return index_path
   summary = run.summary()
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   written: list[str] = []
 
   def save(fig, name: str) -> str:
-    _write_png(fig, os.path.join(out_dir, name))
+    _write_png(fig, paths.join(out_dir, name))
     written.append(name)
     return name
 
@@ -152,7 +152,7 @@ def write_report_of(run) -> str:
   text = "\n".join(md).rstrip("\n") + "\n"
   rundir.atomic_write(index_path, text)
   keep = set(written) | {"index.md"}
-  for name in sorted(os.listdir(out_dir)):
+  for name in paths.listdir(out_dir):
     if name not in keep and (name.endswith(".png") or ".tmp-" in name):
-      os.remove(os.path.join(out_dir, name))
+      paths.remove(paths.join(out_dir, name))
   return index_path

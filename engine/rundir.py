@@ -22,7 +22,14 @@ Nothing in it is executed, evaluated or unpickled.
   analysis/cohorts/<cohort>.npz   per-cohort arrays of a family's analysis (e.g. one row per neuron), plain
                      numeric arrays read with allow_pickle=False
   report/            written by engine.report
-  .lock              held (flock) by the launch that writes the directory
+  .lock              held by the launch that writes the directory: flock on a local disk, a lease object on
+                     gs:// (engine.paths.lease)
+
+The workdir is a local path or a ``gs://bucket/prefix`` URL (``resolve``; every read and write goes through
+``engine.paths``). On an object store the format is the same, one object per file under the prefix:
+folders are name prefixes, atomic writes are single uploads, metrics.jsonl grows by server-side compose of
+each appended line (readers see whole lines, as locally), setting a file or checkpoint aside is a copy and a
+delete, and ``.lock`` holds the lease record (JSON: host, boot id, pid, process start time, a token).
 
 A study its family splits into several buckets (``Family.buckets``: e.g. groups of very different orders,
 each bucket one program) is a directory of run directories instead::
@@ -45,20 +52,23 @@ any other version is refused with a one-line ``RunDirError``.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
+import signal
 import time
 import zlib
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from engine import atomic
+from engine import paths
 
 FORMAT_VERSION = 2
 CONFIG = "config.json"
@@ -71,67 +81,69 @@ CHECKSUMS = "sha256.json"             # inside a checkpoint's step directory
 DAMAGED_SUFFIX = ".damaged-"          # metrics.jsonl.damaged-<time>: a metrics log as found, kept aside
 TENSORBOARD = "tensorboard"
 ANALYSIS = "analysis"
-SUMMARY = os.path.join(ANALYSIS, "summary.json")
+SUMMARY = ANALYSIS + "/summary.json"
 REPORT = "report"
 LOCK = ".lock"
 BUCKETS = "buckets"
 
 
-class RunDirError(RuntimeError):
-  """A run directory that cannot be read or written as asked; the message is one line."""
+RunDirError = paths.RunDirError  # a run directory that cannot be read or written as asked; one line
+resolve = paths.resolve  # a workdir string as the canonical path of the engine (absolute, or gs:// URL)
 
 
 def path(workdir: str, name: str) -> str:
   """The path of one of this module's names (``CONFIG``, ``CHECKPOINTS``, ...) inside ``workdir``."""
-  return os.path.join(workdir, name)
+  return paths.join(workdir, name)
 
 
 def is_rundir(workdir: str) -> bool:
-  return os.path.isfile(path(workdir, CONFIG))
+  return paths.isfile(path(workdir, CONFIG))
 
 
 def has_runs(workdir: str) -> bool:
   """Whether ``workdir`` holds runs.json: a run directory, not a study of several buckets."""
-  return os.path.isfile(path(workdir, RUNS))
+  return paths.isfile(path(workdir, RUNS))
 
 
 def bucket_dir(workdir: str, name: str) -> str:
   """The run directory of the bucket ``name`` of a study of several buckets."""
   if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.=+_-]*", name):
     raise RunDirError(f"bucket name {name!r} is not a plain file name")
-  return path(workdir, os.path.join(BUCKETS, name))
+  return paths.join(workdir, BUCKETS, name)
 
 
 def has_final_checkpoint(workdir: str, step: int) -> bool:
   """Whether the analysis checkpoint of ``step`` is committed and sealed with its checksums."""
-  return has_checksums(path(workdir, os.path.join(CHECKPOINTS, str(int(step)))))
+  return has_checksums(paths.join(workdir, CHECKPOINTS, str(int(step))))
 
 
 def atomic_write(file_path: str, text: str) -> None:
-  """Writes ``text`` to ``file_path`` through a temporary file and a rename: readers never see half of it."""
-  tmp = f"{file_path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, file_path)
+  """Writes ``text`` to ``file_path`` atomically (``engine.paths.write_atomic``): readers never see half."""
+  paths.write_atomic(file_path, text)
 
 
 def check_writable(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise RunDirError(f"cannot create workdir {workdir}: {e.strerror}") from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise RunDirError(f"workdir {workdir} is not writable")
+  """Creates a local workdir, or proves a gs:// one writable; a one-line RunDirError otherwise."""
+  paths.check_writable(workdir)
+
+
+def _lease_lost(url: str) -> None:
+  print(f"ERROR: the lease {url} was taken over by another launch (this one was paused longer than "
+        f"{paths.LEASE_TTL_S:.0f} s): stopping", flush=True)
+  _thread.interrupt_main(signal.SIGTERM)  # the launch's SIGTERM handler stops at the end of the interval
 
 
 @contextlib.contextmanager
 def lock(workdir: str) -> Iterator[None]:
-  """An exclusive advisory lock on ``workdir/.lock``; a second writer of the same directory is refused.
+  """Exclusive use of ``workdir`` by one launch; a second writer of the same directory is refused.
 
-  The kernel drops the lock when the process dies (even by SIGKILL), so a crashed run can be relaunched.
+  Local: an advisory flock on ``workdir/.lock``. The kernel drops it when the process dies (even by SIGKILL),
+  so a crashed run can be relaunched. gs://: the lease object ``workdir/.lock`` (``engine.paths.lease``).
   """
+  if paths.is_remote(workdir):
+    with paths.lease(path(workdir, LOCK), on_lost=lambda: _lease_lost(path(workdir, LOCK))):
+      yield
+    return
   lock_path = path(workdir, LOCK)
   fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -150,8 +162,7 @@ def lock(workdir: str) -> Iterator[None]:
 
 def _read_json(file_path: str, what: str) -> Any:
   try:
-    with open(file_path) as f:
-      return json.load(f)
+    return json.loads(paths.read_bytes(file_path))
   except FileNotFoundError:
     raise RunDirError(f"{os.path.dirname(file_path) or '.'} is not a run directory (no {what})") from None
   except (OSError, ValueError) as e:
@@ -226,7 +237,7 @@ def check_config(workdir: str, config: dict, defaults: dict | None = None) -> bo
   A launch calls this first and ``write_config`` only once it is known to start, so a refused or crashed
   launch leaves no config.json that would bind the directory to a study that never ran.
   """
-  if os.path.exists(path(workdir, CONFIG)):
+  if paths.exists(path(workdir, CONFIG)):
     old = with_defaults(read_config(workdir), defaults or {})
     diff = config_differences(old, config)
     if diff:
@@ -286,7 +297,7 @@ def read_metric_lines(file_path: str) -> MetricLines:
   """Every readable record of a metrics log; a damaged line is skipped, never the lines after it."""
   out = MetricLines([], [], [])
   keys = None  # the first record's fields: a later record without one of them is damaged
-  with open(file_path, errors="replace") as f:
+  with io.StringIO(paths.read_text(file_path, errors="replace"), newline=None) as f:
     for number, line in enumerate(f, 1):
       line = line.strip()
       if not line:
@@ -323,7 +334,8 @@ class MetricsLog:
     self.mirror = None  # another sink of every record appended (engine.events.ScalarEvents), or None
     if not enabled:
       return
-    if resume_step is None or not os.path.exists(self.path):
+    paths.remove_pieces(self.path)
+    if resume_step is None or not paths.exists(self.path):
       atomic_write(self.path, "")
       return
     found = read_metric_lines(self.path)
@@ -331,7 +343,7 @@ class MetricsLog:
     if found.damaged:
       self.damaged = found.damaged
       self.aside = f"{self.path}{DAMAGED_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}"
-      os.replace(self.path, self.aside)
+      paths.move(self.path, self.aside)
     atomic_write(self.path, "".join(line + "\n" for line, _ in kept))
     self.steps = {r["step"] for _, r in kept}
     self.last = kept[-1][1] if kept else None
@@ -339,17 +351,20 @@ class MetricsLog:
   def append(self, record: dict) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
+    paths.append(self.path, json.dumps(record) + "\n")
     if self.mirror is not None:
       self.mirror.append(record)
     self.steps.add(int(record["step"]))
     self.last = record
 
+  def close(self) -> None:
+    """Flushes the mirror (the log itself is written at every append)."""
+    if self.mirror is not None and hasattr(self.mirror, "close"):
+      self.mirror.close()
+
 
 def has_metrics(workdir: str) -> bool:
-  return os.path.exists(path(workdir, METRICS))
+  return paths.exists(path(workdir, METRICS))
 
 
 def read_metrics(workdir: str) -> dict[str, np.ndarray]:
@@ -367,35 +382,31 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
 
 def _file_digests(step_dir: str) -> dict[str, str]:
   out = {}
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      full = os.path.join(root, name)
-      rel = os.path.relpath(full, step_dir)
-      if rel == CHECKSUMS or rel.startswith(CHECKSUMS + ".tmp-"):
-        continue
-      digest = hashlib.sha256()
-      with open(full, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          digest.update(block)
-      out[rel] = digest.hexdigest()
+  for rel in paths.files_under(step_dir):
+    if rel == CHECKSUMS or rel.startswith(f".{CHECKSUMS}.") or rel.startswith(CHECKSUMS + ".tmp-"):
+      continue
+    digest = hashlib.sha256()
+    with paths.open_read(paths.join(step_dir, rel)) as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    out[rel] = digest.hexdigest()
   return out
 
 
 def write_checksums(step_dir: str) -> None:
   """Writes the sha256 of every file of a committed checkpoint step directory into it."""
   text = json.dumps({"sha256": _file_digests(step_dir)}, indent=1, sort_keys=True)
-  atomic_write(os.path.join(step_dir, CHECKSUMS), text + "\n")
+  atomic_write(paths.join(step_dir, CHECKSUMS), text + "\n")
 
 
 def has_checksums(step_dir: str) -> bool:
-  return os.path.isfile(os.path.join(step_dir, CHECKSUMS))
+  return paths.isfile(paths.join(step_dir, CHECKSUMS))
 
 
 def verify_checksums(step_dir: str) -> str | None:
   """None when every file listed in the step's checksums is present and intact, else what is wrong."""
   try:
-    with open(os.path.join(step_dir, CHECKSUMS)) as f:
-      expected = json.load(f)["sha256"]
+    expected = json.loads(paths.read_bytes(paths.join(step_dir, CHECKSUMS)))["sha256"]
     if not isinstance(expected, dict) or not expected:
       raise ValueError("no files listed")
   except (OSError, ValueError, KeyError, TypeError) as e:
@@ -414,7 +425,7 @@ def verify_checksums(step_dir: str) -> str | None:
 
 
 def write_summary(workdir: str, summary: dict) -> str:
-  os.makedirs(path(workdir, ANALYSIS), exist_ok=True)
+  paths.makedirs(path(workdir, ANALYSIS))
   out = path(workdir, SUMMARY)
   atomic_write(out, json.dumps(summary, indent=1) + "\n")
   return out
@@ -422,34 +433,34 @@ def write_summary(workdir: str, summary: dict) -> str:
 
 def _cohort_file(workdir: str, cohort: str) -> str:
   safe = re.sub(r"[^A-Za-z0-9.=-]+", "_", cohort).strip("_")
-  return path(workdir, os.path.join(ANALYSIS, "cohorts", f"{safe}-{zlib.crc32(cohort.encode()):08x}.npz"))
+  return paths.join(workdir, ANALYSIS, "cohorts", f"{safe}-{zlib.crc32(cohort.encode()):08x}.npz")
 
 
 def write_cohort_arrays(workdir: str, cohort: str, arrays: dict[str, np.ndarray]) -> str:
   """Writes one cohort's arrays (numeric, or bool) atomically; returns the file's path."""
   out = _cohort_file(workdir, cohort)
-  atomic.write_npz(out, arrays)
+  paths.write_npz(out, arrays)
   return out
 
 
 def read_cohort_arrays(workdir: str, cohort: str) -> dict[str, np.ndarray]:
   """The arrays ``write_cohort_arrays`` wrote for ``cohort`` (never unpickled)."""
   file_path = _cohort_file(workdir, cohort)
-  if not os.path.exists(file_path):
+  if not paths.exists(file_path):
     raise RunDirError(f"{workdir} has no analysis arrays for cohort {cohort!r}: run the analysis")
   try:
-    with np.load(file_path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+    return paths.read_npz(file_path)
   except (OSError, ValueError) as e:
     raise RunDirError(f"unreadable analysis arrays {file_path}: {e}") from None
 
 
 def has_summary(workdir: str) -> bool:
-  return os.path.exists(path(workdir, SUMMARY))
+  return paths.exists(path(workdir, SUMMARY))
 
 
 def summary_mtime(workdir: str) -> int:
-  return os.stat(path(workdir, SUMMARY)).st_mtime_ns
+  """A number that changes whenever summary.json is rewritten (mtime, or the object's generation)."""
+  return paths.generation(path(workdir, SUMMARY))
 
 
 def read_summary(workdir: str) -> dict:

@@ -27,7 +27,6 @@ its own beyond ``engine.rundir`` and imports no view.
 from __future__ import annotations
 
 import importlib
-import os
 import zlib
 from typing import Any
 
@@ -101,7 +100,7 @@ def analyze(view, *, step: int | None = None, seed: int = 0, progress: bool = Fa
   records = sorted((rec for res in per_cohort.values() for rec in res["runs"]), key=lambda r: r["index"])
   all_steps = view.steps
   final = step if step is not None else all_steps[-1]
-  summary = {"workdir": os.path.abspath(view.workdir), "family": view.family.name,
+  summary = {"workdir": rundir.resolve(view.workdir), "family": view.family.name,
              "steps": [s for s in all_steps if s <= final], "settings": settings_of(view, **settings),
              "runs": records,
              "cohorts": {name: {"task": res["task"], "aggregate": res["aggregate"],
