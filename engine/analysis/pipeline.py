@@ -206,7 +206,7 @@ def _zero_sums(n_runs: int, order: int, n_hidden: int, n_irreps: int, hidden_sta
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _accumulate(sums, logits_SxPxV, hidden_SxPxN, a_P, b_P, valid, table, entries_GxQ, member_QxR,
+def _accumulate(sums, logits_SxPxV, hidden_SxPxN, a_P, b_P, valid, table, c_of_MxY, character_YxR,
                 char_norm_R):
   """``sums`` plus one block of pairs: Σ per-pair cosines per irrep, Σ cross-entropy, Σ correct, min margin
   and, when ``sums`` has them, the hidden layer summed per fibre a·b = m, per a, per b, and Σ H²."""
@@ -214,7 +214,7 @@ def _accumulate(sums, logits_SxPxV, hidden_SxPxN, a_P, b_P, valid, table, entrie
   logits = logits_SxPxV[..., :g].astype(jnp.float32)
   w_P = (jnp.arange(a_P.shape[0]) < valid).astype(jnp.float32)
   m_P = table[a_P, b_P]
-  cos_SxPxR = rep.pair_cosines(logits, m_P, entries_GxQ, member_QxR, char_norm_R)
+  cos_SxPxR = rep.pair_cosines(logits, m_P, c_of_MxY, character_YxR, char_norm_R)
   target_SxPx1 = jnp.broadcast_to(m_P[None, :, None], logits.shape[:2] + (1,))
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll_SxP = -jnp.take_along_axis(logp, target_SxPx1, axis=-1)[..., 0]

@@ -183,30 +183,30 @@ def logit_similarity(logits_SxAxBxC, group: groups_lib.Group, irreps) -> jax.Arr
   _, a, b, c = logits_SxAxBxC.shape
   for name, size in (("A", a), ("B", b), ("C", c)):
     _check_group_axis(f"logits axis {name}", size, tables)
-  entries_GxQ, member_QxR, char_norm_R = similarity_constants(tables)
-  return _logit_similarity(logits_SxAxBxC, entries_GxQ, member_QxR, jnp.asarray(tables.table), char_norm_R)
+  c_of_MxY, character_YxR, char_norm_R = similarity_constants(tables)
+  return _logit_similarity(logits_SxAxBxC, c_of_MxY, character_YxR, jnp.asarray(tables.table), char_norm_R)
 
 
 @jax.jit
-def _logit_similarity(logits_SxAxBxC, entries_GxQ, member_QxR, table_AxB, char_norm_R):
+def _logit_similarity(logits_SxAxBxC, c_of_MxY, character_YxR, table_AxB, char_norm_R):
   s, a, b, c = logits_SxAxBxC.shape
-  cos_SxPxR = pair_cosines(logits_SxAxBxC.reshape(s, a * b, c), table_AxB.reshape(a * b), entries_GxQ,
-                           member_QxR, char_norm_R)
+  cos_SxPxR = pair_cosines(logits_SxAxBxC.reshape(s, a * b, c), table_AxB.reshape(a * b), c_of_MxY,
+                           character_YxR, char_norm_R)
   return cos_SxPxR.mean(axis=1)
 
 
-def pair_cosines(logits_SxPxC, product_P, entries_GxQ, member_QxR, char_norm_R):
+def pair_cosines(logits_SxPxC, product_P, c_of_MxY, character_YxR, char_norm_R):
   """float32 ``[S, P, R]``: per pair, cos_c(centred logits, tr ρ(m·c⁻¹)) with m = ``product_P`` (= a·b).
 
   Traceable building block of ``logit_similarity`` for any set of pairs (``engine.analysis.pipeline``
-  streams all |G|² pairs through it in chunks); the constants are those ``logit_similarity`` passes.
+  streams all |G|² pairs through it in blocks); the constants are ``similarity_constants``.
   """
-  # tr ρ(m·c⁻¹) = Σ_ij ρ_ij(m) ρ_ij(c) for orthogonal ρ, so the G³ trace cube is never built: project the
-  # logits on ρ_ij(c) (one matmul over c) and pair the result with ρ_ij(a·b).
+  # Σ_c L[c] χ(m·c⁻¹) = Σ_y L[y⁻¹·m] χ(y): reorder each pair's logits by y, then one product with the
+  # characters ([P, G] × [G, R]); the G³ trace cube is never built, nor a |G|²-wide projection per pair.
   logits = logits_SxPxC.astype(jnp.float32)
   centred = logits - logits.mean(-1, keepdims=True)
-  proj_SxPxQ = jnp.einsum("spc,cq->spq", centred, entries_GxQ)
-  dot_SxPxR = jnp.einsum("spq,pq,qr->spr", proj_SxPxQ, entries_GxQ[product_P], member_QxR)
+  by_y_SxPxY = centred[:, jnp.arange(product_P.shape[0])[:, None], c_of_MxY[product_P]]
+  dot_SxPxR = jnp.einsum("spy,yr->spr", by_y_SxPxY, character_YxR, precision=jax.lax.Precision.HIGHEST)
   logit_norm_SxP = jnp.sqrt(jnp.sum(centred * centred, axis=-1))
   # Non-trivial characters sum to 0 over c, so centring them changes nothing; the trivial one centres to 0.
   denom = logit_norm_SxP[..., None] * char_norm_R[None, None, :]
@@ -214,9 +214,12 @@ def pair_cosines(logits_SxPxC, product_P, entries_GxQ, member_QxR, char_norm_R):
 
 
 def similarity_constants(tables: "IrrepTables") -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(entries_GxQ, member_QxR, char_norm_R)`` float32: the constants of ``pair_cosines``."""
+  """``(c_of_MxY, character_YxR, char_norm_R)``: the constants of ``pair_cosines`` (int32 y⁻¹·m; float32
+  characters and the norms of the centred characters)."""
+  n = tables.order
+  c_of_MxY = tables.table[tables.inverse[None, :], np.arange(n)[:, None]]  # [m, y] = y⁻¹·m
   char_norm_R = np.linalg.norm(tables.character_RxG - tables.character_RxG.mean(1, keepdims=True), axis=1)
-  return _f32(tables.entries_GxQ), _f32(tables.entry_member_QxR), _f32(char_norm_R)
+  return jnp.asarray(c_of_MxY, jnp.int32), _f32(tables.character_RxG.T), _f32(char_norm_R)
 
 
 def fraction_explained(sim_SxR) -> jax.Array:
@@ -426,9 +429,16 @@ def ablation_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN, keep_SxR, group: gr
 def loss_chunks(order: int, n_hidden: int, n_classes: int, n_runs: int, memory_bytes: int) -> tuple[int, int]:
   """``(rows, runs)`` for ``mlp_loss``: values of a per block and runs evaluated together, so that the
   block's hidden layer and logits (and their log-softmax) stay within ``memory_bytes``."""
-  per_row = 4 * order * (n_hidden + 3 * n_classes)
+  # float32 per pair: the hidden layer before and after the ReLU, the logits, their log-softmax and what
+  # XLA keeps beside them (measured: ~2 of each at once).
+  per_row = 4 * order * (2 * n_hidden + 4 * n_classes)
   rows = int(min(max(memory_bytes // per_row, 1), order))
-  runs = int(min(max(memory_bytes // (per_row * order), 1), n_runs)) if rows == order else 1
+  if rows < order:
+    return rows, 1
+  runs = int(min(max(memory_bytes // (per_row * order), 1), n_runs))
+  # Equal batches of runs: a remainder would be a second program beside the first.
+  while n_runs % runs:
+    runs -= 1
   return rows, runs
 
 
