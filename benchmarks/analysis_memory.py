@@ -3,7 +3,7 @@ path of this checkout against the in-memory one of an older revision, each in it
 
 usage: python -m benchmarks.analysis_memory [--case s5|s6|both] [--paths new,old] [--old-rev c538a73]
                                             [--steps 2] [--budget-gb 1] [--connectivity-points 0]
-                                            [--merge-tolerance T]
+                                            [--merge-tolerance T] [--hidden-only]
 
 Each case analyses S seeds of the paper's MLP (embeddings 256 per input, 128 hidden ReLU neurons) on one
 group: S5 × 64 seeds and S6 × 16 seeds. The parameters are **randomly initialised** (``models.init``, one
@@ -14,7 +14,10 @@ little (feature merging stops earlier on trained models). Mode connectivity is o
 the analysis together on a CPU, whatever the memory. On random parameters the default feature-merging
 tolerance (0.01 on a loss of ≈ log|G|) merges every neuron but one, one full-loss pass over all pairs per
 merge (≈ 128 passes, ≈ 190 TFLOP for S6 × 16): ``--merge-tolerance 0`` stops each run at its first merge
-that raises the loss, with the same memory per pass.
+that raises the loss, with the same memory per pass. ``--hidden-only`` analyses the MLP as a model without
+additive pre-activations (a transformer's path): every streamed all-pairs pass, the co-moments, cosets from
+the hidden marginals, but none of the weight-based passes (restricted / excluded losses, margins, feature
+merging), whose blocks ``representation.loss_chunks`` bounds and whose time on S6 is hours on 2 cores.
 
 Each analysis runs in a child process (``--child``), the old path from ``git archive <old-rev>`` of
 ``engine/`` and ``kernels/`` unpacked in a temporary folder. Peak RSS is the child's ``ru_maxrss``
@@ -68,7 +71,11 @@ def child(args) -> None:
     kw["memory_bytes"] = int(args.budget_gb * 1e9)
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   t0 = time.perf_counter()
-  out = pipeline.analyze_group(g, irreps, apply_fn, group_analysis.matrices_fn_for(cfg.model), by_step,
+  matrices_fn = group_analysis.matrices_fn_for(cfg.model)
+  if args.hidden_only:  # as for a model without additive pre-activations: no weight-based passes
+    full_fn = matrices_fn
+    matrices_fn = lambda p: {k: v for k, v in full_fn(p).items() if not k.startswith("pre_")}  # noqa: E731
+  out = pipeline.analyze_group(g, irreps, apply_fn, matrices_fn, by_step,
                                [{"seed": k} for k in range(args.seeds)], **kw)
   seconds = time.perf_counter() - t0
   agg = out["aggregate"]
@@ -98,6 +105,8 @@ def run_child(group, seeds, args, pythonpath) -> dict:
          "--connectivity-points", str(args.connectivity_points)]
   if args.merge_tolerance is not None:
     cmd += ["--merge-tolerance", str(args.merge_tolerance)]
+  if args.hidden_only:
+    cmd += ["--hidden-only"]
   env = dict(os.environ, PYTHONPATH=pythonpath, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)  # pylint: disable=consider-using-with
   out = proc.stdout.read()
@@ -120,6 +129,9 @@ def main() -> None:
   parser.add_argument("--connectivity-points", type=int, default=0)
   parser.add_argument("--merge-tolerance", type=float, default=None,
                       help="feature-merging tolerance (default: the analysis default)")
+  parser.add_argument("--hidden-only", action="store_true",
+                      help="drop the MLP's total embeddings: the hidden-layer variants of the neuron split and "
+                           "cosets, and no restricted / excluded losses, margins or feature merging")
   parser.add_argument("--child", action="store_true")
   parser.add_argument("--group")
   parser.add_argument("--seeds", type=int)
@@ -136,7 +148,8 @@ def main() -> None:
       subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
     load = os.getloadavg()[0]
     print(f"analysis of K={args.steps} checkpoints, budget {args.budget_gb:g} GB, connectivity points "
-          f"{args.connectivity_points}, load average {load:.1f}, {os.cpu_count()} cores, "
+          f"{args.connectivity_points}, merge tolerance {args.merge_tolerance}, hidden only {args.hidden_only}, "
+          f"load average {load:.1f}, {os.cpu_count()} cores, "
           f"{available_bytes() / 1e9:.1f} GB available")
     print(f"{'case':<10} {'path':<4} {'peak RSS':>10} {'import':>9} {'time':>9} {'held logits+hidden':>19}  result")
     for name in (CASES if args.case == "both" else [args.case]):

@@ -57,7 +57,7 @@ from engine import groups as groups_lib
 
 DEFAULT_KEY_THRESHOLD = 0.005    # Chughtai et al.'s determine_key_reps
 DEFAULT_ORDER_THRESHOLD = 0.05   # Chughtai et al.'s learning order
-DEFAULT_MEMORY_BYTES = 1 << 30   # working memory of one block of pairs in the streamed passes
+DEFAULT_MEMORY_BYTES = 10 ** 9    # working memory of one block of pairs in the streamed passes
 _EPS = 1e-12
 
 
