@@ -336,10 +336,10 @@ def _chan_batch(count, mean_SxN, m2_SxN, x_SxBxN, b):
   return count + b, mean_SxN, m2_SxN, aug_SxNxK, finite
 
 
-def _update(state: CoMoments, acts_SxBxN: jax.Array) -> CoMoments:
+def _update(state: CoMoments, acts_SxBxN: jax.Array, valid=None) -> CoMoments:
   s, b, n = acts_SxBxN.shape
   count, mean_SxN, m2_SxN, aug_SxNxK, finite = _chan_batch(state.count, state.mean_SxN, state.m2_SxN,
-                                                            acts_SxBxN, b)
+                                                            acts_SxBxN, b if valid is None else valid)
   r, k = state.n_rows, b + 1
   aug_MxK = aug_SxNxK.reshape(s * n, k)
   rows_RxK = lax.dynamic_slice_in_dim(aug_MxK, state.row_start, r)
@@ -355,13 +355,21 @@ def _update(state: CoMoments, acts_SxBxN: jax.Array) -> CoMoments:
 _update_jit = jax.jit(_update, donate_argnums=0)
 
 
-def update(state: CoMoments, acts_SxBxN) -> CoMoments:
-  """Merge a batch of B inputs (``acts_SxBxN``, any B >= 1) into ``state``. The old state is donated."""
+def update(state: CoMoments, acts_SxBxN, valid: int | None = None) -> CoMoments:
+  """Merge a batch of B inputs (``acts_SxBxN``, any B >= 1) into ``state``. The old state is donated.
+
+  ``valid``: only the first ``valid`` inputs are data (the rest pads a last batch to the shape of the
+  others, so one compiled update serves them all); default all B.
+  """
   _check_acts(acts_SxBxN, "acts_SxBxN", min_t=1)
-  s, _, n = acts_SxBxN.shape
+  s, b, n = acts_SxBxN.shape
   if (s, n) != state.shape:
     raise CorrelationError(f"batch has (S, N) = {(s, n)} but the state holds {state.shape}")
-  return _update_jit(state, jnp.asarray(acts_SxBxN))
+  if valid is None:
+    return _update_jit(state, jnp.asarray(acts_SxBxN))
+  if not 1 <= valid <= b:
+    raise CorrelationError(f"valid must be in [1, {b}], got {valid}")
+  return _update_jit(state, jnp.asarray(acts_SxBxN), jnp.int32(valid))
 
 
 @functools.partial(jax.jit, static_argnames=("dead_rtol",))

@@ -16,8 +16,9 @@ the hidden neurons:
   descent is one linear assignment.
 
 Along λ ∈ [0, 1] (``points`` values, ends included) the loss and accuracy on all |G|² pairs; the
-**barrier** is max_λ L(λ) − ((1 − λ)L(0) + λL(1)). One jitted pass vmapped over path points and mapped over
-pairs of runs in batches (a pair's path holds ``points`` hidden layers of |G|² × N).
+**barrier** is max_λ L(λ) − ((1 − λ)L(0) + λL(1)). One jitted pass mapped over pairs of runs in batches; each
+pair's path points go through ``representation.mlp_loss`` like runs, in blocks of inputs sized by a memory
+budget (never ``points`` whole hidden layers of |G|² × N).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
+
+from engine.analysis import representation as rep
 
 DEFAULT_POINTS = 25
 ALIGNMENTS = ("raw", "activation", "weight")
@@ -56,7 +59,8 @@ def weight_matching(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, pairs_Px2) -> np.nd
 
 
 def path_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, pairs_Px2, perm_PxN, *,
-                points: int = DEFAULT_POINTS, batch: int = 4) -> dict:
+                points: int = DEFAULT_POINTS, batch: int = 4,
+                memory_bytes: int = rep.DEFAULT_MEMORY_BYTES) -> dict:
   """Loss and accuracy on all pairs along the linear path from run i to run j (neurons of j reordered by
   ``perm``), and the barrier.
 
@@ -65,6 +69,7 @@ def path_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, pairs_Px2, p
       (padded classes sliced off).
     table_AxB: the Cayley table; pairs_Px2: (i, j) run indices; perm_PxN: run j's neuron at position n.
     points: path points, λ = 0 and 1 included; batch: pairs evaluated together.
+    memory_bytes: working memory of those pairs' blocks of inputs (``representation.loss_chunks``).
 
   Returns:
     dict of float32 ``loss_PxL``, ``accuracy_PxL``, ``lambda_L`` and ``barrier_P``.
@@ -80,37 +85,30 @@ def path_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, pairs_Px2, p
   if points < 2:
     raise ValueError(f"points must be >= 2, got {points}")
   lam_L = jnp.linspace(0.0, 1.0, points, dtype=jnp.float32)
-  loss, acc = _paths(pa, pb, u, jnp.asarray(table_AxB, jnp.int32), pairs_Px2, perm_PxN, lam_L, batch=batch)
+  batch = max(1, min(batch, pairs_Px2.shape[0]))
+  rows, runs = rep.loss_chunks(g, n, g, points, max(memory_bytes // batch, 1))
+  loss, acc = _paths(pa, pb, u, jnp.asarray(table_AxB, jnp.int32), pairs_Px2, perm_PxN, lam_L, batch=batch,
+                     rows=rows, runs=runs)
   ends = loss[:, :1] * (1.0 - lam_L)[None, :] + loss[:, -1:] * lam_L[None, :]
   return {"loss_PxL": loss, "accuracy_PxL": acc, "lambda_L": lam_L, "barrier_P": jnp.max(loss - ends, axis=1)}
 
 
-def _loss_at(pa_GxN, pb_GxN, u_CxN, table_AxB):
-  hidden_AxBxN = jax.nn.relu(pa_GxN[:, None, :] + pb_GxN[None, :, :])
-  logits = jnp.einsum("abn,cn->abc", hidden_AxBxN, u_CxN)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  loss = -jnp.take_along_axis(logp, table_AxB[:, :, None], axis=-1).mean()
-  return loss, (jnp.argmax(logits, axis=-1) == table_AxB).mean()
-
-
-@functools.partial(jax.jit, static_argnames=("batch",))
-def _paths(pa, pb, u, table_AxB, pairs_Px2, perm_PxN, lam_L, *, batch):
+@functools.partial(jax.jit, static_argnames=("batch", "rows", "runs"))
+def _paths(pa, pb, u, table_AxB, pairs_Px2, perm_PxN, lam_L, *, batch, rows, runs):
   def one_pair(args):
     (i, j), perm_N = args
-    ends = [(pa[i], pa[j][:, perm_N]), (pb[i], pb[j][:, perm_N]), (u[i], u[j][:, perm_N])]
 
-    def at(lam):
-      (a0, a1), (b0, b1), (u0, u1) = ends
-      return _loss_at((1 - lam) * a0 + lam * a1, (1 - lam) * b0 + lam * b1, (1 - lam) * u0 + lam * u1,
-                      table_AxB)
+    def path(x0_GxN, x1_GxN):  # the L points of the path, stacked like runs
+      return (1 - lam_L)[:, None, None] * x0_GxN[None] + lam_L[:, None, None] * x1_GxN[None]
 
-    return jax.vmap(at)(lam_L)
+    return rep.mlp_loss(path(pa[i], pa[j][:, perm_N]), path(pb[i], pb[j][:, perm_N]),
+                        path(u[i], u[j][:, perm_N]), table_AxB, rows=rows, runs=runs)
 
   return jax.lax.map(one_pair, (pairs_Px2, perm_PxN), batch_size=batch)
 
 
 def connectivity(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, activation_perm_SxSxN=None, *,
-                 points: int = DEFAULT_POINTS) -> dict:
+                 points: int = DEFAULT_POINTS, memory_bytes: int = rep.DEFAULT_MEMORY_BYTES) -> dict:
   """Paths between every pair of runs under each alignment (``raw``, ``activation`` when
   ``activation_perm_SxSxN`` from ``cross_seed.match_neurons`` is given, ``weight``).
 

@@ -208,11 +208,16 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
 # JSON-ready records (engine.analysis.pipeline).
 
 
-def input_functions(pre_a_SxGxN, pre_b_SxGxN, hidden_SxAxBxN) -> tuple[np.ndarray, str]:
+def input_functions(pre_a_SxGxN, pre_b_SxGxN, hidden_SxAxBxN=None, *,
+                    marginals=None) -> tuple[np.ndarray, str]:
   """``(f_SxIxGxN, source)``: P_a and P_b when the model has additive pre-activations (``"pre_activation"``),
-  else the marginals of the hidden activations over the other input (``"hidden"``)."""
+  else the marginals of the hidden activations over the other input (``"hidden"``): from
+  ``hidden_SxAxBxN``, or given as ``marginals`` = (mean over b ``[S, A, N]``, mean over a ``[S, B, N]``)
+  by a pass that streams the pairs."""
   if pre_a_SxGxN is not None and pre_b_SxGxN is not None:
     return np.stack([np.asarray(pre_a_SxGxN), np.asarray(pre_b_SxGxN)], axis=1), "pre_activation"
+  if marginals is not None:
+    return np.stack([np.asarray(m, np.float32) for m in marginals], axis=1), "hidden"
   h = np.asarray(hidden_SxAxBxN, np.float32)
   return np.stack([h.mean(axis=2), h.mean(axis=1)], axis=1), "hidden"
 

@@ -19,6 +19,11 @@ all |G|² pairs), and compare every pair of runs at once.
   inputs of the overlap of the k nearest neighbours, by cosine similarity of centred activations, in the two
   representations), for all pairs of runs in one jitted pass, as ``[S, S]`` matrices.
 
+Each pass also has a form that reads the inputs only through their co-moments (``*_from_comoments``: a
+``kernels.correlation.CoMoments`` of all S·N neurons, accumulated over blocks of inputs by Chan's merge) and,
+for the k-NN alignment, the activations on its subsample of inputs (``knn_subset``), so that a caller can
+stream the inputs instead of holding ``acts_SxTxN`` (``engine.analysis.pipeline``).
+
 Dead neurons (constant over the inputs) have no correlation; they are excluded from every mean, and in the
 matching they count as correlation 0.
 """
@@ -57,6 +62,14 @@ def live_neurons(acts_SxTxN) -> jax.Array:
   return jnp.std(x, axis=1) > 1e-6 * jnp.maximum(jnp.abs(x.mean(axis=1)), 1.0)
 
 
+def live_from_comoments(state: correlation_lib.CoMoments) -> np.ndarray:
+  """bool ``[S, N]``: ``live_neurons`` from streamed moments (population std = √(M2 / count))."""
+  count = float(state.count)
+  mean = np.asarray(state.mean_SxN, np.float64)
+  std = np.sqrt(np.maximum(np.asarray(state.m2_SxN, np.float64), 0.0) / max(count, 1.0))
+  return std > 1e-6 * np.maximum(np.abs(mean), 1.0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Neuron correlations.
 
@@ -85,6 +98,22 @@ def neuron_correlations(acts_SxTxN, *, key, universal_threshold: float = DEFAULT
   # One pass over the data gives both the maximum and its rotation baseline.
   res = correlation_lib.max_correlation(acts_SxTxN, backend=backend, baseline="rotation", key=key,
                                         **kernel_options)
+  return _correlation_record(res, universal_threshold)
+
+
+def neuron_correlations_from_comoments(state: correlation_lib.CoMoments, *, key,
+                                       universal_threshold: float = DEFAULT_UNIVERSAL_THRESHOLD) -> dict:
+  """``neuron_correlations`` from co-moments of every neuron accumulated over the inputs (all rows of a
+  ``kernels.correlation.CoMoments``, e.g. streamed over blocks of pairs); the same dict."""
+  if not np.isfinite(universal_threshold):
+    raise ValueError(f"universal_threshold must be finite, got {universal_threshold}")
+  if state.shape[0] < 2:
+    raise ValueError(f"cross-seed comparison needs at least 2 runs, got {state.shape[0]}")
+  res = correlation_lib.finalize(state, baseline="rotation", key=key)
+  return _correlation_record(res, universal_threshold)
+
+
+def _correlation_record(res, universal_threshold) -> dict:
   max_SxNxS, base_SxNxS = jnp.asarray(res.max_SxNxS), jnp.asarray(res.baseline_max_SxNxS)
   dead_SxN = jnp.asarray(res.dead_SxN)
   excess_SxN, universal_SxN, frac_S = _excess(max_SxNxS, base_SxNxS, dead_SxN,
@@ -171,19 +200,32 @@ def match_neurons(acts_SxTxN) -> dict:
   """
   acts_SxTxN = _check_acts(acts_SxTxN)
   s, _, n = acts_SxTxN.shape
-  corr = np.asarray(correlation_lib.correlation_matrix(acts_SxTxN), dtype=np.float64)
-  corr_SxNxSxN = corr.reshape(s, n, s, n)
-  live_SxN = np.asarray(live_neurons(acts_SxTxN))
+  corr = correlation_lib.correlation_matrix(acts_SxTxN)
+  return _match(np.asarray(corr).reshape(s, n, s, n), np.asarray(live_neurons(acts_SxTxN)))
+
+
+def match_neurons_from_comoments(state: correlation_lib.CoMoments) -> dict:
+  """``match_neurons`` from co-moments of every neuron (all rows, like ``neuron_correlations_from_comoments``
+  takes)."""
+  s, n = state.shape
+  if s < 2:
+    raise ValueError(f"cross-seed comparison needs at least 2 runs, got {s}")
+  corr = correlation_lib.correlation_from_comoments(state)
+  return _match(np.asarray(corr).reshape(s, n, s, n), live_from_comoments(state))
+
+
+def _match(corr_SxNxSxN: np.ndarray, live_SxN: np.ndarray) -> dict:
+  s, n = live_SxN.shape
   perm = np.tile(np.arange(n), (s, s, 1))
   matched = np.full((s, s, n), np.nan)
   for i in range(s):
     matched[i, i] = np.where(live_SxN[i], 1.0, np.nan)
     for j in range(i + 1, s):
-      block = np.nan_to_num(corr_SxNxSxN[i, :, j, :], nan=0.0)
+      block = np.nan_to_num(np.asarray(corr_SxNxSxN[i, :, j, :], np.float64), nan=0.0)
       rows, cols = scipy.optimize.linear_sum_assignment(block, maximize=True)
       perm[i, j, rows] = cols
       perm[j, i, cols] = rows
-      vals = np.where(live_SxN[i][rows] & live_SxN[j][cols], corr_SxNxSxN[i, rows, j, cols], np.nan)
+      vals = np.where(live_SxN[i][rows] & live_SxN[j][cols], block[rows, cols], np.nan)
       matched[i, j, rows] = vals
       matched[j, i, cols] = vals
   with np.errstate(invalid="ignore"):
@@ -210,15 +252,7 @@ def representation_similarity(acts_SxTxN, *, k: int = 10, knn_inputs: int = 1024
     dict of float32 ``[S, S]`` arrays ``cka``, ``procrustes`` and ``mutual_knn``.
   """
   acts_SxTxN = _check_acts(acts_SxTxN, min_runs=1)
-  t = acts_SxTxN.shape[1]
-  if knn_inputs < 2:
-    raise ValueError(f"knn_inputs must be >= 2, got {knn_inputs}")
-  if t > knn_inputs:
-    if key is None:
-      raise ValueError(f"{t} inputs exceed knn_inputs={knn_inputs}: pass a key for the subsample")
-    subset_U = jax.random.choice(key, t, (knn_inputs,), replace=False)
-  else:
-    subset_U = jnp.arange(t)
+  subset_U = jnp.asarray(knn_subset(acts_SxTxN.shape[1], knn_inputs, key))
   if not 1 <= k < subset_U.shape[0]:
     raise ValueError(f"k must be in [1, {subset_U.shape[0] - 1}], got {k}")
   cka, procrustes, knn = _representation_similarity(acts_SxTxN, subset_U, k=k)
@@ -233,10 +267,38 @@ def _gram_blocks(acts_SxTxN):
   return jnp.einsum("itn,jtm->ijnm", x, x)
 
 
+def knn_subset(n_inputs: int, knn_inputs: int, key) -> np.ndarray:
+  """int ``[U]``: the inputs of the mutual k-NN alignment (all of them when ``n_inputs <= knn_inputs``)."""
+  if knn_inputs < 2:
+    raise ValueError(f"knn_inputs must be >= 2, got {knn_inputs}")
+  if n_inputs > knn_inputs:
+    if key is None:
+      raise ValueError(f"{n_inputs} inputs exceed knn_inputs={knn_inputs}: pass a key for the subsample")
+    return np.asarray(jax.random.choice(key, n_inputs, (knn_inputs,), replace=False))
+  return np.arange(n_inputs)
+
+
+def similarity_from_comoments(state: correlation_lib.CoMoments, knn_acts_SxUxN, *, k: int = 10) -> dict:
+  """``representation_similarity`` from co-moments of every neuron over all inputs (all rows; the centred
+  cross-covariances XᵢᵀXⱼ) and the activations on the k-NN inputs (``knn_subset``)."""
+  s, n = state.shape
+  knn_acts_SxUxN = _check_acts(knn_acts_SxUxN, min_runs=1)
+  if not 1 <= k < knn_acts_SxUxN.shape[1]:
+    raise ValueError(f"k must be in [1, {knn_acts_SxUxN.shape[1] - 1}], got {k}")
+  c_SxSxNxN = jnp.asarray(state.comoment_RxSxN).reshape(s, n, s, n).transpose(0, 2, 1, 3)
+  cka, procrustes = _cka_procrustes(c_SxSxNxN)
+  return {"cka": cka, "procrustes": procrustes, "mutual_knn": _mutual_knn_jit(knn_acts_SxUxN, k=k)}
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def _representation_similarity(acts_SxTxN, subset_U, *, k):
-  s = acts_SxTxN.shape[0]
-  c_SxSxNxN = _gram_blocks(acts_SxTxN)
+  cka, procrustes = _cka_procrustes(_gram_blocks(acts_SxTxN))
+  return cka, procrustes, _mutual_knn(acts_SxTxN[:, subset_U], k)
+
+
+@jax.jit
+def _cka_procrustes(c_SxSxNxN):
+  s = c_SxSxNxN.shape[0]
   diag_SxNxN = c_SxSxNxN[jnp.arange(s), jnp.arange(s)]
   # CKA = ‖XᵢᵀXⱼ‖²_F / (‖XᵢᵀXᵢ‖_F ‖XⱼᵀXⱼ‖_F), the feature-space form of HSIC with linear kernels.
   hsic_SxS = jnp.sum(c_SxSxNxN * c_SxSxNxN, axis=(2, 3))
@@ -246,8 +308,7 @@ def _representation_similarity(acts_SxTxN, subset_U, *, k):
   sq_norm_S = jnp.trace(diag_SxNxN, axis1=1, axis2=2)
   nuclear_SxS = jnp.sum(jnp.linalg.svd(c_SxSxNxN, compute_uv=False), axis=-1)
   nuclear_SxS = nuclear_SxS / jnp.maximum(jnp.sqrt(sq_norm_S[:, None] * sq_norm_S[None, :]), 1e-30)
-  procrustes = jnp.sqrt(jnp.maximum(2.0 - 2.0 * nuclear_SxS, 0.0))
-  return cka, procrustes, _mutual_knn(acts_SxTxN[:, subset_U], k)
+  return cka, jnp.sqrt(jnp.maximum(2.0 - 2.0 * nuclear_SxS, 0.0))
 
 
 def _mutual_knn(acts_SxUxN, k):
@@ -255,8 +316,14 @@ def _mutual_knn(acts_SxUxN, k):
   x = acts_SxUxN.astype(jnp.float32)
   x = x - x.mean(axis=1, keepdims=True)
   x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  sim_SxUxU = jnp.einsum("sun,svn->suv", x, x)
-  sim_SxUxU = jnp.where(jnp.eye(u, dtype=bool)[None], -jnp.inf, sim_SxUxU)
-  _, nbrs_SxUxK = jax.lax.top_k(sim_SxUxU, k)
-  adj_SxUxU = jnp.sum(jax.nn.one_hot(nbrs_SxUxK, u, dtype=jnp.float32), axis=2)
+
+  def adjacency(x_UxN):  # one run at a time: one U×U similarity in memory, not S of them
+    sim_UxU = jnp.where(jnp.eye(u, dtype=bool), -jnp.inf, x_UxN @ x_UxN.T)
+    _, nbrs_UxK = jax.lax.top_k(sim_UxU, k)
+    return jnp.zeros((u, u), jnp.float32).at[jnp.arange(u)[:, None], nbrs_UxK].set(1.0)
+
+  adj_SxUxU = jax.lax.map(adjacency, x)
   return jnp.einsum("iuv,juv->ij", adj_SxUxU, adj_SxUxU) / (u * k)
+
+
+_mutual_knn_jit = jax.jit(_mutual_knn, static_argnames=("k",))

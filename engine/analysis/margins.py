@@ -59,9 +59,22 @@ def _normalised_margin(logits_SxAxBxC, table_AxB, pre_a_SxGxN, pre_b_SxGxN, unem
   correct = jnp.take_along_axis(logits, target_SxAxBx1, axis=-1)[..., 0]
   is_target = jnp.arange(logits.shape[-1])[None, None, None, :] == target_SxAxBx1
   wrong = jnp.max(jnp.where(is_target, -jnp.inf, logits), axis=-1)
-  margin_S = jnp.min(correct - wrong, axis=(1, 2))
+  return _normalise(jnp.min(correct - wrong, axis=(1, 2)), pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN)
+
+
+def normalise(margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN) -> dict:
+  """``normalised_margin``'s dict from a margin computed elsewhere (e.g. streamed over blocks of pairs:
+  the minimum over pairs of correct − best wrong logit)."""
+  arrays = [jnp.asarray(x) for x in (margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN)]
+  chex.assert_rank(arrays, [1, 3, 3, 3])
+  return _normalise(*arrays)
+
+
+@jax.jit
+def _normalise(margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN):
   norm_S = sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2))
                for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN)) ** (HOMOGENEITY / 2)
+  margin_S = margin_S.astype(jnp.float32)
   return {"margin_S": margin_S, "norm_S": norm_S, "normalised_S": margin_S / jnp.maximum(norm_S, 1e-30)}
 
 

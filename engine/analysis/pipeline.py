@@ -84,11 +84,24 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   {irrep: multiplicity in Ind_H^G 1}}}}.
   ``cka``, ``procrustes``, ``mutual_knn``: S×S matrices of the hidden representations on all pairs, and
   ``mean_offdiagonal`` of each under ``similarity_means``.
+
+Memory. The logits of all pairs are S·|G|³ floats (1.5 GB per run for S6) and are never held: each
+checkpoint is one streamed pass (``stream_all_pairs``) over blocks of pairs, every run at once, whose size
+``pair_chunk`` sets from ``memory_bytes`` (the last block padded, so each jitted function compiles once).
+A block adds what every statistic needs to running sums: per-pair logit-similarity cosines, cross-entropy,
+correct pairs, the minimum margin; at the final step also the hidden layer summed per fibre a·b = m, per a
+and per b (O(S·|G|·N): hidden FVE, the hidden-source neuron split and coset marginals) and the co-moments
+of all S·N neurons (Chan's merge, ``kernels.correlation``; (S·N)² floats, independent of |G|: live
+neurons, correlations and their baseline, matching, CKA, Procrustes). The mutual k-NN alignment evaluates
+only its subsample of pairs. The weight-based losses (restricted / excluded, feature merging, mode
+connectivity) go through ``representation.mlp_loss`` in blocks of rows of a and of runs sized by the same
+budget. So peak memory is the budget plus O(S·|G|·N + (S·N)²), not S·|G|³.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -103,6 +116,7 @@ from engine.analysis import margins as margins_lib
 from engine.analysis import redundancy as redundancy_lib
 from engine.analysis import representation as rep
 from engine.analysis.jsonable import to_json
+from kernels import correlation as correlation_lib
 
 ApplyFn = Callable[[Any, Any, Any], tuple[Any, Any]]
 
@@ -151,6 +165,135 @@ def _loss_accuracy(logits_SxAxBxC, table):
   return loss_S, acc_S
 
 
+# ---------------------------------------------------------------------------------------------------
+# The streamed all-pairs pass: blocks of pairs, never S·|G|³ logits.
+
+
+def pair_chunk(n_runs: int, order: int, n_out: int, n_hidden: int, memory_bytes: int) -> int:
+  """Pairs per block of the streamed pass: the block's logits and hidden layer of every run, with the
+  copies the reductions make (centred logits, their projection, log-softmax; hidden sums), within
+  ``memory_bytes``; at least 1, at most |G|²."""
+  per_pair = 4 * n_runs * (5 * n_out + 3 * n_hidden)
+  return int(min(max(memory_bytes // per_pair, 1), order * order))
+
+
+def _pair_blocks(apply_fn: ApplyFn, params_S, n_runs: int, order: int, pairs_P: np.ndarray, chunk: int):
+  """``(a_P, b_P, valid, logits_SxPxV, hidden_SxPxN)`` for consecutive blocks of ``chunk`` of the pairs
+  ``pairs_P`` (pair a·|G| + b); the last block is padded with the first pair (``valid`` counts the data),
+  so ``apply_fn`` and the reductions compile once."""
+  for lo in range(0, pairs_P.size, chunk):
+    idx = pairs_P[lo:lo + chunk]
+    valid = idx.size
+    idx = np.concatenate([idx, np.full(chunk - valid, pairs_P[0], idx.dtype)])
+    a_P, b_P = (idx // order).astype(np.int32), (idx % order).astype(np.int32)
+    a_SxB = np.broadcast_to(a_P, (n_runs, chunk))
+    lg, hd = apply_fn(params_S, a_SxB, np.broadcast_to(b_P, a_SxB.shape))
+    if lg.ndim != 3 or lg.shape[:2] != a_SxB.shape or lg.shape[2] < order:
+      raise ValueError(f"apply_fn must return logits [{n_runs}, B, V>={order}], got {lg.shape}")
+    if hd.ndim != 3 or hd.shape[:2] != a_SxB.shape:
+      raise ValueError(f"apply_fn must return hidden [{n_runs}, B, N], got {hd.shape}")
+    yield a_P, b_P, valid, lg, hd
+
+
+def _zero_sums(n_runs: int, order: int, n_hidden: int, n_irreps: int, hidden_stats: bool) -> dict:
+  zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+  out = {"cos_SxR": zeros((n_runs, n_irreps)), "nll_S": zeros((n_runs,)), "hit_S": zeros((n_runs,)),
+         "margin_S": jnp.full((n_runs,), jnp.inf, jnp.float32)}
+  if hidden_stats:
+    out.update(fibre_SxGxN=zeros((n_runs, order, n_hidden)), by_a_SxGxN=zeros((n_runs, order, n_hidden)),
+               by_b_SxGxN=zeros((n_runs, order, n_hidden)), sq_S=zeros((n_runs,)))
+  return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _accumulate(sums, logits_SxPxV, hidden_SxPxN, a_P, b_P, valid, table, c_of_MxY, character_YxR,
+                char_norm_R):
+  """``sums`` plus one block of pairs: Σ per-pair cosines per irrep, Σ cross-entropy, Σ correct, min margin
+  and, when ``sums`` has them, the hidden layer summed per fibre a·b = m, per a, per b, and Σ H²."""
+  g = table.shape[0]
+  logits = logits_SxPxV[..., :g].astype(jnp.float32)
+  w_P = (jnp.arange(a_P.shape[0]) < valid).astype(jnp.float32)
+  m_P = table[a_P, b_P]
+  cos_SxPxR = rep.pair_cosines(logits, m_P, c_of_MxY, character_YxR, char_norm_R)
+  target_SxPx1 = jnp.broadcast_to(m_P[None, :, None], logits.shape[:2] + (1,))
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll_SxP = -jnp.take_along_axis(logp, target_SxPx1, axis=-1)[..., 0]
+  correct_SxP = jnp.take_along_axis(logits, target_SxPx1, axis=-1)[..., 0]
+  is_target = jnp.arange(g)[None, None, :] == target_SxPx1
+  wrong_SxP = jnp.max(jnp.where(is_target, -jnp.inf, logits), axis=-1)
+  margin_SxP = jnp.where(w_P > 0, correct_SxP - wrong_SxP, jnp.inf)
+  out = dict(sums)
+  out["cos_SxR"] = sums["cos_SxR"] + jnp.einsum("spr,p->sr", cos_SxPxR, w_P)
+  out["nll_S"] = sums["nll_S"] + nll_SxP @ w_P
+  out["hit_S"] = sums["hit_S"] + (jnp.argmax(logits, axis=-1) == m_P[None]).astype(jnp.float32) @ w_P
+  out["margin_S"] = jnp.minimum(sums["margin_S"], jnp.min(margin_SxP, axis=1))
+  if "fibre_SxGxN" in sums:
+    h = hidden_SxPxN.astype(jnp.float32) * w_P[None, :, None]
+    out["fibre_SxGxN"] = sums["fibre_SxGxN"].at[:, m_P].add(h)
+    out["by_a_SxGxN"] = sums["by_a_SxGxN"].at[:, a_P].add(h)
+    out["by_b_SxGxN"] = sums["by_b_SxGxN"].at[:, b_P].add(h)
+    out["sq_S"] = sums["sq_S"] + jnp.sum(h * h, axis=(1, 2))
+  return out
+
+
+def block_size(apply_fn: ApplyFn, params_S, n_runs: int, order: int, memory_bytes: int) -> int:
+  """``pair_chunk`` for this model (its output and hidden widths read from ``apply_fn``'s shapes, no run)."""
+  spec = jax.ShapeDtypeStruct((n_runs, 1), jnp.int32)
+  lg_shape, hd_shape = jax.eval_shape(apply_fn, params_S, spec, spec)
+  return pair_chunk(n_runs, order, lg_shape.shape[-1], hd_shape.shape[-1], memory_bytes)
+
+
+def stream_all_pairs(apply_fn: ApplyFn, params_S, n_runs: int, tables: rep.IrrepTables, *,
+                     memory_bytes: int = rep.DEFAULT_MEMORY_BYTES, chunk: int | None = None,
+                     hidden_stats: bool = True) -> tuple[dict, Any]:
+  """One pass over all |G|² pairs in blocks; returns ``(sums, comoments)`` without holding the logits.
+
+  ``sums`` (numpy, per run): ``cos_SxR`` (Σ over pairs of the logit-similarity cosine), ``nll_S``, ``hit_S``
+  (Σ cross-entropy, number of correct pairs), ``margin_S`` (min over pairs of correct − best wrong logit);
+  with ``hidden_stats`` also ``fibre_SxGxN``, ``by_a_SxGxN``, ``by_b_SxGxN`` (the hidden layer summed over
+  the pairs with a·b = m, with a given, with b given) and ``sq_S`` (Σ H²), and ``comoments``: a
+  ``kernels.correlation.CoMoments`` of every run's neurons over all pairs (else None).
+
+  ``chunk`` (pairs per block) defaults to ``pair_chunk`` of ``memory_bytes``; peak memory is one block of
+  logits and hidden layer plus O(S·|G|·N) sums and the (S·N)² co-moment, whatever |G|³.
+  """
+  g = tables.order
+  spec = jax.ShapeDtypeStruct((n_runs, 1), jnp.int32)
+  n_hidden = jax.eval_shape(apply_fn, params_S, spec, spec)[1].shape[-1]
+  chunk = min(block_size(apply_fn, params_S, n_runs, g, memory_bytes) if not chunk else int(chunk), g * g)
+  consts = (jnp.asarray(tables.table), *rep.similarity_constants(tables))
+  sums = _zero_sums(n_runs, g, n_hidden, tables.num_irreps, hidden_stats)
+  state = correlation_lib.init(n_runs, n_hidden) if hidden_stats else None
+  for a_P, b_P, valid, lg, hd in _pair_blocks(apply_fn, params_S, n_runs, g, np.arange(g * g), chunk):
+    sums = _accumulate(sums, lg, hd, a_P, b_P, jnp.int32(valid), *consts)
+    if hidden_stats:
+      state = correlation_lib.update(state, hd, valid=valid)
+  return {k: np.asarray(v) for k, v in sums.items()}, state
+
+
+def hidden_at(apply_fn: ApplyFn, params_S, n_runs: int, order: int, pairs_P: np.ndarray,
+              chunk: int) -> np.ndarray:
+  """float32 ``[S, P, N]``: the hidden layer on the given pairs (pair a·|G| + b), in blocks of ``chunk``."""
+  chunk = int(min(chunk, pairs_P.size))
+  parts = [np.asarray(hd[:, :valid], np.float32)
+           for _, _, valid, _, hd in _pair_blocks(apply_fn, params_S, n_runs, order, pairs_P, chunk)]
+  return np.concatenate(parts, axis=1)
+
+
+def neuron_irreps_from_fibres(fibre_SxGxN, mean_SxN, m2_SxN, group, irreps) -> dict:
+  """``neuron_irreps_from_hidden`` from streamed sums: ``fibre_SxGxN`` the fibre means of the hidden layer
+  (mean over the pairs with a·b = m), ``mean_SxN`` and ``m2_SxN`` each neuron's mean and Σ (h − mean)² over
+  all pairs. Same keys."""
+  tables = rep.irrep_tables(group, irreps)
+  fibre = jnp.asarray(fibre_SxGxN, jnp.float32) - jnp.asarray(mean_SxN, jnp.float32)[:, None, :]
+  s, g, n = fibre.shape
+  per_SNxR = rep.fibre_fve(jnp.moveaxis(fibre, 2, 1).reshape(s * n, g, 1),
+                           jnp.asarray(m2_SxN, jnp.float32).reshape(s * n),
+                           jnp.asarray(tables.basis_GxM, jnp.float32),
+                           jnp.asarray(tables.basis_member_MxR, jnp.float32))
+  return _neuron_shares(np.array(per_SNxR, dtype=np.float32).reshape(s, n, -1))
+
+
 def neuron_irreps_from_hidden(hidden_SxAxBxN, group, irreps) -> dict:
   """Per-neuron split of each neuron's activation, as a function of a·b, over irreps.
 
@@ -164,7 +307,11 @@ def neuron_irreps_from_hidden(hidden_SxAxBxN, group, irreps) -> dict:
   h = h - h.mean(axis=(1, 2), keepdims=True)
   # hidden_fve per neuron: move neurons into the run axis.
   per_SNxR = rep.hidden_fve(jnp.moveaxis(h, 3, 1).reshape(s * n, g, g, 1), group, tables)
-  share = np.array(per_SNxR, dtype=np.float32).reshape(s, n, -1)
+  return _neuron_shares(np.array(per_SNxR, dtype=np.float32).reshape(s, n, -1))
+
+
+def _neuron_shares(share: np.ndarray) -> dict:
+  s, n, _ = share.shape
   share[..., 0] = np.clip(1.0 - share[..., 1:].sum(-1), 0.0, 1.0)
   nontrivial = share[..., 1:]
   dominant = (np.argmax(nontrivial, axis=-1) + 1).astype(np.int32) if share.shape[-1] > 1 else np.zeros(
@@ -184,7 +331,8 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
                   connectivity_points: int = connectivity_lib.DEFAULT_POINTS,
                   merge_tolerance: float = redundancy_lib.DEFAULT_TOLERANCE, key=None,
                   universal_threshold: float = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD, knn_k: int = 10,
-                  knn_inputs: int = 1024, batch_size: int | None = None, backend: str = "auto") -> dict:
+                  knn_inputs: int = 1024, batch_size: int | None = None,
+                  memory_bytes: int = rep.DEFAULT_MEMORY_BYTES) -> dict:
   """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
 
   Args:
@@ -204,8 +352,10 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
     generalised: one bool per run (the family's test); runs marked False are left out of the key-irrep and
       learning-order aggregates. None: all runs count.
     key: PRNG key for the rotation baseline and the k-NN subsample (required when there are ≥ 2 runs).
-    knn_k, knn_inputs: mutual k-NN alignment settings; batch_size: pairs per ``apply_fn`` call.
-    backend: ``kernels.correlation`` backend.
+    knn_k, knn_inputs: mutual k-NN alignment settings.
+    memory_bytes: working memory of one block of pairs (logits and hidden layer of every run, and the
+      blocks of the weight-based losses); sets the block sizes (``pair_chunk``, ``loss_chunks``).
+    batch_size: pairs per ``apply_fn`` call, overriding the block size ``memory_bytes`` gives.
   """
   tables = rep.irrep_tables(group, irreps)
   runs = list(runs)
@@ -222,14 +372,17 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
   if len(generalised) != n_runs:
     raise ValueError(f"generalised: {len(generalised)} values for {n_runs} runs")
 
+  final_params = params_by_step[steps[-1]]
+  chunk = int(batch_size) if batch_size else block_size(apply_fn, final_params, n_runs, g, memory_bytes)
   sims, margins = [], []
-  for step in steps:
-    logits, hidden = evaluate_all_pairs(apply_fn, params_by_step[step], n_runs, g, batch_size)
-    sims.append(np.asarray(rep.logit_similarity(logits, group, tables)))
+  for step in steps:  # every checkpoint: logit similarity and margin, one block of pairs at a time
+    sums, state = stream_all_pairs(apply_fn, params_by_step[step], n_runs, tables, chunk=chunk,
+                                   hidden_stats=step == steps[-1])
+    sims.append(sums["cos_SxR"] / (g * g))
     step_mats = matrices_fn(params_by_step[step])
     if "pre_a" in step_mats and "pre_b" in step_mats:  # margins need the homogeneous effective weights
-      margins.append({k: np.asarray(v) for k, v in margins_lib.normalised_margin(
-          logits, tables.table, step_mats["pre_a"][:, :g], step_mats["pre_b"][:, :g],
+      margins.append({k: np.asarray(v) for k, v in margins_lib.normalise(
+          sums["margin_S"], step_mats["pre_a"][:, :g], step_mats["pre_b"][:, :g],
           step_mats["unembed"][:, :g]).items()})
   sim_KxSxR = np.stack(sims)
   sim_SxR = sim_KxSxR[-1]
@@ -237,15 +390,17 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
   frac_S = np.asarray(rep.fraction_explained(sim_SxR))
   frac_key_S = np.sum(np.where(key_SxR, sim_SxR, 0.0) ** 2, axis=1)
   order_SxR = np.asarray(rep.learning_order(np.asarray(steps), sim_KxSxR, order_threshold))
-  loss_S, acc_S = (np.asarray(x) for x in _loss_accuracy(jnp.asarray(logits), jnp.asarray(tables.table)))
+  loss_S, acc_S = sums["nll_S"] / (g * g), sums["hit_S"] / (g * g)  # the final step's sums
 
-  final_params = params_by_step[steps[-1]]
   mats = {k: np.asarray(v) for k, v in matrices_fn(final_params).items()}
   fves = {}
   for name, m in mats.items():
     if m.ndim == 3 and m.shape[0] == n_runs and m.shape[1] >= g:
       fves[name] = np.asarray(rep.fve(m[:, :g], group, tables))
-  hidden_fve_SxR = np.asarray(rep.hidden_fve(hidden, group, tables))
+  fibre_SxGxN = sums["fibre_SxGxN"] / g  # every fibre {(a, a⁻¹m)} holds |G| pairs
+  hidden_fve_SxR = np.asarray(rep.fibre_fve(jnp.asarray(fibre_SxGxN), jnp.asarray(sums["sq_S"]),
+                                            jnp.asarray(tables.basis_GxM, jnp.float32),
+                                            jnp.asarray(tables.basis_member_MxR, jnp.float32)))
 
   losses = None
   if "pre_a" in mats and "pre_b" in mats:
@@ -253,32 +408,33 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
                rep.neuron_irreps(mats["pre_a"][:, :g], mats["pre_b"][:, :g], group, tables).items()}
     source = "pre_activation"
     abl = rep.ablation_losses(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"], key_SxR, group,
-                              tables)
+                              tables, memory_bytes=memory_bytes)
     losses = {k: np.asarray(v) for k, v in abl.items()}
   else:
-    neurons = neuron_irreps_from_hidden(hidden, group, tables)
+    neurons = neuron_irreps_from_fibres(fibre_SxGxN, state.mean_SxN, state.m2_SxN, group, tables)
     source = "hidden"
 
-  acts_SxTxN = hidden.reshape(n_runs, g * g, -1)
-  dead_SxN = ~np.asarray(cross_seed.live_neurons(acts_SxTxN))
+  dead_SxN = ~cross_seed.live_from_comoments(state)
   coset = cosets_lib.coset_tables(group, tables)
   f_SxIxGxN, coset_source = cosets_lib.input_functions(
       mats["pre_a"][:, :g] if "pre_a" in mats else None, mats["pre_b"][:, :g] if "pre_b" in mats else None,
-      hidden)
+      marginals=(sums["by_a_SxGxN"] / g, sums["by_b_SxGxN"] / g))
   coset_res = cosets_lib.coset_neurons(f_SxIxGxN, group, tables, coset, threshold=coset_threshold)
   corr = None
   if n_runs >= 2:
     k_corr, k_knn = jax.random.split(key)
-    corr = {k: np.asarray(v) for k, v in cross_seed.neuron_correlations(
-        acts_SxTxN, key=k_corr, universal_threshold=universal_threshold, backend=backend).items()}
+    corr = {k: np.asarray(v) for k, v in cross_seed.neuron_correlations_from_comoments(
+        state, key=k_corr, universal_threshold=universal_threshold).items()}
     dead_SxN = corr["dead_SxN"].astype(bool) | dead_SxN
-    matching = cross_seed.match_neurons(acts_SxTxN)
-    sim_mats = {k: np.asarray(v) for k, v in cross_seed.representation_similarity(
-        acts_SxTxN, k=min(knn_k, min(knn_inputs, g * g) - 1), knn_inputs=knn_inputs, key=k_knn).items()}
+    matching = cross_seed.match_neurons_from_comoments(state)
   else:
-    sim_mats = {k: np.asarray(v) for k, v in cross_seed.representation_similarity(
-        acts_SxTxN, k=min(knn_k, min(knn_inputs, g * g) - 1), knn_inputs=knn_inputs,
-        key=key if key is not None else jax.random.key(0)).items()}
+    k_knn = key if key is not None else jax.random.key(0)
+  # The k-NN alignment compares inputs with each other: the hidden layer on its subsample of pairs only.
+  subset_U = cross_seed.knn_subset(g * g, knn_inputs, k_knn)
+  knn_acts_SxUxN = hidden_at(apply_fn, final_params, n_runs, g, subset_U, chunk)
+  sim_mats = {k: np.asarray(v) for k, v in cross_seed.similarity_from_comoments(
+      state, knn_acts_SxUxN, k=min(knn_k, subset_U.size - 1)).items()}
+  del state
 
   records = []
   for i, run in enumerate(runs):
@@ -327,11 +483,11 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
   single = margins_lib.single_irrep_neurons(neurons["share_SxNxR"], ~dead_SxN, single_threshold)
   aggregate["margins"] = _add_margins(records, margins, single, names)
   effective = None if "pre_a" not in mats else (mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g])
-  aggregate["redundancy"] = _add_redundancy(records, effective, tables.table, merge_tolerance)
+  aggregate["redundancy"] = _add_redundancy(records, effective, tables.table, merge_tolerance, memory_bytes)
   aggregate["connectivity"] = None
   if n_runs >= 2 and effective is not None and connectivity_points:
     conn = connectivity_lib.connectivity(*effective, tables.table, matching["perm_SxSxN"],
-                                         points=connectivity_points)
+                                         points=connectivity_points, memory_bytes=memory_bytes)
     aggregate["connectivity"] = connectivity_lib.cohort_record(conn, [r["key_irreps"] for r in records],
                                                                generalised)
   out = {
@@ -361,14 +517,14 @@ def _add_margins(records, margins, single, names) -> dict | None:
   return None if not margins else _margin_aggregate(records)
 
 
-def _add_redundancy(records, effective, table, tolerance) -> dict | None:
+def _add_redundancy(records, effective, table, tolerance, memory_bytes) -> dict | None:
   """Each record's ``redundancy`` (None without effective weights) and the cohort's aggregate."""
   if effective is None:
     for rec in records:
       rec["redundancy"] = None
     return None
-  merged = {k: np.asarray(v) for k, v in redundancy_lib.merge_features(*effective, table,
-                                                                        tolerance=tolerance).items()}
+  merged = {k: np.asarray(v) for k, v in redundancy_lib.merge_features(
+      *effective, table, tolerance=tolerance, memory_bytes=memory_bytes).items()}
   for i, rec in enumerate(records):
     rec["redundancy"] = {"width": int(merged["alive_SxN"].shape[1]), "never_active": merged["never_active_S"][i],
                          "merges": merged["merges_S"][i], "feature_complexity": merged["width_S"][i],

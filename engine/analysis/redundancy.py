@@ -16,22 +16,28 @@ One ``lax.while_loop`` over merges, vectorised over runs (a run that has stopped
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.analysis import representation as rep
+
 DEFAULT_TOLERANCE = 0.01
 
 
 def merge_features(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, *,
-                   tolerance: float = DEFAULT_TOLERANCE) -> dict:
+                   tolerance: float = DEFAULT_TOLERANCE,
+                   memory_bytes: int = rep.DEFAULT_MEMORY_BYTES) -> dict:
   """Iterative feature merging of every run (module docstring).
 
   Args:
     pre_a_SxGxN, pre_b_SxGxN: effective first-layer weights; unembed_SxCxN: unembedding rows per class
       (padded classes sliced off); table_AxB: the Cayley table.
     tolerance: the largest rise of the loss on all pairs a merge may cause.
+    memory_bytes: working memory of one block of pairs in the loss (``representation.loss_chunks``).
 
   Returns:
     dict of arrays: ``alive_SxN`` (neurons left), ``unembed_SxCxN`` (outgoing weights after folding),
@@ -45,20 +51,18 @@ def merge_features(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, *,
   chex.assert_shape(u, (s, g, n))
   if not np.isfinite(tolerance) or tolerance < 0:
     raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
-  return _merge(pa, pb, u, jnp.asarray(table_AxB, jnp.int32), jnp.float32(tolerance))
+  rows, runs = rep.loss_chunks(g, n, g, s, memory_bytes)
+  return _merge(pa, pb, u, jnp.asarray(table_AxB, jnp.int32), jnp.float32(tolerance), rows=rows, runs=runs)
 
 
-def _loss(pa_SxGxN, pb_SxGxN, u_SxCxN, alive_SxN, table_AxB):
-  hidden = jax.nn.relu(pa_SxGxN[:, :, None, :] + pb_SxGxN[:, None, :, :]) * alive_SxN[:, None, None, :]
-  logits = jnp.einsum("sabn,scn->sabc", hidden, u_SxCxN)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  target = jnp.broadcast_to(table_AxB[None, :, :, None], logp.shape[:3] + (1,))
-  return -jnp.take_along_axis(logp, target, axis=-1).mean(axis=(1, 2, 3))
-
-
-@jax.jit
-def _merge(pa, pb, u, table_AxB, tolerance):
+@functools.partial(jax.jit, static_argnames=("rows", "runs"))
+def _merge(pa, pb, u, table_AxB, tolerance, *, rows, runs):
   s, _, n = pa.shape
+
+  def _loss(pa_SxGxN, pb_SxGxN, u_SxCxN, alive_SxN, table):
+    # A removed neuron's outgoing weights are zeroed, which removes it from the logits.
+    return rep.mlp_loss(pa_SxGxN, pb_SxGxN, u_SxCxN * alive_SxN[:, None, :], table, rows=rows, runs=runs)[0]
+
   w_SxNxF = jnp.concatenate([pa, pb], axis=1).transpose(0, 2, 1)
   norm_SxN = jnp.linalg.norm(w_SxNxF, axis=-1)
   unit = w_SxNxF / jnp.maximum(norm_SxN, 1e-30)[..., None]

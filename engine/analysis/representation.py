@@ -57,6 +57,7 @@ from engine import groups as groups_lib
 
 DEFAULT_KEY_THRESHOLD = 0.005    # Chughtai et al.'s determine_key_reps
 DEFAULT_ORDER_THRESHOLD = 0.05   # Chughtai et al.'s learning order
+DEFAULT_MEMORY_BYTES = 10 ** 9    # working memory of one block of pairs in the streamed passes
 _EPS = 1e-12
 
 
@@ -182,25 +183,43 @@ def logit_similarity(logits_SxAxBxC, group: groups_lib.Group, irreps) -> jax.Arr
   _, a, b, c = logits_SxAxBxC.shape
   for name, size in (("A", a), ("B", b), ("C", c)):
     _check_group_axis(f"logits axis {name}", size, tables)
-  char_norm_R = np.linalg.norm(tables.character_RxG - tables.character_RxG.mean(1, keepdims=True), axis=1)
-  return _logit_similarity(logits_SxAxBxC, _f32(tables.entries_GxQ), _f32(tables.entry_member_QxR),
-                           jnp.asarray(tables.table), _f32(char_norm_R))
+  c_of_MxY, character_YxR, char_norm_R = similarity_constants(tables)
+  return _logit_similarity(logits_SxAxBxC, c_of_MxY, character_YxR, jnp.asarray(tables.table), char_norm_R)
 
 
 @jax.jit
-def _logit_similarity(logits_SxAxBxC, entries_GxQ, member_QxR, table_AxB, char_norm_R):
-  # tr ρ(m·c⁻¹) = Σ_ij ρ_ij(m) ρ_ij(c) for orthogonal ρ, so the G³ trace cube is never built: project the
-  # logits on ρ_ij(c) (one matmul over c) and pair the result with ρ_ij(a·b).
-  logits = logits_SxAxBxC.astype(jnp.float32)
+def _logit_similarity(logits_SxAxBxC, c_of_MxY, character_YxR, table_AxB, char_norm_R):
+  s, a, b, c = logits_SxAxBxC.shape
+  cos_SxPxR = pair_cosines(logits_SxAxBxC.reshape(s, a * b, c), table_AxB.reshape(a * b), c_of_MxY,
+                           character_YxR, char_norm_R)
+  return cos_SxPxR.mean(axis=1)
+
+
+def pair_cosines(logits_SxPxC, product_P, c_of_MxY, character_YxR, char_norm_R):
+  """float32 ``[S, P, R]``: per pair, cos_c(centred logits, tr ρ(m·c⁻¹)) with m = ``product_P`` (= a·b).
+
+  Traceable building block of ``logit_similarity`` for any set of pairs (``engine.analysis.pipeline``
+  streams all |G|² pairs through it in blocks); the constants are ``similarity_constants``.
+  """
+  # Σ_c L[c] χ(m·c⁻¹) = Σ_y L[y⁻¹·m] χ(y): reorder each pair's logits by y, then one product with the
+  # characters ([P, G] × [G, R]); the G³ trace cube is never built, nor a |G|²-wide projection per pair.
+  logits = logits_SxPxC.astype(jnp.float32)
   centred = logits - logits.mean(-1, keepdims=True)
-  proj_SxAxBxQ = jnp.einsum("sabc,cq->sabq", centred, entries_GxQ)
-  at_ab_AxBxQ = entries_GxQ[table_AxB]
-  dot_SxAxBxR = jnp.einsum("sabq,abq,qr->sabr", proj_SxAxBxQ, at_ab_AxBxQ, member_QxR)
-  logit_norm_SxAxB = jnp.sqrt(jnp.sum(centred * centred, axis=-1))
+  by_y_SxPxY = centred[:, jnp.arange(product_P.shape[0])[:, None], c_of_MxY[product_P]]
+  dot_SxPxR = jnp.einsum("spy,yr->spr", by_y_SxPxY, character_YxR, precision=jax.lax.Precision.HIGHEST)
+  logit_norm_SxP = jnp.sqrt(jnp.sum(centred * centred, axis=-1))
   # Non-trivial characters sum to 0 over c, so centring them changes nothing; the trivial one centres to 0.
-  denom = logit_norm_SxAxB[..., None] * char_norm_R[None, None, None, :]
-  cos = jnp.where(denom > _EPS, dot_SxAxBxR / jnp.maximum(denom, _EPS), 0.0)
-  return cos.mean(axis=(1, 2))
+  denom = logit_norm_SxP[..., None] * char_norm_R[None, None, :]
+  return jnp.where(denom > _EPS, dot_SxPxR / jnp.maximum(denom, _EPS), 0.0)
+
+
+def similarity_constants(tables: "IrrepTables") -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(c_of_MxY, character_YxR, char_norm_R)``: the constants of ``pair_cosines`` (int32 y⁻¹·m; float32
+  characters and the norms of the centred characters)."""
+  n = tables.order
+  c_of_MxY = tables.table[tables.inverse[None, :], np.arange(n)[:, None]]  # [m, y] = y⁻¹·m
+  char_norm_R = np.linalg.norm(tables.character_RxG - tables.character_RxG.mean(1, keepdims=True), axis=1)
+  return jnp.asarray(c_of_MxY, jnp.int32), _f32(tables.character_RxG.T), _f32(char_norm_R)
 
 
 def fraction_explained(sim_SxR) -> jax.Array:
@@ -304,13 +323,19 @@ def hidden_fve(hidden_SxAxBxN, group: groups_lib.Group, irreps) -> jax.Array:
 def _hidden_fve(hidden_SxAxBxN, basis_GxM, member_MxR, table, inverse):
   n = table.shape[0]
   h = hidden_SxAxBxN.astype(jnp.float32)
-  # Orthogonal projection onto functions of a·b = the mean over each fibre {(a, a⁻¹m)}; lifting back to
-  # pairs multiplies squared norms by the fibre size |G|.
+  # Orthogonal projection onto functions of a·b = the mean over each fibre {(a, a⁻¹m)}.
   b_of_AxM = table[inverse[:, None], jnp.arange(n)[None, :]]
   by_m_SxMxN = jnp.take_along_axis(h, b_of_AxM[None, :, :, None], axis=2).mean(axis=1)
-  coef_SxMxN = jnp.einsum("gm,sgn->smn", basis_GxM, by_m_SxMxN)
+  return fibre_fve(by_m_SxMxN, jnp.sum(h * h, axis=(1, 2, 3)), basis_GxM, member_MxR)
+
+
+def fibre_fve(by_m_SxMxN, total_S, basis_GxM, member_MxR):
+  """float32 ``[S, R]``: ``hidden_fve`` from the fibre means of H (mean over the pairs with a·b = m) and
+  ‖H‖² over all pairs; traceable, so a streamed pass that accumulates those two gives the same numbers."""
+  n = basis_GxM.shape[0]
+  # Lifting a function of a·b back to pairs multiplies squared norms by the fibre size |G|.
+  coef_SxMxN = jnp.einsum("gm,sgn->smn", basis_GxM, by_m_SxMxN.astype(jnp.float32))
   energy_SxR = n * jnp.einsum("smn,mr->sr", coef_SxMxN * coef_SxMxN, member_MxR)
-  total_S = jnp.sum(h * h, axis=(1, 2, 3))
   return energy_SxR / jnp.maximum(total_S, _EPS)[:, None]
 
 
@@ -364,7 +389,7 @@ def _neuron_irreps(pre_a_SxGxN, pre_b_SxGxN, basis_GxM, member_MxR):
 
 def ablation_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN, keep_SxR, group: groups_lib.Group,
                     irreps, *, hidden_bias_SxN=None, out_bias_SxV=None,
-                    per_irrep: bool = True) -> dict:
+                    per_irrep: bool = True, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> dict:
   """Cross-entropy over all |G|² pairs of the MLP ReLU(P_a[a] + P_b[b] + b₁)·Uᵀ + b₂ with projected P_a, P_b.
 
   Args:
@@ -373,6 +398,7 @@ def ablation_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN, keep_SxR, group: gr
     keep_SxR: bool, the irreps to keep in the restricted loss (usually the key irreps).
     hidden_bias_SxN, out_bias_SxV: optional biases of the hidden and output layers.
     per_irrep: also compute ``excluded_each_SxR`` (remove one irrep at a time).
+    memory_bytes: working memory of one block of pairs (``loss_chunks``).
 
   Returns:
     dict of float32 ``full_S`` (no projection), ``restricted_S`` (keep only ``keep``), ``excluded_S``
@@ -393,18 +419,64 @@ def ablation_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN, keep_SxR, group: gr
   ob = jnp.zeros((s, unembed_SxVxN.shape[1])) if out_bias_SxV is None else jnp.asarray(out_bias_SxV)
   chex.assert_shape(hb, (s, n_hidden))
   chex.assert_shape(ob, (s, unembed_SxVxN.shape[1]))
+  rows, runs = loss_chunks(n_g, n_hidden, n_g, s, memory_bytes)
   return _ablation_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN[:, :n_g], hb, ob[:, :n_g],
                           keep_SxR.astype(jnp.float32), _f32(tables.basis_GxM),
-                          _f32(tables.basis_member_MxR), jnp.asarray(tables.table), per_irrep=per_irrep)
+                          _f32(tables.basis_member_MxR), jnp.asarray(tables.table), per_irrep=per_irrep,
+                          rows=rows, runs=runs)
 
 
-def _mlp_loss(u_SxGxN, v_SxGxN, unembed_SxCxN, hb_SxN, ob_SxC, table):
-  hidden = jax.nn.relu(u_SxGxN[:, :, None, :] + v_SxGxN[:, None, :, :] + hb_SxN[:, None, None, :])
-  logits = jnp.einsum("sabn,scn->sabc", hidden, unembed_SxCxN) + ob_SxC[:, None, None, :]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logp, jnp.broadcast_to(table[None, :, :, None], logp.shape[:3] + (1,)),
-                               axis=-1)
-  return -picked.mean(axis=(1, 2, 3))
+def loss_chunks(order: int, n_hidden: int, n_classes: int, n_runs: int, memory_bytes: int) -> tuple[int, int]:
+  """``(rows, runs)`` for ``mlp_loss``: values of a per block and runs evaluated together, so that the
+  block's hidden layer and logits (and their log-softmax) stay within ``memory_bytes``."""
+  # float32 per pair: the hidden layer before and after the ReLU, the logits, their log-softmax and what
+  # XLA keeps beside them (measured: ~2 of each at once).
+  per_row = 4 * order * (2 * n_hidden + 4 * n_classes)
+  rows = int(min(max(memory_bytes // per_row, 1), order))
+  if rows < order:
+    return rows, 1
+  runs = int(min(max(memory_bytes // (per_row * order), 1), n_runs))
+  # Equal batches of runs: a remainder would be a second program beside the first.
+  while n_runs % runs:
+    runs -= 1
+  return rows, runs
+
+
+def mlp_loss(u_SxGxN, v_SxGxN, unembed_SxCxN, table_AxB, hb_SxN=None, ob_SxC=None, *, rows: int, runs: int):
+  """float32 ``(loss_S, accuracy_S)`` over all |G|² pairs of the MLP ReLU(u[a] + v[b] + b₁)·Uᵀ + b₂.
+
+  Traceable; the pairs go ``rows`` values of a at a time (a scan, the last block padded) and the runs
+  ``runs`` at a time (``lax.map``), so memory is that of ``runs × rows × |G|`` pairs, not of S·|G|³
+  logits (``loss_chunks`` picks both from a budget).
+  """
+  s, g, n = u_SxGxN.shape
+  hb_SxN = jnp.zeros((s, n), jnp.float32) if hb_SxN is None else hb_SxN
+  ob_SxC = jnp.zeros((s, unembed_SxCxN.shape[1]), jnp.float32) if ob_SxC is None else ob_SxC
+  rows = min(rows, g)
+  blocks = -(-g // rows)
+  a_KxR = jnp.arange(blocks * rows).reshape(blocks, rows)
+  valid_KxR = a_KxR < g
+  a_KxR = jnp.minimum(a_KxR, g - 1)
+
+  def one_run(args):
+    u_GxN, v_GxN, w_CxN, hb_N, ob_C = args
+
+    def block(carry, xs):
+      a_R, valid_R = xs
+      hidden_RxGxN = jax.nn.relu(u_GxN[a_R][:, None, :] + v_GxN[None] + hb_N[None, None, :])
+      logits_RxGxC = jnp.einsum("abn,cn->abc", hidden_RxGxN, w_CxN) + ob_C[None, None, :]
+      target_RxG = table_AxB[a_R]
+      logp = jax.nn.log_softmax(logits_RxGxC, axis=-1)
+      nll_R = -jnp.take_along_axis(logp, target_RxG[..., None], axis=-1)[..., 0].sum(axis=1)
+      hit_R = jnp.sum(jnp.argmax(logits_RxGxC, axis=-1) == target_RxG, axis=1).astype(jnp.float32)
+      nll, hit = carry
+      return (nll + jnp.where(valid_R, nll_R, 0.0).sum(), hit + jnp.where(valid_R, hit_R, 0.0).sum()), None
+
+    (nll, hit), _ = jax.lax.scan(block, (jnp.float32(0.0), jnp.float32(0.0)), (a_KxR, valid_KxR))
+    return nll / (g * g), hit / (g * g)
+
+  args = tuple(x.astype(jnp.float32) for x in (u_SxGxN, v_SxGxN, unembed_SxCxN, hb_SxN, ob_SxC))
+  return jax.lax.map(one_run, args, batch_size=min(runs, s))
 
 
 def _project(x_SxGxN, weight_SxM, basis_GxM):
@@ -412,20 +484,21 @@ def _project(x_SxGxN, weight_SxM, basis_GxM):
   return jnp.einsum("gm,smn->sgn", basis_GxM, coef_SxMxN * weight_SxM[:, :, None])
 
 
-@functools.partial(jax.jit, static_argnames=("per_irrep",))
-def _ablation_losses(u, v, unembed, hb, ob, keep_SxR, basis_GxM, member_MxR, table, *, per_irrep):
+@functools.partial(jax.jit, static_argnames=("per_irrep", "rows", "runs"))
+def _ablation_losses(u, v, unembed, hb, ob, keep_SxR, basis_GxM, member_MxR, table, *, per_irrep, rows, runs):
   u, v = u.astype(jnp.float32), v.astype(jnp.float32)
+  loss = lambda u_, v_: mlp_loss(u_, v_, unembed, table, hb, ob, rows=rows, runs=runs)[0]  # noqa: E731
 
   def loss_keeping(keep):
     w_SxM = jnp.einsum("sr,mr->sm", keep, member_MxR)
-    return _mlp_loss(_project(u, w_SxM, basis_GxM), _project(v, w_SxM, basis_GxM), unembed, hb, ob, table)
+    return loss(_project(u, w_SxM, basis_GxM), _project(v, w_SxM, basis_GxM))
 
-  out = {"full_S": _mlp_loss(u, v, unembed, hb, ob, table),
+  out = {"full_S": loss(u, v),
          "restricted_S": loss_keeping(keep_SxR),
          "excluded_S": loss_keeping(1.0 - keep_SxR)}
   if per_irrep:
     r_count = keep_SxR.shape[1]
-    # One irrep at a time with lax.map: memory stays that of one forward pass over all pairs.
+    # One irrep at a time with lax.map: memory stays that of one block of pairs.
     drop_RxSxR = 1.0 - jnp.broadcast_to(jnp.eye(r_count)[:, None, :], (r_count,) + keep_SxR.shape)
     out["excluded_each_SxR"] = jax.lax.map(loss_keeping, drop_RxSxR).T
   return out

@@ -28,7 +28,10 @@ SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
             "coset_threshold": cosets.DEFAULT_COSET_THRESHOLD,
             "single_threshold": margins.DEFAULT_SINGLE_THRESHOLD,
             "connectivity_points": connectivity.DEFAULT_POINTS,
-            "merge_tolerance": redundancy.DEFAULT_TOLERANCE}
+            "merge_tolerance": redundancy.DEFAULT_TOLERANCE,
+            # Working memory of one block of pairs (all runs' logits and hidden layer on it): the analysis
+            # streams the |G|² pairs in such blocks and never holds S·|G|³ logits.
+            "memory_budget_gb": representation.DEFAULT_MEMORY_BYTES / 1e9}
 
 
 def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
@@ -67,5 +70,6 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
                                single_threshold=settings["single_threshold"],
                                connectivity_points=int(settings["connectivity_points"]),
                                merge_tolerance=settings["merge_tolerance"], key=key,
-                               batch_size=batch_size)
+                               batch_size=batch_size,
+                               memory_bytes=int(float(settings["memory_budget_gb"]) * 1e9))
   return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}
