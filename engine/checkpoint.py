@@ -6,9 +6,11 @@ analyses need early checkpoints to find the order in which features are learned.
 checkpoint (``checkpoints_resume/<step>``, ``keep=1``) is a second Checkpointer of the same kind that the
 analyses never read; ``restore_newest`` resumes from the newest step of both.
 
-Arrays are stored as Orbax's zarr chunks in OCDBT files, uncompressed: float32 weights and Adam moments
-gain ~8% from zstd at a CPU cost that the training loop pays on a small machine (benchmarks/README.md,
-"Checkpoint stall"); older compressed checkpoints restore as before (the codec is in each array's metadata).
+Arrays are stored as Orbax's zarr chunks in OCDBT files (``PyTreeCheckpointHandler``), uncompressed: zstd
+shrinks float32 weights and Adam moments little, and its CPU time is taken from training on a small machine
+(benchmarks/README.md, "Checkpoint stall"). Older compressed checkpoints restore as before (the codec is in
+each array's metadata). A restore target without shardings comes back as host numpy arrays, whatever the
+devices and processes that wrote the checkpoint.
 
 A save blocks only while Orbax takes the arrays (device buffers of their own: ``Trainer.checkpoint_view``);
 writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread of
@@ -106,10 +108,10 @@ class Checkpointer:
         os.makedirs(self.directory, exist_ok=True)
       except OSError as e:
         raise CheckpointError(f"cannot create checkpoint directory {self.directory}: {e.strerror}") from None
-    multiprocessing = ocp.options.MultiprocessingOptions()
+    processes = ocp.options.MultiprocessingOptions()
     if this_process_only:
       me = jax.process_index()
-      multiprocessing = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+      processes = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     self.read_only = read_only
     self.timings: list[dict] = []
     self._sealer: threading.Thread | None = None  # commits and checksums the newest save
@@ -122,11 +124,9 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=keep, create=not read_only, read_only=read_only,
           enable_async_checkpointing=async_save and not read_only, cleanup_tmp_directories=not read_only,
-          multiprocessing_options=multiprocessing)
-      self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                            item_handlers={"state": ocp.PyTreeCheckpointHandler(
-                                                multiprocessing_options=multiprocessing,
-                                                use_compression=False)})
+          multiprocessing_options=processes)
+      handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=processes, use_compression=False)
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={"state": handler})
     finally:
       absl_logger.setLevel(level)
 
@@ -201,7 +201,8 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, step: int | None = None,
               fallback: bool = True) -> tuple[int, Any]:
-    """Restores the checkpoint at ``step`` (default: the newest) into the layout of ``abstract_state``.
+    """Restores the checkpoint at ``step`` (default: the newest) into the layout of ``abstract_state``:
+    host numpy arrays for ``jax.ShapeDtypeStruct`` leaves without a sharding, jax arrays for those with one.
 
     With ``fallback``, a checkpoint that fails its checksums or fails to restore is moved aside and the previous
     one is tried; without, it raises CheckpointError.
