@@ -1,6 +1,6 @@
-"""What a checkpoint of the S5 MLP × 64 seeds costs the training loop: the previous save path against the new.
+"""What a checkpoint of the S5 MLP × 64 seeds costs the training loop: the previous save path and the new.
 
-usage: python -m benchmarks.checkpoint_stall [--seeds 64] [--group S5] [--eval-every 5] [--checkpoints 3]
+usage: python -m benchmarks.checkpoint_stall [--seeds 64] [--group S5] [--eval-every 5] [--checkpoints 4]
                                              [--reps 5] [--dir /tmp] [--anatomy-reps 3]
 
 The trainer is the paper's MLP (experiments/configs/chughtai_mlp.py: embed 256, hidden 128, AdamW, so the
@@ -101,8 +101,8 @@ class LegacyCheckpointer:
 
 def make_trainer(seeds: int, group: str, eval_every: int):
   cfg = chughtai_mlp.get_config()
-  cfg.update_from_flattened_dict({"seeds": seeds, "task.groups": group, "task.train_frac_by_group": f"{group}=0.4",
-                                  "steps": 1_000_000, "eval_every": eval_every})
+  cfg.update_from_flattened_dict({"seeds": seeds, "task.groups": group, "steps": 1_000_000,
+                                  "task.train_frac_by_group": f"{group}=0.4", "eval_every": eval_every})
   return train.make_train(cfg)
 
 
@@ -190,7 +190,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   print(f"load average before: {os.getloadavg()[0]:.2f}; jax {jax.__version__}, orbax "
-        f"{ocp.__version__ if hasattr(ocp, '__version__') else '?'}, {jax.device_count()} device(s)", flush=True)
+        f"{getattr(ocp, '__version__', '?')}, {jax.device_count()} device(s)", flush=True)
   trainer = make_trainer(args.seeds, args.group, args.eval_every)
   state = trainer.init()
   state, _ = trainer.run(state, 1)  # compile
@@ -199,10 +199,11 @@ def main(argv=None):
   print(f"{args.seeds} seeds of {args.group}: state {mb:.0f} MB; intervals of {args.eval_every} steps; "
         f"{args.checkpoints} checkpoints per episode; {args.reps} repetitions", flush=True)
 
-  # A first checkpoint of each kind outside the timing: Orbax's one-off set-up (threads, TensorStore contexts).
+  # A first checkpoint of each kind outside the timing: Orbax's one-off set-up (threads, TensorStore).
   for kind in ("old", "new"):
     state, wall, pieces, _ = episode(kind, trainer, state, 1, args.dir)
-    print(f"  first checkpoint of the process, {kind}: blocked {sum(pieces.values()) - pieces['close']:.3f} s, "
+    blocked = sum(pieces.values()) - pieces["close"]
+    print(f"  first checkpoint of the process, {kind}: blocked {blocked:.3f} s, "
           f"close {pieces['close']:.3f} s", flush=True)
 
   kinds = ["old", "new", "none"]
@@ -212,7 +213,8 @@ def main(argv=None):
     for kind in order:
       state, wall, pieces, background = episode(kind, trainer, state, args.checkpoints, args.dir)
       results[kind].append((wall, pieces, background))
-    print(f"  repetition {rep + 1}: " + ", ".join(f"{k} {results[k][-1][0]:.2f} s" for k in kinds), flush=True)
+    walls = ", ".join(f"{k} {results[k][-1][0]:.2f} s" for k in kinds)
+    print(f"  repetition {rep + 1}: {walls}", flush=True)
 
   n = args.checkpoints
   med = statistics.median
@@ -234,7 +236,8 @@ def main(argv=None):
   print(f"| {'':46s} | {'old':>7s} | {'new':>7s} | old/new |")
   print(f"|{'-' * 48}|{'-' * 9}|{'-' * 9}|{'-' * 9}|")
   for key in loop_keys:
-    row(labels[key] + ", per checkpoint", *(med([p.get(key, 0.0) for _, p, _ in results[k]]) / n for k in both))
+    row(labels[key] + ", per checkpoint",
+        *(med([p.get(key, 0.0) for _, p, _ in results[k]]) / n for k in both))
   row("**blocked in the loop**, per checkpoint", *(med(in_loop[k]) for k in both))
   row("close at the end, once", *(med(close[k]) for k in both))
   row(f"**stall** per checkpoint (close ÷ {n})", *(med(amortised[k]) for k in both))

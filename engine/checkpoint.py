@@ -13,12 +13,12 @@ each array's metadata). A restore target without shardings comes back as host nu
 devices and processes that wrote the checkpoint.
 
 A save blocks only while Orbax takes the arrays (device buffers of their own: ``Trainer.checkpoint_view``);
-writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread of
-this class writes the sha256 of every file of the step into it on process 0 (``engine.rundir.write_checksums``),
-while training goes on; the next save, and ``close``, wait for it. A restore first verifies them, so a
-flipped byte that Orbax would read without complaint is caught. A step without checksums — written by an older
-engine, or the newest step of a launch killed before sealing it — is verified only by restoring it (noted in
-the log).
+writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread
+of this class writes the sha256 of every file of the step into it on process 0
+(``engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait for it. A
+restore first verifies them, so a flipped byte that Orbax would read without complaint is caught. A step
+without checksums — written by an older engine, or the newest step of a launch killed before sealing it — is
+verified only by restoring it (noted in the log).
 
 Restoring picks the newest checkpoint that verifies and restores cleanly: a truncated or corrupt one is
 reported with a one-line warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside

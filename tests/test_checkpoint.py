@@ -144,8 +144,9 @@ def test_two_processes_each_save_their_own_runs_and_the_checkpoint_equals_one_de
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   ckpt_dir = tmp_path / "checkpoints"
-  cmd = lambda i: [sys.executable, os.path.join(REPO, "tests", "distributed_worker.py"), str(port), str(i), "2",
-                   "2", cfg.to_json(), str(tmp_path), str(ckpt_dir)]
+  worker = os.path.join(REPO, "tests", "distributed_worker.py")
+  cmd = lambda i: [sys.executable, worker, str(port), str(i), "2", "2", cfg.to_json(), str(tmp_path),
+                   str(ckpt_dir)]
   procs = [subprocess.Popen(cmd(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   try:
