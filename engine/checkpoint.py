@@ -6,11 +6,19 @@ analyses need early checkpoints to find the order in which features are learned.
 checkpoint (``checkpoints_resume/<step>``, ``keep=1``) is a second Checkpointer of the same kind that the
 analyses never read; ``restore_newest`` resumes from the newest step of both.
 
-Once Orbax has committed a step (saves are asynchronous: at the next save, or at ``close``), process 0 writes
-the sha256 of every file of the step into it (``engine.rundir.write_checksums``). A restore first verifies
-them, so a flipped byte that Orbax would read without complaint is caught. A step without checksums — written
-by an older engine, or the newest step of a launch killed before sealing it — is verified only by restoring
-it (noted in the log).
+Arrays are stored as Orbax's zarr chunks in OCDBT files (``PyTreeCheckpointHandler``), uncompressed: zstd
+shrinks float32 weights and Adam moments little, and its CPU time is taken from training on a small machine
+(benchmarks/README.md, "Checkpoint stall"). Older compressed checkpoints restore as before (the codec is in
+each array's metadata). A restore target without shardings comes back as host numpy arrays, whatever the
+devices and processes that wrote the checkpoint.
+
+A save blocks only while Orbax takes the arrays (device buffers of their own: ``Trainer.checkpoint_view``);
+writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread
+of this class writes the sha256 of every file of the step into it on process 0
+(``engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait for it. A
+restore first verifies them, so a flipped byte that Orbax would read without complaint is caught. A step
+without checksums — written by an older engine, or the newest step of a launch killed before sealing it — is
+verified only by restoring it (noted in the log).
 
 Restoring picks the newest checkpoint that verifies and restores cleanly: a truncated or corrupt one is
 reported with a one-line warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside
@@ -27,6 +35,7 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -78,7 +87,12 @@ def log_spaced_steps(total_steps: int, num: int, multiple: int = 1) -> list[int]
 
 
 class Checkpointer:
-  """Saves and restores one pytree (the stacked train state) per step under ``directory``."""
+  """Saves and restores one pytree (the stacked train state) per step under ``directory``.
+
+  ``timings``: per save, ``{"step", "wait_s", "save_s"}`` — seconds the caller was blocked waiting for the
+  previous step's commit and checksums, and in Orbax's synchronous part — completed by the sealing thread
+  with ``commit_s`` (from the end of ``save`` until Orbax committed) and ``checksum_s``.
+  """
 
   def __init__(self, directory: str | os.PathLike, *, async_save: bool = True, read_only: bool = False,
                this_process_only: bool = False, keep: int | None = None):
@@ -100,13 +114,14 @@ class Checkpointer:
         paths.makedirs(self.directory)
       except OSError as e:
         raise CheckpointError(f"cannot create checkpoint directory {self.directory}: {e.strerror}") from None
-    extra = {}
+    processes = ocp.options.MultiprocessingOptions()
     if this_process_only:
       me = jax.process_index()
-      extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
-          primary_host=me, active_processes={me})
+      processes = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     self.read_only = read_only
-    self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
+    self.timings: list[dict] = []
+    self._sealer: threading.Thread | None = None  # commits and checksums the newest save
+    self._seal_error: BaseException | None = None
     absl_logger = pylogging.getLogger("absl")
     level = absl_logger.level
     if read_only:  # Orbax warns at every read-only open that it will not save; reading is the point.
@@ -115,8 +130,9 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=keep, create=not read_only, read_only=read_only,
           enable_async_checkpointing=async_save and not read_only, cleanup_tmp_directories=not read_only,
-          **extra)
-      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+          multiprocessing_options=processes)
+      handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=processes, use_compression=False)
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={"state": handler})
     finally:
       absl_logger.setLevel(level)
 
@@ -126,26 +142,51 @@ class Checkpointer:
     return sorted(int(s) for s in self._manager.all_steps())
 
   def save(self, step: int, state: Any) -> None:
-    """Starts an asynchronous save of ``state`` at ``step`` (a step that exists already is kept)."""
+    """Starts an asynchronous save of ``state`` at ``step`` (a step that exists already is kept).
+
+    Collective: every process calls it with the same step. ``state`` must not change until the save is
+    committed: arrays that a later jitted call donates are to be copied first (``Trainer.checkpoint_view``).
+    """
     if step in self._manager.all_steps():
       return
-    self._seal()
-    self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    self._unsealed.append(int(step))
+    t0 = time.perf_counter()
+    self._seal()  # the previous step: Orbax would wait for its commit here anyway
+    t1 = time.perf_counter()
+    self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
+    t2 = time.perf_counter()
+    timing = {"step": int(step), "wait_s": t1 - t0, "save_s": t2 - t1}
+    self.timings.append(timing)
+    self._sealer = threading.Thread(target=self._commit_and_checksum, args=(int(step), timing),
+                                    name=f"checkpoint-seal-{step}", daemon=True)
+    self._sealer.start()
 
   def _step_dir(self, step: int) -> str:
     return paths.join(self.directory, str(step))
 
+  def _commit_and_checksum(self, step: int, timing: dict) -> None:
+    """The sealing thread: waits until Orbax has committed ``step``, then (process 0) writes its checksums.
+
+    Only one save is in flight per checkpointer, and the next one starts after this thread ends, so the step
+    is not removed (``keep``) while it is hashed. An error is raised by the next ``save`` or ``close``.
+    """
+    try:
+      t0 = time.perf_counter()
+      self._manager.wait_until_finished()
+      t1 = time.perf_counter()
+      if jax.process_index() == 0 and paths.isdir(self._step_dir(step)):
+        rundir.write_checksums(self._step_dir(step))
+      timing.update(commit_s=t1 - t0, checksum_s=time.perf_counter() - t1)
+    except BaseException as e:  # handed to the caller's thread
+      self._seal_error = e
+
   def _seal(self) -> None:
-    """Waits for the pending saves, then writes their checksums (process 0; the files are all committed)."""
-    if not self._unsealed:
-      return
-    self._manager.wait_until_finished()
-    if jax.process_index() == 0:
-      for step in self._unsealed:
-        if paths.isdir(self._step_dir(step)):
-          rundir.write_checksums(self._step_dir(step))
-    self._unsealed = []
+    """Waits for the sealing thread of the newest save (its commit and checksums); raises what it raised."""
+    if self._sealer is not None:
+      self._sealer.join()
+      self._sealer = None
+    if self._seal_error is not None:
+      error, self._seal_error = self._seal_error, None
+      raise error
 
   def _verify(self, step: int) -> str | None:
     """Why the step's files are not the ones committed (None: they are, or the step has no checksums)."""
@@ -166,7 +207,8 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, step: int | None = None,
               fallback: bool = True) -> tuple[int, Any]:
-    """Restores the checkpoint at ``step`` (default: the newest) into the layout of ``abstract_state``.
+    """Restores the checkpoint at ``step`` (default: the newest) into the layout of ``abstract_state``:
+    host numpy arrays for ``jax.ShapeDtypeStruct`` leaves without a sharding, jax arrays for those with one.
 
     With ``fallback``, a checkpoint that fails its checksums or fails to restore is moved aside and the previous
     one is tried; without, it raises CheckpointError.
@@ -190,8 +232,10 @@ class Checkpointer:
     if reason is None:
       _drop_closed_loop_callbacks()
       try:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        # Leaves without a sharding come back as host numpy arrays, whatever the devices that wrote them.
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)))
         return True, restored["state"]
       except Exception as e:  # Orbax raises many types (ValueError, OSError, JSON errors) for bad data.
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -222,9 +266,12 @@ class Checkpointer:
     self._manager.reload()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._seal()
-    self._manager.close()
+    """Waits until the newest save is committed and sealed, then closes Orbax's manager."""
+    try:
+      self._seal()
+    finally:
+      self._manager.wait_until_finished()
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self

@@ -407,7 +407,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
     log.mirror = events.ScalarEvents(workdir, names, step if resumed else None)
   last = _recompute_missing(trainer, state, step, log, names) if step else None
   if step == 0:
-    ckpt.save(0, trainer.unpad(state))
+    ckpt.save(0, trainer.checkpoint_view(state))
   bar = _Progress(cfg.steps, step, len(rows), show_progress, trainer.family)
 
   def log_metrics(at_step, metrics):
@@ -431,10 +431,10 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
       log_metrics(step, metrics)
       stopped_by, due = stop.agreed(timer.due(step - cfg.eval_every, step))
       if step in schedule:
-        ckpt.save(step, trainer.unpad(state))  # the whole state too: a point to resume from as well
+        ckpt.save(step, trainer.checkpoint_view(state))  # the whole state too: a point to resume from as well
         timer.saved()
       elif due or stopped_by:
-        resume.save(step, trainer.unpad(state))  # replaces the previous one once committed (keep=1)
+        resume.save(step, trainer.checkpoint_view(state))  # replaces the previous one once committed (keep=1)
         timer.saved()
       if stopped_by:
         raise Preempted(stopped_by, step)  # the checkpoints are committed and sealed as their managers close

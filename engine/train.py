@@ -130,6 +130,8 @@ class Trainer:
                                            out_specs=P(AXIS)))
     self._run_jit = jax.jit(self._run_global, static_argnums=3, donate_argnums=0)
     self._apply_jit = jax.jit(self._apply_global)
+    # jnp.copy, not the identity: jit would return an input that comes back unchanged instead of a copy.
+    self._copy_jit = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
     self._eval_jit = jax.jit(jax.shard_map(self._eval_local, mesh=self.mesh, in_specs=(P(AXIS),) * 2 + (P(),),
                                            out_specs=P(AXIS)))
 
@@ -270,6 +272,18 @@ class Trainer:
   def unpad(self, tree):
     """Host numpy copy of a run-stacked pytree without the padding runs (gathered across processes)."""
     return jax.tree.map(lambda x: self._to_host(x)[:self.n_runs], tree)
+
+  def checkpoint_view(self, tree):
+    """A run-stacked pytree as a checkpoint saves it: the real runs only (``host_state_spec``), in buffers
+    of its own that no later ``run`` donates, so an asynchronous save may read them while training goes on.
+
+    Without padding runs (the run count a multiple of the device count) this is a copy on the devices, in
+    the same sharding: no host gather, and in a multi-process job each process writes its own runs. With
+    padding runs the unpadded axis cannot be split evenly over the devices, so it is ``unpad``'s host copy.
+    """
+    if self.n_padded != self.n_runs:
+      return self.unpad(tree)
+    return self._copy_jit(tree)
 
   @staticmethod
   def _to_host(x) -> np.ndarray:
