@@ -1,12 +1,15 @@
 """A local GCS JSON API server for tests: gcp-storage-emulator on 127.0.0.1, plus what it lacks.
 
-The emulator ignores write preconditions and has no permissions. Two small additions at its handler level
+The emulator ignores write preconditions, has no permissions and sends no generation header. Three small additions at its handler level
 make the tests mean something:
 
   - ``ifGenerationMatch`` on object uploads (media, multipart, resumable) and deletes: 412 when the object's
     generation differs (0: the object must not exist), as GCS answers. The workdir lease depends on it.
   - read-only buckets (``Server.read_only``): every write to them answers 403, as GCS does for credentials
     without ``storage.objects.create``; reads still work.
+  - the ``x-goog-generation`` header on object downloads, as GCS sends it: TensorStore (Orbax's array
+    writer) reads an OCDBT manifest's generation from it and makes its next write of the manifest
+    conditional on it.
 
 Run one in-process with ``start()``; its URL goes into ``STORAGE_EMULATOR_HOST``.
 """
@@ -44,6 +47,20 @@ def _object_name(request) -> str | None:
   return None
 
 
+_READ_OK = (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT)
+
+
+def _add_generation(request, response, storage, bucket) -> None:
+  """The ``x-goog-generation`` header GCS sends with an object's bytes: TensorStore takes the generation of
+  what it read from it (the emulator omits it, and a later conditional write of that object then fails)."""
+  try:
+    obj = storage.get_file_obj(bucket, (request.params or {}).get("object_id"))
+  except NotFound:
+    return
+  response["x-goog-generation"] = str(obj["generation"])
+  response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+
 def _guarded(handler):
   def wrapped(request, response, storage, *args, **kwargs):
     bucket = (request.params or {}).get("bucket_name")
@@ -61,7 +78,10 @@ def _guarded(handler):
       if current != wanted[0]:
         return _error(response, HTTPStatus.PRECONDITION_FAILED, "conditionNotMet",
                       "At least one of the pre-conditions you specified did not hold.")
-    return handler(request, response, storage, *args, **kwargs)
+    out = handler(request, response, storage, *args, **kwargs)
+    if request.method == "GET" and request.query.get("alt") == ["media"] and response.status in _READ_OK:
+      _add_generation(request, response, storage, bucket)
+    return out
   wrapped.guarded = True
   return wrapped
 
