@@ -17,7 +17,8 @@ writing and committing run in Orbax's background thread. Once Orbax has committe
 of this class writes the sha256 of every file of the step into it on process 0
 (``engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait for it. A
 restore first verifies them, so a flipped byte that Orbax would read without complaint is caught. A step
-without checksums — written by an older engine, or the newest step of a launch killed before sealing it — is
+without checksums — written by an older engine, or a step of a launch killed between its commit and its
+checksums (the next launch seals such steps once it has restored: ``seal_committed``) — is
 verified only by restoring it (noted in the log).
 
 Restoring picks the newest checkpoint that verifies and restores cleanly: a truncated or corrupt one is
@@ -140,6 +141,20 @@ class Checkpointer:
     """Committed checkpoint steps, ascending."""
     self._manager.reload()
     return sorted(int(s) for s in self._manager.all_steps())
+
+  def seal_committed(self) -> list[int]:
+    """Writes the checksums of every committed step that has none (process 0 of a writer; returns them).
+
+    A launch killed between Orbax's commit of a step and its checksums leaves the step whole (Orbax commits
+    atomically) but unsealed; the next launch calls this once it has restored, before it saves anything.
+    """
+    if self.read_only or jax.process_index() != 0:
+      return []
+    sealed = [s for s in self.steps() if not rundir.has_checksums(self._step_dir(s))]
+    for s in sealed:
+      rundir.write_checksums(self._step_dir(s))
+      logging.info("checkpoint %d in %s was committed without checksums: sealed now", s, self.directory)
+    return sealed
 
   def save(self, step: int, state: Any) -> None:
     """Starts an asynchronous save of ``state`` at ``step`` (a step that exists already is kept).

@@ -189,18 +189,26 @@ def _bucket_finished(cfg, workdir: str, analyze: bool) -> bool:
           and report.has_report(workdir))
 
 
+@contextlib.contextmanager
+def _claimed(cfg, workdir: str):
+  """Holds ``workdir`` for a launch of ``cfg``: process 0 checks that it can be written, takes its lock and
+  checks its config.json against ``cfg``. Yields ``(identity, written)``: the config as config.json holds it,
+  and whether config.json already names this study (always True on the other processes)."""
+  is_main = jax.process_index() == 0
+  if is_main:
+    rundir.check_writable(workdir)
+  with rundir.lock(workdir) if is_main else contextlib.nullcontext():
+    identity = config_lib.identity(cfg)
+    defaults = config_lib.identity(config_lib.default_config(cfg.family))
+    yield identity, (rundir.check_config(workdir, identity, defaults) if is_main else True)
+
+
 def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool | None) -> dict[str, Any]:
   """``run_study`` of a study of several buckets (engine.rundir), one after another."""
   family = families.get(cfg.family)
   is_main = jax.process_index() == 0
   do_analyze = cfg.exec.analyze if analyze is None else analyze
-  if is_main:
-    rundir.check_writable(workdir)
-  lock = rundir.lock(workdir) if is_main else contextlib.nullcontext()
-  with lock:
-    identity = config_lib.identity(cfg)
-    defaults = config_lib.identity(config_lib.default_config(cfg.family))
-    written = rundir.check_config(workdir, identity, defaults) if is_main else True
+  with _claimed(cfg, workdir) as (identity, written):
 
     def started():  # the first bucket's state exists: the directory may now name the study
       nonlocal written
@@ -237,13 +245,7 @@ def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool |
 def _run_one(cfg, workdir: str, *, progress: bool, analyze: bool | None, on_start=None) -> dict[str, Any]:
   """``run_study`` of one program into one run directory; ``on_start()`` runs once its state exists."""
   is_main = jax.process_index() == 0
-  if is_main:
-    rundir.check_writable(workdir)
-  lock = rundir.lock(workdir) if is_main else contextlib.nullcontext()
-  with lock:
-    identity = config_lib.identity(cfg)
-    defaults = config_lib.identity(config_lib.default_config(cfg.family))
-    resuming = rundir.check_config(workdir, identity, defaults) if is_main else True
+  with _claimed(cfg, workdir) as (identity, resuming):
     trainer = train_lib.make_train(cfg, mesh=make_mesh())
     rows = _runs_rows(trainer)
 
@@ -400,6 +402,8 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
       print(f"Resuming from checkpoint at step {step}{kind}", flush=True)
   elif is_main and rundir.is_rundir(workdir):
     print("No checkpoint found in an existing workdir: starting from step 0", flush=True)
+  for c in (ckpt, resume):  # steps a killed launch committed but did not seal
+    c.seal_committed()
   started()
   log = _open_log(workdir, step, resumed, is_main)
   names = [r["name"] for r in rows]

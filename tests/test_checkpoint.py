@@ -5,8 +5,6 @@ several processes that each write their own runs."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 
 from engine import checkpoint, rundir, train
 from tests.helpers import group_config
-from tests.test_distributed import REPO, _free_port
+from tests.test_distributed import run_two_workers
 
 
 def _random_tree(rng):
@@ -140,23 +138,8 @@ def test_checkpoint_view_is_a_device_copy_that_training_may_donate_past(tmp_path
 def test_two_processes_each_save_their_own_runs_and_the_checkpoint_equals_one_device(tmp_path):
   cfg = group_config(groups="C5,S3", seeds=2, lr="3e-3", weight_decay="1.0", train_frac="0.5", embed_dim=16,
                      hidden=16, steps=6, eval_every=2, analyze=False)  # 4 runs on 2 x 2 devices: no padding
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   ckpt_dir = tmp_path / "checkpoints"
-  worker = os.path.join(REPO, "tests", "distributed_worker.py")
-  cmd = lambda i: [sys.executable, worker, str(port), str(i), "2", "2", cfg.to_json(), str(tmp_path),
-                   str(ckpt_dir)]
-  procs = [subprocess.Popen(cmd(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  run_two_workers(cfg, tmp_path, str(ckpt_dir))
   state_dir = ckpt_dir / str(cfg.steps) / "state"
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))  # each wrote its own runs
   assert rundir.verify_checksums(str(ckpt_dir / str(cfg.steps))) is None

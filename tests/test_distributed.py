@@ -51,12 +51,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def run_two_workers(cfg, tmp_path, *extra: str) -> list[str]:
+  """Runs tests/distributed_worker.py as two processes of one ``jax.distributed`` job (2 CPU devices each,
+  gloo on loopback) with ``cfg`` and ``tmp_path`` (and ``extra`` arguments); asserts both exit 0 and
+  returns their output."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   cmd = lambda i: [sys.executable, os.path.join(REPO, "tests", "distributed_worker.py"), str(port), str(i), "2",
-                   "2", _cfg().to_json(), str(tmp_path)]
+                   "2", cfg.to_json(), str(tmp_path), *extra]
   procs = [subprocess.Popen(cmd(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   try:
@@ -67,6 +70,11 @@ def test_two_processes_equal_one_process(tmp_path):
         p.kill()
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
+  return logs
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  run_two_workers(_cfg(), tmp_path)
   _, p_ref, m_ref = _reference()
   for i in range(2):
     with np.load(tmp_path / f"process_{i}.npz", allow_pickle=False) as got:
