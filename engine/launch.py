@@ -151,7 +151,8 @@ def describe(cfg: ml_collections.ConfigDict) -> list[str]:
   config_lib.validate(cfg)
   family = families.get(cfg.family)
   programs = family.buckets(cfg)
-  out = [f"{len(programs)} bucket(s), trained one after another, each one program compiled once:"]
+  out = [f"{len(programs)} buckets, trained one after another, each one program compiled once:"
+         if len(programs) > 1 else "One program, compiled once:"]
   for name, cfg_b in programs:
     task = family.describe(cfg_b)[0].lstrip("- ")
     out.append(f"  {name}: {family.n_runs(cfg_b)} runs; {task}")

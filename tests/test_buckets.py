@@ -127,7 +127,7 @@ def test_the_papers_mlp_study_is_three_buckets_each_its_own_study():
   assert [n for n, _ in GROUP.buckets(set_fields(cfg, **{"task.bucket_padding": 0.0}))][:3] == \
       ["order60", "order113", "order118"]
   lines = launch.describe(chughtai_mlp.get_config())
-  assert lines[0].startswith("3 bucket(s)") and "order720: 50 runs; Task: composition a·b in S6" in lines[3]
+  assert lines[0].startswith("3 buckets") and "order720: 50 runs; Task: composition a·b in S6" in lines[3]
   for bad in (-0.1, float("inf"), float("nan")):
     with pytest.raises(ValueError, match="^config.task.bucket_padding: "):
       config_lib.validate(set_fields(group_config(), **{"task.bucket_padding": bad}))
