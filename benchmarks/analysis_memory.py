@@ -1,4 +1,4 @@
-"""Peak memory and time of the group analysis (``engine.analysis.pipeline.analyze_group``): the streamed
+"""Peak memory and time of the group analysis (``universality.engine.analysis.pipeline.analyze_group``): the streamed
 path of this checkout against the in-memory one of an older revision, each in its own process.
 
 usage: python -m benchmarks.analysis_memory [--case s5|s6|both] [--paths new,old] [--old-rev c538a73]
@@ -49,12 +49,12 @@ HIDDEN, EMBED = 128, 256
 def child(args) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax  # pylint: disable=import-outside-toplevel
-  from engine import config as config_lib  # pylint: disable=import-outside-toplevel
-  from engine import groups  # pylint: disable=import-outside-toplevel
-  from engine import irreps as irreps_lib  # pylint: disable=import-outside-toplevel
-  from engine.analysis import pipeline  # pylint: disable=import-outside-toplevel
-  from engine.families.group import analysis as group_analysis  # pylint: disable=import-outside-toplevel
-  from engine.families.group import models  # pylint: disable=import-outside-toplevel
+  from universality.engine import config as config_lib  # pylint: disable=import-outside-toplevel
+  from universality.engine import groups  # pylint: disable=import-outside-toplevel
+  from universality.engine import irreps as irreps_lib  # pylint: disable=import-outside-toplevel
+  from universality.engine.analysis import pipeline  # pylint: disable=import-outside-toplevel
+  from universality.engine.families.group import analysis as group_analysis  # pylint: disable=import-outside-toplevel
+  from universality.engine.families.group import models  # pylint: disable=import-outside-toplevel
 
   cfg = config_lib.default_config("group")
   cfg.model.name, cfg.model.mlp.embed_dim, cfg.model.mlp.hidden = "mlp", EMBED, HIDDEN

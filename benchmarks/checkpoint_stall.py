@@ -5,14 +5,14 @@ usage: python -m benchmarks.checkpoint_stall [--seeds 64] [--group S5] [--eval-e
 
 The trainer is the paper's MLP (experiments/configs/chughtai_mlp.py: embed 256, hidden 128, AdamW, so the
 state is the parameters and two moments: 109 MB at 64 seeds of S5). One *episode* trains ``--checkpoints``
-eval intervals of ``--eval-every`` steps and checkpoints after each, as ``engine.launch`` does, into a fresh
+eval intervals of ``--eval-every`` steps and checkpoints after each, as ``universality.engine.launch`` does, into a fresh
 directory under ``--dir``, then closes the checkpointer (as a launch does at its end). Three kinds of episode
 run in turn, in a rotating order, ``--reps`` times:
 
   old   the save path before this change (``LegacyCheckpointer`` below, a copy of it): a host numpy copy of
         the state (``Trainer.unpad``), Orbax's default handler (zstd), and at the next save and at close a
         wait for the previous save's commit followed by the sha256 of its files, on the training thread.
-  new   ``engine.checkpoint.Checkpointer`` fed by ``Trainer.checkpoint_view``: a copy on the device that Orbax
+  new   ``universality.engine.checkpoint.Checkpointer`` fed by ``Trainer.checkpoint_view``: a copy on the device that Orbax
         writes from, no compression, commit and sha256 in a background thread, waited for only by the next
         save (normally long done) and by close.
   none  the same intervals without checkpoints: the baseline of the same repetition.
@@ -54,12 +54,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from engine import checkpoint, rundir, train  # noqa: E402
-from experiments.configs import chughtai_mlp  # noqa: E402
+from universality.engine import checkpoint, rundir, train  # noqa: E402
+from universality.experiments.configs import chughtai_mlp  # noqa: E402
 
 
 class LegacyCheckpointer:
-  """The previous engine.checkpoint save path, kept here to be timed beside the new one (saving only).
+  """The previous universality.engine.checkpoint save path, kept here to be timed beside the new one (saving only).
 
   Orbax's default StandardCheckpointHandler (zarr2 chunks in OCDBT, zstd level 1); ``save`` first seals the
   previous step on the caller's thread: waits for its commit, then writes its sha256 (process 0).

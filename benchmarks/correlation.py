@@ -1,4 +1,4 @@
-"""Speed and memory of kernels.correlation beside numpy float64 corrcoef and a bare float32 XᵀX.
+"""Speed and memory of universality.kernels.correlation beside numpy float64 corrcoef and a bare float32 XᵀX.
 
   python -m benchmarks.correlation                      # both cases, each in its own process
   python -m benchmarks.correlation --case small         # S=16 x N=128 neurons, T=14,400 inputs
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import correlation as kc
+from universality.kernels import correlation as kc
 
 
 def _peak_rss_gb() -> float:

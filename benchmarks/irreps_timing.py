@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from engine import groups
-from engine import irreps as irreps_lib
+from universality.engine import groups
+from universality.engine import irreps as irreps_lib
 
 DEFAULT = ["S5", "A5", "S4xC5", "Q8xC15", "A6", "S6", "C3xS3xD20", "S4xS4", "A5xD5", "Dic125",
            "D500", "C1000", "C10xC10xC10", "C2xC2xC2xC5xC5xC5", "S4xD20", "Q8xC125", "S5xC2xC2xC2"]

@@ -8,9 +8,9 @@ In one process: the post-GELU activations of every layer of S models on the same
 computed once and kept in memory as batches; then, on those same batches, (1) a bare float32 XᵀX of the
 (T, S·L·N) activation matrix (the floor named by the issue: every product of every pair of neurons), (2)
 the products the statistic needs, XᵢᵀXⱼ for i < j plus each model's own XᵢᵀXᵢ for the rotation baseline's
-variances, as plain XLA matmuls, and (3) ``kernels.correlation.max_correlation`` with the rotation baseline
+variances, as plain XLA matmuls, and (3) ``universality.kernels.correlation.max_correlation`` with the rotation baseline
 on the cross-model blocks (``within=False``), as the pass runs it. ``--memory`` runs the whole pass
-(forward, statistics, correlation: ``engine.families.lm.analysis.neuron_table``) at two values of T, each
+(forward, statistics, correlation: ``universality.engine.families.lm.analysis.neuron_table``) at two values of T, each
 in its own process, and prints its peak resident memory (VmHWM): it must not grow with T.
 """
 
@@ -27,15 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.correlation import _best_of, _matmul_rate, _peak_rss_gb
-from engine import config as config_lib
-from engine.families.lm import analysis, family, models
-from kernels import correlation as kc
+from universality.engine import config as config_lib
+from universality.engine.families.lm import analysis, family, models
+from universality.kernels import correlation as kc
 
 
 def _models(args):
   """(params_S, cfg): a run directory's last checkpoint, or S freshly initialised default models."""
   if args.workdir:
-    from engine import replay  # noqa: PLC0415 - only this mode reads a run directory
+    from universality.engine import replay  # noqa: PLC0415 - only this mode reads a run directory
     run = replay.open(args.workdir)
     return jax.tree.map(jnp.asarray, run.params()), run.config
   cfg = config_lib.default_config("lm")

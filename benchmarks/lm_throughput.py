@@ -1,4 +1,4 @@
-"""Training throughput of the byte transformer (engine.families.lm): engine.train at 1 and 8 seeds vs PyTorch.
+"""Training throughput of the byte transformer (universality.engine.families.lm): universality.engine.train at 1 and 8 seeds vs PyTorch.
 
 usage: python benchmarks/lm_throughput.py [--seeds 1,8] [--evals 1] [--reps 3] [--torch-steps 20]
                                          [--layers 2] [--d-model 128] [--heads 4] [--d-mlp 512]
@@ -51,10 +51,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.train_throughput import matmul_rate  # noqa: E402
-from engine import train  # noqa: E402
-from engine.families.lm import family as lm_family  # noqa: E402
-from engine.families.lm import models  # noqa: E402
-from experiments.configs import lm_default  # noqa: E402
+from universality.engine import train  # noqa: E402
+from universality.engine.families.lm import family as lm_family  # noqa: E402
+from universality.engine.families.lm import models  # noqa: E402
+from universality.experiments.configs import lm_default  # noqa: E402
 
 _PIECE_ITERS = 20
 

@@ -1,4 +1,4 @@
-"""Training throughput of the S5 MLP (Chughtai et al.): engine.train at 1..256 seeds vs a PyTorch loop.
+"""Training throughput of the S5 MLP (Chughtai et al.): universality.engine.train at 1..256 seeds vs a PyTorch loop.
 
 usage: python benchmarks/train_throughput.py [--seeds 1,8,64,256] [--work 600] [--eval-every 100]
                                             [--run-chunk 0] [--quick] [--no-torch]
@@ -34,8 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine import config, groups, train  # noqa: E402
-from engine.families.group import task as tasks  # noqa: E402
+from universality.engine import config, groups, train  # noqa: E402
+from universality.engine.families.group import task as tasks  # noqa: E402
 
 GROUP, FRAC = "S5", 0.4
 
@@ -61,7 +61,7 @@ def step_flops(cfg, n_train: int, vocab: int) -> float:
 
 def bench_engine(seeds: int, work: int, eval_every: int, run_chunk: int = 0,
                  reps: int = 3) -> tuple[float, float]:
-  """(model-steps/s, compile-and-first-call seconds) of engine.train at ``seeds`` seeds.
+  """(model-steps/s, compile-and-first-call seconds) of universality.engine.train at ``seeds`` seeds.
 
   Every configuration evaluates every ``eval_every`` steps, so the evaluation overhead (a forward pass over
   all |G|² pairs: ~8% of the time at 10 steps, <1% at 100) is the same share of every line.

@@ -1,4 +1,4 @@
-"""Caches of numpy archives, written atomically (``engine.paths.write_npz``): readers see the old file or
+"""Caches of numpy archives, written atomically (``universality.engine.paths.write_npz``): readers see the old file or
 the new one, never half of one."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from typing import Mapping
 
 import numpy as np
 
-from engine import paths
+from universality.engine import paths
 
 
 def write_cache(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-  """``engine.paths.write_npz`` for a cache: an unwritable cache only costs recomputation, so errors are
+  """``universality.engine.paths.write_npz`` for a cache: an unwritable cache only costs recomputation, so errors are
   ignored."""
   try:
     paths.write_npz(path, arrays)

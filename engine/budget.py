@@ -23,8 +23,8 @@ from typing import NamedTuple, Sequence
 
 import jax
 
-from engine import config as config_lib
-from engine import families
+from universality.engine import config as config_lib
+from universality.engine import families
 
 ROW_BYTES = 4096      # host memory per run outside the arrays: its rows, key and runs.json text (~2.5 kB seen)
 STATE_COPIES = 3      # parameters and the two AdamW moments

@@ -15,7 +15,7 @@ devices and processes that wrote the checkpoint.
 A save blocks only while Orbax takes the arrays (device buffers of their own: ``Trainer.checkpoint_view``);
 writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread
 of this class writes the sha256 of every file of the step into it on process 0
-(``engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait for it. A
+(``universality.engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait for it. A
 restore first verifies them, so a flipped byte that Orbax would read without complaint is caught. A step
 without checksums — written by an older engine, or a step of a launch killed between its commit and its
 checksums (the next launch seals such steps once it has restored: ``seal_committed``) — is
@@ -25,9 +25,9 @@ Restoring picks the newest checkpoint that verifies and restores cleanly: a trun
 reported with a one-line warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside
 ``checkpoints/`` (never deleted; a read-only reader only skips it), and the previous one is used.
 
-The directory may be a ``gs://`` URL (``engine.paths``): Orbax then writes through TensorStore and marks a
+The directory may be a ``gs://`` URL (``universality.engine.paths``): Orbax then writes through TensorStore and marks a
 committed step with a ``commit_success.txt`` object instead of renaming a temporary directory; the
-checksums, their verification and the move aside go through ``engine.paths`` (a move on an object store is
+checksums, their verification and the move aside go through ``universality.engine.paths`` (a move on an object store is
 a copy and a delete, not atomic).
 """
 
@@ -46,8 +46,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from engine import paths
-from engine import rundir
+from universality.engine import paths
+from universality.engine import rundir
 
 
 def _drop_closed_loop_callbacks() -> None:

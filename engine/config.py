@@ -2,7 +2,7 @@
 
 Sections by concern::
 
-  family                 the task family (engine.families): "group" (composition in finite groups) or "lm"
+  family                 the task family (universality.engine.families): "group" (composition in finite groups) or "lm"
                          (byte-level language modelling)
   seeds, seed, seed_offset   seeds per grid point, the base seed, the first seed number
   steps, eval_every, batch_size, num_checkpoints   the schedule, shared by every run
@@ -31,7 +31,7 @@ import math
 
 import ml_collections
 
-from engine import families
+from universality.engine import families
 
 EXECUTION = "exec"          # how to run: not part of a study's identity
 ANALYSIS = "analysis"       # the family's analysis settings: not part of a study's identity either
@@ -66,7 +66,7 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
                                  # benchmarks/README.md)
   cfg[EXECUTION].analyze = True  # run the analysis and write the report when training ends
   cfg[ANALYSIS] = ml_collections.ConfigDict()  # filled by the family (none for group composition)
-  cfg[EXECUTION].memory_budget_gb = 0.0  # memory a launch may use (engine.budget): per device on accelerators,
+  cfg[EXECUTION].memory_budget_gb = 0.0  # memory a launch may use (universality.engine.budget): per device on accelerators,
                                          # host RAM on the CPU; 0: what the machine reports
   # The rolling resume checkpoint (checkpoints_resume/, the whole train state, only the newest kept), so that a
   # crash loses bounded work: at the end of the first eval interval that reaches a multiple of
@@ -74,7 +74,7 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
   # either kind; 0 turns a trigger off. SIGTERM and SIGINT always write one.
   cfg[EXECUTION].resume_every_steps = 0
   cfg[EXECUTION].resume_every_minutes = 10.0
-  cfg[EXECUTION].tensorboard = False  # also write every run's metrics as TensorBoard scalars (engine.events)
+  cfg[EXECUTION].tensorboard = False  # also write every run's metrics as TensorBoard scalars (universality.engine.events)
   families.get(family).add_config(cfg)
   return cfg
 

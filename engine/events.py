@@ -25,8 +25,8 @@ import struct
 import time
 import zlib
 
-from engine import paths
-from engine import rundir
+from universality.engine import paths
+from universality.engine import rundir
 
 REMOTE_FLUSH_S = 60.0  # gs://: how often a launch's event files are rewritten
 

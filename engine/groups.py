@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engine import atomic
+from universality.engine import atomic
 
 MAX_ORDER = 6000  # a table of 6000² int32 is 144 MB; larger groups are not tabulated
 
@@ -367,7 +367,7 @@ def _named(kind: str, n: int) -> Group:
 # ---------------------------------------------------------------------------------------------------
 # Subgroups.
 
-SUBGROUPS_FORMAT = "engine.groups.subgroups/1"  # bump when the enumeration or the file layout changes
+SUBGROUPS_FORMAT = "universality.engine.groups.subgroups/1"  # bump when the enumeration or the file layout changes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

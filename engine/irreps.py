@@ -3,7 +3,7 @@ Fourier transform in JAX.
 
 ``real_irreps(group)`` returns every irreducible representation of ``group`` over the reals, as orthogonal
 matrices ``rho_GxDxD`` with ``rho[a] @ rho[b] == rho[table[a, b]]``, the trivial one first. Nothing is
-looked up: the method works for any ``engine.groups.Group``.
+looked up: the method works for any ``universality.engine.groups.Group``.
 
 Method (two stages, both on the regular representation, all randomness from fixed seeds):
 
@@ -43,7 +43,7 @@ complex or quaternionic real irrep containing its complex constituent twice):
   Plancherel  Σ_g f(g)² = Σ_ρ w_ρ ‖f̂(ρ)‖_F²,
 and w_ρ ‖f̂(ρ)‖_F² is ‖f projected onto W_ρ‖², the power of f in ρ (``fourier_power``).
 
-``python -m engine.irreps S5 D4 Q8`` prints character tables.
+``python -m universality.engine.irreps S5 D4 Q8`` prints character tables.
 """
 
 from __future__ import annotations
@@ -63,10 +63,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from engine import atomic
-from engine import groups as groups_lib
+from universality.engine import atomic
+from universality.engine import groups as groups_lib
 
-FORMAT = "engine.irreps/1"  # bump when the computation or the file layout changes
+FORMAT = "universality.engine.irreps/1"  # bump when the computation or the file layout changes
 _SEED = 20240611
 _ATTEMPTS = 4
 _TOL = 1e-9  # homomorphism, orthogonality and trace checks on the results
@@ -128,13 +128,13 @@ def real_irreps(group: groups_lib.Group | str, cache: bool = True) -> list[Irrep
   """All real irreducible representations of ``group``, trivial first (see the module docstring).
 
   Args:
-    group: an ``engine.groups.Group`` or a spec for ``engine.groups.get`` such as ``"S5"``.
+    group: an ``universality.engine.groups.Group`` or a spec for ``universality.engine.groups.get`` such as ``"S5"``.
     cache: read and write the in-process and on-disk caches; ``False`` always computes afresh.
   """
   if isinstance(group, str):
     group = groups_lib.get(group)
   if not isinstance(group, groups_lib.Group):
-    raise IrrepError(f"real_irreps needs an engine.groups.Group or a group spec, got {type(group).__name__}")
+    raise IrrepError(f"real_irreps needs an universality.engine.groups.Group or a group spec, got {type(group).__name__}")
   if not cache:
     return list(_compute(group))
   key = group.key
@@ -684,7 +684,7 @@ def _validate(group: groups_lib.Group, irreps: Sequence[Irrep]) -> None:
 
 def _check_irreps_shape(irreps: Sequence[Irrep], g: int | None = None) -> int:
   if not irreps or not all(isinstance(ir, Irrep) for ir in irreps):
-    raise IrrepError("irreps must be a non-empty sequence of engine.irreps.Irrep")
+    raise IrrepError("irreps must be a non-empty sequence of universality.engine.irreps.Irrep")
   orders = {ir.order for ir in irreps}
   if len(orders) != 1 or (g is not None and orders != {g}):
     raise IrrepError(f"irreps of groups of orders {sorted(orders)} do not match a group of order {g}")
@@ -803,7 +803,7 @@ def format_character_table(group: groups_lib.Group, irreps: Sequence[Irrep] | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m engine.irreps", description="Print real character tables.")
+  parser = argparse.ArgumentParser(prog="python -m universality.engine.irreps", description="Print real character tables.")
   parser.add_argument("specs", nargs="+", help="group specs such as S5 D4 Q8 C3xS3")
   parser.add_argument("--no-cache", action="store_true",
                       help="compute afresh, do not read or write the cache")

@@ -1,7 +1,7 @@
 """Run a study into a work directory: train all runs in one program, checkpoint, log metrics, analyse.
 
 ``run_study(cfg, workdir)`` is the importable body of ``experiments/group_universality.py``; a notebook can
-call it too. The work directory's format belongs to ``engine.rundir``. Relaunching the same command resumes
+call it too. The work directory's format belongs to ``universality.engine.rundir``. Relaunching the same command resumes
 from the newest restorable checkpoint; the final state equals an uninterrupted run's bit for bit on CPU. A
 relaunch with a different study config is refused; execution settings (``config.exec``) may differ. Only
 process 0 writes files other than checkpoints.
@@ -15,12 +15,12 @@ point exits with ``PREEMPTED_EXIT``). A relaunch resumes from the newest step of
 
 A study its family splits into buckets (``Family.buckets``; e.g. groups of very different orders) is trained
 bucket after bucket, each one program compiled once and spread over every device, into the bucket's own run
-directory (engine.rundir: ``buckets/<name>/``), which is exactly what a launch of the bucket's config alone
+directory (universality.engine.rundir: ``buckets/<name>/``), which is exactly what a launch of the bucket's config alone
 writes; the study's config.json and report index sit above them. A relaunch skips the finished buckets
 (final checkpoint, and report when analysing) and resumes the one in progress; ``Preempted`` stops the
 bucket in progress like a one-program launch. The memory check covers every bucket before any is built.
 
-A launch is checked against the memory it may use (``engine.budget``) before anything is built, and writes
+A launch is checked against the memory it may use (``universality.engine.budget``) before anything is built, and writes
 config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
 config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
 the step it resumes from recomputes that line from the checkpoint.
@@ -44,17 +44,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from engine import budget
-from engine import checkpoint as checkpoint_lib
-from engine import config as config_lib
-from engine import events
-from engine import families
-from engine import paths
-from engine import replay
-from engine import report
-from engine import rundir
-from engine import train as train_lib
-from engine.analysis import driver
+from universality.engine import budget
+from universality.engine import checkpoint as checkpoint_lib
+from universality.engine import config as config_lib
+from universality.engine import events
+from universality.engine import families
+from universality.engine import paths
+from universality.engine import replay
+from universality.engine import report
+from universality.engine import rundir
+from universality.engine import train as train_lib
+from universality.engine.analysis import driver
 
 LaunchError = rundir.RunDirError  # a work directory or config that cannot be used; one-line message
 # The exit status of a launch stopped by SIGTERM or SIGINT once its checkpoint is written: EX_TEMPFAIL
@@ -121,7 +121,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   """Trains every run of ``cfg`` into ``workdir`` (resuming if possible), then analyses and reports.
 
   A study its family splits into several buckets (``Family.buckets``) trains them one after another, each
-  one program on every device, into ``buckets/<name>/`` (engine.rundir); a relaunch skips the finished
+  one program on every device, into ``buckets/<name>/`` (universality.engine.rundir); a relaunch skips the finished
   ones and resumes the one in progress.
 
   Returns a dict with the workdir, the final step, the final metrics per run and the paths written (for
@@ -205,7 +205,7 @@ def _claimed(cfg, workdir: str):
 
 
 def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool | None) -> dict[str, Any]:
-  """``run_study`` of a study of several buckets (engine.rundir), one after another."""
+  """``run_study`` of a study of several buckets (universality.engine.rundir), one after another."""
   family = families.get(cfg.family)
   is_main = jax.process_index() == 0
   do_analyze = cfg.exec.analyze if analyze is None else analyze
@@ -453,7 +453,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
 
 
 def _analyze_and_report(workdir: str, settings: dict, progress: bool) -> dict[str, Any]:
-  """Runs engine.analysis (with the config's analysis ``settings``) and engine.report on the finished workdir
+  """Runs universality.engine.analysis (with the config's analysis ``settings``) and universality.engine.report on the finished workdir
   (process 0 writes the files)."""
   if jax.process_index() != 0:  # the analysis reads checkpoints on this process alone: one is enough
     return {}

@@ -307,7 +307,7 @@ def read_npz(p: str) -> dict[str, np.ndarray]:
 
 
 def write_png(fig, p: str, save) -> None:
-  """``save(fig, file_object)`` (e.g. ``engine.plots.save``) rendered in memory and written atomically."""
+  """``save(fig, file_object)`` (e.g. ``universality.engine.plots.save``) rendered in memory and written atomically."""
   buf = io.BytesIO()
   save(fig, buf)
   write_atomic(p, buf.getvalue())

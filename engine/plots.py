@@ -2,7 +2,7 @@
 
 Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so nothing is shown, no global
 figure registry grows, and saving a PNG uses the Agg renderer whatever backend is active (no display
-needed). ``engine.replay.Run.plot`` feeds these functions from a run directory and ``engine.report`` saves
+needed). ``universality.engine.replay.Run.plot`` feeds these functions from a run directory and ``universality.engine.report`` saves
 the very same figures, so a notebook and the report draw through one code path.
 
 Irreps keep one colour each across every figure of a group (``irrep_colors``), runs are labelled by their
@@ -418,6 +418,6 @@ def neuron_comparison(corr_NxM, dominant_a_N, dominant_b_M, perm_N, irrep_names:
 
 def save(fig: Figure, path, dpi: int = 100):
   """Writes ``fig`` as a PNG with the Agg renderer and no timestamp or version metadata (reproducible) to a
-  local path or a binary file object (``engine.paths.write_png`` renders into memory for gs://)."""
+  local path or a binary file object (``universality.engine.paths.write_png`` renders into memory for gs://)."""
   fig.savefig(path, format="png", dpi=dpi, metadata={"Software": None})
   return path

@@ -1,23 +1,23 @@
 """Open a run directory in a notebook: config, runs, cohorts, checkpoints, metrics; re-analyse any step.
 
-  run = engine.replay.open("runs/default")   # the view of the directory's task family (a Run subclass)
+  run = universality.engine.replay.open("runs/default")   # the view of the directory's task family (a Run subclass)
   run.runs                       # one row per leading index of the stacked state (runs.json)
   run.cohorts                    # cohort names: runs that differ only in seed
   sub = run.select(lr=1e-2)      # a view on some runs; every accessor below respects it
   one = sub.select(seed=3)       # seed = the seed number k; base_seed = the config's base seed
   params = sub.params()          # stacked params of the newest checkpoint, numpy, on the host
-  res = sub.analyze(step=run.steps[5])   # the analysis (engine.analysis.driver) as if that step were last
+  res = sub.analyze(step=run.steps[5])   # the analysis (universality.engine.analysis.driver) as if that step were last
   run.summary()                  # analysis/summary.json as saved at the end of the launch
 
 Selection fields: every field of a runs.json row (for group composition: ``group``, ``seed``, ``base_seed``,
 ``lr``, ``weight_decay``, ``train_frac``, ``cohort``, ``name``) and ``index`` (the run's leading index in the
 run directory). A value may be a list of accepted values; floats compare with a relative tolerance of 1e-9.
-The family's view adds its own accessors (group composition: ``engine.families.group.view``).
+The family's view adds its own accessors (group composition: ``universality.engine.families.group.view``).
 
-A study trained in several buckets (engine.rundir: ``buckets/<name>/``, one run directory each) opens as a
+A study trained in several buckets (universality.engine.rundir: ``buckets/<name>/``, one run directory each) opens as a
 ``Study``, a view across them::
 
-  study = engine.replay.open("runs/chughtai_mlp")
+  study = universality.engine.replay.open("runs/chughtai_mlp")
   study.buckets                  # {name: the family's view of that bucket's run directory}, in launch order
   study.runs                     # every run of every bucket, each row with its ``bucket`` name added
   s6 = study.select(group="S6")  # runs of one bucket: that bucket's family view (a Run), as above
@@ -30,7 +30,7 @@ directory. Buckets not started yet are listed in ``missing``.
 Everything is read from JSON files and Orbax checkpoints; nothing in a run directory is executed or
 unpickled, and nothing it says is trusted before it is checked: a config.json whose run count disagrees with
 runs.json, whose shapes disagree with a checkpoint's own (Orbax metadata), or whose sweep would not fit in
-memory (engine.budget) is refused with a one-line ``RunDirError`` / ``BudgetError`` before anything is
+memory (universality.engine.budget) is refused with a one-line ``RunDirError`` / ``BudgetError`` before anything is
 allocated. Checkpoints hold the unpadded stacked state as numpy arrays (``train.host_state_spec``), so they
 restore onto the local host whatever device layout (devices, processes) wrote them.
 """
@@ -46,13 +46,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from engine import budget
-from engine import checkpoint as checkpoint_lib
-from engine import config as config_lib
-from engine import families
-from engine import rundir
-from engine import train
-from engine.analysis import driver
+from universality.engine import budget
+from universality.engine import checkpoint as checkpoint_lib
+from universality.engine import config as config_lib
+from universality.engine import families
+from universality.engine import rundir
+from universality.engine import train
+from universality.engine.analysis import driver
 
 _STATE_CACHE = 2  # restored train states kept in memory (each holds params and two Adam moments)
 
@@ -278,7 +278,7 @@ class Run:
   # --- Analysis ------------------------------------------------------------------------------------
 
   def summary(self) -> dict:
-    """analysis/summary.json as written at the end of the launch (schema: engine.analysis.driver)."""
+    """analysis/summary.json as written at the end of the launch (schema: universality.engine.analysis.driver)."""
     mtime = rundir.summary_mtime(self.workdir) if rundir.has_summary(self.workdir) else None
     cached = self._shared.get("summary")
     if cached is None or cached[0] != mtime:
@@ -312,7 +312,7 @@ class Run:
     """Re-runs the analysis on the selected runs as if ``step`` were the last checkpoint; writes nothing.
 
     ``settings`` override the family's analysis settings (``Family.analysis_settings``). Returns
-    ``{cohort: {"task": ..., "aggregate": ..., "runs": [record, ...]}}`` (engine.analysis.driver); with all
+    ``{cohort: {"task": ..., "aggregate": ..., "runs": [record, ...]}}`` (universality.engine.analysis.driver); with all
     runs of a cohort selected and ``step`` the last checkpoint this equals the cohort's summary entry.
     """
     return driver.analyze_cohorts(self, step, seed=seed, progress=progress, **settings)
@@ -412,7 +412,7 @@ def _open_view(workdir: str) -> Run:
 
 
 def is_study_of_buckets(workdir: str) -> bool:
-  """Whether ``workdir`` is a study of several buckets (no runs.json of its own; engine.rundir)."""
+  """Whether ``workdir`` is a study of several buckets (no runs.json of its own; universality.engine.rundir)."""
   workdir = rundir.resolve(workdir)
   if rundir.has_runs(workdir):  # one run directory, whatever its config would split into today
     return False

@@ -1,11 +1,11 @@
 """The report of an analysed run directory: PNG plots and a markdown index, written to ``report/``.
 
-``write_report(workdir)`` runs after the analysis (``engine.analysis.driver.analyze``): it reads
+``write_report(workdir)`` runs after the analysis (``universality.engine.analysis.driver.analyze``): it reads
 ``analysis/summary.json``, ``metrics.jsonl``, ``runs.json``, ``config.json`` and, for figures recomputed from
 weights, the final Orbax checkpoint (nothing is executed or unpickled), and writes ``report/index.md`` — the
 study header, then the task family's sections (``Family.report_module``: ``sections``) with their images.
 
-A study of several buckets (engine.rundir) has a report per bucket, in the bucket's run directory, and at
+A study of several buckets (universality.engine.rundir) has a report per bucket, in the bucket's run directory, and at
 the top ``report/index.md`` (``write_study_report``): the study header and one row per bucket (its runs,
 task, share of runs generalised at the last logged step) linked to the bucket's report.
 
@@ -24,11 +24,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from engine import config as config_lib
-from engine import paths
-from engine import plots
-from engine import replay
-from engine import rundir
+from universality.engine import config as config_lib
+from universality.engine import paths
+from universality.engine import plots
+from universality.engine import replay
+from universality.engine import rundir
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -96,7 +96,7 @@ def write_study_report(workdir: str) -> str:
 
 
 def write_study_report_of(study) -> str:
-  """``write_study_report`` for an open ``engine.replay.Study``."""
+  """``write_study_report`` for an open ``universality.engine.replay.Study``."""
   out_dir = rundir.report_dir(study.workdir)
   index_path = paths.join(out_dir, "index.md")
   if jax.process_index() != 0:
@@ -133,7 +133,7 @@ def write_study_report_of(study) -> str:
 
 
 def write_report_of(run) -> str:
-  """``write_report`` for an open view (``engine.replay.open``) of the whole run directory."""
+  """``write_report`` for an open view (``universality.engine.replay.open``) of the whole run directory."""
   out_dir = rundir.report_dir(run.workdir)
   index_path = paths.join(out_dir, "index.md")
   if jax.process_index() != 0:

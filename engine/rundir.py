@@ -9,24 +9,24 @@ Nothing in it is executed, evaluated or unpickled.
                      "newly_diverged" (run names); a line that does not read as such a record is damaged:
                      readers skip it, and a relaunch keeps the file as it was in
                      metrics.jsonl.damaged-<time> before rewriting it without the damaged lines
-  checkpoints/       Orbax checkpoints (engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
+  checkpoints/       Orbax checkpoints (universality.engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
                      checkpoints/<step>/sha256.json: the checksum of every file of the step, written once
                      Orbax has committed it (``write_checksums``, ``verify_checksums``)
-  checkpoints_resume/   the rolling resume checkpoint (engine.checkpoint; only the newest step is kept, with
+  checkpoints_resume/   the rolling resume checkpoint (universality.engine.checkpoint; only the newest step is kept, with
                      its sha256.json): the whole train state at a step that need not be an analysis step,
                      written on preemption and every exec.resume_every_* so a crash loses bounded work.
                      Analyses never read it; a relaunch resumes from the newest step of either directory
-  tensorboard/<run>/ TensorBoard event files of every run's metrics (engine.events; exec.tensorboard), a view of
+  tensorboard/<run>/ TensorBoard event files of every run's metrics (universality.engine.events; exec.tensorboard), a view of
                      metrics.jsonl, one file per run and launch
-  analysis/summary.json   written by engine.analysis.driver
+  analysis/summary.json   written by universality.engine.analysis.driver
   analysis/cohorts/<cohort>.npz   per-cohort arrays of a family's analysis (e.g. one row per neuron), plain
                      numeric arrays read with allow_pickle=False
-  report/            written by engine.report
+  report/            written by universality.engine.report
   .lock              held by the launch that writes the directory: flock on a local disk, a lease object on
-                     gs:// (engine.paths.lease)
+                     gs:// (universality.engine.paths.lease)
 
 The workdir is a local path or a ``gs://bucket/prefix`` URL (``resolve``; every read and write goes through
-``engine.paths``). On an object store the format is the same, one object per file under the prefix:
+``universality.engine.paths``). On an object store the format is the same, one object per file under the prefix:
 folders are name prefixes, atomic writes are single uploads, metrics.jsonl grows by server-side compose of
 each appended line (readers see whole lines, as locally), setting a file or checkpoint aside is a copy and a
 delete, and ``.lock`` holds the lease record (JSON: host, boot id, pid, process start time, a token).
@@ -37,12 +37,12 @@ each bucket one program) is a directory of run directories instead::
   config.json        the whole study's config, as above (written once the first bucket has started)
   buckets/<name>/    one run directory per bucket, as above: exactly what a launch of the bucket's config
                      alone writes (its config.json, runs.json, metrics.jsonl, checkpoints, analysis, report)
-  report/index.md    written by engine.report: the buckets, each linked to its own report
+  report/index.md    written by universality.engine.report: the buckets, each linked to its own report
   .lock              held by the launch, besides each bucket's own
 
 It has no runs.json at the top (``has_runs``). A study of one bucket is one run directory, as it was before
 buckets existed; so is a directory whose config.json lacks a field that now splits its study (written
-before the field existed): a relaunch resumes it as one program and engine.replay opens it as one.
+before the field existed): a relaunch resumes it as one program and universality.engine.replay opens it as one.
 
 Format versions: 2 (current) nests the config by concern (``task``, ``model``, ``opt``) and names a run's
 seed number ``seed`` and the config's base seed ``base_seed`` in runs.json. Version 1 (a flat config.json,
@@ -68,7 +68,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from engine import paths
+from universality.engine import paths
 
 FORMAT_VERSION = 2
 CONFIG = "config.json"
@@ -118,7 +118,7 @@ def has_final_checkpoint(workdir: str, step: int) -> bool:
 
 
 def atomic_write(file_path: str, text: str) -> None:
-  """Writes ``text`` to ``file_path`` atomically (``engine.paths.write_atomic``): readers never see half."""
+  """Writes ``text`` to ``file_path`` atomically (``universality.engine.paths.write_atomic``): readers never see half."""
   paths.write_atomic(file_path, text)
 
 
@@ -138,7 +138,7 @@ def lock(workdir: str) -> Iterator[None]:
   """Exclusive use of ``workdir`` by one launch; a second writer of the same directory is refused.
 
   Local: an advisory flock on ``workdir/.lock``. The kernel drops it when the process dies (even by SIGKILL),
-  so a crashed run can be relaunched. gs://: the lease object ``workdir/.lock`` (``engine.paths.lease``).
+  so a crashed run can be relaunched. gs://: the lease object ``workdir/.lock`` (``universality.engine.paths.lease``).
   """
   if paths.is_remote(workdir):
     with paths.lease(path(workdir, LOCK), on_lost=lambda: _lease_lost(path(workdir, LOCK))):
@@ -331,7 +331,7 @@ class MetricsLog:
     self.aside: str | None = None
     self.steps: set[int] = set()
     self.last: dict | None = None
-    self.mirror = None  # another sink of every record appended (engine.events.ScalarEvents), or None
+    self.mirror = None  # another sink of every record appended (universality.engine.events.ScalarEvents), or None
     if not enabled:
       return
     paths.remove_pieces(self.path)
@@ -467,7 +467,7 @@ def read_summary(workdir: str) -> dict:
   """analysis/summary.json (plain JSON); a one-line error when the analysis has not been run."""
   if not has_summary(workdir):
     raise FileNotFoundError(f"{path(workdir, SUMMARY)} does not exist: run "
-                            f"engine.analysis.driver.analyze({workdir!r})")
+                            f"universality.engine.analysis.driver.analyze({workdir!r})")
   return _read_json(path(workdir, SUMMARY), SUMMARY)
 
 

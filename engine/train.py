@@ -2,13 +2,13 @@
 
 ::
 
-  trainer = make_train(cfg)                    # cfg: engine.config.default_config() and overrides
+  trainer = make_train(cfg)                    # cfg: universality.engine.config.default_config() and overrides
   state = trainer.init()                       # TrainState, every leaf stacked over the padded run axis
   state, metrics = trainer.run(state, n_evals) # n_evals × eval_every AdamW steps; metrics [n_evals, S]
   state, metrics = trainer.train()             # init + all cfg.steps steps
   logits, acts = trainer.apply(state.params, *inputs_S)   # the family's model on inputs stacked over S
 
-The family (``engine.families``) supplies the runs' data and the per-run functions (initialisation, the loss
+The family (``universality.engine.families``) supplies the runs' data and the per-run functions (initialisation, the loss
 and gradients of a step, evaluation, apply); this module supplies everything else. The step is written for
 one run and vmapped over the run axis; learning rate and weight decay live in each
 run's optimiser state (``optax.inject_hyperparams``), so one program covers the whole grid. The run axis is
@@ -33,8 +33,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from engine import config as config_lib
-from engine import families
+from universality.engine import config as config_lib
+from universality.engine import families
 
 AXIS = "runs"
 

@@ -3,7 +3,7 @@
   cli.define("default.py")                      # at import of a launch script: its default config file
   app.run(cli.main, flags_parser=cli.parse_flags)
 
-The study's buckets are printed first (``engine.launch.describe``: groups of very different orders train one
+The study's buckets are printed first (``universality.engine.launch.describe``: groups of very different orders train one
 bucket after another, each one program). Relaunching the same command resumes from the newest checkpoint.
 On a TPU pod or a multi-GPU cluster add ``--distributed`` (every process runs the same command; see
 BUILD.md). Bad flags, config files and configs
@@ -94,7 +94,7 @@ def _unknown_field_error(e: Exception, argv) -> str:
   key = text.strip().splitlines()[0].strip("\"' ")
   flag = next((a.split("=", 1)[0] for a in argv if re.match(rf"--config\.(\w+\.)*{re.escape(key)}(=|$)", a)),
               f"--config.{key}")
-  from engine import config as config_lib, families  # every family's field names, for the suggestion
+  from universality.engine import config as config_lib, families  # every family's field names, for the suggestion
   fields = sorted({f for name in families.NAMES for f in _dotted(config_lib.default_config(name).to_dict())})
   close = difflib.get_close_matches(flag[len("--config."):], fields, n=1) or \
       [f for f in fields if difflib.get_close_matches(key, [f.rsplit(".", 1)[-1]])][:1]
@@ -146,7 +146,7 @@ def main(argv):
   if distributed:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  from engine import checkpoint, launch
+  from universality.engine import checkpoint, launch
   try:
     if jax.process_index() == 0:
       print("\n".join(launch.describe(_CONFIG.value)), flush=True)

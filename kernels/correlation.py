@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import pallas_correlation
+from universality.kernels import pallas_correlation
 
 BACKENDS = ("auto", "xla", "pallas")
 BASELINES = (None, "rotation")
@@ -812,7 +812,7 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
       pass (rounded up to whole models; also caps the tile side); for Pallas, the kernel's row block.
     block_t: the Pallas kernel's input block.
     block_n: the Pallas kernel's column tile (neurons of one model per tile); default: the largest that
-      fits the platform's VMEM or registers (:func:`kernels.pallas_correlation.column_block`).
+      fits the platform's VMEM or registers (:func:`universality.kernels.pallas_correlation.column_block`).
     dead_rtol: a neuron is dead when its std is <= dead_rtol · max(|mean|, 1).
     platform: Pallas variant, 'tpu' or 'gpu'; default from ``jax.default_backend()`` ('tpu' on CPU).
     interpret: run Pallas in the interpreter; default True on CPU.

@@ -8,7 +8,7 @@ CONFIG_JSON on the global mesh of every process's devices — first one eval int
 launcher resuming from a checkpoint would — and writes the gathered metrics and parameters to
 OUT_DIR/process_<id>.npz, so the test can check that every process holds the same, correct numbers.
 With CKPT_DIR, every process also takes part in saving the final state there as a launch does
-(``Trainer.checkpoint_view``, ``engine.checkpoint``), then trains one more interval (which donates the state)
+(``Trainer.checkpoint_view``, ``universality.engine.checkpoint``), then trains one more interval (which donates the state)
 before the checkpointer closes.
 """
 
@@ -30,7 +30,7 @@ def main(argv):
   import ml_collections
   import numpy as np
 
-  from engine import checkpoint, train
+  from universality.engine import checkpoint, train
 
   assert jax.process_count() == num_processes and len(jax.devices()) == num_processes * local_devices
   cfg = ml_collections.ConfigDict(json.loads(cfg_json))

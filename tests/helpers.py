@@ -1,6 +1,6 @@
 """Test helpers: group-family configs from short field names."""
 
-from engine import config as config_lib
+from universality.engine import config as config_lib
 
 # Short names used by the tests -> their place in the nested config.
 FIELDS = {

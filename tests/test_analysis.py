@@ -1,4 +1,4 @@
-"""engine.analysis against float64 brute force on S3, D4 and Q8, exactness on planted structure, and a
+"""universality.engine.analysis against float64 brute force on S3, D4 and Q8, exactness on planted structure, and a
 short real training run showing the paper's result."""
 
 import json
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from engine import groups
-from engine import irreps as irreps_lib
-from engine import analysis
-from engine.analysis import representation as rep
-from engine.families.group import analysis as group_analysis
-from engine.families.group import models
+from universality.engine import groups
+from universality.engine import irreps as irreps_lib
+from universality.engine import analysis
+from universality.engine.analysis import representation as rep
+from universality.engine.families.group import analysis as group_analysis
+from universality.engine.families.group import models
 from tests.helpers import group_config, set_fields
 
 GROUPS = ("S3", "D4", "Q8")
@@ -425,7 +425,7 @@ def test_passes_compile_once_per_shape():
 
 def _trained_group(spec, seeds, steps, eval_every):
   """Trains ``seeds`` MLPs on ``spec`` and keeps log-spaced checkpoints (multiples of ``eval_every``)."""
-  from engine import train  # pylint: disable=import-outside-toplevel
+  from universality.engine import train  # pylint: disable=import-outside-toplevel
 
   cfg = group_config(groups=spec, model="mlp", embed_dim=128, hidden=128)
   cfg.seeds = seeds

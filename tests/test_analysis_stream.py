@@ -5,18 +5,18 @@ import jax
 import numpy as np
 import pytest
 
-from engine import analysis
-from engine import groups
-from engine import irreps as irreps_lib
-from engine.analysis import connectivity
-from engine.analysis import cross_seed
-from engine.analysis import margins
-from engine.analysis import pipeline
-from engine.analysis import redundancy
-from engine.analysis import representation as rep
-from engine.families.group import analysis as group_analysis
-from engine.families.group import models
-from kernels import correlation as correlation_lib
+from universality.engine import analysis
+from universality.engine import groups
+from universality.engine import irreps as irreps_lib
+from universality.engine.analysis import connectivity
+from universality.engine.analysis import cross_seed
+from universality.engine.analysis import margins
+from universality.engine.analysis import pipeline
+from universality.engine.analysis import redundancy
+from universality.engine.analysis import representation as rep
+from universality.engine.families.group import analysis as group_analysis
+from universality.engine.families.group import models
+from universality.kernels import correlation as correlation_lib
 from tests.helpers import group_config
 
 CHUNK = 7  # pairs per block: divides none of the |G|² below, so the last block is always padded

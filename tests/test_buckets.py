@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from engine import checkpoint, launch, replay, report, rundir, train
-from engine import budget
-from engine import config as config_lib
-from engine import families
-from engine.families.group import family as group_family
-from experiments.configs import chughtai_mlp
+from universality.engine import checkpoint, launch, replay, report, rundir, train
+from universality.engine import budget
+from universality.engine import config as config_lib
+from universality.engine import families
+from universality.engine.families.group import family as group_family
+from universality.experiments.configs import chughtai_mlp
 from tests.helpers import group_config, set_fields
 
 GROUP = families.get("group")
@@ -137,7 +137,7 @@ def test_memory_check_covers_every_bucket_and_names_the_one_that_does_not_fit():
   cfg = group_config(groups="C5,S5")
   buckets, devices = GROUP.buckets(cfg), jax.devices()
 
-  def need(c):  # on the CPU the devices share the host's memory (engine.budget.check)
+  def need(c):  # on the CPU the devices share the host's memory (universality.engine.budget.check)
     est = budget.estimate(c, len(devices), True)
     return est.host + len(devices) * est.device
 

@@ -1,4 +1,4 @@
-"""The save pipeline of engine.checkpoint: checksums sealed by a background thread, uncompressed chunks that
+"""The save pipeline of universality.engine.checkpoint: checksums sealed by a background thread, uncompressed chunks that
 older compressed checkpoints restore beside, device copies that training may donate past, and a save from
 several processes that each write their own runs."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from engine import checkpoint, rundir, train
+from universality.engine import checkpoint, rundir, train
 from tests.helpers import group_config
 from tests.test_distributed import run_two_workers
 

@@ -3,9 +3,9 @@ neuron permutation of a lookup-table MLP recovered by both matchings, with zero 
 
 import numpy as np
 
-from engine import groups
-from engine.analysis import connectivity
-from engine.analysis import cross_seed
+from universality.engine import groups
+from universality.engine.analysis import connectivity
+from universality.engine.analysis import cross_seed
 
 
 def _rng(*salt):

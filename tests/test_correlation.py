@@ -1,4 +1,4 @@
-"""kernels.correlation: max/argmax correlation against float64 numpy, streaming, baseline, Pallas, export."""
+"""universality.kernels.correlation: max/argmax correlation against float64 numpy, streaming, baseline, Pallas, export."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax import export
 
-from kernels import correlation as kc
-from kernels import pallas_correlation as pc
+from universality.kernels import correlation as kc
+from universality.kernels import pallas_correlation as pc
 
 
 def _planted(seed, s, t, n, *, mean=0.0, noise=0.5):

@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from engine import groups
-from engine import irreps as irreps_lib
-from engine import analysis
-from engine.analysis import cosets
-from engine.families.group import analysis as group_analysis
-from engine.families.group import models
+from universality.engine import groups
+from universality.engine import irreps as irreps_lib
+from universality.engine import analysis
+from universality.engine.analysis import cosets
+from universality.engine.families.group import analysis as group_analysis
+from universality.engine.families.group import models
 from tests.helpers import group_config
 
 

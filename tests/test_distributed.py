@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from engine import train
+from universality.engine import train
 from tests.helpers import group_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""engine.events: TensorBoard scalars of every run hold exactly what metrics.jsonl logged, resumed launches
+"""universality.engine.events: TensorBoard scalars of every run hold exactly what metrics.jsonl logged, resumed launches
 included (read back with tensorboardX's protocol buffers and its record checksum)."""
 
 import json
@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from engine import events, launch, rundir
+from universality.engine import events, launch, rundir
 from tests.helpers import group_config
 
 

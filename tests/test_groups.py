@@ -1,11 +1,11 @@
-"""engine.groups: named families, products, generators, tables, and the errors for bad input."""
+"""universality.engine.groups: named families, products, generators, tables, and the errors for bad input."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from engine import groups
+from universality.engine import groups
 
 
 def _brute_check(g):

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from engine import budget, checkpoint, launch, replay, rundir, train
-from engine import config as config_lib
+from universality.engine import budget, checkpoint, launch, replay, rundir, train
+from universality.engine import config as config_lib
 from tests.helpers import group_config, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ _MEASURED = ("import atexit, resource, runpy, sys; "
              "atexit.register(lambda: sys.stderr.write("
              "f'maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n')); "
              "sys.argv = ['group_universality'] + sys.argv[1:]; "
-             "runpy.run_module('experiments.group_universality', run_name='__main__')")
+             "runpy.run_module('universality.experiments.group_universality', run_name='__main__')")
 
 
 def cli(workdir, *flags, timeout=120):

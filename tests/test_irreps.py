@@ -1,4 +1,4 @@
-"""engine.irreps: real irreps of many groups checked against identities, brute force and float64 numpy."""
+"""universality.engine.irreps: real irreps of many groups checked against identities, brute force and float64 numpy."""
 
 import itertools
 import os
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine import groups
-from engine import irreps as irreps_lib
+from universality.engine import groups
+from universality.engine import irreps as irreps_lib
 
 # Abelian and not; complex type (C_n n > 2, C3xS3, A4, C4xC4) and quaternionic type (Q8, Dic3).
 SPECS = ["C1", "C2", "C5", "C6", "D1", "D2", "D4", "D5", "S1", "S2", "S3", "S4", "S5", "A4", "A5", "Q8",

@@ -1,4 +1,4 @@
-"""engine.launch and engine.checkpoint: resume bit for bit after SIGKILL, corrupt checkpoints, bad input."""
+"""universality.engine.launch and universality.engine.checkpoint: resume bit for bit after SIGKILL, corrupt checkpoints, bad input."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from engine import checkpoint, config as config_lib, launch, rundir, train
+from universality.engine import checkpoint, config as config_lib, launch, rundir, train
 from tests.helpers import group_config, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def _final_params(workdir, cfg):
 
 
 def _cli(workdir, *flags, timeout=300):
-  cmd = [sys.executable, "-m", "experiments.group_universality", f"--workdir={workdir}", "--noprogress",
+  cmd = [sys.executable, "-m", "universality.experiments.group_universality", f"--workdir={workdir}", "--noprogress",
          "--noanalyze", *flags]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -77,7 +77,7 @@ def test_sigkill_midrun_then_relaunch_equals_uninterrupted(tmp_path):
   assert res.returncode == 0, res.stderr[-2000:]
 
   killed = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "experiments.group_universality", f"--workdir={killed}", "--noprogress",
+  cmd = [sys.executable, "-m", "universality.experiments.group_universality", f"--workdir={killed}", "--noprogress",
          "--noanalyze", *flags]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from engine import checkpoint, rundir, train
+from universality.engine import checkpoint, rundir, train
 from tests.test_launch import ROOT, small_config
 
 FLAGS = ["--config.task.groups=C7,S3", "--config.seeds=3", "--config.model.mlp.embed_dim=16",
@@ -38,14 +38,14 @@ def _final_state(workdir):
 
 def test_two_process_launch_equals_one_process(tmp_path):
   single = tmp_path / "single"
-  res = subprocess.run([sys.executable, "-m", "experiments.group_universality", f"--workdir={single}",
+  res = subprocess.run([sys.executable, "-m", "universality.experiments.group_universality", f"--workdir={single}",
                         *FLAGS], cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
 
   multi = tmp_path / "multi"
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.group_universality", f"--workdir={multi}", *FLAGS, "--distributed",
+      [sys.executable, "-m", "universality.experiments.group_universality", f"--workdir={multi}", *FLAGS, "--distributed",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = []

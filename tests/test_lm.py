@@ -12,9 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from engine import checkpoint, config as config_lib, launch, replay, rundir, train
-from engine.analysis import cross_seed, neuron_stats
-from engine.families.lm import analysis, corpus, family, models
+from universality.engine import checkpoint, config as config_lib, launch, replay, rundir, train
+from universality.engine.analysis import cross_seed, neuron_stats
+from universality.engine.families.lm import analysis, corpus, family, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +101,7 @@ def test_bad_corpus_is_a_one_line_error(tmp_path, make, needle):
 
 def test_cli_refuses_a_bad_corpus_and_writes_nothing(tmp_path):
   work = tmp_path / "w"
-  res = subprocess.run([sys.executable, "-m", "experiments.lm_universality", f"--workdir={work}",
+  res = subprocess.run([sys.executable, "-m", "universality.experiments.lm_universality", f"--workdir={work}",
                         "--noprogress", f"--config.task.corpus={tmp_path / 'nope'}"],
                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                        timeout=120)
@@ -304,7 +304,7 @@ def test_launch_analysis_report_and_notebook_view(tmp_path):
   text = open(out["report"]).read()
   assert "### Universal neurons" in text and "GPT2-small 4.16%" in text
   with replay.open(str(work)) as run:
-    assert type(run).__module__ == "engine.families.lm.view"
+    assert type(run).__module__ == "universality.engine.families.lm.view"
     table = run.neurons()
     assert table["excess"].shape == (2, 2, 32) and table["layer"][0, 1, 5] == 1
     text = "def f(x):\n    return x\n"

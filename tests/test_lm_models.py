@@ -1,4 +1,4 @@
-"""engine.families.lm.models: the byte transformer against straightforward float64 references.
+"""universality.engine.families.lm.models: the byte transformer against straightforward float64 references.
 
 The model is written for XLA:CPU speed (layers unrolled, dense layers with a hand-written backward, the
 training loss without its accuracy); these tests pin it to the plain formulation: a gather embedding,
@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from engine.families.lm import models
+from universality.engine.families.lm import models
 
 _RTOL = 1e-4
 

@@ -3,13 +3,13 @@
 import jax
 import numpy as np
 
-from engine import groups
-from engine import irreps as irreps_lib
-from engine import analysis
-from engine.analysis import margins
-from engine.analysis import representation as rep
-from engine.families.group import analysis as group_analysis
-from engine.families.group import models
+from universality.engine import groups
+from universality.engine import irreps as irreps_lib
+from universality.engine import analysis
+from universality.engine.analysis import margins
+from universality.engine.analysis import representation as rep
+from universality.engine.families.group import analysis as group_analysis
+from universality.engine.families.group import models
 from tests.helpers import group_config
 
 

@@ -1,13 +1,13 @@
-"""engine.models: factorised MLP == literal MLP, transformer == float64 numpy reference, padding invariance."""
+"""universality.engine.models: factorised MLP == literal MLP, transformer == float64 numpy reference, padding invariance."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine import config
-from engine.families.group import models
-from engine.families.group import task as tasks
+from universality.engine import config
+from universality.engine.families.group import models
+from universality.engine.families.group import task as tasks
 from tests.helpers import group_config, set_fields
 
 

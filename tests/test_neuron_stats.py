@@ -1,4 +1,4 @@
-"""engine.analysis.neuron_stats: streamed moments, variance explained and vocabulary composition against
+"""universality.engine.analysis.neuron_stats: streamed moments, variance explained and vocabulary composition against
 float64 numpy / scipy references, on planted neurons, over uneven and padded batches, traced once."""
 
 import chex
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from engine.analysis import neuron_stats as ns
+from universality.engine.analysis import neuron_stats as ns
 
 
 def _rng(*salt):

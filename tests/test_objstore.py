@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 
-from engine import checkpoint, events, launch, paths, replay, rundir, train  # noqa: E402
+from universality.engine import checkpoint, events, launch, paths, replay, rundir, train  # noqa: E402
 from tests import gcs_server  # noqa: E402
 from tests.test_launch import ROOT, small_config  # noqa: E402
 
@@ -45,7 +45,7 @@ def gcs():
 
 
 def _cmd(workdir, *flags):
-  return [sys.executable, "-m", "experiments.group_universality", f"--workdir={workdir}", "--noprogress",
+  return [sys.executable, "-m", "universality.experiments.group_universality", f"--workdir={workdir}", "--noprogress",
           *FLAGS, *flags]
 
 
@@ -281,7 +281,7 @@ def test_corrupt_gs_checkpoint_is_moved_aside_and_the_previous_restored(gcs):
 
 def test_engine_imports_without_the_gcs_packages(tmp_path):
   code = ("import sys\nfor m in ('gcsfs', 'google.cloud.storage'): sys.modules[m] = None\n"
-          "import engine.launch, engine.replay, engine.paths as p\n"
+          "import universality.engine.launch, universality.engine.replay, universality.engine.paths as p\n"
           "print(p.resolve('runs/x'))\n"
           "try:\n  p.resolve('gs://bucket/x')\nexcept p.RunDirError as e:\n  print(e)\n")
   res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,

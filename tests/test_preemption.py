@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from engine import checkpoint, launch, replay, rundir, train
-from engine import config as config_lib
+from universality.engine import checkpoint, launch, replay, rundir, train
+from universality.engine import config as config_lib
 from tests.helpers import group_config, set_fields
 from tests.test_launch import ROOT, _cli
 from tests.test_launch_distributed import _env, _free_port
@@ -71,7 +71,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def _launch(workdir, *flags):
-  cmd = [sys.executable, "-m", "experiments.group_universality", f"--workdir={workdir}", "--noprogress",
+  cmd = [sys.executable, "-m", "universality.experiments.group_universality", f"--workdir={workdir}", "--noprogress",
          "--noanalyze", *FLAGS, *flags]
   return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -139,7 +139,7 @@ def test_two_processes_signalled_at_different_moments_stop_at_one_step(tmp_path)
   port = _free_port()
   flags = [f.replace("seeds=2", "seeds=4") for f in FLAGS]
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.group_universality", f"--workdir={workdir}", *flags, "--noprogress",
+      [sys.executable, "-m", "universality.experiments.group_universality", f"--workdir={workdir}", *flags, "--noprogress",
        "--noanalyze", "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
        f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]

@@ -3,8 +3,8 @@ and the loss are unchanged), distinct neurons are kept, never-active neurons are
 
 import numpy as np
 
-from engine import groups
-from engine.analysis import redundancy
+from universality.engine import groups
+from universality.engine.analysis import redundancy
 from tests.test_connectivity import _lookup_mlp
 
 

@@ -1,4 +1,4 @@
-"""engine.replay: selection, apply against hand-restored params and logged metrics, re-analysis, neurons."""
+"""universality.engine.replay: selection, apply against hand-restored params and logged metrics, re-analysis, neurons."""
 
 import json
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from engine import checkpoint, groups, launch, replay, rundir, train
-from engine.families.group import models
-from engine.families.group import task as tasks
+from universality.engine import checkpoint, groups, launch, replay, rundir, train
+from universality.engine.families.group import models
+from universality.engine.families.group import task as tasks
 from tests.helpers import group_config
 
 BASE_SEED = 5  # differs from every seed number, so select(seed=k) cannot pass by reading the base seed
@@ -48,7 +48,7 @@ def _rows(study):
 
 
 def _hand_params(study, step):
-  """The stacked params of all runs at ``step``, restored without engine.replay."""
+  """The stacked params of all runs at ``step``, restored without universality.engine.replay."""
   with open(os.path.join(study, "config.json")) as f:
     stored = json.load(f)
   assert stored["format_version"] == rundir.FORMAT_VERSION

@@ -1,4 +1,4 @@
-"""engine.report: valid PNGs of the right size, an index that covers every group and irrep, key-irrep tables
+"""universality.engine.report: valid PNGs of the right size, an index that covers every group and irrep, key-irrep tables
 equal to the counts recomputed from summary.json, reproducible output."""
 
 import hashlib
@@ -12,8 +12,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from engine import report
-from engine.families.group import report as group_report
+from universality.engine import report
+from universality.engine.families.group import report as group_report
 from tests.test_replay import small_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

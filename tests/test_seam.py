@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from engine import checkpoint, config as config_lib, launch, replay, rundir, train
+from universality.engine import checkpoint, config as config_lib, launch, replay, rundir, train
 from tests.helpers import group_config, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +30,7 @@ def _modules() -> dict[str, str]:
       for f in files:
         if f.endswith(".py"):
           rel = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3].replace(os.sep, ".")
+          rel = "universality." + rel
           out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(dirpath, f)
   return out
 
@@ -73,14 +74,14 @@ def test_no_import_cycle():
 
 def test_nothing_below_the_launcher_imports_it():
   graph = _import_graph()
-  importers = sorted(m for m, deps in graph.items() if "engine.launch" in deps)
-  assert all(m.startswith("experiments") for m in importers), importers
+  importers = sorted(m for m, deps in graph.items() if "universality.engine.launch" in deps)
+  assert all(m.startswith("universality.experiments") for m in importers), importers
 
 
 def test_passes_and_trainer_load_no_io_or_plotting():
-  code = ("import sys, engine.analysis.representation, engine.analysis.cross_seed, engine.analysis.cosets, "
-          "engine.analysis.margins, engine.analysis.connectivity, engine.analysis.redundancy, "
-          "engine.train; "
+  code = ("import sys, universality.engine.analysis.representation, universality.engine.analysis.cross_seed, universality.engine.analysis.cosets, "
+          "universality.engine.analysis.margins, universality.engine.analysis.connectivity, universality.engine.analysis.redundancy, "
+          "universality.engine.train; "
           "print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'matplotlib', 'tensorstore'}))")
   res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -1,4 +1,4 @@
-"""engine.config, engine.tasks, engine.train: validation, splits, one step vs optax, equivalences, divergence."""
+"""universality.engine.config, universality.engine.tasks, universality.engine.train: validation, splits, one step vs optax, equivalences, divergence."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from engine import config, groups, train
-from engine.families.group import models
-from engine.families.group import task as tasks
+from universality.engine import config, groups, train
+from universality.engine.families.group import models
+from universality.engine.families.group import task as tasks
 from tests.helpers import group_config, set_fields
 
 

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine import groups as groups_lib
-from engine.analysis import representation as rep
+from universality.engine import groups as groups_lib
+from universality.engine.analysis import representation as rep
 
 DEFAULT_COSET_THRESHOLD = 0.9
 KINDS = ("left", "right")
@@ -51,7 +51,7 @@ class CosetTables:
   """The cosets of every subgroup of one group, as arrays the jitted pass takes.
 
   Attributes:
-    subgroups: ``engine.groups.Subgroups``.
+    subgroups: ``universality.engine.groups.Subgroups``.
     indicator_KxQxG: float32, row q of kind k (left, right) is the indicator of one coset; the cosets of
       subgroup ``subgroup_Q[q]`` partition G for each kind (left and right cosets are counted alike).
     subgroup_Q: int, the subgroup of each coset row.
@@ -95,7 +95,7 @@ def permutation_character(group: groups_lib.Group, masks_HxG: np.ndarray) -> np.
 
 def coset_tables(group: groups_lib.Group, irreps, subgroups: groups_lib.Subgroups | None = None
                  ) -> CosetTables:
-  """Builds the coset tables of ``group`` (its subgroups from ``engine.groups.subgroups`` unless given)."""
+  """Builds the coset tables of ``group`` (its subgroups from ``universality.engine.groups.subgroups`` unless given)."""
   tables = rep.irrep_tables(group, irreps)
   subs = groups_lib.subgroups(group) if subgroups is None else subgroups
   indicators, owner = [], None
@@ -205,7 +205,7 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
 
 
 # ---------------------------------------------------------------------------------------------------
-# JSON-ready records (engine.analysis.pipeline).
+# JSON-ready records (universality.engine.analysis.pipeline).
 
 
 def input_functions(pre_a_SxGxN, pre_b_SxGxN, hidden_SxAxBxN=None, *,

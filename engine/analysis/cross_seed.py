@@ -5,7 +5,7 @@ all |G|² pairs), and compare every pair of runs at once.
 
 * ``neuron_correlations`` (Gurnee et al. 2024, *Universal neurons in GPT2*): for neuron n of run i and every
   run j, the maximum Pearson correlation over run j's neurons (the streaming kernel of
-  ``kernels.correlation``, so the full S·N × S·N matrix never reaches memory), the same maximum after mixing
+  ``universality.kernels.correlation``, so the full S·N × S·N matrix never reaches memory), the same maximum after mixing
   run j's neurons by a random orthogonal matrix (the baseline: a rotation keeps the subspace but destroys
   the neuron basis), the excess correlation (mean over the other runs of max − baseline max) and the
   universal neurons (excess above 0.5).
@@ -20,9 +20,9 @@ all |G|² pairs), and compare every pair of runs at once.
   representations), for all pairs of runs in one jitted pass, as ``[S, S]`` matrices.
 
 Each pass also has a form that reads the inputs only through their co-moments (``*_from_comoments``: a
-``kernels.correlation.CoMoments`` of all S·N neurons, accumulated over blocks of inputs by Chan's merge) and,
+``universality.kernels.correlation.CoMoments`` of all S·N neurons, accumulated over blocks of inputs by Chan's merge) and,
 for the k-NN alignment, the activations on its subsample of inputs (``knn_subset``), so that a caller can
-stream the inputs instead of holding ``acts_SxTxN`` (``engine.analysis.pipeline``).
+stream the inputs instead of holding ``acts_SxTxN`` (``universality.engine.analysis.pipeline``).
 
 Dead neurons (constant over the inputs) have no correlation; they are excluded from every mean, and in the
 matching they count as correlation 0.
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from kernels import correlation as correlation_lib
+from universality.kernels import correlation as correlation_lib
 
 DEFAULT_UNIVERSAL_THRESHOLD = 0.5
 
@@ -80,10 +80,10 @@ def neuron_correlations(acts_SxTxN, *, key, universal_threshold: float = DEFAULT
 
   Args:
     acts_SxTxN: hidden activations of S ≥ 2 runs on the same T inputs; or a re-iterable source of
-      ``acts_SxBxN`` batches (``kernels.correlation.max_correlation``), so that T is not bounded by memory.
+      ``acts_SxBxN`` batches (``universality.kernels.correlation.max_correlation``), so that T is not bounded by memory.
     key: PRNG key of the random orthogonal rotations of the baseline.
     universal_threshold: a live neuron is universal when its excess correlation exceeds this.
-    backend: passed to ``kernels.correlation.max_correlation`` ('auto': Pallas on GPU/TPU, XLA on CPU).
+    backend: passed to ``universality.kernels.correlation.max_correlation`` ('auto': Pallas on GPU/TPU, XLA on CPU).
     **kernel_options: further options of ``max_correlation`` (e.g. ``memory_bytes``).
 
   Returns:
@@ -104,7 +104,7 @@ def neuron_correlations(acts_SxTxN, *, key, universal_threshold: float = DEFAULT
 def neuron_correlations_from_comoments(state: correlation_lib.CoMoments, *, key,
                                        universal_threshold: float = DEFAULT_UNIVERSAL_THRESHOLD) -> dict:
   """``neuron_correlations`` from co-moments of every neuron accumulated over the inputs (all rows of a
-  ``kernels.correlation.CoMoments``, e.g. streamed over blocks of pairs); the same dict."""
+  ``universality.kernels.correlation.CoMoments``, e.g. streamed over blocks of pairs); the same dict."""
   if not np.isfinite(universal_threshold):
     raise ValueError(f"universal_threshold must be finite, got {universal_threshold}")
   if state.shape[0] < 2:

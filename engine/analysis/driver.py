@@ -2,7 +2,7 @@
 
 A *cohort* is a set of runs that differ only in seed; cross-seed statistics (neuron correlations, matching,
 CKA, key-irrep counts, learning-order tables) are computed within a cohort, never across hyperparameters.
-``analyze(view)`` (run at the end of every launch, or by hand on ``engine.replay.open(workdir)``) restores
+``analyze(view)`` (run at the end of every launch, or by hand on ``universality.engine.replay.open(workdir)``) restores
 each checkpoint once, hands each cohort to its family's analysis (``Family.analysis_module``:
 ``analyze_cohort``) and writes::
 
@@ -16,12 +16,12 @@ each checkpoint once, hands each cohort to its family's analysis (``Family.analy
   }
 
 A family's ``analyze_cohort`` may also return ``"arrays"`` (numeric arrays too large for JSON, e.g. one row
-per neuron): they are written to the cohort's arrays file (``engine.rundir.write_cohort_arrays``). A module
+per neuron): they are written to the cohort's arrays file (``universality.engine.rundir.write_cohort_arrays``). A module
 with ``LAST_STEP_ONLY = True`` gets only the last checkpoint's parameters.
 
 The family's per-run and aggregate fields are documented by its analysis module (group composition:
-``engine/analysis/pipeline.py``). The view is duck-typed (``engine.replay.Run``): this module does no I/O of
-its own beyond ``engine.rundir`` and imports no view.
+``engine/analysis/pipeline.py``). The view is duck-typed (``universality.engine.replay.Run``): this module does no I/O of
+its own beyond ``universality.engine.rundir`` and imports no view.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any
 
 import jax
 
-from engine import rundir
-from engine.analysis.jsonable import to_json
+from universality.engine import rundir
+from universality.engine.analysis.jsonable import to_json
 
 
 def family_analysis(view):

@@ -21,7 +21,7 @@ each batch's central moments computed after shifting by the running mean; catego
 per-neuron shift fixed by the first batch's mean.
 
 Zero-variance convention (shared by every statistic): a neuron whose standard deviation is at most
-``DEFAULT_DEAD_RTOL · max(|mean|, 1)`` (the tolerance of ``kernels.correlation``: below it, float32
+``DEFAULT_DEAD_RTOL · max(|mean|, 1)`` (the tolerance of ``universality.kernels.correlation``: below it, float32
 rounding of the mean is all that is left) is *dead*; its skew and kurtosis are 0 and the variance any
 feature explains is 0, never NaN. A real distribution has kurtosis >= 1, so ``kurtosis == 0`` marks a dead
 neuron unambiguously.

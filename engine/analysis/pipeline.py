@@ -42,14 +42,14 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
     ``in_key_irreps``: fraction of live neurons whose dominant irrep is a key irrep of this run,
     ``universal_fraction``: live neurons with excess correlation > ``universal_threshold`` (None for S = 1),
     ``mean_excess``: their mean excess correlation}.
-  ``margins`` (``engine.analysis.margins``; None for models without additive pre-activations):
+  ``margins`` (``universality.engine.analysis.margins``; None for models without additive pre-activations):
     {``margin_by_step``, ``normalised_margin_by_step`` (at each of ``group.steps``), ``margin``,
     ``normalised_margin``, ``norm`` (‖θ_eff‖^ν) at the final step, ``single_irrep_fraction`` (of live
     neurons), ``irrep_coverage`` and ``covered_irreps`` (non-trivial irreps with a single-irrep neuron)}.
-  ``redundancy`` (``engine.analysis.redundancy``; MLP, else None): {``width``, ``never_active``, ``merges``,
+  ``redundancy`` (``universality.engine.analysis.redundancy``; MLP, else None): {``width``, ``never_active``, ``merges``,
     ``feature_complexity`` (neurons left after iterative feature merging), ``loss`` and ``merged_loss`` on
     all pairs}.
-  ``cosets`` (``engine.analysis.cosets``): {``source``: ``"pre_activation"`` (P_a, P_b) or ``"hidden"``
+  ``cosets`` (``universality.engine.analysis.cosets``): {``source``: ``"pre_activation"`` (P_a, P_b) or ``"hidden"``
     (marginals of the activation), ``sides``: {``a``, ``b``: {``coset_neurons``, ``coset_fraction`` (of live
     neurons), ``left`` / ``right`` (coset neurons by best coset kind), ``by_subgroup``: {subgroup class:
     coset neurons}, ``mean_best_share``, ``mean_induced_share`` (over live neurons)}}, ``both_sides``:
@@ -74,7 +74,7 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``redundancy`` (MLP, else None): ``mean_feature_complexity`` (all runs), ``_generalised``, and
   ``feature_complexity_by_key_irreps``: {number of key irreps: mean feature complexity of the generalised
   runs with that many}.
-  ``connectivity`` (``engine.analysis.connectivity``; MLP with S ≥ 2, else None): {``points``, ``weights``
+  ``connectivity`` (``universality.engine.analysis.connectivity``; MLP with S ≥ 2, else None): {``points``, ``weights``
   (what is interpolated), ``key_irrep_jaccard`` S×S, ``alignments``: {``raw``, ``activation``, ``weight``:
   {``barrier`` S×S, ``mean_barrier``, ``mean_barrier_same_key_irreps`` / ``_different_key_irreps`` and
   ``pairs_same_key_irreps`` / ``pairs_different_key_irreps`` (over pairs of generalised runs),
@@ -91,7 +91,7 @@ checkpoint is one streamed pass (``stream_all_pairs``) over blocks of pairs, eve
 A block adds what every statistic needs to running sums: per-pair logit-similarity cosines, cross-entropy,
 correct pairs, the minimum margin; at the final step also the hidden layer summed per fibre a·b = m, per a
 and per b (O(S·|G|·N): hidden FVE, the hidden-source neuron split and coset marginals) and the co-moments
-of all S·N neurons (Chan's merge, ``kernels.correlation``; (S·N)² floats, independent of |G|: live
+of all S·N neurons (Chan's merge, ``universality.kernels.correlation``; (S·N)² floats, independent of |G|: live
 neurons, correlations and their baseline, matching, CKA, Procrustes). The mutual k-NN alignment evaluates
 only its subsample of pairs. The weight-based losses (restricted / excluded, feature merging, mode
 connectivity) go through ``representation.mlp_loss`` in blocks of rows of a and of runs sized by the same
@@ -108,15 +108,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine import groups as groups_lib
-from engine.analysis import connectivity as connectivity_lib
-from engine.analysis import cosets as cosets_lib
-from engine.analysis import cross_seed
-from engine.analysis import margins as margins_lib
-from engine.analysis import redundancy as redundancy_lib
-from engine.analysis import representation as rep
-from engine.analysis.jsonable import to_json
-from kernels import correlation as correlation_lib
+from universality.engine import groups as groups_lib
+from universality.engine.analysis import connectivity as connectivity_lib
+from universality.engine.analysis import cosets as cosets_lib
+from universality.engine.analysis import cross_seed
+from universality.engine.analysis import margins as margins_lib
+from universality.engine.analysis import redundancy as redundancy_lib
+from universality.engine.analysis import representation as rep
+from universality.engine.analysis.jsonable import to_json
+from universality.kernels import correlation as correlation_lib
 
 ApplyFn = Callable[[Any, Any, Any], tuple[Any, Any]]
 
@@ -252,7 +252,7 @@ def stream_all_pairs(apply_fn: ApplyFn, params_S, n_runs: int, tables: rep.Irrep
   (Σ cross-entropy, number of correct pairs), ``margin_S`` (min over pairs of correct − best wrong logit);
   with ``hidden_stats`` also ``fibre_SxGxN``, ``by_a_SxGxN``, ``by_b_SxGxN`` (the hidden layer summed over
   the pairs with a·b = m, with a given, with b given) and ``sq_S`` (Σ H²), and ``comoments``: a
-  ``kernels.correlation.CoMoments`` of every run's neurons over all pairs (else None).
+  ``universality.kernels.correlation.CoMoments`` of every run's neurons over all pairs (else None).
 
   ``chunk`` (pairs per block) defaults to ``pair_chunk`` of ``memory_bytes``; peak memory is one block of
   logits and hidden layer plus O(S·|G|·N) sums and the (S·N)² co-moment, whatever |G|³.
@@ -336,7 +336,7 @@ def analyze_group(group: groups_lib.Group, irreps, apply_fn: ApplyFn, matrices_f
   """Analyses the runs of one group at every checkpoint; see the module docstring for every field.
 
   Args:
-    group: the runs' group; irreps: ``engine.irreps.real_irreps(group)`` (or ``representation.IrrepTables``).
+    group: the runs' group; irreps: ``universality.engine.irreps.real_irreps(group)`` (or ``representation.IrrepTables``).
     apply_fn: ``(params_S, a_SxB, b_SxB) -> (logits_SxBxV, hidden_SxBxN)``; classes ≥ |G| are ignored.
     matrices_fn: ``params_S -> {name: [S, V, X]}`` with at least ``embed_a``, ``embed_b``, ``unembed``;
       ``pre_a``/``pre_b`` enable the per-neuron split and the ablation losses (``matrices_fn_for``).

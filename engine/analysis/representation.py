@@ -1,6 +1,6 @@
 """Representation-theoretic passes over stacked runs: which irreps does each model use, and how much?
 
-Every pass takes arrays with a leading run axis ``S`` and the real irreps of ``engine.irreps`` for any
+Every pass takes arrays with a leading run axis ``S`` and the real irreps of ``universality.engine.irreps`` for any
 finite group (trivial irrep first), and is jitted; the group enters as constant tables built once per call
 (``irrep_tables``), so a second call with the same shapes does not recompile.
 
@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine import groups as groups_lib
+from universality.engine import groups as groups_lib
 
 DEFAULT_KEY_THRESHOLD = 0.005    # Chughtai et al.'s determine_key_reps
 DEFAULT_ORDER_THRESHOLD = 0.05   # Chughtai et al.'s learning order
@@ -112,14 +112,14 @@ def irrep_tables(group: groups_lib.Group, irreps) -> IrrepTables:
   not together form an orthonormal basis of functions on the group (a missing or repeated irrep).
   """
   if not isinstance(group, groups_lib.Group):
-    raise ValueError(f"expected an engine.groups.Group, got {type(group).__name__}")
+    raise ValueError(f"expected an universality.engine.groups.Group, got {type(group).__name__}")
   if isinstance(irreps, IrrepTables):
     if not np.array_equal(irreps.table, group.table):
       raise ValueError(f"the irrep tables were built for another group than {group.name}")
     return irreps
   irreps = list(irreps)
   if not irreps:
-    raise ValueError("irreps is empty: pass engine.irreps.real_irreps(group)")
+    raise ValueError("irreps is empty: pass universality.engine.irreps.real_irreps(group)")
   n = group.order
   entries, entry_owner, bases, basis_owner, chars = [], [], [], [], []
   for r, irrep in enumerate(irreps):
@@ -198,7 +198,7 @@ def _logit_similarity(logits_SxAxBxC, c_of_MxY, character_YxR, table_AxB, char_n
 def pair_cosines(logits_SxPxC, product_P, c_of_MxY, character_YxR, char_norm_R):
   """float32 ``[S, P, R]``: per pair, cos_c(centred logits, tr ρ(m·c⁻¹)) with m = ``product_P`` (= a·b).
 
-  Traceable building block of ``logit_similarity`` for any set of pairs (``engine.analysis.pipeline``
+  Traceable building block of ``logit_similarity`` for any set of pairs (``universality.engine.analysis.pipeline``
   streams all |G|² pairs through it in blocks); the constants are ``similarity_constants``.
   """
   # Σ_c L[c] χ(m·c⁻¹) = Σ_y L[y⁻¹·m] χ(y): reorder each pair's logits by y, then one product with the
@@ -247,11 +247,11 @@ def logit_fourier_power(logits_SxAxBxC, group: groups_lib.Group, irreps) -> jax.
   """float32 ``[S, R]``: each irrep's share of the Fourier power of g ↦ mean centred L[a, b, c], a·b·c⁻¹ = g.
 
   The paper's logits are functions of a·b·c⁻¹; averaging the centred logits over the |G|² triples of each
-  g keeps that part, and ``engine.irreps.fourier_power`` splits it over irreps. Shares are normalised over
+  g keeps that part, and ``universality.engine.irreps.fourier_power`` splits it over irreps. Shares are normalised over
   the non-trivial irreps (the trivial share is 0 after centring), so on key irreps they should agree with
   sim² / Σ sim² from ``logit_similarity``.
   """
-  from engine import irreps as irreps_lib  # pylint: disable=import-outside-toplevel
+  from universality.engine import irreps as irreps_lib  # pylint: disable=import-outside-toplevel
 
   tables = irrep_tables(group, irreps)
   logits_SxAxBxC = jnp.asarray(logits_SxAxBxC)

@@ -1,13 +1,13 @@
 """Task families: what a run learns, and the one place the engine plugs a family in.
 
-A family is a package ``engine.families.<name>`` whose ``FAMILY`` is a ``Family``. The trainer, launcher,
+A family is a package ``universality.engine.families.<name>`` whose ``FAMILY`` is a ``Family``. The trainer, launcher,
 checkpoints, analysis driver, report and notebook view speak to a study only through it:
 
   config      ``add_config(cfg)`` adds the family's ``task`` and ``model`` sections; ``validate(cfg)``
   sweep       ``runs(cfg)``: one row per run (``seed``, ``base_seed``, ``lr``, ``weight_decay``, the task
               fields, ``cohort``, ``name``); rows that differ only in ``seed`` share a cohort
   size        ``n_runs(cfg)`` and ``footprint(cfg)``: how many runs and what one of them holds, from the
-              config alone (engine.budget checks a launch against the memory it has before building it)
+              config alone (universality.engine.budget checks a launch against the memory it has before building it)
   buckets     ``buckets(cfg)`` -> ``[(name, cfg_b)]``: the study split into programs trained one after another
               (each compiled once), each ``cfg_b`` a study of its own; by default one bucket, ``cfg`` itself
   task        ``make_task(cfg, rows)`` -> a ``Task``: the runs' data stacked over S, data shared by every run
@@ -15,10 +15,10 @@ checkpoints, analysis driver, report and notebook view speak to a study only thr
               functions the trainer vmaps (init, loss and gradients of a step, evaluation, apply)
   analysis    ``analysis_module``: a module with ``SETTINGS`` (named settings and defaults) and
               ``analyze_cohort(view, params_by_step, key, settings, batch_size)`` -> the cohort's JSON-ready
-              ``{"task", "aggregate", "runs"}`` (engine.analysis.driver calls it once per cohort)
+              ``{"task", "aggregate", "runs"}`` (universality.engine.analysis.driver calls it once per cohort)
   report      ``report_module``: ``settings_line(settings, generalised_threshold)`` and
               ``sections(view, summary, save)`` -> markdown lines of the family's report sections
-  notebook    ``view_module``: a module whose ``View`` (an ``engine.replay.Run``) opens its run directories
+  notebook    ``view_module``: a module whose ``View`` (an ``universality.engine.replay.Run``) opens its run directories
 
 The hooks are named by module path so that the trainer never imports analysis, plotting or Orbax code.
 
@@ -106,8 +106,8 @@ class Family:
     """The study as buckets ``[(name, cfg_b)]``, each trained as one program (compiled once).
 
     Each ``cfg_b`` is a whole study config whose own buckets are ``[(name, cfg_b)]``, so a bucket launched
-    alone writes the run directory the bucket writes inside its study (engine.rundir); the rule that splits
-    a study must be a function of the study's identity (``engine.config.identity``). A family whose runs all
+    alone writes the run directory the bucket writes inside its study (universality.engine.rundir); the rule that splits
+    a study must be a function of the study's identity (``universality.engine.config.identity``). A family whose runs all
     share one program keeps this default: one bucket, ``cfg`` itself.
     """
     return [(self.name, cfg)]
@@ -152,4 +152,4 @@ def get(name: str) -> Family:
   """The family called ``name`` (one of ``NAMES``)."""
   if name not in NAMES:
     raise ValueError(f"config.family: must be one of {NAMES}, got {name!r}")
-  return importlib.import_module(f"engine.families.{name}").FAMILY
+  return importlib.import_module(f"universality.engine.families.{name}").FAMILY

@@ -1,11 +1,11 @@
 r"""*A Toy Model of Universality* (Chughtai, Chan, Nanda 2023), the MLP study, with the paper's settings.
 
-Command:   python -m experiments.group_universality --workdir=runs/chughtai_mlp \
+Command:   python -m universality.experiments.group_universality --workdir=runs/chughtai_mlp \
                --config=experiments/configs/chughtai_mlp.py
            One command for all seven groups: the launch trains them in three buckets, one program each
            (task.bucket_padding 0.25: no group padded beyond 1.25 x its order), one after another, into
            runs/chughtai_mlp/buckets/<name>/ -- order60 (A5), order113-122 (C113, C118, D59, D61, S5) and
-           order720 (S6) -- with runs/chughtai_mlp/report/index.md linking their reports (engine.rundir).
+           order720 (S6) -- with runs/chughtai_mlp/report/index.md linking their reports (universality.engine.rundir).
            replay.open("runs/chughtai_mlp").select(group="S6") opens the S6 runs.
 Runtime:   accelerator work: 7 groups x 50 seeds x 250k full-batch steps; S6 (720 classes, 518k pairs per run)
            costs more than the other six together. On one H100-class GPU expect hours; on a TPU pod slice
@@ -19,7 +19,7 @@ betas (0.9, 0.98), full batch; train fractions S5 0.4, S6 0.25, A5 0.5, cyclic a
 C113, C118, D59, D61 (dihedral of the n-gon, order 2n), S5, A5, S6.
 """
 
-from engine import config as config_lib
+from universality.engine import config as config_lib
 
 
 def get_config():

@@ -1,10 +1,10 @@
 r"""*A Toy Model of Universality* (Chughtai, Chan, Nanda 2023), the one-layer transformer study.
 
-Command:   python -m experiments.group_universality --workdir=runs/chughtai_transformer \
+Command:   python -m universality.experiments.group_universality --workdir=runs/chughtai_transformer \
                --config=experiments/configs/chughtai_transformer.py
            (S6 in the same command: --config.task.groups=C113,C118,D59,D61,S5,A5,S6 and S6=0.4 added to
            --config.task.train_frac_by_group; it trains as a bucket of its own, so that the order-120 groups
-           are not padded to 720 classes: engine.launch.describe.)
+           are not padded to 720 classes: universality.engine.launch.describe.)
 Runtime:   accelerator work: 6 groups x 50 seeds x 50k full-batch steps of a d_model 128 transformer; hours
            on one GPU, less on a TPU pod slice with --distributed (BUILD.md). Not meant for a 2-core CPU.
 Result:    every run generalises; as for the MLP, seeds learn different subsets of the irreps, each run's
@@ -15,7 +15,7 @@ out at `=`; AdamW lr 1e-3, weight decay 1.0, betas (0.9, 0.98), full batch; trai
 cyclic and dihedral 0.3.
 """
 
-from engine import config as config_lib
+from universality.engine import config as config_lib
 
 
 def get_config():

@@ -1,6 +1,6 @@
 r"""Default study: three groups of order 60 x 16 seeds, trained together; groks on a 2-core CPU.
 
-Command:   python -m experiments.group_universality --workdir=runs/default
+Command:   python -m universality.experiments.group_universality --workdir=runs/default
 Runtime:   4-7 minutes on a 2-core CPU from a fresh clone, the pip install included: 3 min 56 s measured when
            training ran at ~890 model-steps/s; 6 min 27 s on a slower day of the same kind of machine
            (training 4 min 42 s at ~510 model-steps/s — the engine of that earlier day ran at the same rate
@@ -17,7 +17,7 @@ rather than hundreds of thousands of steps) and groups of order 60 rather than 1
 with weight decay 1.0, betas (0.9, 0.98) and full-batch training are the paper's.
 """
 
-from engine import config as config_lib
+from universality.engine import config as config_lib
 
 
 def get_config():

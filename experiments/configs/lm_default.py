@@ -1,7 +1,7 @@
 r"""Default language-model study: 8 seeds of a 2-layer byte transformer on the Python standard library,
 trained together, then compared neuron by neuron (Gurnee et al. 2024, at toy scale).
 
-Command:   python -m experiments.lm_universality --workdir=runs/lm
+Command:   python -m universality.experiments.lm_universality --workdir=runs/lm
 Runtime:   12 min 56 s on a 2-core CPU shared with other jobs (load 4-6; training ~25 model-steps/s, the
            universal-neurons pass over 2^17 held-out bytes and the report ~3 min); peak memory 2.4 GB.
 Result:    seen on Python 3.11.7's standard library: held-out 2.63-2.69 bits per byte for every seed (the
@@ -13,7 +13,7 @@ Result:    seen on Python 3.11.7's standard library: held-out 2.63-2.69 bits per
            on "self." in method bodies.
 """
 
-from engine import config as config_lib
+from universality.engine import config as config_lib
 
 
 def get_config():

@@ -2,7 +2,7 @@ r"""GPT2-small-shaped byte models (12 layers × d_model 768, 12 heads, d_mlp 307
 shape of the models Gurnee et al. (2024) compared, trained here on the Python standard library. For
 accelerators.
 
-Command:   python -m experiments.lm_universality --workdir=runs/gpt2s --config=experiments/configs/lm_gpt2_small.py
+Command:   python -m universality.experiments.lm_universality --workdir=runs/gpt2s --config=experiments/configs/lm_gpt2_small.py
 Runtime:   not measured in this project yet (it needs an accelerator).
 Memory:    the correlation pass compares 5 × 36,864 neurons over 2^24 held-out bytes in memory that does not
            grow with T, but its fixed part is large: one Haar rotation and one own co-moment per model
@@ -12,7 +12,7 @@ Result:    the universal fraction per layer and the properties of universal neur
            paper's GPT2-small figures (4.16% universal) but with a rotation baseline.
 """
 
-from engine import config as config_lib
+from universality.engine import config as config_lib
 
 
 def get_config():

@@ -1,6 +1,6 @@
 r"""How many seeds does a universality claim need? One group, many seeds, one program.
 
-Command:   python -m experiments.group_universality --workdir=runs/seed_sweep \
+Command:   python -m universality.experiments.group_universality --workdir=runs/seed_sweep \
                --config=experiments/configs/seed_sweep.py
            Smaller or larger: --config.seeds=64 (CPU, ~10 min) or --config.seeds=1024 (an accelerator).
 Runtime:   256 seeds x 3,000 steps of A5 and D30: about 40 minutes on a 2-core CPU, a few minutes on a GPU.
@@ -11,7 +11,7 @@ Result:    the key-irrep table of report/index.md over 256 seeds per group: the 
            computed over all pairs of the 256 runs.
 """
 
-from experiments.configs import default
+from universality.experiments.configs import default
 
 
 def get_config():

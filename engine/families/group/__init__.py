@@ -5,6 +5,6 @@ MLP and one-layer transformer. ``family``: the seam (``FAMILY``). ``analysis``: 
 per cohort. ``report``: the family's report sections. ``view``: the notebook view of its run directories.
 """
 
-from engine.families.group.family import FAMILY
+from universality.engine.families.group.family import FAMILY
 
 __all__ = ["FAMILY"]

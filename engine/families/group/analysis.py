@@ -1,7 +1,7 @@
 """The group family's analysis of one cohort: irreps in logits, weights and neurons; neurons across seeds.
 
-``analyze_cohort`` is the family's hook for ``engine.analysis.driver``; the passes are
-``engine.analysis.pipeline.analyze_group`` (every field of its records is documented there).
+``analyze_cohort`` is the family's hook for ``universality.engine.analysis.driver``; the passes are
+``universality.engine.analysis.pipeline.analyze_group`` (every field of its records is documented there).
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from typing import Any, Callable
 
 import jax
 
-from engine import groups as groups_lib
-from engine import irreps as irreps_lib
-from engine.analysis import connectivity
-from engine.analysis import cosets
-from engine.analysis import cross_seed
-from engine.analysis import margins
-from engine.analysis import pipeline
-from engine.analysis import redundancy
-from engine.analysis import representation
-from engine.families.group import models
+from universality.engine import groups as groups_lib
+from universality.engine import irreps as irreps_lib
+from universality.engine.analysis import connectivity
+from universality.engine.analysis import cosets
+from universality.engine.analysis import cross_seed
+from universality.engine.analysis import margins
+from universality.engine.analysis import pipeline
+from universality.engine.analysis import redundancy
+from universality.engine.analysis import representation
+from universality.engine.families.group import models
 
 # The analysis' named settings and their defaults (summary.json "settings").
 SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,

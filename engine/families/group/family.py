@@ -1,8 +1,8 @@
-"""The group-composition family on the engine's seam (``engine.families.Family``).
+"""The group-composition family on the engine's seam (``universality.engine.families.Family``).
 
 Config sections::
 
-  task.groups               comma-separated group specs (engine.groups.get), e.g. "C47,S4,D12"
+  task.groups               comma-separated group specs (universality.engine.groups.get), e.g. "C47,S4,D12"
   task.train_frac           comma-separated fractions of the |G|² pairs used for training (a sweep axis)
   task.train_frac_by_group  per-group fractions overriding train_frac, e.g. "S5=0.4,S6=0.25" (as in the
                             paper, where each group has its own); groups not named use train_frac
@@ -40,11 +40,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from engine import config as config_lib
-from engine import families
-from engine import groups as groups_lib
-from engine.families.group import models
-from engine.families.group import task as task_lib
+from universality.engine import config as config_lib
+from universality.engine import families
+from universality.engine import groups as groups_lib
+from universality.engine.families.group import models
+from universality.engine.families.group import task as task_lib
 
 
 def group_specs(cfg) -> tuple[str, ...]:
@@ -135,9 +135,9 @@ class GroupFamily(families.Family):
   generalised_threshold = 0.99
   metrics = ("train_loss", "train_acc", "test_loss", "test_acc")
   # Where the heavier hooks live (imported by the layers that use them, never by the trainer).
-  analysis_module = "engine.families.group.analysis"
-  report_module = "engine.families.group.report"
-  view_module = "engine.families.group.view"
+  analysis_module = "universality.engine.families.group.analysis"
+  report_module = "universality.engine.families.group.report"
+  view_module = "universality.engine.families.group.view"
 
   def add_config(self, cfg) -> None:
     cfg.task = ml_collections.ConfigDict()

@@ -132,7 +132,7 @@ def _mlp(params, a_B, b_B):
 def mlp_xent_grads(params, a_B, b_B, c_B, w_B, order):
   """``(Σ w·cross-entropy, gradients)`` of the MLP, its backward pass written out by hand.
 
-  The loss is ``engine.train.masked_xent`` of ``apply``'s logits (classes ``>= order`` masked to −inf) and
+  The loss is ``universality.engine.train.masked_xent`` of ``apply``'s logits (classes ``>= order`` masked to −inf) and
   the gradients are those ``jax.grad`` derives, to float rounding. Written out, the step reads and writes
   the ``[B, V]`` activations fewer times than the derived one: the softmax and the one-hot of the
   cross-entropy gradient are one elementwise pass, ``w · (softmax − onehot)``, over the exponentials that

@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from engine import plots
-from engine.report import file_prefix, markdown_table
+from universality.engine import plots
+from universality.engine.report import file_prefix, markdown_table
 
 _FS_TYPE = {1: "real", 0: "complex", -1: "quaternionic"}
 

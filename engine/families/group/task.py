@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine import groups as groups_lib
+from universality.engine import groups as groups_lib
 
 
 def group_tag(group: groups_lib.Group) -> int:

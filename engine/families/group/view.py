@@ -1,6 +1,6 @@
-"""The notebook view of a group-composition run directory: ``engine.replay.Run`` plus the group accessors.
+"""The notebook view of a group-composition run directory: ``universality.engine.replay.Run`` plus the group accessors.
 
-  run = engine.replay.open("runs/default")       # a View
+  run = universality.engine.replay.open("runs/default")       # a View
   s4 = run.select(group="S4")
   logits, hidden = s4.apply(step=run.steps[3])    # on all |G|² pairs of the group
   logits, hidden = s4.apply(None, (a_B, b_B))     # on chosen pairs, the same for every selected run
@@ -18,18 +18,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from engine import groups as groups_lib
-from engine import irreps as irreps_lib
-from engine import plots
-from engine import replay
-from engine.analysis import connectivity
-from engine.analysis import cosets
-from engine.analysis import cross_seed
-from engine.analysis import driver
-from engine.analysis import pipeline
-from engine.analysis import representation
-from engine.families.group import analysis
-from engine.families.group import models
+from universality.engine import groups as groups_lib
+from universality.engine import irreps as irreps_lib
+from universality.engine import plots
+from universality.engine import replay
+from universality.engine.analysis import connectivity
+from universality.engine.analysis import cosets
+from universality.engine.analysis import cross_seed
+from universality.engine.analysis import driver
+from universality.engine.analysis import pipeline
+from universality.engine.analysis import representation
+from universality.engine.families.group import analysis
+from universality.engine.families.group import models
 
 
 class View(replay.Run):
@@ -198,13 +198,13 @@ class View(replay.Run):
 
   def cosets(self, step: int | None = None, group: str | None = None, *, threshold: float | None = None
              ) -> dict:
-    """Coset neurons of the selected runs of one group (``engine.analysis.cosets``), as the analysis
+    """Coset neurons of the selected runs of one group (``universality.engine.analysis.cosets``), as the analysis
     computes them: per run, input side (a, b) and neuron, the share of each subgroup's left / right cosets,
     the best subgroup, its coset kind, share, adjusted share and induced share.
 
     Returns numpy ``share_SxIxKxHxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
     ``best_adjusted_SxIxN``, ``coset_SxIxN``, ``induced_share_SxIxN``, ``source``, ``subgroups``
-    (``engine.groups.Subgroups``) and ``labels`` (each subgroup's class label).
+    (``universality.engine.groups.Subgroups``) and ``labels`` (each subgroup's class label).
     """
     sub = self._one_group(group)
     grp = groups_lib.get(sub.groups[0])
@@ -224,7 +224,7 @@ class View(replay.Run):
   def connectivity(self, step: int | None = None, group: str | None = None, *, points: int | None = None
                    ) -> dict:
     """Linear mode connectivity between every pair of the selected runs of one group (MLP), raw and after
-    activation and weight matching (``engine.analysis.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
+    activation and weight matching (``universality.engine.analysis.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
     alignment ``perm_PxN``, ``loss_PxL``, ``accuracy_PxL``, ``barrier_P``."""
     sub = self._one_group(group)
     if len(sub) < 2:
@@ -267,7 +267,7 @@ class View(replay.Run):
     Returns:
       dict: ``corr_NxM`` (float64 Pearson correlation of run A's neuron n with run B's neuron m; NaN for a
       dead neuron), ``perm_N`` (B's partner of A's neuron n in the maximum-weight one-to-one matching,
-      ``engine.analysis.match_neurons``), ``matched_corr_N``, ``dominant_a_N`` / ``dominant_b_M`` (irrep
+      ``universality.engine.analysis.match_neurons``), ``matched_corr_N``, ``dominant_a_N`` / ``dominant_b_M`` (irrep
       indices), ``share_a_NxR`` / ``share_b_MxR``, ``live_a_N`` / ``live_b_M``, ``irreps`` (names),
       ``runs`` (the two runs.json rows), ``mean_matched_corr`` and ``same_dominant`` (share of matched
       live pairs with the same dominant irrep).
@@ -314,7 +314,7 @@ class View(replay.Run):
 
 
 class Plots:
-  """Figures of a ``View`` (``run.plot.<name>(...)``), drawn by ``engine.plots``; the report saves the
+  """Figures of a ``View`` (``run.plot.<name>(...)``), drawn by ``universality.engine.plots``; the report saves the
   same figures. Per-group figures take ``group=`` unless the selection holds a single group."""
 
   def __init__(self, run: View):

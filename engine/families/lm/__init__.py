@@ -6,6 +6,6 @@ universal-neurons pass and per-neuron properties per cohort. ``report``: the fam
 ``view``: the notebook view of its run directories.
 """
 
-from engine.families.lm.family import FAMILY
+from universality.engine.families.lm.family import FAMILY
 
 __all__ = ["FAMILY"]

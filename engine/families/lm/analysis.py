@@ -4,14 +4,14 @@ properties that set them apart.
 Every run of the cohort (runs that differ only in seed) reads the same ``tokens`` held-out bytes, cut into
 context windows. The MLP activations of every layer are computed batch by batch and never stored whole:
 
-* post-GELU activations of all layers of every run stream into ``kernels.correlation`` (via
-  ``engine.analysis.cross_seed.neuron_correlations``): for each neuron, the maximum Pearson correlation with
+* post-GELU activations of all layers of every run stream into ``universality.kernels.correlation`` (via
+  ``universality.engine.analysis.cross_seed.neuron_correlations``): for each neuron, the maximum Pearson correlation with
   every neuron of every layer of each other run, its layer and index, the same maximum against that run's
   neurons mixed by a random orthogonal matrix (the baseline), and the excess = mean over the other runs of
   (max − baseline max). A neuron is *universal* when its excess exceeds ``universal_threshold``. Gurnee et
   al.'s baseline was a row-normalised Gaussian matrix, not a rotation, so their baseline maxima differ
   from ours.
-* in the same pass (``engine.analysis.neuron_stats``): the moments of each neuron's *pre*-activation
+* in the same pass (``universality.engine.analysis.neuron_stats``): the moments of each neuron's *pre*-activation
   (mean, variance, skew, kurtosis, share >= 0), and the share of its post-activation variance explained by
   the current byte, its class (letter, digit, space, ...), the previous byte and the position in the window.
 * from the weights: input bias, ‖w_in‖, ‖w_out‖, cos(w_in, w_out), and the moments over the 256 bytes of
@@ -22,7 +22,7 @@ context windows. The MLP activations of every layer are computed batch by batch 
 
 Only the last checkpoint is analysed (``LAST_STEP_ONLY``): universality is a property of trained models.
 Per-neuron arrays (``[S, L, N]`` and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file
-(``engine.rundir``); summary.json holds per-layer fractions, property contrasts and the top neurons.
+(``universality.engine.rundir``); summary.json holds per-layer fractions, property contrasts and the top neurons.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from engine.analysis import cross_seed
-from engine.analysis import neuron_stats
-from engine.families.lm import family as family_lib
-from engine.families.lm import models
+from universality.engine.analysis import cross_seed
+from universality.engine.analysis import neuron_stats
+from universality.engine.families.lm import family as family_lib
+from universality.engine.families.lm import models
 
 LAST_STEP_ONLY = True
 
@@ -90,7 +90,7 @@ def _update_stats(stats, pre_SxBxM, post_SxBxM, byte_B, prev_B, pos_B):
 
 
 class _Stream:
-  """A re-iterable source of post-activation batches for ``kernels.correlation``. The first iteration that
+  """A re-iterable source of post-activation batches for ``universality.kernels.correlation``. The first iteration that
   runs to its end also yields the per-neuron statistics (``stats``); an abandoned iteration (the kernel
   peeks at one batch for the shapes) and later passes, when the correlation needs several, only yield."""
 

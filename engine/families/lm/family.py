@@ -1,10 +1,10 @@
-"""Byte-level language modelling on the engine's seam (``engine.families.Family``), as in *Universal Neurons
+"""Byte-level language modelling on the engine's seam (``universality.engine.families.Family``), as in *Universal Neurons
 in GPT2* (Gurnee et al. 2024), with the seeds trained here rather than downloaded.
 
 Config sections::
 
   task.corpus            "stdlib" (the running interpreter's standard library sources) or a file/directory
-  task.heldout_frac      share of the corpus's files held out (engine.families.lm.corpus)
+  task.heldout_frac      share of the corpus's files held out (universality.engine.families.lm.corpus)
   task.max_bytes         read at most this many bytes of the corpus (0: all of it)
   task.fingerprint       the corpus's fingerprint; "" is filled in at launch, then a different corpus is refused
   task.vary_data_order   False: every seed sees the same windows in the same order; True: each its own
@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from engine import config as config_lib
-from engine import families
-from engine.families.lm import corpus as corpus_lib
-from engine.families.lm import models
+from universality.engine import config as config_lib
+from universality.engine import families
+from universality.engine.families.lm import corpus as corpus_lib
+from universality.engine.families.lm import models
 
 MODELS = ("gpt",)
-# The analysis settings and their defaults (config section ``analysis``; engine.families.lm.analysis).
+# The analysis settings and their defaults (config section ``analysis``; universality.engine.families.lm.analysis).
 ANALYSIS_SETTINGS = {
     "tokens": 1 << 17,            # held-out bytes every run reads (rounded down to whole windows)
     "batch_windows": 32,          # context windows per forward pass
@@ -91,9 +91,9 @@ class LMFamily(families.Family):
   name = "lm"
   progress_metric = "test_bpb"
   metrics = ("train_bpb", "test_bpb", "test_acc", "unigram_bpb")
-  analysis_module = "engine.families.lm.analysis"
-  report_module = "engine.families.lm.report"
-  view_module = "engine.families.lm.view"
+  analysis_module = "universality.engine.families.lm.analysis"
+  report_module = "universality.engine.families.lm.report"
+  view_module = "universality.engine.families.lm.view"
 
   def add_config(self, cfg) -> None:
     cfg.task = ml_collections.ConfigDict()

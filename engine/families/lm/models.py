@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from engine.families.lm import corpus
+from universality.engine.families.lm import corpus
 
 _LN_EPS = 1e-5
 

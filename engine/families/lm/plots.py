@@ -1,4 +1,4 @@
-"""Figures of a language-model study, drawn from plain arrays (no pyplot; see ``engine.plots``)."""
+"""Figures of a language-model study, drawn from plain arrays (no pyplot; see ``universality.engine.plots``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from engine import plots
+from universality.engine import plots
 
 # Universal fractions reported by Gurnee et al. (2024), excess correlation > 0.5 over 5 seeds (their
 # baseline: a row-normalised Gaussian mixing matrix, not a rotation).

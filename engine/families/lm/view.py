@@ -1,6 +1,6 @@
-"""The notebook view of a language-model run directory: ``engine.replay.Run`` plus text and neuron accessors.
+"""The notebook view of a language-model run directory: ``universality.engine.replay.Run`` plus text and neuron accessors.
 
-  run = engine.replay.open("runs/lm")            # a View
+  run = universality.engine.replay.open("runs/lm")            # a View
   params = run.params(step=run.steps[3])         # stacked parameters at any checkpoint
   acts = run.activations("def f(x):\\n    return x")   # {"mlp_pre", "mlp_post"}: [S, T, L, N] on any text
   table = run.neurons()                          # one row per neuron of the cohort: excess, properties
@@ -15,12 +15,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from engine import replay
-from engine import rundir
-from engine.families.lm import analysis
-from engine.families.lm import family as family_lib
-from engine.families.lm import models
-from engine.families.lm import plots
+from universality.engine import replay
+from universality.engine import rundir
+from universality.engine.families.lm import analysis
+from universality.engine.families.lm import family as family_lib
+from universality.engine.families.lm import models
+from universality.engine.families.lm import plots
 
 
 class View(replay.Run):
@@ -31,7 +31,7 @@ class View(replay.Run):
     self.plot = Plots(self)
 
   def corpus(self):
-    """The study's corpus (``engine.families.lm.corpus.Corpus``), checked against config.json's fingerprint."""
+    """The study's corpus (``universality.engine.families.lm.corpus.Corpus``), checked against config.json's fingerprint."""
     return family_lib.corpus_of(self.config)
 
   def _forward(self):

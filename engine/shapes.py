@@ -1,6 +1,4 @@
-"""Universality engine: train many small models at once and compare what they learned.
-
-Shape letters used in names throughout the package (``acts_SxTxN`` is an array of shape (S, T, N)):
+"""Shape letters used in names throughout the package (``acts_SxTxN`` is an array of shape (S, T, N)):
 
   S  runs: the stacked leading axis of models (seeds x groups x hyperparameters, flattened)
   G  elements of a group (its order |G|); A, B, C index group elements in the roles a, b and c = a·b
@@ -13,5 +11,3 @@ Shape letters used in names throughout the package (``acts_SxTxN`` is an array o
   R  irreducible representations of a group
   K  checkpointed steps
 """
-
-__version__ = "0.1.0"
