@@ -51,7 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.train_throughput import matmul_rate  # noqa: E402
-from universality.engine import train  # noqa: E402
+from universality.engine import optim, train  # noqa: E402
 from universality.engine.families.lm import family as lm_family  # noqa: E402
 from universality.engine.families.lm import models  # noqa: E402
 from universality.experiments.configs import lm_default  # noqa: E402
@@ -156,7 +156,7 @@ def torch_bench(cfg, text: np.ndarray, attention: str, threads: int):
   o = cfg.opt
   opt = torch.optim.AdamW(params, lr=float(o.lr), betas=(float(o.b1), float(o.b2)), eps=float(o.eps),
                           weight_decay=float(o.weight_decay))
-  multiplier = train.lr_multiplier(o, cfg.steps)
+  multiplier = optim.lr_multiplier(o, cfg.steps)
   table = np.asarray(jax.vmap(multiplier)(jnp.arange(cfg.steps + 1)), np.float64)  # the engine's own schedule
   sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(table[min(s, cfg.steps)]))
   text_t = torch.as_tensor(text.astype(np.int64))
@@ -259,7 +259,7 @@ def breakdown(cfg, reps: int, flops: float) -> None:
 
   loss = lambda p, w: models.next_byte_xent(p, w, g)
   add = lambda a, b: jax.tree.map(jnp.add, a, b)
-  tx = train._optimizer(cfg.opt, cfg.steps, 3e-3, 0.1)
+  tx = optim.make(cfg.opt, cfg.steps, 3e-3, 0.1, lambda p: p)
   grads0 = jax.grad(loss)(params, windows(0))
 
   def update(i, carry):

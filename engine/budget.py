@@ -2,7 +2,7 @@
 
   budget.check(cfg, devices)     # raises BudgetError (one line) when the estimate exceeds the budget
 
-The estimate counts, per device, the train state of its runs (parameters and the two AdamW moments), their
+The estimate counts, per device, the train state of its runs (parameters and the optimiser's state), their
 task data and the activations of one step of the runs it vmaps together (``exec.run_chunk``; one at a time
 on the CPU), and on the host its copies of the task data and of the state (checkpoints are written from
 it) plus the per-run records. The family supplies the run count and one run's footprint from the config
@@ -24,10 +24,9 @@ from typing import NamedTuple, Sequence
 import jax
 
 from universality.engine import config as config_lib
-from universality.engine import families
+from universality.engine import families, optim
 
 ROW_BYTES = 4096      # host memory per run outside the arrays: its rows, key and runs.json text (~2.5 kB seen)
-STATE_COPIES = 3      # parameters and the two AdamW moments
 _GB = 1e9
 
 
@@ -82,6 +81,12 @@ def device_memory_limit(devices: Sequence) -> int | None:
   return min(limits) if limits else None
 
 
+def state_bytes(cfg, params) -> int:
+  """One run's train state: its parameters (shapes) and its optimiser's state (``jax.eval_shape``)."""
+  param_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
+  return param_bytes + optim.state_bytes(cfg.opt, cfg.steps, params, families.get(cfg.family).param_roles)
+
+
 def estimate(cfg, n_devices: int, on_cpu: bool) -> Estimate | None:
   """The memory a launch of ``cfg`` on ``n_devices`` devices needs; None when its family gives no footprint."""
   family = families.get(cfg.family)
@@ -91,7 +96,7 @@ def estimate(cfg, n_devices: int, on_cpu: bool) -> Estimate | None:
   n_runs = family.n_runs(cfg)
   per_device = math.ceil(n_runs / n_devices)
   chunk = min(per_device, cfg[config_lib.EXECUTION].run_chunk or (1 if on_cpu else per_device))
-  state = STATE_COPIES * footprint.params
+  state = state_bytes(cfg, footprint.params)
   # The update of the runs in flight holds the old and the new state besides their activations.
   device = per_device * (state + footprint.data) + chunk * (2 * state + footprint.step) + footprint.shared
   host = n_runs * (state + footprint.data + ROW_BYTES) + footprint.shared

@@ -8,8 +8,9 @@ Sections by concern::
   steps, eval_every, batch_size, num_checkpoints   the schedule, shared by every run
   task.*                 the family's task and its sweep axes (e.g. task.groups, task.train_frac)
   model.name, model.<name>.*   the architecture and the widths of each of the family's models
-  opt.*                  AdamW: opt.lr and opt.weight_decay are sweep axes; betas, eps, gradient clipping
-                         and the lr schedule (warm-up, cosine decay) are shared
+  opt.*                  the optimiser (universality.engine.optim): opt.name (adamw, sgd, muon; several
+                         train as one bucket each), opt.lr and opt.weight_decay (sweep axes) and the
+                         optimiser's own fields, gradient clipping and the lr schedule (shared)
   exec.*                 how to run, not what: changing them never changes a result beyond float rounding
                          and never stops a relaunch from resuming (they are not part of config.json)
   analysis.*             the family's analysis settings (e.g. held-out tokens per run): they change the
@@ -31,11 +32,10 @@ import math
 
 import ml_collections
 
-from universality.engine import families
+from universality.engine import families, optim
 
 EXECUTION = "exec"          # how to run: not part of a study's identity
 ANALYSIS = "analysis"       # the family's analysis settings: not part of a study's identity either
-SCHEDULES = ("constant", "cosine")
 
 
 def default_config(family: str = "group") -> ml_collections.ConfigDict:
@@ -50,17 +50,7 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
   cfg.eval_every = 100       # steps between metric evaluations; must divide steps
   cfg.batch_size = 0         # 0: full batch; otherwise examples sampled per step with fold_in(key, step)
   cfg.num_checkpoints = 24   # log-spaced checkpoints (plus step 0 and the last step) for learning order
-  # AdamW with decoupled weight decay (decay step = lr · weight_decay · param, as torch.optim.AdamW).
-  cfg.opt = ml_collections.ConfigDict()
-  cfg.opt.lr = "1e-3"            # comma-separated learning rates (a sweep axis)
-  cfg.opt.weight_decay = "1.0"   # comma-separated weight decays (a sweep axis)
-  cfg.opt.b1 = 0.9
-  cfg.opt.b2 = 0.98
-  cfg.opt.eps = 1e-8
-  cfg.opt.clip_norm = 0.0        # clip each run's gradient to this global norm; 0: no clipping
-  cfg.opt.warmup_steps = 0       # linear warm-up of the learning rate from 0 over these steps
-  cfg.opt.schedule = "constant"  # after warm-up: "constant", or "cosine" decay to final_lr_frac · lr
-  cfg.opt.final_lr_frac = 0.1    # the cosine schedule's last learning rate, as a fraction of the peak
+  optim.add_config(cfg)          # the optimiser and its sweep axes opt.lr, opt.weight_decay
   cfg[EXECUTION] = ml_collections.ConfigDict()
   cfg[EXECUTION].run_chunk = 0   # runs vmapped together on each device; 0: auto (1 on CPU, all on GPU/TPU;
                                  # benchmarks/README.md)
@@ -137,18 +127,7 @@ def validate(cfg) -> None:
   for v in parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
     if not (v >= 0 and math.isfinite(v)):
       raise ValueError(f"config.opt.weight_decay: must be finite and >= 0, got {v}")
-  for name in ("b1", "b2"):
-    if not 0 <= float(cfg.opt[name]) < 1:
-      raise ValueError(f"config.opt.{name}: must lie in [0, 1), got {cfg.opt[name]}")
-  if not float(cfg.opt.eps) > 0:
-    raise ValueError(f"config.opt.eps: must be > 0, got {cfg.opt.eps}")
-  if not (math.isfinite(float(cfg.opt.clip_norm)) and float(cfg.opt.clip_norm) >= 0):
-    raise ValueError(f"config.opt.clip_norm: must be finite and >= 0 (0: no clipping), got {cfg.opt.clip_norm}")
-  int_field(cfg.opt, "warmup_steps", 0, "opt.")
-  if cfg.opt.schedule not in SCHEDULES:
-    raise ValueError(f"config.opt.schedule: must be one of {SCHEDULES}, got {cfg.opt.schedule!r}")
-  if not 0 <= float(cfg.opt.final_lr_frac) <= 1:
-    raise ValueError(f"config.opt.final_lr_frac: must lie in [0, 1], got {cfg.opt.final_lr_frac}")
+  optim.validate(cfg.opt)
   int_field(cfg[EXECUTION], "run_chunk", 0, f"{EXECUTION}.")
   if not isinstance(cfg[EXECUTION].analyze, bool):
     raise ValueError(f"config.{EXECUTION}.analyze: expected True or False, got {cfg[EXECUTION].analyze!r}")

@@ -131,7 +131,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   family = families.get(cfg.family)
   workdir = rundir.resolve(workdir)  # an absolute local path or a gs:// URL; another scheme is refused
   # One program: a study of one bucket, or a run directory written before its study was split.
-  programs = family.buckets(cfg)
+  programs = families.buckets(cfg)
   if len(programs) > 1 and _agreed(rundir.has_runs(workdir)):
     if jax.process_index() == 0:
       print(f"{workdir} is one run directory (written before buckets existed): trained as one program",
@@ -143,14 +143,14 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   cfg = family.resolve(cfg)
   if len(programs) == 1:
     return _run_one(cfg, workdir, progress=progress, analyze=analyze)
-  return _run_buckets(cfg, family.buckets(cfg), workdir, progress=progress, analyze=analyze)
+  return _run_buckets(cfg, families.buckets(cfg), workdir, progress=progress, analyze=analyze)
 
 
 def describe(cfg: ml_collections.ConfigDict) -> list[str]:
   """Lines naming the buckets of ``cfg`` (``Family.buckets``), their runs and task (printed at launch)."""
   config_lib.validate(cfg)
   family = families.get(cfg.family)
-  programs = family.buckets(cfg)
+  programs = families.buckets(cfg)
   out = [f"{len(programs)} buckets, trained one after another, each one program compiled once:"
          if len(programs) > 1 else "One program, compiled once:"]
   for name, cfg_b in programs:

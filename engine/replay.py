@@ -326,10 +326,10 @@ class Study:
     self.workdir = rundir.resolve(workdir)
     self.config = _config if _config is not None else _load_config(self.workdir)
     self.family = families.get(self.config.family)
-    self.names = [name for name, _ in self.family.buckets(self.config)]
+    self.names = [name for name, _ in families.buckets(self.config)]
     if views is None:
       views = {}
-      for name, cfg_b in self.family.buckets(self.config):
+      for name, cfg_b in families.buckets(self.config):
         bucket = rundir.bucket_dir(self.workdir, name)
         if rundir.is_rundir(bucket):
           views[name] = _open_view(bucket)
@@ -417,7 +417,7 @@ def is_study_of_buckets(workdir: str) -> bool:
   if rundir.has_runs(workdir):  # one run directory, whatever its config would split into today
     return False
   cfg = _load_config(workdir)
-  return len(families.get(cfg.family).buckets(cfg)) > 1
+  return len(families.buckets(cfg)) > 1
 
 
 def open(workdir: str) -> Run | Study:  # noqa: A001 - mirrors the builtin on purpose: replay.open(workdir)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from universality.engine import config as config_lib
+from universality.engine import optim
 from universality.engine import paths
 from universality.engine import plots
 from universality.engine import replay
@@ -56,8 +57,7 @@ def _header(run, summary: Mapping, steps: Sequence[int]) -> str:
                f"{len(steps)} checkpoints ({', '.join(str(s) for s in steps)})")
   lrs = ", ".join(f"{v:g}" for v in config_lib.parse_floats(cfg.opt.lr, "opt.lr"))
   wds = ", ".join(f"{v:g}" for v in config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"))
-  lines.append(f"- Optimiser: AdamW, lr {lrs}, weight decay {wds}, betas ({cfg.opt.b1:g}, {cfg.opt.b2:g}), "
-               f"eps {float(cfg.opt.eps):g}")
+  lines.append(f"- Optimiser: {optim.describe(cfg.opt)}; lr {lrs}, weight decay {wds}")
   module = importlib.import_module(family.report_module)
   lines.append(module.settings_line(summary["settings"], family.generalised_threshold))
   return "\n".join(lines) + "\n"

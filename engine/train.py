@@ -4,7 +4,7 @@
 
   trainer = make_train(cfg)                    # cfg: universality.engine.config.default_config() and overrides
   state = trainer.init()                       # TrainState, every leaf stacked over the padded run axis
-  state, metrics = trainer.run(state, n_evals) # n_evals × eval_every AdamW steps; metrics [n_evals, S]
+  state, metrics = trainer.run(state, n_evals) # n_evals × eval_every optimiser steps; metrics [n_evals, S]
   state, metrics = trainer.train()             # init + all cfg.steps steps
   logits, acts = trainer.apply(state.params, *inputs_S)   # the family's model on inputs stacked over S
 
@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from universality.engine import config as config_lib
-from universality.engine import families
+from universality.engine import families, optim
 
 AXIS = "runs"
 
@@ -44,8 +44,8 @@ class TrainState(NamedTuple):
 
   Attributes:
     params: model parameters (the family's ``Task.init``).
-    opt_state: AdamW state from ``optax.inject_hyperparams``; ``opt_state.hyperparams`` holds the run's
-      ``learning_rate`` and ``weight_decay``.
+    opt_state: the state of the run's optimiser (universality.engine.optim), which holds the run's own
+      ``learning_rate`` and ``weight_decay`` (``optax.inject_hyperparams``).
     step: int32, optimiser steps taken (counted also while frozen, so minibatch streams stay aligned).
     diverged: bool, set once the loss or the parameters became non-finite; the run is frozen from then on.
     key: uint32 [2], the run's PRNG key (``Family.run_key``: base seed, seed number and task).
@@ -55,48 +55,6 @@ class TrainState(NamedTuple):
   step: jax.Array
   diverged: jax.Array
   key: jax.Array
-
-
-def lr_multiplier(opt_cfg, total_steps: int):
-  """The learning-rate schedule as a multiple of each run's peak rate, a function of the step count, or
-  None for a constant rate. ``opt.warmup_steps`` of linear warm-up from 0, then ``opt.schedule``: "constant",
-  or "cosine" decay to ``opt.final_lr_frac`` of the peak at ``total_steps``."""
-  warmup, kind = int(opt_cfg.warmup_steps), opt_cfg.schedule
-  if kind == "constant" and warmup == 0:
-    return None
-  final = float(opt_cfg.final_lr_frac)
-  decay_steps = max(int(total_steps) - warmup, 1)
-
-  def multiplier(count):
-    t = count.astype(jnp.float32)
-    warm = jnp.minimum((t + 1.0) / warmup, 1.0) if warmup else jnp.float32(1.0)
-    if kind == "constant":
-      return warm
-    frac = jnp.clip((t - warmup) / decay_steps, 0.0, 1.0)
-    return warm * (final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
-
-  return multiplier
-
-
-def _optimizer(opt_cfg, total_steps: int, lr, weight_decay) -> optax.GradientTransformation:
-  """AdamW with the run's own lr and weight decay; optional global-norm clipping and lr schedule.
-
-  lr and weight decay are injected (they live in the state, so they may differ per run under vmap); the
-  betas are the same for the whole sweep and stay static. A schedule scales the whole AdamW update, decay
-  included, as torch.optim.AdamW with a scheduled lr does; with neither clipping nor a schedule the
-  transformation (and its state) is plain AdamW.
-  """
-  adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps"))(
-      learning_rate=lr, weight_decay=weight_decay, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
-      eps=float(opt_cfg.eps))
-  multiplier = lr_multiplier(opt_cfg, total_steps)
-  clip = float(opt_cfg.clip_norm)
-  if multiplier is None and not clip:
-    return adamw
-  parts = ([optax.clip_by_global_norm(clip)] if clip else []) + [adamw]
-  if multiplier is not None:
-    parts.append(optax.scale_by_schedule(multiplier))
-  return optax.chain(*parts)
 
 
 @dataclasses.dataclass
@@ -151,7 +109,7 @@ class Trainer:
   # --- one run ------------------------------------------------------------------------------------
 
   def _tx(self, lr, weight_decay) -> optax.GradientTransformation:
-    return _optimizer(self.cfg.opt, self.cfg.steps, lr, weight_decay)
+    return optim.make(self.cfg.opt, self.cfg.steps, lr, weight_decay, self.family.param_roles)
 
   def _init_one(self, key, lr, weight_decay, d, shared) -> TrainState:
     params = self.task.init(key, d, shared)

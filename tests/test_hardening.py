@@ -118,9 +118,10 @@ def test_estimate_counts_runs_without_building_them():
   est = budget.estimate(cfg, n_devices=8, on_cpu=True)
   assert est.n_runs == 2 * 10**7 and est.runs_per_device == 2 * 10**7 // 8
   one = budget.estimate(tiny_config(seeds=1), n_devices=1, on_cpu=True)
-  stacked = jax.eval_shape(train.make_train(tiny_config(seeds=1)).init).params  # over the padded runs
-  params = sum(x.size // x.shape[0] * x.dtype.itemsize for x in jax.tree.leaves(stacked))
-  assert one.state == budget.STATE_COPIES * params  # the model's own init, abstractly
+  stacked = jax.eval_shape(train.make_train(tiny_config(seeds=1)).init)  # over the padded runs
+  state = sum(x.size // x.shape[0] * x.dtype.itemsize for x in jax.tree.leaves((stacked.params,
+                                                                                  stacked.opt_state)))
+  assert one.state == state  # the model's and the optimiser's own init, abstractly
   with pytest.raises(ValueError, match="memory_budget_gb"):
     config_lib.validate(tiny_config(**{"exec.memory_budget_gb": -1.0}))
 

@@ -30,7 +30,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Mapping, NamedTuple
 
+import jax
 import numpy as np
+
+from universality.engine import optim
 
 NAMES = ("group", "lm")
 
@@ -62,13 +65,13 @@ class Footprint(NamedTuple):
   """What one run of a sweep holds, in bytes, estimated from the config without building any array.
 
   Attributes:
-    params: one run's parameters (e.g. ``jax.eval_shape`` of the model's init); the train state holds them
-      and the two AdamW moments.
+    params: one run's parameters as shapes (``jax.eval_shape`` of the model's init); the train state holds
+      them and the optimiser's state, whose size ``universality.engine.budget`` takes from them.
     data: one run's task data (padded to the largest run of the sweep).
     step: the live activations of one training step or one evaluation of one run, whichever is larger.
     shared: the data every run reads (``Task.shared``), held once per device and once on the host.
   """
-  params: int
+  params: Any
   data: int
   step: int
   shared: int = 0
@@ -112,6 +115,13 @@ class Family:
     """
     return [(self.name, cfg)]
 
+  def param_roles(self, params) -> Any:
+    """The role of every parameter (``universality.engine.optim.ROLES``: hidden, embed, unembed, vector),
+    a tree like ``params`` (arrays or shapes); Muon orthogonalises the roles ``opt.muon.params`` names.
+    By default every matrix is ``hidden`` and everything else a ``vector``; families name their
+    embeddings and output heads."""
+    return jax.tree.map(lambda p: "hidden" if len(p.shape) >= 2 else "vector", params)
+
   def footprint(self, cfg) -> Footprint | None:
     """One run's ``Footprint`` from the config alone; None: not estimated (the size check is skipped)."""
     return None
@@ -146,6 +156,26 @@ class Family:
   def describe(self, cfg) -> list[str]:
     """Markdown bullet lines describing the task and model of ``cfg`` (the report's first section)."""
     raise NotImplementedError
+
+
+def buckets(cfg) -> list[tuple[str, Any]]:
+  """The programs of a study, ``[(name, cfg_b)]``, trained one after another.
+
+  Optimisers differ in state structure, so a study naming several (``opt.name = "adamw,muon"``) trains one
+  bucket per optimiser, each split further by its family (``Family.buckets``) and named
+  ``<optimiser>-<family bucket>``; with one optimiser the family's buckets are the study's. Each ``cfg_b``
+  names one optimiser, so launched alone it is one bucket again (its name then lacks the prefix).
+  """
+  family = get(cfg.family)
+  names = optim.names(cfg.opt)
+  if len(names) == 1:
+    return family.buckets(cfg)
+  out = []
+  for name in names:
+    cfg_o = cfg.copy_and_resolve_references()
+    cfg_o.opt.name = name
+    out += [(f"{name}-{b}", cfg_b) for b, cfg_b in family.buckets(cfg_o)]
+  return out
 
 
 def get(name: str) -> Family:

@@ -218,10 +218,12 @@ class GroupFamily(families.Family):
     p, q = max(n_train), max(1, max(n_test))
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     params = jax.eval_shape(lambda k: models.init(k, cfg.model, vocab), key)
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     batch = max(int(cfg.batch_size) or p, p, q)  # the evaluation runs on all train and all test pairs
-    return families.Footprint(params=param_bytes, data=16 * (p + q) + 8,  # a, b, c, weight per pair
+    return families.Footprint(params=params, data=16 * (p + q) + 8,  # a, b, c, weight per pair
                               step=4 * models.activation_floats(cfg.model, batch, vocab))
+
+  def param_roles(self, params):
+    return models.param_roles(params)
 
   def cohort_name(self, row) -> str:
     return cohort_name(row)

@@ -27,6 +27,8 @@ import zlib
 import jax
 import jax.numpy as jnp
 
+from universality.engine import optim
+
 
 NAMES = ("mlp", "transformer")
 
@@ -71,6 +73,12 @@ def _rows(key, name: str, vocab: int, order, width: int, fan_in: int):
       jnp.arange(vocab))
   keep = (jnp.arange(vocab) < order)[:, None]
   return jnp.where(keep, rows / jnp.sqrt(jnp.float32(fan_in)), 0.0)
+
+
+def param_roles(params) -> dict:
+  """The role of each parameter for the optimiser (universality.engine.optim.ROLES)."""
+  return optim.roles_by_name(params, embed=("embed_a", "embed_b", "embed", "embed_eq", "pos"),
+                             unembed=("unembed",))
 
 
 def init(key, model_cfg, vocab: int, order=None) -> dict:

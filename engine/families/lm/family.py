@@ -173,9 +173,12 @@ class LMFamily(families.Family):
     corpus = corpus_of(cfg)
     tokens = max(int(cfg.batch_size), 2 * int(cfg.task.eval_windows)) * int(gpt.context)
     return families.Footprint(
-        params=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)), data=8,
+        params=params, data=8,
         step=4 * tokens * models.activation_floats_per_token(gpt),
         shared=len(corpus.train) + 2 * int(cfg.task.eval_windows) * (int(gpt.context) + 1))
+
+  def param_roles(self, params):
+    return models.param_roles(params)
 
   def cohort_name(self, row) -> str:
     return cohort_name(row)

@@ -23,9 +23,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from universality.engine import optim
 from universality.engine.families.lm import corpus
 
 _LN_EPS = 1e-5
+
+
+def param_roles(params) -> dict:
+  """The role of each parameter for the optimiser (universality.engine.optim.ROLES); the blocks' matrices
+  are stacked over layers ``[L, in, out]``."""
+  return optim.roles_by_name(params, embed=("embed", "pos"), unembed=("unembed",), stacked=("blocks",))
 
 
 def init(key: jax.Array, cfg) -> dict[str, Any]:
