@@ -1,4 +1,4 @@
-"""Peak memory and time of the group analysis (``universality.engine.analysis.pipeline.analyze_group``): the streamed
+"""Peak memory and time of the group analysis (``universality.engine.families.group.passes.pipeline.analyze_group``): the streamed
 path of this checkout against the in-memory one of an older revision, each in its own process.
 
 usage: python -m benchmarks.analysis_memory [--case s5|s6|both] [--paths new,old] [--old-rev c538a73]
@@ -52,7 +52,7 @@ def child(args) -> None:
   from universality.engine import config as config_lib  # pylint: disable=import-outside-toplevel
   from universality.engine import groups  # pylint: disable=import-outside-toplevel
   from universality.engine import irreps as irreps_lib  # pylint: disable=import-outside-toplevel
-  from universality.engine.analysis import pipeline  # pylint: disable=import-outside-toplevel
+  from universality.engine.families.group.passes import pipeline  # pylint: disable=import-outside-toplevel
   from universality.engine.families.group import analysis as group_analysis  # pylint: disable=import-outside-toplevel
   from universality.engine.families.group import models  # pylint: disable=import-outside-toplevel
 

@@ -33,6 +33,7 @@ import math
 import ml_collections
 
 from universality.engine import families, optim
+from universality.engine.fields import int_field, parse_floats, seed_numbers  # noqa: F401 - re-exported
 
 EXECUTION = "exec"          # how to run: not part of a study's identity
 ANALYSIS = "analysis"       # the family's analysis settings: not part of a study's identity either
@@ -67,33 +68,6 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
   cfg[EXECUTION].tensorboard = False  # also write every run's metrics as TensorBoard scalars (universality.engine.events)
   families.get(family).add_config(cfg)
   return cfg
-
-
-def parse_floats(text, name: str) -> tuple[float, ...]:
-  """``"1e-3, 3e-3"`` -> ``(0.001, 0.003)``; a bare number is accepted too."""
-  if isinstance(text, (int, float)) and not isinstance(text, bool):
-    values = (float(text),)
-  elif isinstance(text, str):
-    try:
-      values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-      raise ValueError(f"config.{name}: cannot read {text!r} as comma-separated floats") from None
-  else:
-    raise ValueError(f"config.{name}: expected comma-separated floats, got {type(text).__name__}")
-  if not values:
-    raise ValueError(f"config.{name}: empty list")
-  if len(set(values)) != len(values):
-    raise ValueError(f"config.{name}: repeated values in {text!r}")
-  return values
-
-
-def int_field(section, name: str, minimum: int, prefix: str = "") -> int:
-  value = section[name]
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ValueError(f"config.{prefix}{name}: expected an integer, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"config.{prefix}{name}: must be >= {minimum}, got {value}")
-  return value
 
 
 def _check_fields(cfg, reference, prefix: str = "") -> None:
@@ -143,10 +117,6 @@ def validate(cfg) -> None:
     raise ValueError(f"config.{EXECUTION}.resume_every_minutes: expected a finite number of minutes >= 0 (0: "
                      f"off), got {minutes!r}")
   families.get(cfg.family).validate(cfg)
-
-
-def seed_numbers(cfg) -> range:
-  return range(int(cfg.seed_offset), int(cfg.seed_offset) + int(cfg.seeds))
 
 
 def runs(cfg) -> list[dict]:

@@ -18,30 +18,18 @@ from __future__ import annotations
 import importlib
 import os
 import posixpath
-import re
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 
 from universality.engine import config as config_lib
+from universality.engine import markdown
 from universality.engine import optim
 from universality.engine import paths
 from universality.engine import plots
 from universality.engine import replay
 from universality.engine import rundir
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A markdown table (the families' report sections and the notebook use it)."""
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines) + "\n"
-
-
-def file_prefix(position: int, cohort: str) -> str:
-  """Filename-safe prefix of a cohort's images: its position among the cohorts and its sanitised name."""
-  return f"c{position}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", cohort)
 
 
 def _header(run, summary: Mapping, steps: Sequence[int]) -> str:
@@ -126,7 +114,7 @@ def write_study_report_of(study) -> str:
   header = ["bucket", "task", "runs", "steps", f"{family.progress_metric} ≥ {family.generalised_threshold:g}",
             "report"]
   rows = [r if len(r) == len(header) else r + [""] * (len(header) - len(r)) for r in rows]
-  lines.append(markdown_table(header, rows))
+  lines.append(markdown.markdown_table(header, rows))
   paths.makedirs(out_dir)
   rundir.atomic_write(index_path, "\n".join(lines).rstrip("\n") + "\n")
   return index_path

@@ -11,7 +11,8 @@ import scipy.linalg
 from universality.engine import groups
 from universality.engine import irreps as irreps_lib
 from universality.engine import analysis
-from universality.engine.analysis import representation as rep
+from universality.engine.families.group import passes
+from universality.engine.families.group.passes import representation as rep
 from universality.engine.families.group import analysis as group_analysis
 from universality.engine.families.group import models
 from tests.helpers import group_config, set_fields
@@ -89,7 +90,7 @@ def _similarity_reference(logits_SxAxBxC, g, irreps):
 def test_logit_similarity_matches_brute_force(group_irreps):
   g, irreps = group_irreps
   logits = _rng(1, g.order).normal(size=(2, g.order, g.order, g.order))
-  got = np.asarray(analysis.logit_similarity(logits, g, irreps))
+  got = np.asarray(passes.logit_similarity(logits, g, irreps))
   np.testing.assert_allclose(got, _similarity_reference(logits, g, irreps), atol=2e-5)
 
 
@@ -109,13 +110,13 @@ def test_planted_characters_give_their_weights_back(group_irreps):
   w = rng.uniform(0.5, 2.0, size=(2, r_count)) * rng.choice([-1.0, 1.0], size=(2, r_count))
   w[0, 1::2] = 0.0   # run 0 uses every other irrep, run 1 the rest
   w[1, 2::2] = 0.0
-  sim = np.asarray(analysis.logit_similarity(_planted_logits(g, irreps, w), g, irreps))
+  sim = np.asarray(passes.logit_similarity(_planted_logits(g, irreps, w), g, irreps))
   expected = w * np.sqrt(_fs_k(irreps))[None]
   expected[:, 0] = 0.0   # the trivial character is constant over c: centring removes it
   expected /= np.linalg.norm(expected, axis=1, keepdims=True)
   np.testing.assert_allclose(sim, expected, atol=2e-5)
-  np.testing.assert_allclose(np.asarray(analysis.fraction_explained(sim)), 1.0, atol=1e-5)
-  keys = np.asarray(analysis.key_irreps(sim, 0.05))
+  np.testing.assert_allclose(np.asarray(passes.fraction_explained(sim)), 1.0, atol=1e-5)
+  keys = np.asarray(passes.key_irreps(sim, 0.05))
   np.testing.assert_array_equal(keys, expected > 0.05)
   assert not keys[:, 0].any()
 
@@ -126,9 +127,9 @@ def test_fourier_power_agrees_with_similarity_on_key_irreps(group_irreps):
   w[0, -1], w[0, 1] = 2.0, 1.0
   w[1, -2], w[1, -1] = 1.5, 0.7
   logits = _planted_logits(g, irreps, w, noise=0.05, seed=g.order)
-  sim = np.asarray(analysis.logit_similarity(logits, g, irreps))
-  power = np.asarray(analysis.logit_fourier_power(logits, g, irreps))
-  keys = np.asarray(analysis.key_irreps(sim))
+  sim = np.asarray(passes.logit_similarity(logits, g, irreps))
+  power = np.asarray(passes.logit_fourier_power(logits, g, irreps))
+  keys = np.asarray(passes.key_irreps(sim))
   assert keys.sum(axis=1).min() >= 1
   share = np.where(keys, sim, 0.0) ** 2
   share /= share.sum(axis=1, keepdims=True)
@@ -143,7 +144,7 @@ def test_fourier_power_agrees_with_similarity_on_key_irreps(group_irreps):
 def test_fve_matches_projection_on_matrix_entries(group_irreps):
   g, irreps = group_irreps
   x = _rng(4, g.order).normal(size=(2, g.order, 5)) + 0.3
-  got = np.asarray(analysis.fve(x, g, irreps))
+  got = np.asarray(passes.fve(x, g, irreps))
   ref = np.stack([[np.sum((_entry_projector(_entries(ir), _span_rank(ir)) @ xs) ** 2) / np.sum(xs ** 2) for ir in irreps]
                   for xs in x])
   np.testing.assert_allclose(got, ref, atol=1e-5)
@@ -155,7 +156,7 @@ def test_hidden_fve_matches_projection_on_functions_of_ab(group_irreps):
   n = g.order
   h = np.maximum(_rng(5, n).normal(size=(2, n, n, 4)), 0.0)
   ab = g.table.reshape(-1)
-  got = np.asarray(analysis.hidden_fve(h, g, irreps))
+  got = np.asarray(passes.hidden_fve(h, g, irreps))
   ref = np.zeros_like(got)
   for r, ir in enumerate(irreps):
     proj = _entry_projector(_entries(ir)[ab], _span_rank(ir))   # functions (a, b) -> rho_ij(a·b) on all pairs
@@ -165,7 +166,7 @@ def test_hidden_fve_matches_projection_on_functions_of_ab(group_irreps):
   np.testing.assert_allclose(got, ref, atol=1e-5)
   # A hidden layer that is a function of a·b alone is fully explained.
   only_ab = _rng(6).normal(size=(1, n, 3))[:, g.table]
-  np.testing.assert_allclose(np.asarray(analysis.hidden_fve(only_ab, g, irreps)).sum(), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(passes.hidden_fve(only_ab, g, irreps)).sum(), 1.0, atol=1e-5)
 
 
 def test_neuron_irreps_match_projection_on_pair_functions(group_irreps):
@@ -177,7 +178,7 @@ def test_neuron_irreps_match_projection_on_pair_functions(group_irreps):
   last = _entries(irreps[-1])
   u[0, :, 0] = last @ rng.normal(size=last.shape[1]) + 1.0
   v[0, :, 0] = last @ rng.normal(size=last.shape[1])
-  out = analysis.neuron_irreps(u, v, g, irreps)
+  out = passes.neuron_irreps(u, v, g, irreps)
   share = np.asarray(out["share_SxNxR"])
   a_idx, b_idx = np.repeat(np.arange(n), n), np.tile(np.arange(n), n)
   ref = np.zeros_like(share)
@@ -213,7 +214,7 @@ def test_ablation_losses_match_brute_force(group_irreps):
   keep = np.zeros((2, r_count), bool)
   keep[0, -1] = True
   keep[1, 1:] = True
-  out = {k: np.asarray(x) for k, x in analysis.ablation_losses(u, v, unembed, keep, g, irreps).items()}
+  out = {k: np.asarray(x) for k, x in passes.ablation_losses(u, v, unembed, keep, g, irreps).items()}
   projs = [_entry_projector(_entries(ir), _span_rank(ir)) for ir in irreps]
   for s in range(2):
     def loss_keeping(mask):
@@ -232,13 +233,13 @@ def test_learning_order_brute_force():
   rng = _rng(9)
   steps = np.array([0, 10, 30, 100, 300, 1000])
   sim = rng.uniform(0.0, 0.08, size=(6, 3, 4))
-  got = np.asarray(analysis.learning_order(steps, sim, 0.05))
+  got = np.asarray(passes.learning_order(steps, sim, 0.05))
   for s in range(3):
     for r in range(4):
       hits = [k for k in range(6) if sim[k, s, r] > 0.05]
       assert got[s, r] == (steps[hits[0]] if hits else -1)
   with pytest.raises(ValueError, match="increasing"):
-    analysis.learning_order(steps[::-1], sim)
+    passes.learning_order(steps[::-1], sim)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,19 +394,19 @@ def test_bad_input_raises_value_error():
   g = groups.get("S3")
   irreps = irreps_lib.real_irreps(g)
   with pytest.raises(ValueError, match="group order"):
-    analysis.logit_similarity(np.zeros((1, 6, 6, 7)), g, irreps)
+    passes.logit_similarity(np.zeros((1, 6, 6, 7)), g, irreps)
   with pytest.raises(ValueError, match="empty"):
-    analysis.fve(np.zeros((1, 6, 2)), g, [])
+    passes.fve(np.zeros((1, 6, 2)), g, [])
   with pytest.raises(ValueError, match="missing or repeated"):
-    analysis.fve(np.zeros((1, 6, 2)), g, irreps[:-1])
+    passes.fve(np.zeros((1, 6, 2)), g, irreps[:-1])
   with pytest.raises(ValueError, match="trivial"):
-    analysis.fve(np.zeros((1, 6, 2)), g, irreps[::-1])
+    passes.fve(np.zeros((1, 6, 2)), g, irreps[::-1])
   with pytest.raises(ValueError, match="another group"):
-    analysis.fve(np.zeros((1, 6, 2)), groups.get("C6"), analysis.irrep_tables(g, irreps))
+    passes.fve(np.zeros((1, 6, 2)), groups.get("C6"), passes.irrep_tables(g, irreps))
   with pytest.raises(ValueError, match="at least 2 runs"):
     analysis.neuron_correlations(np.ones((1, 5, 3)), key=jax.random.key(0))
   with pytest.raises(ValueError, match="keep"):
-    analysis.ablation_losses(np.zeros((1, 6, 2)), np.zeros((1, 6, 2)), np.zeros((1, 6, 2)),
+    passes.ablation_losses(np.zeros((1, 6, 2)), np.zeros((1, 6, 2)), np.zeros((1, 6, 2)),
                              np.zeros((1, 2), bool), g, irreps)
 
 
@@ -415,7 +416,7 @@ def test_passes_compile_once_per_shape():
   rng = _rng(16)
   before = rep._logit_similarity._cache_size()  # pylint: disable=protected-access
   for _ in range(3):
-    analysis.logit_similarity(rng.normal(size=(3, 8, 8, 8)), g, irreps)
+    passes.logit_similarity(rng.normal(size=(3, 8, 8, 8)), g, irreps)
   assert rep._logit_similarity._cache_size() - before <= 1  # pylint: disable=protected-access
 
 
@@ -463,14 +464,14 @@ def test_analyze_group_fields_agree_with_the_passes():
   runs = [{"seed": k} for k in range(3)]
   generalised = [True, False, True]
   for matrices_fn, source in ((full, "pre_activation"), (plain, "hidden")):
-    out = analysis.analyze_group(g, irreps, apply_fn, matrices_fn, {10: later, 0: params}, runs,
+    out = passes.analyze_group(g, irreps, apply_fn, matrices_fn, {10: later, 0: params}, runs,
                                  key=jax.random.key(1), batch_size=12, generalised=generalised)
     json.dumps(out, allow_nan=False)
     assert out["group"]["steps"] == [0, 10]
     assert (out["group"]["key_threshold"], out["group"]["order_threshold"]) == (0.005, 0.05)
-    logits, hidden = analysis.evaluate_all_pairs(apply_fn, later, 3, g.order)
-    sim = np.asarray(analysis.logit_similarity(logits, g, irreps))
-    sim0 = np.asarray(analysis.logit_similarity(analysis.evaluate_all_pairs(apply_fn, params, 3, g.order)[0],
+    logits, hidden = passes.evaluate_all_pairs(apply_fn, later, 3, g.order)
+    sim = np.asarray(passes.logit_similarity(logits, g, irreps))
+    sim0 = np.asarray(passes.logit_similarity(passes.evaluate_all_pairs(apply_fn, params, 3, g.order)[0],
                                                 g, irreps))
     names = [ir.name for ir in irreps]
     for i, record in enumerate(out["runs"]):
@@ -490,7 +491,7 @@ def test_analyze_group_fields_agree_with_the_passes():
     assert agg["key_irrep_counts"] == {n: sum(n in r["key_irreps"] for r in done) for n in names}
     assert sum(c["count"] for c in agg["key_irrep_sets"]) == 2
     assert sum(agg["first_learned_counts"].values()) == sum(r["first_learned"] is not None for r in done)
-  one = analysis.analyze_group(g, irreps, apply_fn, full, {0: jax.tree.map(lambda x: x[:1], params)},
+  one = passes.analyze_group(g, irreps, apply_fn, full, {0: jax.tree.map(lambda x: x[:1], params)},
                                runs[:1], key_threshold=0.3, order_threshold=0.4)
   assert one["aggregate"]["correlation"] is None and one["runs"][0]["neurons"]["universal_fraction"] is None
   assert one["runs"][0]["key_irreps"] == [n for n, v in zip(names, sim0[0]) if v > 0.3 and n != names[0]]
@@ -505,7 +506,7 @@ def test_pipeline_on_a_short_training_run_reproduces_the_paper():
   cfg, trainer, params_by_step, apply_fn, metrics = _trained_group("C23", seeds=4, steps=2000,
                                                                    eval_every=25)
   assert np.all(metrics["test_acc"][-1] > 0.999)
-  out = analysis.analyze_group(g, irreps, apply_fn, group_analysis.matrices_fn_for(cfg), params_by_step,
+  out = passes.analyze_group(g, irreps, apply_fn, group_analysis.matrices_fn_for(cfg), params_by_step,
                                trainer.runs, key=jax.random.key(0))
   json.dumps(out, allow_nan=False)   # plain JSON, no NaN
   names = [ir.name for ir in irreps]
@@ -538,9 +539,9 @@ def test_pipeline_on_a_short_training_run_reproduces_the_paper():
   assert corr["irrep_agreement"]["rate"] > 2 * corr["irrep_agreement"]["chance"]
   assert agg["matching"]["mean_offdiagonal"] is not None
   # The similarity and the Fourier power of the final logits agree on the key irreps.
-  logits, _ = analysis.evaluate_all_pairs(apply_fn, params_by_step[max(params_by_step)], s, g.order)
-  sim = np.asarray(analysis.logit_similarity(logits, g, irreps))
-  power = np.asarray(analysis.logit_fourier_power(logits, g, irreps))
-  keys = np.asarray(analysis.key_irreps(sim))
+  logits, _ = passes.evaluate_all_pairs(apply_fn, params_by_step[max(params_by_step)], s, g.order)
+  sim = np.asarray(passes.logit_similarity(logits, g, irreps))
+  power = np.asarray(passes.logit_fourier_power(logits, g, irreps))
+  keys = np.asarray(passes.key_irreps(sim))
   share = np.where(keys, sim, 0.0) ** 2 / np.sum(np.where(keys, sim, 0.0) ** 2, axis=1, keepdims=True)
   np.testing.assert_allclose(np.where(keys, power, 0.0), share, atol=0.1)

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 from universality.engine import analysis
+from universality.engine.families.group import passes
 from universality.engine import groups
 from universality.engine import irreps as irreps_lib
-from universality.engine.analysis import connectivity
+from universality.engine.families.group.passes import connectivity
 from universality.engine.analysis import cross_seed
-from universality.engine.analysis import margins
-from universality.engine.analysis import pipeline
-from universality.engine.analysis import redundancy
-from universality.engine.analysis import representation as rep
+from universality.engine.families.group.passes import margins
+from universality.engine.families.group.passes import pipeline
+from universality.engine.families.group.passes import redundancy
+from universality.engine.families.group.passes import representation as rep
 from universality.engine.families.group import analysis as group_analysis
 from universality.engine.families.group import models
 from universality.kernels import correlation as correlation_lib
@@ -39,14 +40,14 @@ def streamed(request):
   tables = rep.irrep_tables(g, irreps)
   _, params, apply_fn = _random_mlps(g, 3, seed=len(request.param) + g.order)
   sums, state = pipeline.stream_all_pairs(apply_fn, params, 3, tables, chunk=CHUNK)
-  logits, hidden = analysis.evaluate_all_pairs(apply_fn, params, 3, g.order)
+  logits, hidden = passes.evaluate_all_pairs(apply_fn, params, 3, g.order)
   return g, irreps, tables, sums, state, logits, hidden
 
 
 def test_logit_sums_match_all_logits(streamed):
   g, irreps, _, sums, _, logits, _ = streamed
   n = g.order
-  want = analysis.logit_similarity(logits, g, irreps)
+  want = passes.logit_similarity(logits, g, irreps)
   np.testing.assert_allclose(sums["cos_SxR"] / n ** 2, want, atol=2e-5)
   # Loss, accuracy and margin against float64 numpy on the whole logit tensor.
   x = logits.astype(np.float64)
@@ -73,13 +74,13 @@ def test_hidden_sums_match_all_activations(streamed):
   np.testing.assert_allclose(sums["sq_S"], (h ** 2).sum(axis=(1, 2, 3)), rtol=1e-5)
   fve = rep.fibre_fve(sums["fibre_SxGxN"] / n, sums["sq_S"], np.asarray(tables.basis_GxM, np.float32),
                       np.asarray(tables.basis_member_MxR, np.float32))
-  np.testing.assert_allclose(fve, analysis.hidden_fve(hidden, g, irreps), atol=1e-5)
+  np.testing.assert_allclose(fve, passes.hidden_fve(hidden, g, irreps), atol=1e-5)
   acts = h.reshape(h.shape[0], n * n, -1)
   assert int(state.count) == n * n
   np.testing.assert_allclose(state.mean_SxN, acts.mean(1), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(state.m2_SxN, acts.var(1) * n * n, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(cross_seed.live_from_comoments(state), analysis.live_neurons(acts))
-  want = analysis.neuron_irreps_from_hidden(hidden, g, irreps)
+  want = passes.neuron_irreps_from_hidden(hidden, g, irreps)
   got = pipeline.neuron_irreps_from_fibres(sums["fibre_SxGxN"] / n, state.mean_SxN, state.m2_SxN, g, irreps)
   live = np.asarray(analysis.live_neurons(acts))
   np.testing.assert_allclose(got["share_SxNxR"][live], want["share_SxNxR"][live], atol=1e-4)
@@ -148,7 +149,7 @@ def test_weight_losses_in_blocks_match_float64(memory_bytes):
   np.testing.assert_allclose(acc, want_acc)
   keep = np.zeros((3, len(irreps)), bool)
   keep[:, 1] = True
-  abl = analysis.ablation_losses(u, v, w, keep, g, irreps, memory_bytes=memory_bytes)
+  abl = passes.ablation_losses(u, v, w, keep, g, irreps, memory_bytes=memory_bytes)
   np.testing.assert_allclose(abl["full_S"], want_loss, rtol=1e-5)
   # Redundancy and mode connectivity give the same numbers whatever the blocks.
   merged = redundancy.merge_features(u, v, w, g.table, tolerance=0.05, memory_bytes=memory_bytes)
@@ -194,8 +195,8 @@ def test_analyze_group_in_small_blocks_equals_one_block():
   by_step = {0: jax.tree.map(lambda x: x / 3.0, params), 10: params}
   for matrices_fn in (full, plain):
     kw = dict(key=jax.random.key(1), connectivity_points=3, knn_inputs=20)
-    small = analysis.analyze_group(g, irreps, apply_fn, matrices_fn, by_step, range(3), batch_size=5,
+    small = passes.analyze_group(g, irreps, apply_fn, matrices_fn, by_step, range(3), batch_size=5,
                                    memory_bytes=1, **kw)
-    whole = analysis.analyze_group(g, irreps, apply_fn, matrices_fn, by_step, range(3), **kw)
+    whole = passes.analyze_group(g, irreps, apply_fn, matrices_fn, by_step, range(3), **kw)
     _assert_close_json(small, whole)
     assert small["runs"][0]["losses"] is None or small["runs"][0]["losses"]["full"] > 0

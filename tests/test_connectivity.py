@@ -4,7 +4,7 @@ neuron permutation of a lookup-table MLP recovered by both matchings, with zero 
 import numpy as np
 
 from universality.engine import groups
-from universality.engine.analysis import connectivity
+from universality.engine.families.group.passes import connectivity
 from universality.engine.analysis import cross_seed
 
 

@@ -5,9 +5,9 @@ import numpy as np
 
 from universality.engine import groups
 from universality.engine import irreps as irreps_lib
-from universality.engine import analysis
-from universality.engine.analysis import margins
-from universality.engine.analysis import representation as rep
+from universality.engine.families.group import passes
+from universality.engine.families.group.passes import margins
+from universality.engine.families.group.passes import representation as rep
 from universality.engine.families.group import analysis as group_analysis
 from universality.engine.families.group import models
 from tests.helpers import group_config
@@ -36,7 +36,7 @@ def test_normalised_margin_matches_brute_force_on_s3():
   s = 3
   params = jax.vmap(lambda k: models.init(k, cfg, g.order))(jax.random.split(jax.random.key(4), s))
   apply_fn = jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, cfg)))
-  logits, _ = analysis.evaluate_all_pairs(apply_fn, params, s, g.order)
+  logits, _ = passes.evaluate_all_pairs(apply_fn, params, s, g.order)
   mats = {k: np.asarray(v, np.float64) for k, v in group_analysis.matrices_fn_for(cfg)(params).items()}
   res = {k: np.asarray(v) for k, v in margins.normalised_margin(
       logits, g.table, mats["pre_a"], mats["pre_b"], mats["unembed"]).items()}

@@ -4,7 +4,7 @@ and the loss are unchanged), distinct neurons are kept, never-active neurons are
 import numpy as np
 
 from universality.engine import groups
-from universality.engine.analysis import redundancy
+from universality.engine.families.group.passes import redundancy
 from tests.test_connectivity import _lookup_mlp
 
 

@@ -22,7 +22,7 @@ all |G|² pairs), and compare every pair of runs at once.
 Each pass also has a form that reads the inputs only through their co-moments (``*_from_comoments``: a
 ``universality.kernels.correlation.CoMoments`` of all S·N neurons, accumulated over blocks of inputs by Chan's merge) and,
 for the k-NN alignment, the activations on its subsample of inputs (``knn_subset``), so that a caller can
-stream the inputs instead of holding ``acts_SxTxN`` (``universality.engine.analysis.pipeline``).
+stream the inputs instead of holding ``acts_SxTxN`` (``universality.engine.families.group.passes.pipeline``).
 
 Dead neurons (constant over the inputs) have no correlation; they are excluded from every mean, and in the
 matching they count as correlation 0.

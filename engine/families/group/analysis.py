@@ -1,7 +1,7 @@
 """The group family's analysis of one cohort: irreps in logits, weights and neurons; neurons across seeds.
 
 ``analyze_cohort`` is the family's hook for ``universality.engine.analysis.driver``; the passes are
-``universality.engine.analysis.pipeline.analyze_group`` (every field of its records is documented there).
+``universality.engine.families.group.passes.pipeline.analyze_group`` (every field of its records is documented there).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import jax
 
 from universality.engine import groups as groups_lib
 from universality.engine import irreps as irreps_lib
-from universality.engine.analysis import connectivity
-from universality.engine.analysis import cosets
+from universality.engine.families.group.passes import connectivity
+from universality.engine.families.group.passes import cosets
 from universality.engine.analysis import cross_seed
-from universality.engine.analysis import margins
-from universality.engine.analysis import pipeline
-from universality.engine.analysis import redundancy
-from universality.engine.analysis import representation
+from universality.engine.families.group.passes import margins
+from universality.engine.families.group.passes import pipeline
+from universality.engine.families.group.passes import redundancy
+from universality.engine.families.group.passes import representation
 from universality.engine.families.group import models
 
 # The analysis' named settings and their defaults (summary.json "settings").

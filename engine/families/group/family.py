@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from universality.engine import config as config_lib
+from universality.engine import fields
 from universality.engine import families
 from universality.engine import groups as groups_lib
 from universality.engine.families.group import models
@@ -86,7 +86,7 @@ def train_fracs(cfg, spec: str) -> tuple[float, ...]:
   by_group = train_frac_by_group(cfg)
   if spec in by_group:
     return (by_group[spec],)
-  return config_lib.parse_floats(cfg.task.train_frac, "task.train_frac")
+  return fields.parse_floats(cfg.task.train_frac, "task.train_frac")
 
 
 def order_buckets(orders: Sequence[tuple[str, int]], padding: float) -> list[list[str]]:
@@ -165,13 +165,13 @@ class GroupFamily(families.Family):
     if cfg.model.name not in models.NAMES:
       raise ValueError(f"config.model.name: must be one of {models.NAMES}, got {cfg.model.name!r}")
     for name in ("embed_dim", "hidden"):
-      config_lib.int_field(cfg.model.mlp, name, 1, "model.mlp.")
+      fields.int_field(cfg.model.mlp, name, 1, "model.mlp.")
     for name in ("d_model", "n_heads", "d_mlp", "n_layers"):
-      config_lib.int_field(cfg.model.transformer, name, 1, "model.transformer.")
+      fields.int_field(cfg.model.transformer, name, 1, "model.transformer.")
     t = cfg.model.transformer
     if t.d_model % t.n_heads:
       raise ValueError(f"config.model.transformer.n_heads: {t.n_heads} does not divide d_model={t.d_model}")
-    for v in config_lib.parse_floats(cfg.task.train_frac, "task.train_frac"):
+    for v in fields.parse_floats(cfg.task.train_frac, "task.train_frac"):
       if not 0 < v <= 1:
         raise ValueError(f"config.task.train_frac: must lie in (0, 1], got {v}")
     unknown = sorted(set(train_frac_by_group(cfg)) - set(group_specs(cfg)))
@@ -194,10 +194,10 @@ class GroupFamily(families.Family):
     out = []
     for spec in group_specs(cfg):
       fracs = train_fracs(cfg, spec)
-      for lr in config_lib.parse_floats(cfg.opt.lr, "opt.lr"):
-        for wd in config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
+      for lr in fields.parse_floats(cfg.opt.lr, "opt.lr"):
+        for wd in fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
           for frac in fracs:
-            for k in config_lib.seed_numbers(cfg):
+            for k in fields.seed_numbers(cfg):
               row = dict(group=spec, seed=k, base_seed=int(cfg.seed), lr=lr, weight_decay=wd, train_frac=frac)
               row["cohort"] = cohort_name(row)
               row["name"] = run_name(row)
@@ -205,8 +205,8 @@ class GroupFamily(families.Family):
     return out
 
   def n_runs(self, cfg) -> int:
-    per_frac = (len(config_lib.parse_floats(cfg.opt.lr, "opt.lr"))
-                * len(config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
+    per_frac = (len(fields.parse_floats(cfg.opt.lr, "opt.lr"))
+                * len(fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
     return sum(per_frac * len(train_fracs(cfg, spec)) for spec in group_specs(cfg))
 
   def footprint(self, cfg) -> families.Footprint:
@@ -302,7 +302,7 @@ class GroupFamily(families.Family):
       t = m.transformer
       model = (f"transformer, {t.n_layers} layer(s), d_model {t.d_model}, {t.n_heads} heads, "
                f"d_mlp {t.d_mlp}")
-    fracs = ", ".join(f"{v:g}" for v in config_lib.parse_floats(cfg.task.train_frac, "task.train_frac"))
+    fracs = ", ".join(f"{v:g}" for v in fields.parse_floats(cfg.task.train_frac, "task.train_frac"))
     by_group = cfg.task.train_frac_by_group
     groups = ", ".join(f"{spec} (order {groups_lib.get(spec).order})" for spec in group_specs(cfg))
     return [f"- Task: composition a·b in {groups}",

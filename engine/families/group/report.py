@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from universality.engine import plots
-from universality.engine.report import file_prefix, markdown_table
+from universality.engine.markdown import file_prefix, markdown_table
 
 _FS_TYPE = {1: "real", 0: "complex", -1: "quaternionic"}
 

@@ -1,4 +1,4 @@
-"""The notebook view of a group-composition run directory: ``universality.engine.replay.Run`` plus the group accessors.
+"""The notebook view of a group-composition run directory: ``universality.engine.view.Run`` plus the group accessors.
 
   run = universality.engine.replay.open("runs/default")       # a View
   s4 = run.select(group="S4")
@@ -13,26 +13,25 @@ several learning rates is narrowed with ``select(lr=...)`` or the accessor's fil
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import numpy as np
 
 from universality.engine import groups as groups_lib
 from universality.engine import irreps as irreps_lib
 from universality.engine import plots
-from universality.engine import replay
-from universality.engine.analysis import connectivity
-from universality.engine.analysis import cosets
+from universality.engine.families.group import plots as group_plots
+from universality.engine import view as view_lib
+from universality.engine.families.group.passes import connectivity
+from universality.engine.families.group.passes import cosets
 from universality.engine.analysis import cross_seed
 from universality.engine.analysis import driver
-from universality.engine.analysis import pipeline
-from universality.engine.analysis import representation
+from universality.engine.families.group.passes import pipeline
+from universality.engine.families.group.passes import representation
 from universality.engine.families.group import analysis
 from universality.engine.families.group import models
 
 
-class View(replay.Run):
+class View(view_lib.Run):
   """A read-only view of a group-composition run directory (see the module docstring)."""
 
   def __init__(self, workdir: str, index=None, _shared: dict | None = None):
@@ -198,7 +197,7 @@ class View(replay.Run):
 
   def cosets(self, step: int | None = None, group: str | None = None, *, threshold: float | None = None
              ) -> dict:
-    """Coset neurons of the selected runs of one group (``universality.engine.analysis.cosets``), as the analysis
+    """Coset neurons of the selected runs of one group (``universality.engine.families.group.passes.cosets``), as the analysis
     computes them: per run, input side (a, b) and neuron, the share of each subgroup's left / right cosets,
     the best subgroup, its coset kind, share, adjusted share and induced share.
 
@@ -224,7 +223,7 @@ class View(replay.Run):
   def connectivity(self, step: int | None = None, group: str | None = None, *, points: int | None = None
                    ) -> dict:
     """Linear mode connectivity between every pair of the selected runs of one group (MLP), raw and after
-    activation and weight matching (``universality.engine.analysis.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
+    activation and weight matching (``universality.engine.families.group.passes.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
     alignment ``perm_PxN``, ``loss_PxL``, ``accuracy_PxL``, ``barrier_P``."""
     sub = self._one_group(group)
     if len(sub) < 2:
@@ -334,7 +333,7 @@ class Plots:
                      for n in names] for rec in gs["records"]], float)
     key = np.array([[n in rec["key_irreps"] for n in names] for rec in gs["records"]], bool)
     title = f"{gs['spec']}: logit similarity at step {gs['group']['steps'][-1]} (outlined: key irreps)"
-    return plots.similarity_heatmap(sim, plots.run_labels(gs["records"]), names, key, title=title)
+    return group_plots.similarity_heatmap(sim, plots.run_labels(gs["records"]), names, key, title=title)
 
   def key_irreps(self, group: str | None = None):
     """Bars: per irrep, the selected runs that generalised in which it is key and in which it was learned
@@ -344,7 +343,7 @@ class Plots:
     done = [rec for rec in gs["records"] if rec.get("generalised", True)]
     key = {n: sum(n in rec["key_irreps"] for rec in done) for n in names}
     first = {n: sum(rec["first_learned"] == n for rec in done) for n in names}
-    return plots.key_irrep_bars(names, key, first, len(done),
+    return group_plots.key_irrep_bars(names, key, first, len(done),
                                 title=f"{gs['spec']}: key irreps over {len(done)} generalised runs")
 
   def learning_order(self, seed: int | None = None, group: str | None = None, **filters):
@@ -359,7 +358,7 @@ class Plots:
     m = one.metrics()
     title = (f"{gs['spec']} {plots.run_labels(one.runs)[0]}: learning order "
              f"{' → '.join(rec['key_irreps_in_order']) or '(no key irreps)'}")
-    return plots.learning_order_run(gs["group"]["steps"], sim, names, gs["group"]["order_threshold"],
+    return group_plots.learning_order_run(gs["group"]["steps"], sim, names, gs["group"]["order_threshold"],
                                     rec["learning_order"], rec["key_irreps"], title=title,
                                     metric_steps=m["step"], test_acc=m["test_acc"][:, 0],
                                     train_acc=m["train_acc"][:, 0])
@@ -370,7 +369,7 @@ class Plots:
     gs = self._run.group_summary(group)
     names = [r["name"] for r in gs["group"]["irreps"]]
     done = [rec for rec in gs["records"] if rec.get("generalised", True)]
-    return plots.learning_order_group(done, names, gs["group"]["steps"],
+    return group_plots.learning_order_group(done, names, gs["group"]["steps"],
                                       title=f"{gs['spec']}: learning order over {len(done)} generalised runs")
 
   def correlation_distribution(self, group: str | None = None, step: int | None = None):
@@ -400,7 +399,7 @@ class Plots:
     conn = gs["aggregate"].get("connectivity")
     if not conn:
       raise ValueError(f"summary.json has no mode connectivity for {gs['spec']} (one run, or not an MLP)")
-    return plots.loss_paths(np.linspace(0, 1, conn["points"]),
+    return group_plots.loss_paths(np.linspace(0, 1, conn["points"]),
                             {k: v["mean_loss_path"] for k, v in conn["alignments"].items()},
                             title=f"{gs['spec']}: loss between seeds")
 
@@ -433,7 +432,7 @@ class Plots:
     labels = tuple(plots.run_labels(cmp["runs"]))
     if labels[0] == labels[1]:
       labels = (f"{labels[0]} (A)", f"{labels[1]} (B)")
-    return plots.neuron_comparison(
+    return group_plots.neuron_comparison(
         cmp["corr_NxM"], cmp["dominant_a_N"], cmp["dominant_b_M"], cmp["perm_N"], cmp["irreps"],
         cmp["live_a_N"], cmp["live_b_M"], labels=labels,
         title=f"{cmp['runs'][0]['group']}: hidden neurons of {labels[0]} vs {labels[1]} at step "

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from universality.engine import config as config_lib
+from universality.engine import fields
 from universality.engine import families
 from universality.engine.families.lm import corpus as corpus_lib
 from universality.engine.families.lm import models
@@ -127,15 +127,15 @@ class LMFamily(families.Family):
       raise ValueError(f"config.task.corpus: {t.corpus!r} does not exist")
     if not 0 < float(t.heldout_frac) < 1:
       raise ValueError(f"config.task.heldout_frac: must lie in (0, 1), got {t.heldout_frac}")
-    config_lib.int_field(t, "max_bytes", 0, "task.")
-    config_lib.int_field(t, "eval_windows", 1, "task.")
+    fields.int_field(t, "max_bytes", 0, "task.")
+    fields.int_field(t, "eval_windows", 1, "task.")
     if not isinstance(t.vary_data_order, bool):
       raise ValueError(f"config.task.vary_data_order: expected True or False, got {t.vary_data_order!r}")
     if m.name not in MODELS:
       raise ValueError(f"config.model.name: must be one of {MODELS}, got {m.name!r}")
     for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
-      config_lib.int_field(m.gpt, name, 1, "model.gpt.")
-    config_lib.int_field(m.gpt, "context", 2, "model.gpt.")
+      fields.int_field(m.gpt, name, 1, "model.gpt.")
+    fields.int_field(m.gpt, "context", 2, "model.gpt.")
     if m.gpt.d_model % m.gpt.n_heads:
       raise ValueError(f"config.model.gpt.n_heads: {m.gpt.n_heads} does not divide d_model={m.gpt.d_model}")
     if cfg.batch_size < 1:
@@ -153,9 +153,9 @@ class LMFamily(families.Family):
 
   def runs(self, cfg) -> list[dict]:
     out = []
-    for lr in config_lib.parse_floats(cfg.opt.lr, "opt.lr"):
-      for wd in config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
-        for k in config_lib.seed_numbers(cfg):
+    for lr in fields.parse_floats(cfg.opt.lr, "opt.lr"):
+      for wd in fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
+        for k in fields.seed_numbers(cfg):
           row = dict(seed=k, base_seed=int(cfg.seed), lr=lr, weight_decay=wd)
           row["cohort"] = cohort_name(row)
           row["name"] = run_name(row)
@@ -163,8 +163,8 @@ class LMFamily(families.Family):
     return out
 
   def n_runs(self, cfg) -> int:
-    return (len(config_lib.parse_floats(cfg.opt.lr, "opt.lr"))
-            * len(config_lib.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
+    return (len(fields.parse_floats(cfg.opt.lr, "opt.lr"))
+            * len(fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
 
   def footprint(self, cfg) -> families.Footprint:
     """The model's abstract init, the corpus (shared by every run) and the activations of one step."""

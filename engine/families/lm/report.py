@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from universality.engine.families.lm import plots
-from universality.engine.report import file_prefix, markdown_table
+from universality.engine.markdown import file_prefix, markdown_table
 
 _PROPERTY_TEXT = {
     "pre_mean": "pre-activation mean", "pre_var": "pre-activation variance",

@@ -1,4 +1,4 @@
-"""The notebook view of a language-model run directory: ``universality.engine.replay.Run`` plus text and neuron accessors.
+"""The notebook view of a language-model run directory: ``universality.engine.view.Run`` plus text and neuron accessors.
 
   run = universality.engine.replay.open("runs/lm")            # a View
   params = run.params(step=run.steps[3])         # stacked parameters at any checkpoint
@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from universality.engine import replay
+from universality.engine import view as view_lib
 from universality.engine import rundir
 from universality.engine.families.lm import analysis
 from universality.engine.families.lm import family as family_lib
@@ -23,7 +23,7 @@ from universality.engine.families.lm import models
 from universality.engine.families.lm import plots
 
 
-class View(replay.Run):
+class View(view_lib.Run):
   """A read-only view of a language-model run directory (see the module docstring)."""
 
   def __init__(self, workdir: str, index=None, _shared: dict | None = None):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from universality.engine.analysis import representation as rep
+from universality.engine.families.group.passes import representation as rep
 
 DEFAULT_POINTS = 25
 ALIGNMENTS = ("raw", "activation", "weight")

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from universality.engine import groups as groups_lib
-from universality.engine.analysis import representation as rep
+from universality.engine.families.group.passes import representation as rep
 
 DEFAULT_COSET_THRESHOLD = 0.9
 KINDS = ("left", "right")
@@ -205,7 +205,7 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
 
 
 # ---------------------------------------------------------------------------------------------------
-# JSON-ready records (universality.engine.analysis.pipeline).
+# JSON-ready records (universality.engine.families.group.passes.pipeline).
 
 
 def input_functions(pre_a_SxGxN, pre_b_SxGxN, hidden_SxAxBxN=None, *,

@@ -42,14 +42,14 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
     ``in_key_irreps``: fraction of live neurons whose dominant irrep is a key irrep of this run,
     ``universal_fraction``: live neurons with excess correlation > ``universal_threshold`` (None for S = 1),
     ``mean_excess``: their mean excess correlation}.
-  ``margins`` (``universality.engine.analysis.margins``; None for models without additive pre-activations):
+  ``margins`` (``universality.engine.families.group.passes.margins``; None for models without additive pre-activations):
     {``margin_by_step``, ``normalised_margin_by_step`` (at each of ``group.steps``), ``margin``,
     ``normalised_margin``, ``norm`` (‖θ_eff‖^ν) at the final step, ``single_irrep_fraction`` (of live
     neurons), ``irrep_coverage`` and ``covered_irreps`` (non-trivial irreps with a single-irrep neuron)}.
-  ``redundancy`` (``universality.engine.analysis.redundancy``; MLP, else None): {``width``, ``never_active``, ``merges``,
+  ``redundancy`` (``universality.engine.families.group.passes.redundancy``; MLP, else None): {``width``, ``never_active``, ``merges``,
     ``feature_complexity`` (neurons left after iterative feature merging), ``loss`` and ``merged_loss`` on
     all pairs}.
-  ``cosets`` (``universality.engine.analysis.cosets``): {``source``: ``"pre_activation"`` (P_a, P_b) or ``"hidden"``
+  ``cosets`` (``universality.engine.families.group.passes.cosets``): {``source``: ``"pre_activation"`` (P_a, P_b) or ``"hidden"``
     (marginals of the activation), ``sides``: {``a``, ``b``: {``coset_neurons``, ``coset_fraction`` (of live
     neurons), ``left`` / ``right`` (coset neurons by best coset kind), ``by_subgroup``: {subgroup class:
     coset neurons}, ``mean_best_share``, ``mean_induced_share`` (over live neurons)}}, ``both_sides``:
@@ -74,7 +74,7 @@ Every number is a Python float/int (non-finite values become ``None``); irreps a
   ``redundancy`` (MLP, else None): ``mean_feature_complexity`` (all runs), ``_generalised``, and
   ``feature_complexity_by_key_irreps``: {number of key irreps: mean feature complexity of the generalised
   runs with that many}.
-  ``connectivity`` (``universality.engine.analysis.connectivity``; MLP with S ≥ 2, else None): {``points``, ``weights``
+  ``connectivity`` (``universality.engine.families.group.passes.connectivity``; MLP with S ≥ 2, else None): {``points``, ``weights``
   (what is interpolated), ``key_irrep_jaccard`` S×S, ``alignments``: {``raw``, ``activation``, ``weight``:
   {``barrier`` S×S, ``mean_barrier``, ``mean_barrier_same_key_irreps`` / ``_different_key_irreps`` and
   ``pairs_same_key_irreps`` / ``pairs_different_key_irreps`` (over pairs of generalised runs),
@@ -109,12 +109,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from universality.engine import groups as groups_lib
-from universality.engine.analysis import connectivity as connectivity_lib
-from universality.engine.analysis import cosets as cosets_lib
+from universality.engine.families.group.passes import connectivity as connectivity_lib
+from universality.engine.families.group.passes import cosets as cosets_lib
 from universality.engine.analysis import cross_seed
-from universality.engine.analysis import margins as margins_lib
-from universality.engine.analysis import redundancy as redundancy_lib
-from universality.engine.analysis import representation as rep
+from universality.engine.families.group.passes import margins as margins_lib
+from universality.engine.families.group.passes import redundancy as redundancy_lib
+from universality.engine.families.group.passes import representation as rep
 from universality.engine.analysis.jsonable import to_json
 from universality.kernels import correlation as correlation_lib
 

@@ -198,7 +198,7 @@ def _logit_similarity(logits_SxAxBxC, c_of_MxY, character_YxR, table_AxB, char_n
 def pair_cosines(logits_SxPxC, product_P, c_of_MxY, character_YxR, char_norm_R):
   """float32 ``[S, P, R]``: per pair, cos_c(centred logits, tr ρ(m·c⁻¹)) with m = ``product_P`` (= a·b).
 
-  Traceable building block of ``logit_similarity`` for any set of pairs (``universality.engine.analysis.pipeline``
+  Traceable building block of ``logit_similarity`` for any set of pairs (``universality.engine.families.group.passes.pipeline``
   streams all |G|² pairs through it in blocks); the constants are ``similarity_constants``.
   """
   # Σ_c L[c] χ(m·c⁻¹) = Σ_y L[y⁻¹·m] χ(y): reorder each pair's logits by y, then one product with the

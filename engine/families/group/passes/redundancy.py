@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from universality.engine.analysis import representation as rep
+from universality.engine.families.group.passes import representation as rep
 
 DEFAULT_TOLERANCE = 0.01
 
