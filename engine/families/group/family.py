@@ -217,10 +217,11 @@ class GroupFamily(families.Family):
     n_test = [n * n - task_lib.n_train_pairs(n, f) for spec, n in orders.items() for f in train_fracs(cfg, spec)]
     p, q = max(n_train), max(1, max(n_test))
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    params = jax.eval_shape(lambda k: models.init(k, cfg.model, vocab), key)
+    spec = models.spec_of(cfg.model)
+    params = jax.eval_shape(lambda k: models.init(k, spec, vocab), key)
     batch = max(int(cfg.batch_size) or p, p, q)  # the evaluation runs on all train and all test pairs
     return families.Footprint(params=params, data=16 * (p + q) + 8,  # a, b, c, weight per pair
-                              step=4 * models.activation_floats(cfg.model, batch, vocab))
+                              step=4 * models.activation_floats(spec, batch, vocab))
 
   def param_roles(self, params):
     return models.param_roles(params)
@@ -236,8 +237,8 @@ class GroupFamily(families.Family):
               for r in rows]
     data = task_lib.stack(splits)
     vocab = data.vocab
-    model_cfg = cfg.model
-    is_mlp = model_cfg.name == "mlp"
+    model_cfg = models.spec_of(cfg.model)  # typed and frozen from here on
+    is_mlp = isinstance(model_cfg, models.MlpSpec)
     batch_size = int(cfg.batch_size)
 
     def init(key, d, shared):

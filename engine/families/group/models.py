@@ -2,8 +2,9 @@
 
 ``init(key, model_cfg, vocab, order)`` returns a dict of float32 arrays; ``apply(params, a_B, b_B, model_cfg)``
 returns ``(logits_BxV, hidden_BxN)``, ``hidden`` being the ReLU layer the analyses read (MLP: its ``hidden``
-neurons; transformer: the ``d_mlp`` neurons of the last block at the ``=`` position). ``model_cfg`` is the
-config's ``model`` section: ``name`` picks the architecture and the section of that name holds its widths.
+neurons; transformer: the ``d_mlp`` neurons of the last block at the ``=`` position). ``model_cfg`` is a
+frozen ``ModelSpec`` (``MlpSpec`` or ``TransformerSpec``), built from the config's ``model`` section once at
+the boundary by ``spec_of`` (which the functions here also apply to a section they are given).
 
 MLP: ``logits = ReLU(concat(W_a[a], W_b[b]) · W1) · U``, computed in the factorised form
 ``ReLU(P_a[a] + P_b[b]) · U`` with ``P_a = W_a · W1[:E]``, ``P_b = W_b · W1[E:]``: the same function and the
@@ -22,6 +23,7 @@ gradient and zero weight-decay pull, stay zero.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
@@ -33,24 +35,51 @@ from universality.engine import optim
 NAMES = ("mlp", "transformer")
 
 
-def _arch(model_cfg) -> str:
+@dataclasses.dataclass(frozen=True)
+class MlpSpec:
+  """The Chughtai et al. MLP: embeddings of width ``embed_dim`` per input, ``hidden`` ReLU neurons."""
+  embed_dim: int
+  hidden: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerSpec:
+  """The one-path transformer on ``a b =``: ``n_layers`` blocks, ``n_heads`` heads, ``d_mlp`` ReLU neurons."""
+  d_model: int
+  n_heads: int
+  d_mlp: int
+  n_layers: int
+
+
+ModelSpec = MlpSpec | TransformerSpec
+
+
+def spec_of(model_cfg) -> ModelSpec:
+  """The typed, frozen architecture of the config's ``model`` section (a spec is returned as it is): the
+  one place a ConfigDict becomes model code's input."""
+  if isinstance(model_cfg, (MlpSpec, TransformerSpec)):
+    return model_cfg
   if model_cfg.name not in NAMES:
     raise ValueError(f"config.model.name: must be one of {NAMES}, got {model_cfg.name!r}")
-  return model_cfg.name
+  if model_cfg.name == "mlp":
+    return MlpSpec(embed_dim=int(model_cfg.mlp.embed_dim), hidden=int(model_cfg.mlp.hidden))
+  t = model_cfg.transformer
+  return TransformerSpec(d_model=int(t.d_model), n_heads=int(t.n_heads), d_mlp=int(t.d_mlp),
+                         n_layers=int(t.n_layers))
 
 
 def hidden_size(model_cfg) -> int:
   """N: the number of ReLU neurons ``apply`` returns."""
-  arch = _arch(model_cfg)
-  return int(model_cfg.mlp.hidden if arch == "mlp" else model_cfg.transformer.d_mlp)
+  spec = spec_of(model_cfg)
+  return spec.hidden if isinstance(spec, MlpSpec) else spec.d_mlp
 
 
 def activation_floats(model_cfg, batch: int, vocab: int) -> int:
   """Floats live at once in one training step on ``batch`` pairs (forward, kept activations, backward),
   rounded up: an estimate for the launch's size check, not an account of XLA's buffers."""
-  if _arch(model_cfg) == "mlp":  # pre-activations, hidden and its gradient; logits, softmax and gradient
-    return batch * 4 * (model_cfg.mlp.hidden + vocab)
-  t = model_cfg.transformer
+  t = spec_of(model_cfg)
+  if isinstance(t, MlpSpec):  # pre-activations, hidden and its gradient; logits, softmax and gradient
+    return batch * 4 * (t.hidden + vocab)
   # per layer, at 3 positions: residual stream, q/k/v/attention output and their gradients (~12 d_model),
   # the MLP's pre-activation, activation and gradient (3 d_mlp); attention weights are [heads, 3, 3]
   per_layer = 3 * (12 * t.d_model + 3 * t.d_mlp) + 2 * 9 * t.n_heads
@@ -86,23 +115,23 @@ def init(key, model_cfg, vocab: int, order=None) -> dict:
 
   Args:
     key: a PRNG key; the whole initialisation is a function of it.
-    model_cfg: the config's ``model`` section.
+    model_cfg: the architecture: a ``ModelSpec`` or the config's ``model`` section (``spec_of``).
     vocab: V, static: the padded number of classes (the bucket's largest group order).
     order: the run's true group order (an int or a traced int32 scalar); defaults to ``vocab``.
   """
   if vocab < 1:
     raise ValueError(f"vocab must be >= 1, got {vocab}")
   order = vocab if order is None else order
-  arch = _arch(model_cfg)
-  if arch == "mlp":
-    e, n = model_cfg.mlp.embed_dim, model_cfg.mlp.hidden
+  spec = spec_of(model_cfg)
+  if isinstance(spec, MlpSpec):
+    e, n = spec.embed_dim, spec.hidden
     return {
         "embed_a": _rows(key, "embed_a", vocab, order, e, e),
         "embed_b": _rows(key, "embed_b", vocab, order, e, e),
         "linear": _normal(key, "linear", (2 * e, n), 2 * e),
         "unembed": _rows(key, "unembed", vocab, order, n, n).T,   # [N, V]: column c reads out class c
     }
-  t = model_cfg.transformer
+  t = spec
   d, h, m = t.d_model, t.n_heads, t.d_mlp
   dh = d // h
   blocks = []
@@ -220,7 +249,7 @@ def apply(params, a_B, b_B, model_cfg):
   """Logits ``[B, V]`` (unmasked; classes ``>= order`` are padding) and the ReLU layer ``[B, N]``."""
   if jnp.ndim(a_B) != 1 or jnp.shape(a_B) != jnp.shape(b_B):
     raise ValueError(f"a and b must be 1-D batches of equal length, got {jnp.shape(a_B)}, {jnp.shape(b_B)}")
-  return (_mlp if _arch(model_cfg) == "mlp" else _transformer)(params, a_B, b_B)
+  return (_mlp if isinstance(spec_of(model_cfg), MlpSpec) else _transformer)(params, a_B, b_B)
 
 
 def embedding_matrices(params, model_cfg) -> dict:
@@ -230,7 +259,7 @@ def embedding_matrices(params, model_cfg) -> dict:
   the group elements, 'unembed' is the neuron-to-logit map ``(W_out · W_U)ᵀ`` of the last block (row c: the
   direction in neuron space that raises logit c), and 'unembed_resid' ``[V, d_model]`` is ``W_Uᵀ`` itself.
   """
-  if _arch(model_cfg) == "mlp":
+  if isinstance(spec_of(model_cfg), MlpSpec):
     return {"embed_a": params["embed_a"], "embed_b": params["embed_b"], "unembed": params["unembed"].T}
   w_out = params["blocks"][-1]["w_out"]
   return {"embed_a": params["embed"], "embed_b": params["embed"],

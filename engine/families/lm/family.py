@@ -168,7 +168,7 @@ class LMFamily(families.Family):
 
   def footprint(self, cfg) -> families.Footprint:
     """The model's abstract init, the corpus (shared by every run) and the activations of one step."""
-    gpt = cfg.model.gpt
+    gpt = models.spec_of(cfg.model.gpt)
     params = jax.eval_shape(lambda k: models.init(k, gpt), jax.ShapeDtypeStruct((2,), jnp.uint32))
     corpus = corpus_of(cfg)
     tokens = max(int(cfg.batch_size), 2 * int(cfg.task.eval_windows)) * int(gpt.context)
@@ -194,8 +194,8 @@ class LMFamily(families.Family):
 
   def make_task(self, cfg, rows) -> families.Task:
     corpus = corpus_of(cfg)
-    gpt = cfg.model.gpt
-    context, batch = int(gpt.context), int(cfg.batch_size)
+    gpt = models.spec_of(cfg.model.gpt)  # typed and frozen from here on
+    context, batch = gpt.context, int(cfg.batch_size)
     _, unigram = corpus_lib.unigram_bits(corpus.train, corpus.test)
     shared = {"train": corpus.train,
               "eval_train": eval_windows(corpus.train, cfg.task.eval_windows, context),

@@ -17,6 +17,7 @@ Initialisation follows GPT-2: normal(0, 0.02) weights, the two projections into 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -29,6 +30,24 @@ from universality.engine.families.lm import corpus
 _LN_EPS = 1e-5
 
 
+@dataclasses.dataclass(frozen=True)
+class GptSpec:
+  """The byte transformer: ``n_layers`` pre-LayerNorm blocks of width ``d_model``, ``n_heads`` heads, ``d_mlp``
+  GELU neurons, ``context`` bytes of context."""
+  n_layers: int
+  d_model: int
+  n_heads: int
+  d_mlp: int
+  context: int
+
+
+def spec_of(gpt) -> GptSpec:
+  """The typed, frozen architecture of the config's ``model.gpt`` section (a spec is returned as it is)."""
+  if isinstance(gpt, GptSpec):
+    return gpt
+  return GptSpec(**{f.name: int(gpt[f.name]) for f in dataclasses.fields(GptSpec)})
+
+
 def param_roles(params) -> dict:
   """The role of each parameter for the optimiser (universality.engine.optim.ROLES); the blocks' matrices
   are stacked over layers ``[L, in, out]``."""
@@ -36,7 +55,8 @@ def param_roles(params) -> dict:
 
 
 def init(key: jax.Array, cfg) -> dict[str, Any]:
-  """Parameters of the byte transformer described by ``cfg`` (the config's ``model`` section)."""
+  """Parameters of the byte transformer described by ``cfg`` (a ``GptSpec``; the config's ``model.gpt``
+  section reads the same)."""
   d, n, l, c, v = cfg.d_model, cfg.d_mlp, cfg.n_layers, cfg.context, corpus.VOCAB
   k = jax.random.split(key, 7)
   std, proj_std = 0.02, 0.02 / math.sqrt(2 * l)
