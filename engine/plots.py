@@ -2,10 +2,10 @@
 
 Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so nothing is shown, no global
 figure registry grows, and saving a PNG uses the Agg renderer whatever backend is active (no display
-needed). ``universality.engine.replay.Run.plot`` feeds these functions from a run directory and ``universality.engine.report`` saves
-the very same figures, so a notebook and the report draw through one code path.
+needed). A family's view (``plot``) feeds them from a run directory and its report saves the very same
+figures, so a notebook and the report draw through one code path.
 
-Here are the figures every family draws (learning curves, correlation distributions, run-by-run
+Here are the figures any family may draw (correlation distributions against a baseline, run-by-run
 matrices) and the helpers of the families' own figures (``engine/families/<name>/plots.py``). Runs are
 labelled by their seed number ``k`` (``runs.json`` "seed"), and step axes are logarithmic (symmetric-log
 where step 0, the initialisation, is on the axis).
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import matplotlib
 import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 
 def grid(n: int, ncols_max: int = 3, panel=(4.6, 3.4)) -> tuple[Figure, list]:
@@ -54,56 +52,6 @@ def run_labels(runs: Sequence[Mapping]) -> list[str]:
     label = f"seed {r['seed']}"
     out.append(" ".join([label] + [f"{short}={r.get(f):g}" for f, short in varying]))
   return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training.
-
-
-def learning_curves(step_E, train_acc_ExS, test_acc_ExS, runs: Sequence[Mapping],
-                    generalised: float = 0.99) -> Figure:
-  """Train (dashed) and test (solid) accuracy of every run against steps (log-x), one panel per group.
-
-  Args:
-    step_E: evaluation steps; train_acc_ExS, test_acc_ExS: accuracies per step and run.
-    runs: one row per run (``runs.json``), giving its group and seed number.
-    generalised: the test accuracy at which a run counts as generalised (a dotted line).
-  """
-  step_E = np.asarray(step_E)
-  train_acc_ExS, test_acc_ExS = np.asarray(train_acc_ExS, float), np.asarray(test_acc_ExS, float)
-  if train_acc_ExS.shape != test_acc_ExS.shape or train_acc_ExS.shape != (step_E.size, len(runs)):
-    raise ValueError(f"learning_curves: accuracies {train_acc_ExS.shape}, {test_acc_ExS.shape} do not match "
-                     f"{step_E.size} steps x {len(runs)} runs")
-  specs = list(dict.fromkeys(r["group"] for r in runs))
-  labels = run_labels(runs)
-  fig, axes = grid(len(specs))
-  for ax, spec in zip(axes, specs):
-    idx = [i for i, r in enumerate(runs) if r["group"] == spec]
-    cmap = matplotlib.colormaps["viridis"]
-    alpha = 0.9 if len(idx) <= 8 else max(0.25, 8.0 / len(idx))
-    for j, i in enumerate(idx):
-      c = cmap(j / max(len(idx) - 1, 1) * 0.9)
-      ax.plot(step_E, test_acc_ExS[:, i], color=c, lw=1.3, alpha=alpha, label=labels[i])
-      ax.plot(step_E, train_acc_ExS[:, i], color=c, lw=1.0, ls="--", alpha=alpha * 0.8)
-    ax.axhline(generalised, color="0.6", lw=0.8, ls=":")
-    final = test_acc_ExS[-1, idx] if step_E.size else np.zeros(0)
-    n_gen = int(np.sum(final >= generalised))
-    ax.set_title(f"{spec}: {n_gen}/{len(idx)} runs generalised")
-    step_axis(ax, step_E)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.25)
-    handles = [Line2D([], [], color="k", lw=1.3, label="test"),
-               Line2D([], [], color="k", lw=1.0, ls="--", label="train")]
-    if len(idx) <= 8:
-      handles += ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
-  return fig
-
-
-# ---------------------------------------------------------------------------------------------------
-# Irreps in the logits.
 
 
 # ---------------------------------------------------------------------------------------------------

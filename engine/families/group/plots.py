@@ -266,3 +266,45 @@ def neuron_comparison(corr_NxM, dominant_a_N, dominant_b_M, perm_N, irrep_names:
   ax_c.set_title("matched pairs", fontsize=8)
   fig.suptitle(title, fontsize=9)
   return fig
+
+
+def learning_curves(step_E, train_acc_ExS, test_acc_ExS, runs: Sequence[Mapping],
+                    generalised: float = 0.99) -> Figure:
+  """Train (dashed) and test (solid) accuracy of every run against steps (log-x), one panel per group.
+
+  Args:
+    step_E: evaluation steps; train_acc_ExS, test_acc_ExS: accuracies per step and run.
+    runs: one row per run (``runs.json``), giving its group and seed number.
+    generalised: the test accuracy at which a run counts as generalised (a dotted line).
+  """
+  step_E = np.asarray(step_E)
+  train_acc_ExS, test_acc_ExS = np.asarray(train_acc_ExS, float), np.asarray(test_acc_ExS, float)
+  if train_acc_ExS.shape != test_acc_ExS.shape or train_acc_ExS.shape != (step_E.size, len(runs)):
+    raise ValueError(f"learning_curves: accuracies {train_acc_ExS.shape}, {test_acc_ExS.shape} do not match "
+                     f"{step_E.size} steps x {len(runs)} runs")
+  specs = list(dict.fromkeys(r["group"] for r in runs))
+  labels = plots.run_labels(runs)
+  fig, axes = plots.grid(len(specs))
+  for ax, spec in zip(axes, specs):
+    idx = [i for i, r in enumerate(runs) if r["group"] == spec]
+    cmap = matplotlib.colormaps["viridis"]
+    alpha = 0.9 if len(idx) <= 8 else max(0.25, 8.0 / len(idx))
+    for j, i in enumerate(idx):
+      c = cmap(j / max(len(idx) - 1, 1) * 0.9)
+      ax.plot(step_E, test_acc_ExS[:, i], color=c, lw=1.3, alpha=alpha, label=labels[i])
+      ax.plot(step_E, train_acc_ExS[:, i], color=c, lw=1.0, ls="--", alpha=alpha * 0.8)
+    ax.axhline(generalised, color="0.6", lw=0.8, ls=":")
+    final = test_acc_ExS[-1, idx] if step_E.size else np.zeros(0)
+    n_gen = int(np.sum(final >= generalised))
+    ax.set_title(f"{spec}: {n_gen}/{len(idx)} runs generalised")
+    plots.step_axis(ax, step_E)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.25)
+    handles = [Line2D([], [], color="k", lw=1.3, label="test"),
+               Line2D([], [], color="k", lw=1.0, ls="--", label="train")]
+    if len(idx) <= 8:
+      handles += ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
+  return fig

@@ -322,7 +322,7 @@ class Plots:
   def learning_curves(self):
     """Train and test accuracy of every selected run against steps (log-x), one panel per group."""
     m = self._run.metrics()
-    return plots.learning_curves(m["step"], m["train_acc"], m["test_acc"], self._run.runs,
+    return group_plots.learning_curves(m["step"], m["train_acc"], m["test_acc"], self._run.runs,
                                  generalised=self._run.family.generalised_threshold)
 
   def similarity_heatmap(self, group: str | None = None):
