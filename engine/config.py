@@ -32,7 +32,7 @@ import math
 
 import ml_collections
 
-from universality.engine import families, optim
+from universality.engine import families, optim, rundir
 from universality.engine.fields import int_field, parse_floats, seed_numbers  # noqa: F401 - re-exported
 
 EXECUTION = "exec"          # how to run: not part of a study's identity
@@ -136,3 +136,84 @@ def identity(cfg) -> dict:
   out.pop(EXECUTION, None)
   out.pop(ANALYSIS, None)
   return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# config.json: what a run directory holds, read back into today's config.
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  """A nested config dict as ``{"task.groups": ..., ...}`` (dotted field names, as ``--config.*`` flags)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def field_names() -> list[str]:
+  """Every dotted field of every family's config (what ``--config.FIELD`` may name)."""
+  return sorted({f for name in families.NAMES for f in flatten(default_config(name).to_dict())})
+
+
+def with_defaults(stored: dict, defaults: dict) -> dict:
+  """``stored`` with the fields it lacks taken from ``defaults`` (recursively): a field added to the engine
+  after a run directory was written reads as its default, which reproduces the engine's earlier behaviour."""
+  out = dict(stored)
+  for k, v in defaults.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(v, dict) and isinstance(out[k], dict):
+      out[k] = with_defaults(out[k], v)
+  return out
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields that differ between two nested config dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += differences(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(prefix + k)
+  return out
+
+
+def stored(workdir: str) -> dict:
+  """The study config.json of ``workdir`` holds, migrated to today's nesting by its family (format 1 was
+  the group family's alone) but without today's defaults filled in."""
+  version, data = rundir.read_config(workdir)
+  family = "group" if version == 1 else data.get("family")
+  if family not in families.NAMES:
+    raise rundir.RunDirError(f"{workdir}: unknown task family {family!r} in {rundir.CONFIG}")
+  return families.get(family).migrate(data, version)
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """config.json of ``workdir`` as a locked ConfigDict: today's defaults of its family (execution and
+  analysis sections included, which config.json does not hold) overridden by every stored field."""
+  data = stored(workdir)
+  cfg = default_config(data["family"])
+  cfg.update_from_flattened_dict(flatten(data))
+  cfg.lock()
+  return cfg
+
+
+def check_workdir(workdir: str, cfg) -> bool:
+  """Checks that an existing config.json (its missing fields read as today's defaults) holds the study
+  ``cfg``; it is never rewritten. True when it exists, False when there is none.
+
+  A launch calls this first and writes config.json only once it is known to start, so a refused or crashed
+  launch leaves no config.json that would bind the directory to a study that never ran.
+  """
+  if not rundir.is_rundir(workdir):
+    return False
+  old = with_defaults(stored(workdir), identity(default_config(cfg.family)))
+  diff = differences(old, identity(cfg))
+  if diff:
+    raise rundir.RunDirError(f"workdir {workdir} belongs to a different config (differs in: "
+                             f"{', '.join(diff)}); use a new workdir or the same config")
+  return True

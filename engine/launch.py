@@ -182,8 +182,7 @@ def _bucket_finished(cfg, workdir: str, analyze: bool) -> bool:
   this very config; a run directory of another config is refused with the usual one-line error."""
   if not (rundir.is_rundir(workdir) and rundir.has_final_checkpoint(workdir, cfg.steps)):
     return False
-  defaults = config_lib.identity(config_lib.default_config(cfg.family))
-  rundir.check_config(workdir, config_lib.identity(cfg), defaults)  # another config's directory: refused
+  config_lib.check_workdir(workdir, cfg)  # another config's directory: refused
   if not analyze:
     return True
   return (rundir.has_summary(workdir) and rundir.read_summary(workdir).get("steps", [])[-1:] == [cfg.steps]
@@ -199,9 +198,7 @@ def _claimed(cfg, workdir: str):
   if is_main:
     rundir.check_writable(workdir)
   with rundir.lock(workdir) if is_main else contextlib.nullcontext():
-    identity = config_lib.identity(cfg)
-    defaults = config_lib.identity(config_lib.default_config(cfg.family))
-    yield identity, (rundir.check_config(workdir, identity, defaults) if is_main else True)
+    yield config_lib.identity(cfg), (config_lib.check_workdir(workdir, cfg) if is_main else True)
 
 
 def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool | None) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import importlib
 from universality.engine import config as config_lib
 from universality.engine import families
 from universality.engine import rundir
-from universality.engine.view import Run, _load_config, _matches  # noqa: F401 - Run is part of this API
+from universality.engine.view import Run, _matches  # noqa: F401 - Run is part of this API
 
 class Study:
   """A read-only view of a study of several buckets (module docstring), optionally restricted to some of
@@ -50,7 +50,7 @@ class Study:
 
   def __init__(self, workdir: str, views: dict[str, Run] | None = None, _config=None):
     self.workdir = rundir.resolve(workdir)
-    self.config = _config if _config is not None else _load_config(self.workdir)
+    self.config = _config if _config is not None else config_lib.load(self.workdir)
     self.family = families.get(self.config.family)
     self.names = [name for name, _ in families.buckets(self.config)]
     if views is None:
@@ -131,7 +131,7 @@ class Study:
 
 
 def _open_view(workdir: str) -> Run:
-  cfg = _load_config(workdir)
+  cfg = config_lib.load(workdir)
   module, _, cls = families.get(cfg.family).view_module.partition(":")
   view_class = getattr(importlib.import_module(module), cls or "View")
   return view_class(workdir)
@@ -142,7 +142,7 @@ def is_study_of_buckets(workdir: str) -> bool:
   workdir = rundir.resolve(workdir)
   if rundir.has_runs(workdir):  # one run directory, whatever its config would split into today
     return False
-  cfg = _load_config(workdir)
+  cfg = config_lib.load(workdir)
   return len(families.buckets(cfg)) > 1
 
 

@@ -173,78 +173,20 @@ def _read_json(file_path: str, what: str) -> Any:
 # config.json
 
 
-def _v1_to_v2_config(flat: dict) -> dict:
-  """A format-1 (flat) config as a format-2 (nested) one; execution settings are dropped."""
-  get = flat.get
-  return {
-      "family": "group",
-      "seeds": get("seeds"), "seed": get("seed"), "seed_offset": get("seed_offset", 0),
-      "steps": get("steps"), "eval_every": get("eval_every"), "batch_size": get("batch_size", 0),
-      "num_checkpoints": get("num_checkpoints"),
-      "task": {"groups": get("groups"), "train_frac": get("train_frac"),
-               "train_frac_by_group": get("train_frac_by_group", "")},
-      "model": {"name": get("model"),
-                "mlp": {"embed_dim": get("embed_dim"), "hidden": get("hidden")},
-                "transformer": {"d_model": get("d_model"), "n_heads": get("n_heads"), "d_mlp": get("d_mlp"),
-                                "n_layers": get("n_layers")}},
-      "opt": {"lr": get("lr"), "weight_decay": get("weight_decay"), "b1": get("b1"), "b2": get("b2"),
-              "eps": get("eps")},
-  }
-
-
-def read_config(workdir: str) -> dict:
-  """The study config of a run directory as a plain (format-2) dict."""
+def read_config(workdir: str) -> tuple[int, dict]:
+  """``(format version, config)`` of a run directory's config.json as stored: version 1 is the flat config
+  of the first format, version 2 the nested one (``universality.engine.config.load`` reads either into
+  today's config); any other version is refused with a one-line ``RunDirError``."""
   data = _read_json(path(workdir, CONFIG), CONFIG)
   if not isinstance(data, dict):
     raise RunDirError(f"{CONFIG} in {workdir} is not a JSON object")
   if "format_version" not in data:
-    return _v1_to_v2_config(data)
+    return 1, data
   version = data["format_version"]
   if version != FORMAT_VERSION or not isinstance(data.get("config"), dict):
     raise RunDirError(f"{workdir} has run-directory format {version!r}; this engine reads formats 1 and "
                       f"{FORMAT_VERSION}")
-  return data["config"]
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-  """Dotted names of the fields that differ between two nested config dicts."""
-  out = []
-  for k in sorted(set(old) | set(new)):
-    a, b = old.get(k), new.get(k)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += config_differences(a, b, f"{prefix}{k}.")
-    elif a != b:
-      out.append(prefix + k)
-  return out
-
-
-def with_defaults(config: dict, defaults: dict) -> dict:
-  """``config`` with the fields it lacks taken from ``defaults`` (recursively): a field added to the engine
-  after a run directory was written reads as its default, which reproduces the engine's earlier behaviour."""
-  out = dict(config)
-  for k, v in defaults.items():
-    if k not in out:
-      out[k] = v
-    elif isinstance(v, dict) and isinstance(out[k], dict):
-      out[k] = with_defaults(out[k], v)
-  return out
-
-
-def check_config(workdir: str, config: dict, defaults: dict | None = None) -> bool:
-  """Checks that an existing config.json (its missing fields read from ``defaults``) holds the same study; it
-  is never rewritten. True when it exists.
-
-  A launch calls this first and ``write_config`` only once it is known to start, so a refused or crashed
-  launch leaves no config.json that would bind the directory to a study that never ran.
-  """
-  if paths.exists(path(workdir, CONFIG)):
-    old = with_defaults(read_config(workdir), defaults or {})
-    diff = config_differences(old, config)
-    if diff:
-      raise RunDirError(f"workdir {workdir} belongs to a different config (differs in: {', '.join(diff)}); "
-                        "use a new workdir or the same config")
-    return True
-  return False
+  return version, data["config"]
 
 
 def write_config(workdir: str, config: dict) -> None:

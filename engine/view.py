@@ -36,28 +36,6 @@ def _matches(value, accepted) -> bool:
   return value == accepted
 
 
-def _load_config(workdir: str) -> ml_collections.ConfigDict:
-  """config.json as a ConfigDict with the current defaults' execution section (not part of the study)."""
-  stored = rundir.read_config(workdir)
-  family = stored.get("family")
-  if family not in families.NAMES:
-    raise rundir.RunDirError(f"{workdir}: unknown task family {family!r} in {rundir.CONFIG}")
-  cfg = config_lib.default_config(family)
-  cfg.update_from_flattened_dict(_flatten(stored))
-  cfg.lock()
-  return cfg
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def _check_run_count(workdir: str, cfg, n_rows: int) -> None:
   """runs.json must list the runs config.json describes (counted, not built): a mismatch is refused."""
   if not n_rows:
@@ -86,7 +64,7 @@ class Run:
     self.workdir = rundir.resolve(workdir)
     self._shared = _shared if _shared is not None else {}
     if "config" not in self._shared:
-      self._shared["config"] = _load_config(self.workdir)
+      self._shared["config"] = config_lib.load(self.workdir)
       family = families.get(self._shared["config"].family)
       # Format-1 rows carry no cohort: it is a function of the row.
       self._shared["runs"] = [r if "cohort" in r else dict(r, cohort=family.cohort_name(r))

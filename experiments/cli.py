@@ -94,18 +94,11 @@ def _unknown_field_error(e: Exception, argv) -> str:
   key = text.strip().splitlines()[0].strip("\"' ")
   flag = next((a.split("=", 1)[0] for a in argv if re.match(rf"--config\.(\w+\.)*{re.escape(key)}(=|$)", a)),
               f"--config.{key}")
-  from universality.engine import config as config_lib, families  # every family's field names, for the suggestion
-  fields = sorted({f for name in families.NAMES for f in _dotted(config_lib.default_config(name).to_dict())})
+  from universality.engine import config as config_lib  # every family's field names, for the suggestion
+  fields = config_lib.field_names()
   close = difflib.get_close_matches(flag[len("--config."):], fields, n=1) or \
       [f for f in fields if difflib.get_close_matches(key, [f.rsplit(".", 1)[-1]])][:1]
   return f"{flag}: no such config field" + (f" (did you mean --config.{close[0]}?)" if close else "")
-
-
-def _dotted(d: dict, prefix: str = "") -> list[str]:
-  out = []
-  for k, v in d.items():
-    out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
-  return out
 
 
 def parse_flags(argv):

@@ -115,6 +115,11 @@ class Family:
     """
     return [(self.name, cfg)]
 
+  def migrate(self, stored: dict, version: int) -> dict:
+    """A config.json of run-directory format ``version`` (``universality.engine.rundir.read_config``) as
+    today's nested config of this family; by default as it is."""
+    return stored
+
   def param_roles(self, params) -> Any:
     """The role of every parameter (``universality.engine.optim.ROLES``: hidden, embed, unembed, vector),
     a tree like ``params`` (arrays or shapes); Muon orthogonalises the roles ``opt.muon.params`` names.

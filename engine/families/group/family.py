@@ -223,6 +223,27 @@ class GroupFamily(families.Family):
     return families.Footprint(params=params, data=16 * (p + q) + 8,  # a, b, c, weight per pair
                               step=4 * models.activation_floats(spec, batch, vocab))
 
+  def migrate(self, stored: dict, version: int) -> dict:
+    """A format-1 (flat) config as a format-2 (nested) one; execution settings are dropped. Format 1 was
+    written by this family alone."""
+    if version != 1:
+      return stored
+    get = stored.get
+    return {
+        "family": "group",
+        "seeds": get("seeds"), "seed": get("seed"), "seed_offset": get("seed_offset", 0),
+        "steps": get("steps"), "eval_every": get("eval_every"), "batch_size": get("batch_size", 0),
+        "num_checkpoints": get("num_checkpoints"),
+        "task": {"groups": get("groups"), "train_frac": get("train_frac"),
+                 "train_frac_by_group": get("train_frac_by_group", "")},
+        "model": {"name": get("model"),
+                  "mlp": {"embed_dim": get("embed_dim"), "hidden": get("hidden")},
+                  "transformer": {"d_model": get("d_model"), "n_heads": get("n_heads"), "d_mlp": get("d_mlp"),
+                                  "n_layers": get("n_layers")}},
+        "opt": {"lr": get("lr"), "weight_decay": get("weight_decay"), "b1": get("b1"), "b2": get("b2"),
+                "eps": get("eps")},
+    }
+
   def param_roles(self, params):
     return models.param_roles(params)
 
