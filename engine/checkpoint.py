@@ -21,6 +21,9 @@ without checksums — written by an older engine, or a step of a launch killed b
 checksums (the next launch seals such steps once it has restored: ``seal_committed``) — is
 verified only by restoring it (noted in the log).
 
+Once the launch has been asked to stop (SIGTERM), a save still waiting for its commit after ``SEAL_GRACE_S``
+is given up (``SaveAbandoned``): a storage server that died would otherwise hold the launch for ever.
+
 Restoring picks the newest checkpoint that verifies and restores cleanly: a truncated or corrupt one is
 reported with a one-line warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside
 ``checkpoints/`` (never deleted; a read-only reader only skips it), and the previous one is used.
@@ -74,6 +77,16 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint, or a checkpoint directory that cannot be written."""
 
 
+class SaveAbandoned(CheckpointError):
+  """A save that did not commit within ``SEAL_GRACE_S`` of a stop request (the storage does not answer); Orbax's
+  threads may still be blocked in it, so the process should exit without waiting for them."""
+
+
+# How long a save may still take once a stop was asked (SIGTERM): a save of a healthy disk or bucket commits
+# well within it; a storage server that died leaves TensorStore retrying for much longer.
+SEAL_GRACE_S = 30.0
+
+
 def log_spaced_steps(total_steps: int, num: int, multiple: int = 1) -> list[int]:
   """``num`` roughly log-spaced steps in ``[0, total_steps]``, rounded to multiples of ``multiple``.
 
@@ -123,6 +136,8 @@ class Checkpointer:
     self.timings: list[dict] = []
     self._sealer: threading.Thread | None = None  # commits and checksums the newest save
     self._seal_error: BaseException | None = None
+    self.stop_requested = lambda: False  # the launch's stop flag: bounds the wait for a save (``_seal``)
+    self._abandoned = False
     absl_logger = pylogging.getLogger("absl")
     level = absl_logger.level
     if read_only:  # Orbax warns at every read-only open that it will not save; reading is the point.
@@ -195,13 +210,32 @@ class Checkpointer:
       self._seal_error = e
 
   def _seal(self) -> None:
-    """Waits for the sealing thread of the newest save (its commit and checksums); raises what it raised."""
+    """Waits for the sealing thread of the newest save (its commit and checksums); raises what it raised.
+
+    Once ``stop_requested()`` holds, it waits at most ``SEAL_GRACE_S`` more and then raises SaveAbandoned:
+    a save to a storage server that died would otherwise block a stopped launch for ever."""
     if self._sealer is not None:
-      self._sealer.join()
+      deadline = time.monotonic() if self._abandoned else None  # abandoned once: not waited for again
+      while self._sealer.is_alive():
+        self._sealer.join(timeout=0.25)  # short waits: the signal handlers run in between
+        if deadline is None and self.stop_requested():
+          deadline = time.monotonic() + SEAL_GRACE_S
+        if deadline is not None and time.monotonic() > deadline and self._sealer.is_alive():
+          step = self.timings[-1]["step"] if self.timings else "?"
+          self._abandoned = True
+          raise SaveAbandoned(f"{self.kind}checkpoint {step} in {self.directory} was not committed within "
+                              f"{SEAL_GRACE_S:.0f} s of the stop request (the storage does not answer): stopped "
+                              "without it; relaunch to resume from the previous checkpoint")
       self._sealer = None
     if self._seal_error is not None:
       error, self._seal_error = self._seal_error, None
       raise error
+
+  def _check_regular(self, step: int) -> None:
+    """Refuses a step holding a FIFO, device or link (never opened: reading one may block for ever)."""
+    irregular = rundir.irregular_entry(self._step_dir(step))
+    if irregular:
+      raise CheckpointError(f"{self.kind}checkpoint {step} in {self.directory}: {irregular}; remove it")
 
   def _verify(self, step: int) -> str | None:
     """Why the step's files are not the ones committed (None: they are, or the step has no checksums)."""
@@ -212,6 +246,7 @@ class Checkpointer:
 
   def stored_shapes(self, step: int) -> list[tuple[tuple[int, ...], str]]:
     """(shape, dtype) of every array of the checkpoint at ``step``, sorted, from its metadata (no data read)."""
+    self._check_regular(step)
     try:
       tree = ocp.StandardCheckpointHandler().metadata(epath.Path(self._step_dir(step)) / "state")
       leaves = jax.tree.leaves(tree)
@@ -242,7 +277,9 @@ class Checkpointer:
 
   def try_restore(self, abstract_state: Any, step: int, quarantine: bool = True) -> tuple[bool, Any]:
     """``(True, state)`` when the checkpoint at ``step`` verifies and restores; else ``(False, reason)``,
-    and with ``quarantine`` the step is reported in one line and moved aside."""
+    and with ``quarantine`` the step is reported in one line and moved aside. A step holding a FIFO, device or
+    link is refused (CheckpointError) before anything in it is opened."""
+    self._check_regular(step)
     reason = self._verify(step)
     if reason is None:
       _drop_closed_loop_callbacks()
@@ -285,8 +322,9 @@ class Checkpointer:
     try:
       self._seal()
     finally:
-      self._manager.wait_until_finished()
-      self._manager.close()
+      if self._sealer is None:  # else the save is abandoned or interrupted: Orbax's wait would block again
+        self._manager.wait_until_finished()
+        self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -295,12 +333,56 @@ class Checkpointer:
     self.close()
 
 
+def set_aside_corrupt(directory: str) -> list[int]:
+  """Verifies every sealed step of a checkpoint directory and moves aside (``corrupt_checkpoints/``, with a
+  one-line warning each) those whose files or sha256.json are damaged, as a restore does with the newest;
+  returns their steps. Process 0 of a writer only: an analysis that failed on an older step calls it."""
+  with Checkpointer(directory, async_save=False) as c:
+    bad = []
+    for step in c.steps():
+      reason = (rundir.irregular_entry(c._step_dir(step))
+                or (rundir.verify_checksums(c._step_dir(step)) if rundir.has_checksums(c._step_dir(step))
+                    else None))
+      if reason:
+        print(f"WARNING: {c.kind}checkpoint {step} is corrupt ({reason}); moved aside", flush=True)
+        c._quarantine(step)
+        bad.append(step)
+    return bad
+
+
+def shape_mismatch(stored: list, abstract_state: Any) -> str | None:
+  """How the (shape, dtype) list of a checkpoint (``Checkpointer.stored_shapes``) differs from the arrays of
+  ``abstract_state``; None when they agree."""
+  leaves = jax.tree.leaves(abstract_state)
+  expected = sorted((tuple(int(n) for n in x.shape), str(np.dtype(x.dtype))) for x in leaves)
+  if stored == expected:
+    return None
+  return next((f"{a} stored, {b} expected" for a, b in zip(stored, expected) if a != b),
+              f"{len(stored)} arrays stored, {len(expected)} expected")
+
+
+def _check_stored_shapes(checkpointer: Checkpointer, step: int, abstract_state: Any) -> None:
+  """Refuses a checkpoint whose own metadata contradicts ``abstract_state`` (the config's shapes) in one line,
+  before anything is restored; unreadable metadata is left to the restore, which moves a corrupt step aside."""
+  try:
+    stored = checkpointer.stored_shapes(step)
+  except CheckpointError:
+    return
+  diff = shape_mismatch(stored, abstract_state)
+  if diff:
+    raise CheckpointError(f"{checkpointer.kind}checkpoint {step} in {checkpointer.directory} does not match "
+                          f"{rundir.CONFIG} ({diff}); the run directory is inconsistent: relaunch with the "
+                          "config that trained it, or use a new workdir")
+
+
 def restore_newest(checkpointers: list[Checkpointer], abstract_state: Any) -> tuple[int, Any] | None:
   """The newest checkpoint that restores among several directories (the analysis checkpoints and the
   resume checkpoint), as ``(step, state)``; None when there is none. A corrupt one is reported, moved
-  aside and the next newest of either kind is tried. On equal steps the first checkpointer's wins."""
+  aside and the next newest of either kind is tried. On equal steps the first checkpointer's wins. A
+  checkpoint whose array shapes contradict ``abstract_state`` is refused (CheckpointError), never adopted."""
   candidates = sorted(((s, -i) for i, c in enumerate(checkpointers) for s in c.steps()), reverse=True)
   for s, i in candidates:
+    _check_stored_shapes(checkpointers[-i], s, abstract_state)
     ok, out = checkpointers[-i].try_restore(abstract_state, s)
     if ok:
       return s, out

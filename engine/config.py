@@ -116,7 +116,21 @@ def validate(cfg) -> None:
   if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0 or math.isinf(minutes):
     raise ValueError(f"config.{EXECUTION}.resume_every_minutes: expected a finite number of minutes >= 0 (0: "
                      f"off), got {minutes!r}")
+  _check_bounds(cfg)
   families.get(cfg.family).validate(cfg)
+
+
+# Upper bounds of the schedule, checked before anything is sized from it: more checkpoints than this is no
+# learning-order study but a typo (each one is the whole state on disk), and step counters are int32.
+MAX_CHECKPOINTS = 10_000
+MAX_STEPS = 2**31 - 1
+
+
+def _check_bounds(cfg) -> None:
+  if cfg.num_checkpoints > MAX_CHECKPOINTS:
+    raise ValueError(f"config.num_checkpoints: at most {MAX_CHECKPOINTS}, got {cfg.num_checkpoints}")
+  if cfg.steps > MAX_STEPS:
+    raise ValueError(f"config.steps: at most {MAX_STEPS}, got {cfg.steps}")
 
 
 def runs(cfg) -> list[dict]:

@@ -330,6 +330,30 @@ def parse(spec: str) -> list[tuple[str, int]]:
   return factors
 
 
+def canonical(spec: str) -> str:
+  """The spelling of ``spec`` that ``get`` names the group by: ASCII digits without leading zeros, factors
+  joined by ``x`` ("C05", "C\uff15" and " C5" are all "C5")."""
+  return "x".join(f"{kind}{n}" for kind, n in parse(spec))
+
+
+def duplicates(specs: Sequence[str]) -> list[tuple[str, str]]:
+  """Pairs ``(earlier, later)`` of specs that name one group: the same canonical spelling, or the same
+  Cayley table (compared only between specs of equal order, so nothing large is built needlessly)."""
+  out, seen = [], {}
+  for spec in specs:
+    key = canonical(spec)
+    if key in seen:
+      out.append((seen[key], spec))
+      continue
+    order = order_of(spec)
+    twin = next((s for c, s in seen.items() if order_of(c) == order and get(c).key == get(key).key), None)
+    if twin is not None:
+      out.append((twin, spec))
+      continue
+    seen[key] = spec
+  return out
+
+
 def order_of(spec: str) -> int:
   """The order of the group named by ``spec``, from the spec alone (nothing is tabulated)."""
   return math.prod(_factor_order(kind, n) for kind, n in parse(spec))

@@ -25,6 +25,11 @@ config.json only once its state exists (initialised or restored): a refused or c
 config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
 the step it resumes from recomputes that line from the checkpoint.
 
+A run directory is a contract: a work directory holding checkpoints but no config.json is refused (nothing
+would tell which study trained them), and a checkpoint whose array shapes (its own Orbax metadata) contradict
+the config is refused before it is restored, never trained past. An analysis that fails on an older
+checkpoint that no longer verifies sets that checkpoint aside and analyses the rest, so a relaunch repairs it.
+
 This is the top of the engine: nothing else in it imports this module.
 """
 
@@ -146,6 +151,13 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = 
   return _run_buckets(cfg, families.buckets(cfg), workdir, progress=progress, analyze=analyze)
 
 
+def check_size(cfg: ml_collections.ConfigDict) -> None:
+  """The config's validation and memory check (``run_study`` repeats both), for a caller that describes the
+  study first: describing may read its data (a corpus), which must not happen before the check refuses."""
+  config_lib.validate(cfg)
+  _check_budget(families.buckets(cfg), jax.devices())
+
+
 def describe(cfg: ml_collections.ConfigDict) -> list[str]:
   """Lines naming the buckets of ``cfg`` (``Family.buckets``), their runs and task (printed at launch)."""
   config_lib.validate(cfg)
@@ -185,8 +197,11 @@ def _bucket_finished(cfg, workdir: str, analyze: bool) -> bool:
   config_lib.check_workdir(workdir, cfg)  # another config's directory: refused
   if not analyze:
     return True
-  return (rundir.has_summary(workdir) and rundir.read_summary(workdir).get("steps", [])[-1:] == [cfg.steps]
-          and report.has_report(workdir))
+  try:  # a damaged summary is not a finished analysis: the bucket is analysed again
+    steps = rundir.read_summary(workdir).get("steps", []) if rundir.has_summary(workdir) else []
+  except rundir.RunDirError:
+    return False
+  return isinstance(steps, list) and steps[-1:] == [cfg.steps] and report.has_report(workdir)
 
 
 @contextlib.contextmanager
@@ -198,7 +213,10 @@ def _claimed(cfg, workdir: str):
   if is_main:
     rundir.check_writable(workdir)
   with rundir.lock(workdir) if is_main else contextlib.nullcontext():
-    yield config_lib.identity(cfg), (config_lib.check_workdir(workdir, cfg) if is_main else True)
+    written = config_lib.check_workdir(workdir, cfg) if is_main else True
+    if not written:
+      rundir.check_unclaimed_state(workdir)
+    yield config_lib.identity(cfg), written
 
 
 def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool | None) -> dict[str, Any]:
@@ -221,7 +239,8 @@ def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool |
       if _agreed(is_main and _bucket_finished(cfg_b, bucket, do_analyze)):
         if is_main:
           print(f"{head}: finished, skipped", flush=True)
-        logged = rundir.read_metrics(bucket) if is_main and rundir.has_metrics(bucket) else {}
+        logged = rundir.read_metrics(bucket, family.n_runs(cfg_b)) if is_main and rundir.has_metrics(bucket) \
+            else {}
         results[name] = {"workdir": bucket, "step": cfg_b.steps, "skipped": True,
                          "final_metrics": {k: v[-1] for k, v in logged.items() if k != "step" and len(v)}}
         continue
@@ -346,6 +365,8 @@ def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) ->
   with _StopRequests() as stop, \
       checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt, \
       checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.RESUME_CHECKPOINTS), keep=1) as resume:
+    for c in (ckpt, resume):  # a stopped launch waits a bounded time for a save (a dead storage server)
+      c.stop_requested = lambda: stop.signal is not None
     return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt, resume,
                        stop)
 
@@ -356,8 +377,8 @@ def _record(at_step: int, m: dict, names: list[str], was_diverged: np.ndarray) -
   return {"step": at_step, **{k: [float(x) for x in v] for k, v in m.items()}, "newly_diverged": new}, new
 
 
-def _open_log(workdir, step, resumed, is_main) -> rundir.MetricsLog:
-  log = rundir.MetricsLog(workdir, step if resumed else None, is_main)
+def _open_log(workdir, step, resumed, is_main, n_runs) -> rundir.MetricsLog:
+  log = rundir.MetricsLog(workdir, step if resumed else None, is_main, n_runs)
   if log.damaged:
     lines = ", ".join(map(str, log.damaged[:5])) + (", ..." if len(log.damaged) > 5 else "")
     logging.warning("%s: damaged lines %s skipped; the file as found is kept as %s", log.path, lines, log.aside)
@@ -403,7 +424,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
   for c in (ckpt, resume):  # steps a killed launch committed but did not seal
     c.seal_committed()
   started()
-  log = _open_log(workdir, step, resumed, is_main)
+  log = _open_log(workdir, step, resumed, is_main, len(rows))
   names = [r["name"] for r in rows]
   if cfg.exec.tensorboard and is_main:
     log.mirror = events.ScalarEvents(workdir, names, step if resumed else None)
@@ -444,7 +465,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
     bar.close()
     log.close()
   if last is None:  # already finished: report the last logged metrics
-    logged = rundir.read_metrics(workdir) if rundir.has_metrics(workdir) else {}
+    logged = rundir.read_metrics(workdir, len(rows)) if rundir.has_metrics(workdir) else {}
     last = {k: v[-1] for k, v in logged.items() if k != "step" and len(v)}
   return {"workdir": workdir, "step": step, "final_metrics": last}
 
@@ -454,6 +475,14 @@ def _analyze_and_report(workdir: str, settings: dict, progress: bool) -> dict[st
   (process 0 writes the files)."""
   if jax.process_index() != 0:  # the analysis reads checkpoints on this process alone: one is enough
     return {}
+  try:
+    with replay.open(workdir) as run:
+      summary = driver.analyze(run, progress=progress, **settings)
+      return {"summary": summary, "report": report.write_report_of(run)}
+  except checkpoint_lib.CheckpointError:
+    # An older checkpoint that no longer reads would fail every relaunch: set it aside, analyse the rest.
+    if not checkpoint_lib.set_aside_corrupt(rundir.path(workdir, rundir.CHECKPOINTS)):
+      raise
   with replay.open(workdir) as run:
     summary = driver.analyze(run, progress=progress, **settings)
     return {"summary": summary, "report": report.write_report_of(run)}

@@ -35,14 +35,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import posixpath
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -108,10 +111,37 @@ def _emulator_setup() -> None:
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
+def _has_credentials() -> bool:
+  """Whether Google's client libraries can find credentials without waiting: an emulator, a key file, the
+  application default credentials of gcloud, or a Google Compute Engine / GKE machine (its metadata server).
+  Without any of them the libraries probe the metadata server for many seconds and then raise."""
+  env = os.environ
+  if env.get("STORAGE_EMULATOR_HOST") or env.get("GOOGLE_APPLICATION_CREDENTIALS"):
+    return True
+  if env.get("GCE_METADATA_HOST") or env.get("GCE_METADATA_IP"):
+    return True
+  sdk_dir = env.get("CLOUDSDK_CONFIG") or (os.path.join(env.get("APPDATA", ""), "gcloud") if os.name == "nt"
+                                           else os.path.join(os.path.expanduser("~"), ".config", "gcloud"))
+  if os.path.isfile(os.path.join(sdk_dir, "application_default_credentials.json")):
+    return True
+  try:
+    with open("/sys/class/dmi/id/product_name") as f:  # how google.auth itself recognises a GCE machine
+      return f.read().strip().startswith("Google")
+  except OSError:
+    return False
+
+
+_NO_CREDENTIALS = ("gs:// needs Google Cloud credentials and none were found: run `gcloud auth "
+                   "application-default login`, set GOOGLE_APPLICATION_CREDENTIALS to a key file, run on a Google "
+                   "Cloud machine, or set STORAGE_EMULATOR_HOST for an emulator")
+
+
 def _gcsfs():
   """The gcsfs filesystem of this process, listing cache off; a one-line error when gcsfs is absent."""
   with _lock:
     if "fs" not in _clients:
+      if not _has_credentials():
+        raise RunDirError(_NO_CREDENTIALS)
       _emulator_setup()
       try:
         import fsspec
@@ -199,6 +229,8 @@ def write_atomic(p: str, data: bytes | str) -> None:
       os.fsync(f.fileno())
     os.replace(tmp, p)
     tmp = None
+  except OSError as e:  # a full disk names no file by itself
+    raise OSError(e.errno, e.strerror, p) from None
   finally:
     if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
@@ -213,9 +245,12 @@ def append(p: str, data: bytes | str) -> None:
   if isinstance(data, str):
     data = data.encode()
   if not is_remote(p):
-    with open(p, "ab") as f:
-      f.write(data)
-      f.flush()
+    try:
+      with open(p, "ab") as f:
+        f.write(data)
+        f.flush()
+    except OSError as e:
+      raise OSError(e.errno, e.strerror, p) from None
     return
   fs = _gcsfs()
   try:
@@ -261,6 +296,22 @@ def files_under(p: str) -> list[str]:
   return sorted(out)
 
 
+def irregular_files(p: str) -> list[str]:
+  """Paths (relative to ``p``) under the local folder ``p`` that are not regular files or folders inside it:
+  FIFOs, devices, sockets, and symbolic links (a link may lead outside the run directory or to a device).
+  Such an entry is never opened: a FIFO blocks its reader forever, /dev/zero never ends. [] on gs://."""
+  if is_remote(p) or not os.path.isdir(p):
+    return []
+  out = []
+  for dirpath, dirnames, names in os.walk(p):  # os.walk follows no link to a folder
+    for name in dirnames + names:
+      full = os.path.join(dirpath, name)
+      mode = os.lstat(full).st_mode
+      if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        out.append(os.path.relpath(full, p).replace(os.sep, "/"))
+  return sorted(out)
+
+
 def remove(p: str) -> None:
   if is_remote(p):
     _gcsfs().rm_file(_fs_path(p))
@@ -300,9 +351,44 @@ def write_npz(p: str, arrays: Mapping[str, np.ndarray]) -> None:
   write_atomic(p, buf.getvalue())
 
 
-def read_npz(p: str) -> dict[str, np.ndarray]:
-  """An .npz's arrays; nothing is unpickled (``allow_pickle=False``)."""
-  with np.load(io.BytesIO(read_bytes(p)), allow_pickle=False) as z:
+MAX_NPZ_BYTES = 2**30  # a run directory's arrays are tables of neurons: far smaller
+
+
+def _npz_member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+  """``(shape, dtype, data bytes)`` of one .npy member, from its header alone; ValueError when the header is
+  bad, the dtype holds objects, or the data would not fill exactly the member's uncompressed size."""
+  with zf.open(info) as f:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+      shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+      shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+      raise ValueError(f"{info.filename}: .npy format {version} is not read")
+    header = f.tell()
+  if dtype.hasobject:
+    raise ValueError(f"{info.filename}: dtype {dtype} holds Python objects")
+  nbytes = math.prod(shape) * dtype.itemsize
+  if header + nbytes != info.file_size:
+    raise ValueError(f"{info.filename}: its header declares {shape} {dtype} ({nbytes} bytes) but it holds "
+                     f"{info.file_size - header}")
+  return shape, dtype, nbytes
+
+
+def read_npz(p: str, max_bytes: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
+  """An .npz's arrays; nothing is unpickled (``allow_pickle=False``). Every member's header is read and its
+  size checked against the archive's directory and ``max_bytes`` (all arrays together) before any array is
+  allocated, so a crafted file cannot make us allocate what its header or its compression claims."""
+  buf = io.BytesIO(read_bytes(p))
+  try:
+    with zipfile.ZipFile(buf) as zf:
+      total = sum(_npz_member_header(zf, info)[2] for info in zf.infolist())
+  except (zipfile.BadZipFile, EOFError) as e:
+    raise ValueError(f"not an .npz archive: {e}") from None
+  if total > max_bytes:
+    raise ValueError(f"its arrays would take {total} bytes, more than the {max_bytes} read from one file")
+  buf.seek(0)
+  with np.load(buf, allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
 
 
@@ -450,7 +536,7 @@ def lease(url: str, *, ttl: float = LEASE_TTL_S, refresh: float = LEASE_REFRESH_
     while not stop.wait(refresh):
       try:
         b = blob_of(name)
-        b.upload_from_string(body, if_generation_match=held["generation"], timeout=refresh)
+        b.upload_from_string(body, if_generation_match=held["generation"], timeout=refresh, retry=_retry())
         held["generation"] = b.generation
       except gexc.PreconditionFailed:
         held["generation"] = None
@@ -466,7 +552,7 @@ def lease(url: str, *, ttl: float = LEASE_TTL_S, refresh: float = LEASE_REFRESH_
     yield
   finally:
     stop.set()
-    thread.join()
-    if held["generation"] is not None:
+    thread.join(timeout=refresh + PROBE_TIMEOUT_S)  # a refresh in flight is bounded by both
+    if held["generation"] is not None and not thread.is_alive():
       with contextlib.suppress(Exception):
-        blob_of(name).delete(if_generation_match=held["generation"], timeout=PROBE_TIMEOUT_S)
+        blob_of(name).delete(if_generation_match=held["generation"], timeout=PROBE_TIMEOUT_S, retry=_retry())

@@ -10,6 +10,8 @@ Nothing in it is executed, evaluated or unpickled.
                      readers skip it, and a relaunch keeps the file as it was in
                      metrics.jsonl.damaged-<time> before rewriting it without the damaged lines
   checkpoints/       Orbax checkpoints (universality.engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
+                     a step holding anything but plain files and folders (a FIFO, a device, a symbolic
+                     link) is refused and never opened;
                      checkpoints/<step>/sha256.json: the checksum of every file of the step, written once
                      Orbax has committed it (``write_checksums``, ``verify_checksums``)
   checkpoints_resume/   the rolling resume checkpoint (universality.engine.checkpoint; only the newest step is kept, with
@@ -117,6 +119,25 @@ def has_final_checkpoint(workdir: str, step: int) -> bool:
   return has_checksums(paths.join(workdir, CHECKPOINTS, str(int(step))))
 
 
+def checkpoint_steps_present(workdir: str) -> list[str]:
+  """The step folders of either checkpoint directory (``checkpoints/<step>``, ``checkpoints_resume/<step>``),
+  committed or not, as ``<dir>/<step>``: what a run directory has trained, whatever its config.json says."""
+  return [f"{d}/{name}" for d in (CHECKPOINTS, RESUME_CHECKPOINTS)
+          for name in paths.listdir(path(workdir, d)) if name.isdigit() or name.split(".")[0].isdigit()]
+
+
+def check_unclaimed_state(workdir: str) -> None:
+  """A work directory without config.json must hold no checkpoint: nothing would tell which study trained
+  it, and a launch would adopt it as its own. A one-line RunDirError names it and how to start afresh."""
+  if paths.exists(path(workdir, CONFIG)):
+    return
+  found = checkpoint_steps_present(workdir)
+  if found:
+    raise RunDirError(f"workdir {workdir} holds checkpoints ({found[0]}{', ...' if len(found) > 1 else ''}) "
+                      f"but no {CONFIG}: they cannot be checked against this config; start afresh in a new "
+                      f"workdir (or move {CHECKPOINTS}/ and {RESUME_CHECKPOINTS}/ away)")
+
+
 def atomic_write(file_path: str, text: str) -> None:
   """Writes ``text`` to ``file_path`` atomically (``universality.engine.paths.write_atomic``): readers never see half."""
   paths.write_atomic(file_path, text)
@@ -153,8 +174,11 @@ def lock(workdir: str) -> Iterator[None]:
       if e.errno in (errno.EAGAIN, errno.EACCES):
         raise RunDirError(f"workdir {workdir} is in use by another launch (lock {lock_path})") from None
       raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+      os.ftruncate(fd, 0)
+      os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:  # a full disk names no file by itself
+      raise OSError(e.errno, e.strerror, lock_path) from None
     yield
   finally:
     os.close(fd)
@@ -167,6 +191,8 @@ def _read_json(file_path: str, what: str) -> Any:
     raise RunDirError(f"{os.path.dirname(file_path) or '.'} is not a run directory (no {what})") from None
   except (OSError, ValueError) as e:
     raise RunDirError(f"unreadable {what} in {os.path.dirname(file_path) or '.'}: {e}") from None
+  except RecursionError:  # JSON nested deeper than the interpreter's stack: no file of ours is
+    raise RunDirError(f"unreadable {what} in {os.path.dirname(file_path) or '.'}: nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,14 +255,19 @@ class MetricLines(NamedTuple):
   damaged: list[int]
 
 
-def _is_record(record: Any, keys: set | None) -> bool:
+def _is_record(record: Any, keys: set | None, n_runs: int | None) -> bool:
   step = record.get("step") if isinstance(record, dict) else None
-  return (isinstance(step, int) and not isinstance(step, bool)
-          and (keys is None or keys <= set(record)))
+  if not (isinstance(step, int) and not isinstance(step, bool) and (keys is None or keys <= set(record))):
+    return False
+  lists = [v for k, v in record.items() if k != "newly_diverged" and isinstance(v, list)]
+  return n_runs is None or all(len(v) == n_runs for v in lists)
 
 
-def read_metric_lines(file_path: str) -> MetricLines:
-  """Every readable record of a metrics log; a damaged line is skipped, never the lines after it."""
+def read_metric_lines(file_path: str, n_runs: int | None = None) -> MetricLines:
+  """Every readable record of a metrics log; a damaged line is skipped, never the lines after it.
+
+  ``n_runs``: the length every metric's list must have (None: that of the first record's lists), so that
+  a line edited to another length is damaged rather than an array that numpy cannot stack."""
   out = MetricLines([], [], [])
   keys = None  # the first record's fields: a later record without one of them is damaged
   with io.StringIO(paths.read_text(file_path, errors="replace"), newline=None) as f:
@@ -248,10 +279,13 @@ def read_metric_lines(file_path: str) -> MetricLines:
         record = json.loads(line)
       except ValueError:
         record = None
-      if not _is_record(record, keys):
+      if not _is_record(record, keys, n_runs):
         out.damaged.append(number)
         continue
-      keys = keys if keys is not None else set(record)
+      if keys is None:
+        keys = set(record)
+        lengths = {len(v) for k, v in record.items() if k != "newly_diverged" and isinstance(v, list)}
+        n_runs = n_runs if n_runs is not None or len(lengths) != 1 else lengths.pop()
       out.lines.append(line)
       out.records.append(record)
   return out
@@ -266,7 +300,7 @@ class MetricsLog:
   logged steps kept and ``last`` the last record kept (None when none).
   """
 
-  def __init__(self, workdir: str, resume_step: int | None, enabled: bool):
+  def __init__(self, workdir: str, resume_step: int | None, enabled: bool, n_runs: int | None = None):
     self.path = path(workdir, METRICS)
     self.enabled = enabled
     self.damaged: list[int] = []
@@ -280,7 +314,7 @@ class MetricsLog:
     if resume_step is None or not paths.exists(self.path):
       atomic_write(self.path, "")
       return
-    found = read_metric_lines(self.path)
+    found = read_metric_lines(self.path, n_runs)
     kept = [(line, r) for line, r in zip(found.lines, found.records) if r["step"] <= resume_step]
     if found.damaged:
       self.damaged = found.damaged
@@ -309,9 +343,10 @@ def has_metrics(workdir: str) -> bool:
   return paths.exists(path(workdir, METRICS))
 
 
-def read_metrics(workdir: str) -> dict[str, np.ndarray]:
-  """metrics.jsonl as arrays: "step" [E] and every metric [E, S] (damaged lines skipped)."""
-  records = read_metric_lines(path(workdir, METRICS)).records
+def read_metrics(workdir: str, n_runs: int | None = None) -> dict[str, np.ndarray]:
+  """metrics.jsonl as arrays: "step" [E] and every metric [E, S] (damaged lines skipped; ``n_runs`` as in
+  ``read_metric_lines``)."""
+  records = read_metric_lines(path(workdir, METRICS), n_runs).records
   if not records:
     return {"step": np.zeros((0,), np.int64)}
   keys = [k for k in records[0] if k != "newly_diverged"]
@@ -322,7 +357,20 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
 # checkpoints/<step>/sha256.json
 
 
+def irregular_entry(step_dir: str) -> str | None:
+  """What in a checkpoint step directory is not a plain file or folder (``paths.irregular_files``), as a
+  reason; None when nothing is. Such an entry is never opened."""
+  found = paths.irregular_files(step_dir)
+  if not found:
+    return None
+  return f"{found[0]} is not a regular file (a link, FIFO or device)" + (f", and {len(found) - 1} more"
+                                                                         if len(found) > 1 else "")
+
+
 def _file_digests(step_dir: str) -> dict[str, str]:
+  irregular = irregular_entry(step_dir)
+  if irregular:
+    raise RunDirError(f"{step_dir}: {irregular}")
   out = {}
   for rel in paths.files_under(step_dir):
     if rel == CHECKSUMS or rel.startswith(f".{CHECKSUMS}.") or rel.startswith(CHECKSUMS + ".tmp-"):
@@ -347,6 +395,9 @@ def has_checksums(step_dir: str) -> bool:
 
 def verify_checksums(step_dir: str) -> str | None:
   """None when every file listed in the step's checksums is present and intact, else what is wrong."""
+  irregular = irregular_entry(step_dir)
+  if irregular:
+    return irregular
   try:
     expected = json.loads(paths.read_bytes(paths.join(step_dir, CHECKSUMS)))["sha256"]
     if not isinstance(expected, dict) or not expected:
@@ -385,15 +436,23 @@ def write_cohort_arrays(workdir: str, cohort: str, arrays: dict[str, np.ndarray]
   return out
 
 
-def read_cohort_arrays(workdir: str, cohort: str) -> dict[str, np.ndarray]:
-  """The arrays ``write_cohort_arrays`` wrote for ``cohort`` (never unpickled)."""
+def read_cohort_arrays(workdir: str, cohort: str,
+                       shape: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+  """The arrays ``write_cohort_arrays`` wrote for ``cohort`` (never unpickled; sizes bounded from the headers,
+  ``universality.engine.paths.read_npz``). ``shape``: the leading dimensions every array must have (e.g. the
+  cohort's run count), checked; a file that disagrees is refused in one line."""
   file_path = _cohort_file(workdir, cohort)
   if not paths.exists(file_path):
     raise RunDirError(f"{workdir} has no analysis arrays for cohort {cohort!r}: run the analysis")
   try:
-    return paths.read_npz(file_path)
+    arrays = paths.read_npz(file_path)
   except (OSError, ValueError) as e:
     raise RunDirError(f"unreadable analysis arrays {file_path}: {e}") from None
+  for name, value in arrays.items():
+    if shape is not None and value.shape[:len(shape)] != tuple(shape):
+      raise RunDirError(f"analysis arrays {file_path}: {name} has shape {value.shape}, expected "
+                        f"{tuple(shape)} leading; run the analysis again")
+  return arrays
 
 
 def has_summary(workdir: str) -> bool:
@@ -410,7 +469,10 @@ def read_summary(workdir: str) -> dict:
   if not has_summary(workdir):
     raise FileNotFoundError(f"{path(workdir, SUMMARY)} does not exist: run "
                             f"universality.engine.analysis.driver.analyze({workdir!r})")
-  return _read_json(path(workdir, SUMMARY), SUMMARY)
+  summary = _read_json(path(workdir, SUMMARY), SUMMARY)
+  if not isinstance(summary, dict):
+    raise RunDirError(f"{SUMMARY} in {workdir} is not a JSON object: run the analysis again")
+  return summary
 
 
 def report_dir(workdir: str) -> str:

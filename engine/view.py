@@ -46,6 +46,17 @@ def _check_run_count(workdir: str, cfg, n_rows: int) -> None:
                              f"{n_rows}; the run directory is inconsistent")
 
 
+def _check_rows(workdir: str, cfg, rows: list[dict]) -> None:
+  """Each runs.json row must be the run config.json's sweep puts at its index (every field both name; floats
+  to 1e-9): a row moved or edited would make ``select`` serve another run's weights, or ``apply`` evaluate
+  one group's inputs on another group's model."""
+  for i, (want, have) in enumerate(zip(families.get(cfg.family).runs(cfg), rows)):
+    bad = next((k for k in want if k in have and not _matches(have[k], want[k])), None)
+    if bad is not None:
+      raise rundir.RunDirError(f"{workdir}: {rundir.RUNS} row {i} has {bad}={have[bad]!r} but {rundir.CONFIG}'s "
+                               f"sweep puts {bad}={want[bad]!r} there; the run directory is inconsistent")
+
+
 def _check_shapes(workdir: str, step: int, stored: list, spec) -> None:
   """The checkpoint's own array shapes must be those config.json describes, before anything is restored."""
   expected = sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in jax.tree.leaves(spec))
@@ -70,6 +81,7 @@ class Run:
       self._shared["runs"] = [r if "cohort" in r else dict(r, cohort=family.cohort_name(r))
                               for r in rundir.read_runs(self.workdir)]
       _check_run_count(self.workdir, self._shared["config"], len(self._shared["runs"]))
+      _check_rows(self.workdir, self._shared["config"], self._shared["runs"])
     n = len(self._shared["runs"])
     self.index = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
 
@@ -193,12 +205,12 @@ class Run:
 
   def metrics(self) -> dict[str, np.ndarray]:
     """metrics.jsonl as arrays: "step" [E] and every metric [E, S] for the selected runs."""
-    m = rundir.read_metrics(self.workdir)
+    m = rundir.read_metrics(self.workdir, len(self._shared["runs"]))
     return {k: (v if k == "step" else v[:, self.index]) for k, v in m.items()}
 
   def metrics_at(self, step: int) -> dict[int, dict | None]:
     """Logged metrics of every run at ``step`` (None where that step was not logged, e.g. step 0)."""
-    m = rundir.read_metrics(self.workdir)
+    m = rundir.read_metrics(self.workdir, len(self._shared["runs"]))
     rows = np.flatnonzero(m["step"] == step)
     out: dict[int, dict | None] = {}
     for i in range(len(self._shared["runs"])):

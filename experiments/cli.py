@@ -11,6 +11,7 @@ end with one line ``error: ...`` on stderr and exit status 2.
 """
 
 import difflib
+import logging as pylogging
 import os
 import re
 import sys
@@ -134,6 +135,10 @@ def main(argv):
     _fail("--workdir is required")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    # A failed save (a full disk) is raised to us and printed in one line; Orbax's own log of it is a
+    # traceback per thread. --verbosity shows it again.
+    pylogging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname)
+    pylogging.getLogger("gcsfs").setLevel(pylogging.CRITICAL)  # each retry of a dead server, with a traceback
   import jax
   distributed = _DISTRIBUTED.value if _DISTRIBUTED.value is not None else _cluster_detected()
   if distributed:
@@ -141,13 +146,22 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from universality.engine import checkpoint, launch
   try:
+    launch.check_size(_CONFIG.value)
     if jax.process_index() == 0:
       print("\n".join(launch.describe(_CONFIG.value)), flush=True)
     launch.run_study(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value, analyze=_ANALYZE.value)
+  except checkpoint.SaveAbandoned as e:  # Orbax's threads still wait on the storage: exit without them
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
   except launch.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)  # every process: each host keeps its own log
     sys.exit(launch.PREEMPTED_EXIT)
   except (ValueError, launch.LaunchError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:  # a full disk, a read-only or vanished directory: what was written is kept
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    print(f"error: {where}{e.strerror or e}", file=sys.stderr)
     sys.exit(2)
 

@@ -60,6 +60,18 @@ def group_specs(cfg) -> tuple[str, ...]:
   return specs
 
 
+def _check_group_identities(specs: Sequence[str]) -> None:
+  """Every group of a study has two elements or more (a task on one element has nothing to learn, and the
+  analysis needs two inputs) and appears once, whatever its spelling (universality.engine.groups.duplicates)."""
+  for spec in specs:
+    if groups_lib.order_of(spec) < 2:
+      raise ValueError(f"config.task.groups: {spec} has one element; composition needs a group of order >= 2")
+  twins = groups_lib.duplicates(specs)
+  if twins:
+    a, b = twins[0]
+    raise ValueError(f"config.task.groups: {a!r} and {b!r} are the same group (equal Cayley tables)")
+
+
 def train_frac_by_group(cfg) -> dict[str, float]:
   """``"S5=0.4, S6=0.25"`` -> ``{"S5": 0.4, "S6": 0.25}`` (validated)."""
   text = cfg.task.train_frac_by_group
@@ -162,6 +174,7 @@ class GroupFamily(families.Family):
         groups_lib.parse(spec)
       except groups_lib.GroupError as e:
         raise ValueError(f"config.task.groups: {e}") from None
+    _check_group_identities(group_specs(cfg))
     if cfg.model.name not in models.NAMES:
       raise ValueError(f"config.model.name: must be one of {models.NAMES}, got {cfg.model.name!r}")
     for name in ("embed_dim", "hidden"):

@@ -95,12 +95,12 @@ class View(view_lib.Run):
         raise ValueError(f"apply: {name} must hold integer group elements, got dtype {x.dtype}")
     if a_arr.shape != b_arr.shape or a_arr.ndim not in (1, 2) or (a_arr.ndim == 2 and a_arr.shape[0] != s):
       raise ValueError(f"apply: a and b must both be [B] or [{s}, B], got {a_arr.shape} and {b_arr.shape}")
-    a_arr = np.broadcast_to(a_arr, (s, a_arr.shape[-1])).astype(np.int32)
-    b_arr = np.broadcast_to(b_arr, (s, b_arr.shape[-1])).astype(np.int32)
-    if a_arr.size and (min(a_arr.min(), b_arr.min()) < 0
+    a_arr = np.broadcast_to(a_arr, (s, a_arr.shape[-1]))
+    b_arr = np.broadcast_to(b_arr, (s, b_arr.shape[-1]))
+    if a_arr.size and (min(a_arr.min(), b_arr.min()) < 0  # checked before the int32 cast, which would wrap
                        or (np.maximum(a_arr, b_arr) >= self.orders()[:, None]).any()):
       raise ValueError("apply: inputs must be group elements 0 .. order-1 of each selected run's group")
-    return a_arr, b_arr
+    return a_arr.astype(np.int32), b_arr.astype(np.int32)
 
   def apply(self, step: int | None = None, inputs=None, b=None, *,
             batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -8,9 +8,10 @@ same order. Nothing is downloaded.
 
 A file is held out when a hash of its relative path falls below ``heldout_frac``, so adding or removing one
 file never moves another across the split. A corpus of one file is split by position instead: its last
-``heldout_frac`` of bytes are held out. The fingerprint (a hash of every file's relative path and byte
-count, and the cap) is written into the study's config, so a relaunch or a replay on a machine whose corpus
-differs is refused instead of silently training or analysing on other text.
+``heldout_frac`` of bytes are held out. The fingerprint (a hash of every file's relative path, byte
+count and contents, and the cap) is written into the study's config, so a relaunch or a replay on a machine
+whose corpus differs is refused instead of silently training or analysing on other text. A file holding a
+NUL byte is binary, not text, and is refused.
 
 Bytes are the vocabulary (256 symbols); files are concatenated as they are.
 """
@@ -45,7 +46,7 @@ class Corpus:
     heldout: bool per file (a one-file corpus: False, split by position instead).
     train: uint8 bytes of the training text.
     test: uint8 bytes of the held-out text.
-    fingerprint: hex digest of (relative path, byte count) of every file and the cap.
+    fingerprint: hex digest of (relative path, byte count, contents) of every file and the cap.
   """
   name: str
   root: str
@@ -55,6 +56,7 @@ class Corpus:
   train: np.ndarray
   test: np.ndarray
   fingerprint: str
+  legacy_fingerprint: str = ""  # of paths and sizes only, as run directories written before contents counted
 
   @property
   def n_bytes(self) -> int:
@@ -94,6 +96,17 @@ def list_files(name: str) -> tuple[str, tuple[str, ...]]:
   return root, tuple(sorted(out))
 
 
+def size_on_disk(name: str, max_bytes: int = 0) -> int:
+  """The bytes ``load`` would read (after the cap), from the files' sizes alone: nothing is read, so a size
+  check can refuse a corpus too large for memory before it is loaded."""
+  root, files = list_files(name)
+  if os.path.isfile(root):
+    total = os.path.getsize(root)
+  else:
+    total = sum(os.path.getsize(os.path.join(root, rel)) for rel in files)
+  return min(total, max_bytes) if max_bytes > 0 else total
+
+
 def _is_heldout(rel: str, heldout_frac: float) -> bool:
   h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big")
   return h / 2.0 ** 64 < heldout_frac
@@ -117,8 +130,15 @@ def load(name: str, heldout_frac: float, max_bytes: int = 0, min_bytes: int = 2)
         data = f.read() if budget is None else f.read(budget)
     except OSError as e:
       raise CorpusError(f"cannot read corpus file {full}: {e.strerror}") from None
+    except MemoryError:
+      raise CorpusError(f"corpus file {full} ({os.path.getsize(full):,} bytes) does not fit in memory: cap it "
+                        "with config.task.max_bytes") from None
     if not data:
       continue
+    nul = data.find(b"\0")
+    if nul >= 0:  # text never holds a NUL byte; images, archives and compiled files do
+      raise CorpusError(f"corpus file {full} is binary (a NUL byte at offset {nul}), not text: remove it from "
+                        "the corpus or name a text file")
     chunks.append(np.frombuffer(data, np.uint8))
     sizes.append(len(data))
     kept.append(rel)
@@ -143,11 +163,15 @@ def load(name: str, heldout_frac: float, max_bytes: int = 0, min_bytes: int = 2)
     if len(part) < min_bytes:
       raise CorpusError(f"corpus {name!r} has {len(part)} {what} bytes; need at least {min_bytes} "
                         "(a context window and its next byte)")
-  digest = hashlib.sha256(f"cap={max_bytes}\n".encode())
+  legacy = hashlib.sha256(f"cap={max_bytes}\n".encode())
   for rel, size in zip(kept, sizes):
-    digest.update(f"{rel}\t{size}\n".encode())
+    legacy.update(f"{rel}\t{size}\n".encode())
+  digest = hashlib.sha256(f"contents\ncap={max_bytes}\n".encode())
+  for rel, size, chunk in zip(kept, sizes, chunks):  # the bytes too: an edit that keeps a size is another text
+    digest.update(f"{rel}\t{size}\t{hashlib.sha256(chunk).hexdigest()}\n".encode())
   return Corpus(name=name, root=root, files=tuple(kept), sizes=tuple(sizes), heldout=tuple(heldout),
-                train=train, test=test, fingerprint=digest.hexdigest()[:16])
+                train=train, test=test, fingerprint=digest.hexdigest()[:16],
+                legacy_fingerprint=legacy.hexdigest()[:16])
 
 
 def unigram_bits(train: np.ndarray, test: np.ndarray) -> tuple[float, float]:

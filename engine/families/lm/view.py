@@ -63,7 +63,14 @@ class View(view_lib.Run):
     ``universal``, the properties of ``analysis.PROPERTIES``, ``vocab_class``; each ``[S, L, N]``) plus
     ``seed``, ``layer`` and ``neuron`` index arrays of the same shape."""
     entry = self.cohort_summary(**filters)
-    arrays = rundir.read_cohort_arrays(self.workdir, entry["cohort"])
+    gpt = self.config.model.gpt  # the file is data: its shapes are checked against the run directory's own
+    n_cohort = len(self.summary()["cohorts"][entry["cohort"]]["runs"])
+    arrays = rundir.read_cohort_arrays(self.workdir, entry["cohort"], (n_cohort,))
+    for name in ("excess", "universal", "dead", "vocab_class", *analysis.PROPERTIES):
+      if name not in arrays or arrays[name].shape != (n_cohort, gpt.n_layers, gpt.d_mlp):
+        raise rundir.RunDirError(f"analysis arrays of cohort {entry['cohort']!r} in {self.workdir}: {name} is "
+                                 f"{arrays[name].shape if name in arrays else 'missing'}, expected "
+                                 f"{(n_cohort, gpt.n_layers, gpt.d_mlp)}; run the analysis again")
     pos = np.asarray(entry["positions"])
     out = {k: v[pos] for k, v in arrays.items()}
     s, l, n = out["pre_mean"].shape
