@@ -70,7 +70,7 @@ class Screen:
 
   mode: str = "auto"
   tokens: int = 1 << 15
-  z: float = 6.0
+  z: float = 5.0
   k: int = 1
   max_candidates: int = 32
 
@@ -91,7 +91,7 @@ class Screen:
     return self
 
 
-def settings(mode: str = "auto", tokens: int = 1 << 15, z: float = 6.0, k: int = 1,
+def settings(mode: str = "auto", tokens: int = 1 << 15, z: float = 5.0, k: int = 1,
              max_candidates: int = 32) -> Screen:
   """A checked :class:`Screen` from plain values (e.g. a config's ``analysis.screen*`` fields)."""
   return Screen(str(mode), int(tokens), float(z), int(k), int(max_candidates)).check()
@@ -132,11 +132,10 @@ def _standardise(xc_SxTxN, dead_rtol, mean_SxN):
   return z, jnp.square(z) * jnp.sqrt(jnp.float32(t)), dead
 
 
-@functools.partial(jax.jit, static_argnames=("z", "k_top", "dead_rtol"))
-def _screen_rows(sample_SxTxN, q_SxNxN, *, z, k_top, dead_rtol):
-  """Per row neuron and group: the ``k_top`` highest upper bounds with their neurons, the best lower bound,
-  and the sample-dead masks (rows, columns)."""
-  s, t, n = sample_SxTxN.shape
+@functools.partial(jax.jit, static_argnames=("dead_rtol",))
+def _sample_columns(sample_SxTxN, q_SxNxN, *, dead_rtol):
+  """Standardised sample of the rows ``[S, T₁, N]`` and of the column groups ``[G, T₁, N]`` (the models,
+  then their rotations), with ``m22`` factors and dead masks."""
   x = sample_SxTxN.astype(jnp.float32)
   mean = jnp.mean(x, axis=1)
   xc = x - mean[:, None, :]
@@ -146,49 +145,75 @@ def _screen_rows(sample_SxTxN, q_SxNxN, *, z, k_top, dead_rtol):
     y = jnp.einsum("stk,skn->stn", xc, q_SxNxN, precision=_HIGHEST)
     zy, zy2, ydead = _standardise(y, dead_rtol, jnp.zeros_like(mean))
     cols, cols2, cdead = cols + [zy], cols2 + [zy2], cdead + [ydead]
-  g = len(cols) * s
-  zc_TxGN = jnp.concatenate([c.transpose(1, 0, 2).reshape(t, s * n) for c in cols], axis=1)
-  zc2_TxGN = jnp.concatenate([c.transpose(1, 0, 2).reshape(t, s * n) for c in cols2], axis=1)
-  cdead_GN = jnp.concatenate([d.reshape(s * n) for d in cdead])
-  zr_TxM = zr.transpose(1, 0, 2).reshape(t, s * n)
-  zr2_TxM = zr2.transpose(1, 0, 2).reshape(t, s * n)
-  m = s * n
+  return zr, zr2, dead, jnp.concatenate(cols), jnp.concatenate(cols2), jnp.concatenate(cdead)
+
+
+@functools.partial(jax.jit, static_argnames=("z", "k_top", "exclude_self"))
+def _bounds(rows_TxR, rows2_TxR, cols_GxTxN, cols2_GxTxN, cdead_GxN, *, z, k_top, exclude_self):
+  """Per row: the ``k_top`` highest upper bounds of each column group with their neurons, and the group's
+  best lower bound. With ``exclude_self`` the rows are all neurons, model-major, and column group i holds
+  model i, so row r's own neuron is column r."""
+  t, m = rows_TxR.shape
+  g, _, n = cols_GxTxN.shape
+  zc = cols_GxTxN.transpose(1, 0, 2).reshape(t, g * n)
+  zc2 = cols2_GxTxN.transpose(1, 0, 2).reshape(t, g * n)
+  cdead = cdead_GxN.reshape(g * n)
   r = min(_ROW_BLOCK, m)
   nb = -(-m // r)
-  pad = nb * r - m
-  rows_T = jnp.pad(zr_TxM, ((0, 0), (0, pad)))
-  rows2_T = jnp.pad(zr2_TxM, ((0, 0), (0, pad)))
+  rows = jnp.pad(rows_TxR, ((0, 0), (0, nb * r - m)))
+  rows2 = jnp.pad(rows2_TxR, ((0, 0), (0, nb * r - m)))
 
   def block(i):
-    a = lax.dynamic_slice_in_dim(rows_T, i * r, r, axis=1)
-    a2 = lax.dynamic_slice_in_dim(rows2_T, i * r, r, axis=1)
-    corr = jnp.clip(jnp.dot(a.T, zc_TxGN, precision=_HIGHEST), -1.0, 1.0)
-    m22 = jnp.dot(a2.T, zc2_TxGN, precision=_HIGHEST)
-    se = z * jnp.sqrt(jnp.maximum(m22, 1.0) / t)
-    row = i * r + lax.broadcasted_iota(jnp.int32, (r, g * n), 0)
-    col = lax.broadcasted_iota(jnp.int32, (r, g * n), 1)
-    is_self = col == row  # real group of the row's own model: the neuron itself (rotated ones sit at >= M)
-    upper = jnp.where(cdead_GN[None, :], jnp.inf, corr + se)
-    lower = jnp.where(cdead_GN[None, :], -jnp.inf, corr - se)
-    upper = jnp.where(is_self, -jnp.inf, upper).reshape(r, g, n)
-    lower = jnp.where(is_self, -jnp.inf, lower).reshape(r, g, n)
-    top, idx = lax.top_k(upper, k_top)
-    return top, idx, jnp.max(lower, axis=-1)
+    a = lax.dynamic_slice_in_dim(rows, i * r, r, axis=1)
+    a2 = lax.dynamic_slice_in_dim(rows2, i * r, r, axis=1)
+    corr = jnp.clip(jnp.dot(a.T, zc, precision=_HIGHEST), -1.0, 1.0)
+    se = z * jnp.sqrt(jnp.maximum(jnp.dot(a2.T, zc2, precision=_HIGHEST), 1.0) / t)
+    upper = jnp.where(cdead[None, :], jnp.inf, corr + se)
+    lower = jnp.where(cdead[None, :], -jnp.inf, corr - se)
+    if exclude_self:
+      is_self = (lax.broadcasted_iota(jnp.int32, upper.shape, 1)
+                 == i * r + lax.broadcasted_iota(jnp.int32, upper.shape, 0))
+      upper, lower = jnp.where(is_self, -jnp.inf, upper), jnp.where(is_self, -jnp.inf, lower)
+    top, idx = lax.top_k(upper.reshape(r, g, n), k_top)
+    return top, idx, jnp.max(lower.reshape(r, g, n), axis=-1)
 
   top, idx, best_lower = lax.map(block, jnp.arange(nb))
-  top = top.reshape(nb * r, g, k_top)[:m]
-  idx = idx.reshape(nb * r, g, k_top)[:m]
-  best_lower = best_lower.reshape(nb * r, g)[:m]
-  return top, idx, best_lower, dead.reshape(m)
+  return (top.reshape(nb * r, g, k_top)[:m], idx.reshape(nb * r, g, k_top)[:m],
+          best_lower.reshape(nb * r, g)[:m])
+
+
+def _screen_rows(sample_SxTxN, q_SxNxN, *, z, k_top, dead_rtol, within):
+  """Per row neuron and group: the ``k_top`` highest upper bounds with their neurons, the best lower bound,
+  and the rows constant on the sample. Without ``within`` each model's rows meet only the other models'
+  groups (the sample's products of a model with itself are never formed)."""
+  s, t, n = sample_SxTxN.shape
+  zr, zr2, dead, cols, cols2, cdead = _sample_columns(sample_SxTxN, q_SxNxN, dead_rtol=dead_rtol)
+  g = cols.shape[0]
+  bounds = functools.partial(_bounds, z=z, k_top=k_top)
+  flat = lambda a: a.transpose(1, 0, 2).reshape(t, -1)  # noqa: E731
+  if within:
+    top, idx, best_lower = bounds(flat(zr), flat(zr2), cols, cols2, cdead, exclude_self=True)
+    return (np.asarray(top), np.asarray(idx), np.asarray(best_lower), np.asarray(dead).reshape(s * n))
+  top = np.full((s, n, g, k_top), -np.inf, np.float32)
+  idx = np.zeros((s, n, g, k_top), np.int32)
+  best_lower = np.full((s, n, g), -np.inf, np.float32)
+  for i in range(s):
+    others = np.array([grp for grp in range(g) if grp % s != i])
+    if not len(others):
+      continue
+    o = jnp.asarray(others)
+    res = bounds(zr[i], zr2[i], cols[o], cols2[o], cdead[o], exclude_self=False)
+    top[i][:, others], idx[i][:, others], best_lower[i][:, others] = (np.asarray(a) for a in res)
+  return (top.reshape(s * n, g, k_top), idx.reshape(s * n, g, k_top), best_lower.reshape(s * n, g),
+          np.asarray(dead).reshape(s * n))
 
 
 def plan(sample_SxTxN, q_SxNxN, screen: Screen, *, within: bool, dead_rtol: float) -> Plan:
   """Phase 1 (module docstring): candidates, bars and the rows to compute in full, from the sample."""
   s, _, n = sample_SxTxN.shape
   k_top = min(screen.max_candidates + 1, n)
-  top, idx, best_lower, sdead = (np.asarray(a) for a in _screen_rows(
-      jnp.asarray(sample_SxTxN), q_SxNxN, z=float(screen.z), k_top=k_top,
-      dead_rtol=dead_rtol))
+  top, idx, best_lower, sdead = _screen_rows(jnp.asarray(sample_SxTxN), q_SxNxN, z=float(screen.z),
+                                             k_top=k_top, dead_rtol=dead_rtol, within=within)
   m, g = top.shape[:2]
   rank = np.arange(k_top)[None, None, :]
   keep = np.isfinite(top) & ((top >= best_lower[..., None]) | (rank < screen.k))
