@@ -25,7 +25,8 @@ maximum is not settled needs every rotated neuron of that model, i.e. each model
 costs what the exact pass pays for it.
 
 Results are :class:`universality.kernels.correlation.MaxCorrelation` with ``settled_SxN`` (``SETTLED_*``:
-exact pass, screen, or full row) and ``margin`` (``z / sqrt(T₁)``, the half-width for ``m22 = 1``). Under
+exact pass, screen, or full row) and ``margin`` (``z / sqrt(T₁)``, the half-width for ``m22 = 1``; None
+when the exact pass ran). Under
 ``jax.jit`` (traced activations) the data-dependent candidate sets have no static shape, so the exact
 pass runs and ``settled_SxN`` says so.
 """
@@ -66,6 +67,7 @@ class Screen:
     z: the margin in standard errors of a sample correlation.
     k: candidates kept per neuron and model at least.
     max_candidates: at most this many; a neuron needing more takes its full row.
+    inputs: how many inputs a source holds, when the caller knows (lets 'auto' decide before reading it).
   """
 
   mode: str = "auto"
@@ -73,6 +75,12 @@ class Screen:
   z: float = 5.0
   k: int = 1
   max_candidates: int = 32
+  inputs: int | None = None
+
+  def may_screen(self) -> bool:
+    """False when the mode or the size of the data rule the screen out before any is read."""
+    small = self.inputs is not None and self.inputs < (8 if self.mode == "auto" else 1) * self.tokens
+    return self.mode != "off" and not small
 
   @property
   def margin(self) -> float:
@@ -92,9 +100,10 @@ class Screen:
 
 
 def settings(mode: str = "auto", tokens: int = 1 << 15, z: float = 5.0, k: int = 1,
-             max_candidates: int = 32) -> Screen:
+             max_candidates: int = 32, inputs: int | None = None) -> Screen:
   """A checked :class:`Screen` from plain values (e.g. a config's ``analysis.screen*`` fields)."""
-  return Screen(str(mode), int(tokens), float(z), int(k), int(max_candidates)).check()
+  return Screen(str(mode), int(tokens), float(z), int(k), int(max_candidates),
+                None if inputs is None else int(inputs)).check()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,11 +517,10 @@ def _prefix_sample(source, t1: int):
   return np.concatenate(parts, axis=1), False
 
 
-def _exact(acts, *, screen, baseline, key, within, dead_rtol, **options) -> kc.MaxCorrelation:
+def _exact(acts, *, baseline, key, within, dead_rtol, **options) -> kc.MaxCorrelation:
   res = kc.max_correlation(acts, baseline=baseline, key=key, within=within, dead_rtol=dead_rtol, **options)
   s, n = res.dead_SxN.shape
-  return res._replace(settled_SxN=jnp.full((s, n), SETTLED_EXACT, jnp.int8),
-                      margin=None if screen is None else screen.margin)
+  return res._replace(settled_SxN=jnp.full((s, n), SETTLED_EXACT, jnp.int8), margin=None)
 
 
 def _worth_it(pl: Plan, s: int, n: int, within: bool, rotation: bool) -> bool:
@@ -548,10 +556,10 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
   kc._check_options("xla", baseline, key, dead_rtol)  # pylint: disable=protected-access
   stats = {} if stats is None else stats
   stats.update(ran="exact", pairs=0, full_rows_sample=0, full_rows_check=0, passes=1)
-  exact = functools.partial(_exact, screen=screen, baseline=baseline, key=key, within=within,
+  exact = functools.partial(_exact, baseline=baseline, key=key, within=within,
                             dead_rtol=dead_rtol, **options)
   is_source = callable(acts_SxTxN) and not hasattr(acts_SxTxN, "shape")
-  if screen.mode == "off" or isinstance(acts_SxTxN, (jax.core.Tracer, Iterator)):
+  if not screen.may_screen() or isinstance(acts_SxTxN, (jax.core.Tracer, Iterator)):
     return exact(acts_SxTxN)
   t1 = int(screen.tokens)
   if is_source:
