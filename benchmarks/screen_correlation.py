@@ -86,7 +86,11 @@ def compare(args):
   flops_exact = 2.0 * t * m * m
   print(f"{s} models x {m} neurons, T={t} tokens in {nb} batches of {b}; load {_load()}; "
         f"matmul {_matmul_rate():.0f} GFLOP/s; cross block {flops_exact / 1e12:.1f} TFLOP")
-  _, t_src = _timed(lambda: [x.block_until_ready() for x in source()][-1])
+  def read_all():
+    for x in source():
+      x.block_until_ready()
+
+  _, t_src = _timed(read_all)
   print(f"  the source alone (read + float32): {t_src:7.1f} s per pass; load {_load()}", flush=True)
   base = "rotation" if args.baseline else None
   key = jax.random.key(0)

@@ -48,7 +48,7 @@ from universality.kernels import correlation as kc
 MODES = ("auto", "off", "on")
 SETTLED_EXACT, SETTLED_SCREEN, SETTLED_FULL_ROW = 0, 1, 2
 _HIGHEST = lax.Precision.HIGHEST
-_ROW_BLOCK = 256  # rows of the sample correlation screened at once: R × G·N floats in memory
+_ROW_BLOCK = 256  # rows of the sample correlation screened at once: R × H·N floats in memory
 _GATHER_ROWS = 32  # rows per step of the gathered product
 # Relative cost of one gathered pair against one co-moment entry of the exact pass's GEMM on the CPU
 # (gather-bound, measured ~3.5 GB/s against ~130 GFLOP/s), used by 'auto' to judge whether screening pays.
@@ -112,21 +112,21 @@ def settings(mode: str = "auto", tokens: int = 1 << 15, z: float = 5.0, k: int =
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What the sample decided, per row neuron (flattened, M = S·N) and column group (G: the S models, then
+  """What the sample decided, per row neuron (flattened, M = S·N) and column group (H: the S models, then
   their S rotations with a baseline).
 
   Attributes:
-    cand_MxGxJ: candidate neurons (within the group's model), -1 for none.
-    bar_MxG: the highest upper bound among the neurons left out (-inf when none is left out).
-    full_MxG: the sample could not separate the winner: the row is computed in full for this group.
-    skip_MxG: groups not wanted (a model with itself when ``within=False``).
+    cand_MxHxJ: candidate neurons (within the group's model), -1 for none.
+    bar_MxH: the highest upper bound among the neurons left out (-inf when none is left out).
+    full_MxH: the sample could not separate the winner: the row is computed in full for this group.
+    skip_MxH: groups not wanted (a model with itself when ``within=False``).
     sample_dead_M: rows constant on the sample.
   """
 
-  cand_MxGxJ: np.ndarray
-  bar_MxG: np.ndarray
-  full_MxG: np.ndarray
-  skip_MxG: np.ndarray
+  cand_MxHxJ: np.ndarray
+  bar_MxH: np.ndarray
+  full_MxH: np.ndarray
+  skip_MxH: np.ndarray
   sample_dead_M: np.ndarray
 
 
@@ -143,7 +143,7 @@ def _standardise(xc_SxTxN, dead_rtol, mean_SxN):
 
 @functools.partial(jax.jit, static_argnames=("dead_rtol",))
 def _sample_columns(sample_SxTxN, q_SxNxN, *, dead_rtol):
-  """Standardised sample of the rows ``[S, T₁, N]`` and of the column groups ``[G, T₁, N]`` (the models,
+  """Standardised sample of the rows ``[S, T₁, N]`` and of the column groups ``[H, T₁, N]`` (the models,
   then their rotations), with ``m22`` factors and dead masks."""
   x = sample_SxTxN.astype(jnp.float32)
   mean = jnp.mean(x, axis=1)
@@ -158,15 +158,15 @@ def _sample_columns(sample_SxTxN, q_SxNxN, *, dead_rtol):
 
 
 @functools.partial(jax.jit, static_argnames=("z", "k_top", "exclude_self"))
-def _bounds(rows_TxR, rows2_TxR, cols_GxTxN, cols2_GxTxN, cdead_GxN, *, z, k_top, exclude_self):
+def _bounds(rows_TxR, rows2_TxR, cols_HxTxN, cols2_HxTxN, cdead_HxN, *, z, k_top, exclude_self):
   """Per row: the ``k_top`` highest upper bounds of each column group with their neurons, and the group's
   best lower bound. With ``exclude_self`` the rows are all neurons, model-major, and column group i holds
   model i, so row r's own neuron is column r."""
   t, m = rows_TxR.shape
-  g, _, n = cols_GxTxN.shape
-  zc = cols_GxTxN.transpose(1, 0, 2).reshape(t, g * n)
-  zc2 = cols2_GxTxN.transpose(1, 0, 2).reshape(t, g * n)
-  cdead = cdead_GxN.reshape(g * n)
+  g, _, n = cols_HxTxN.shape
+  zc = cols_HxTxN.transpose(1, 0, 2).reshape(t, g * n)
+  zc2 = cols2_HxTxN.transpose(1, 0, 2).reshape(t, g * n)
+  cdead = cdead_HxN.reshape(g * n)
   r = min(_ROW_BLOCK, m)
   nb = -(-m // r)
   rows = jnp.pad(rows_TxR, ((0, 0), (0, nb * r - m)))
@@ -239,8 +239,8 @@ def plan(sample_SxTxN, q_SxNxN, screen: Screen, *, within: bool, dead_rtol: floa
       skip[:, grp] = model_M == grp % s
   full &= ~skip
   cand = np.where(skip[..., None], -1, cand)
-  return Plan(cand_MxGxJ=cand.astype(np.int32), bar_MxG=bar.astype(np.float32), full_MxG=full,
-              skip_MxG=skip, sample_dead_M=sdead)
+  return Plan(cand_MxHxJ=cand.astype(np.int32), bar_MxH=bar.astype(np.float32), full_MxH=full,
+              skip_MxH=skip, sample_dead_M=sdead)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class _Layout:
   pair_rows: np.ndarray                 # unique pairs (row, combined column) in pair-id order...
   pair_cols: np.ndarray
   pair_slot: np.ndarray                 # ...and where each sits in the concatenated bucket outputs
-  cand_pair_MxGxJ: np.ndarray           # the pair of each of the plan's candidates, -1 for none
+  cand_pair_MxHxJ: np.ndarray           # the pair of each of the plan's candidates, -1 for none
 
   @property
   def n_pairs(self) -> int:
@@ -282,13 +282,13 @@ def _pad_to(idx: np.ndarray, size: int) -> np.ndarray:
   return out
 
 
-def layout(pl: Plan, full_MxG: np.ndarray, s: int, n: int, rotation: bool) -> _Layout:
-  """The pass that computes the plan's candidate pairs where ``full_MxG`` is False and full rows where it
-  is True (with no candidates, as for the last pass, pass ``pl`` with ``cand_MxGxJ`` all -1)."""
+def layout(pl: Plan, full_MxH: np.ndarray, s: int, n: int, rotation: bool) -> _Layout:
+  """The pass that computes the plan's candidate pairs where ``full_MxH`` is False and full rows where it
+  is True (with no candidates, as for the last pass, pass ``pl`` with ``cand_MxHxJ`` all -1)."""
   m = s * n
-  g = pl.cand_MxGxJ.shape[1]
-  r_, g_, j_ = np.nonzero((pl.cand_MxGxJ >= 0) & ~full_MxG[..., None] & ~pl.skip_MxG[..., None])
-  c_ = pl.cand_MxGxJ[r_, g_, j_].astype(np.int64)
+  g = pl.cand_MxHxJ.shape[1]
+  r_, g_, j_ = np.nonzero((pl.cand_MxHxJ >= 0) & ~full_MxH[..., None] & ~pl.skip_MxH[..., None])
+  c_ = pl.cand_MxHxJ[r_, g_, j_].astype(np.int64)
   real = g_ < s
   col_virtual = np.where(real, g_ * n + c_, m + (g_ - s) * n + c_)
   # Rotated union per model, and the rotated columns' place after the M real ones.
@@ -305,7 +305,7 @@ def layout(pl: Plan, full_MxG: np.ndarray, s: int, n: int, rotation: bool) -> _L
   col = np.where(real, np.maximum(r_, col), col)
   key, pair_of = np.unique(row * (2 * m + 1) + col, return_inverse=True)
   prow, pcol = key // (2 * m + 1), key % (2 * m + 1)
-  cand_pair = np.full(pl.cand_MxGxJ.shape, -1, np.int64)
+  cand_pair = np.full(pl.cand_MxHxJ.shape, -1, np.int64)
   cand_pair[r_, g_, j_] = pair_of.reshape(-1)
   rows, counts = np.unique(prow, return_counts=True)
   start = np.cumsum(counts) - counts
@@ -326,8 +326,8 @@ def layout(pl: Plan, full_MxG: np.ndarray, s: int, n: int, rotation: bool) -> _L
     b_rows.append(_pad_to(rows[sel], nr))
     b_cols.append(cols)
     offset += nr * bsize
-  full_rows = np.nonzero(full_MxG[:, :s].any(1))[0]
-  rot_rows = np.nonzero(full_MxG[:, s:].any(1))[0] if g > s else np.zeros(0, np.int64)
+  full_rows = np.nonzero(full_MxH[:, :s].any(1))[0]
+  rot_rows = np.nonzero(full_MxH[:, s:].any(1))[0] if g > s else np.zeros(0, np.int64)
   return _Layout(tuple(b_rows), tuple(b_cols), union, full_rows.astype(np.int32),
                  rot_rows.astype(np.int32), prow, pcol, slot, cand_pair)
 
@@ -426,8 +426,8 @@ def _accumulate(batches, lay: _Layout, q_SxNxN, s, n) -> _Acc:
 class _Result:
   """Per row neuron and group: max, argmax, and how it was settled (filled in as the passes finish)."""
 
-  max_MxG: np.ndarray
-  arg_MxG: np.ndarray
+  max_MxH: np.ndarray
+  arg_MxH: np.ndarray
   full_row_M: np.ndarray
 
 
@@ -443,7 +443,7 @@ def _reduce_full(co_FxM, rowinv_F, colinv_M, rows_F, s, n, exclude_self):
   return np.where(empty, 0.0, best).astype(np.float32), np.where(empty, -1, arg).astype(np.int32)
 
 
-def _finish(acc: _Acc, lay: _Layout, pl: Plan, full_MxG, q_SxNxN, res: _Result, *, s, n, dead_rtol):
+def _finish(acc: _Acc, lay: _Layout, pl: Plan, full_MxH, q_SxNxN, res: _Result, *, s, n, dead_rtol):
   """Write the pass's exact maxima into ``res``; returns (row dead mask, the screened (row, group)s whose
   exact winner does not beat their bar)."""
   m = s * n
@@ -452,7 +452,7 @@ def _finish(acc: _Acc, lay: _Layout, pl: Plan, full_MxG, q_SxNxN, res: _Result, 
   m2 = np.asarray(acc.m2_SxN)
   inv_M = np.where(dead, 0.0, 1.0 / np.sqrt(np.where(dead, 1.0, m2))).astype(np.float32).reshape(m)
   dead_M = dead.reshape(m)
-  surprise = np.zeros(full_MxG.shape, bool)
+  surprise = np.zeros(full_MxH.shape, bool)
   if lay.n_pairs:
     colinv = inv_M
     if lay.union_SxU.shape[1]:
@@ -463,19 +463,19 @@ def _finish(acc: _Acc, lay: _Layout, pl: Plan, full_MxG, q_SxNxN, res: _Result, 
       colinv = np.concatenate([inv_M, rinv.reshape(-1)])
     flat = np.concatenate([np.asarray(p).reshape(-1) for p in acc.pairs])
     corr_P = np.clip(flat[lay.pair_slot] * inv_M[lay.pair_rows] * colinv[lay.pair_cols], -1.0, 1.0)
-    have = lay.cand_pair_MxGxJ >= 0
-    vals = np.where(have, corr_P[np.maximum(lay.cand_pair_MxGxJ, 0)], -np.inf)
+    have = lay.cand_pair_MxHxJ >= 0
+    vals = np.where(have, corr_P[np.maximum(lay.cand_pair_MxHxJ, 0)], -np.inf)
     best = vals.max(-1)
-    arg = np.where(vals == best[..., None], pl.cand_MxGxJ, np.iinfo(np.int32).max).min(-1)
+    arg = np.where(vals == best[..., None], pl.cand_MxHxJ, np.iinfo(np.int32).max).min(-1)
     screened = have.any(-1)
-    res.max_MxG[screened] = best[screened]
-    res.arg_MxG[screened] = arg[screened]
-    surprise = screened & ~(best > pl.bar_MxG) & ~dead_M[:, None]
+    res.max_MxH[screened] = best[screened]
+    res.arg_MxH[screened] = arg[screened]
+    surprise = screened & ~(best > pl.bar_MxH) & ~dead_M[:, None]
   if len(lay.full_F):
     rows = lay.full_F
     co = np.asarray(acc.full_FxM)[:len(rows)]
     mx, ar = _reduce_full(co, inv_M[rows], inv_M, rows, s, n, exclude_self=True)
-    res.max_MxG[rows, :s], res.arg_MxG[rows, :s] = mx, ar
+    res.max_MxH[rows, :s], res.arg_MxH[rows, :s] = mx, ar
     res.full_row_M[rows] = True
   if len(lay.rot_full_F):
     rows = lay.rot_full_F
@@ -484,7 +484,7 @@ def _finish(acc: _Acc, lay: _Layout, pl: Plan, full_MxG, q_SxNxN, res: _Result, 
     rinv = np.where(rdead, 0.0, 1.0 / np.sqrt(np.where(rdead, 1.0, rvar))).astype(np.float32).reshape(m)
     co = np.asarray(acc.rot_full_FxM)[:len(rows)]
     mx, ar = _reduce_full(co, inv_M[rows], rinv, rows, s, n, exclude_self=False)
-    res.max_MxG[rows, s:], res.arg_MxG[rows, s:] = mx, ar
+    res.max_MxH[rows, s:], res.arg_MxH[rows, s:] = mx, ar
     res.full_row_M[rows] = True
   return dead_M, surprise
 
@@ -527,9 +527,9 @@ def _worth_it(pl: Plan, s: int, n: int, within: bool, rotation: bool) -> bool:
   """Whether the planned passes do less than half the exact pass's work, per input (co-moment entries)."""
   blocks = s * (s + 1) // 2 if within else s * (s - 1) // 2 + (s if rotation else 0)
   exact = blocks * n * n
-  pairs = int(((pl.cand_MxGxJ >= 0) & ~pl.full_MxG[..., None]).sum())
-  full = int(pl.full_MxG[:, :s].any(1).sum()) * s * n
-  rot_full = pl.full_MxG[:, s:].any() * s * n * n
+  pairs = int(((pl.cand_MxHxJ >= 0) & ~pl.full_MxH[..., None]).sum())
+  full = int(pl.full_MxH[:, :s].any(1).sum()) * s * n
+  rot_full = pl.full_MxH[:, s:].any() * s * n * n
   return _PAIR_COST * pairs + full + rot_full < 0.5 * exact
 
 
@@ -585,22 +585,22 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
   return _screened(source, pl, q, screen, s=s, n=n, within=within, dead_rtol=dead_rtol, stats=stats)
 
 
-def _spread_full(full_MxG, s):
+def _spread_full(full_MxH, s):
   """A row computed in full for one model is computed in full for all (one product gives them all)."""
-  out = full_MxG.copy()
-  out[:, :s] = full_MxG[:, :s].any(1, keepdims=True)
+  out = full_MxH.copy()
+  out[:, :s] = full_MxH[:, :s].any(1, keepdims=True)
   if out.shape[1] > s:
-    out[:, s:] = full_MxG[:, s:].any(1, keepdims=True)
+    out[:, s:] = full_MxH[:, s:].any(1, keepdims=True)
   return out
 
 
 def _screened(source, pl: Plan, q, screen: Screen, *, s, n, within, dead_rtol, stats) -> kc.MaxCorrelation:
-  m, g = pl.cand_MxGxJ.shape[:2]
+  m, g = pl.cand_MxHxJ.shape[:2]
   first = next(iter(source()))
   bmax = first.shape[1]
   del first
   res = _Result(np.zeros((m, g), np.float32), np.full((m, g), -1, np.int32), np.zeros(m, bool))
-  full = _spread_full(pl.full_MxG, s) & ~pl.skip_MxG
+  full = _spread_full(pl.full_MxH, s) & ~pl.skip_MxH
   lay = layout(pl, full, s, n, q is not None)
   stats.update(ran="screen", pairs=lay.n_pairs, full_rows_sample=int(full.any(1).sum()))
   acc = _accumulate(kc._batches(source, bmax), lay, q, s, n)  # pylint: disable=protected-access
@@ -612,8 +612,8 @@ def _screened(source, pl: Plan, q, screen: Screen, *, s, n, within, dead_rtol, s
   dead_M, surprise = _finish(acc, lay, pl, full, q, res, s=s, n=n, dead_rtol=dead_rtol)
   del acc
   if surprise.any():
-    again = _spread_full(surprise, s) & ~pl.skip_MxG
-    none = dataclasses.replace(pl, cand_MxGxJ=np.full_like(pl.cand_MxGxJ, -1))
+    again = _spread_full(surprise, s) & ~pl.skip_MxH
+    none = dataclasses.replace(pl, cand_MxHxJ=np.full_like(pl.cand_MxHxJ, -1))
     lay3 = layout(none, again, s, n, q is not None)
     stats.update(full_rows_check=int(again.any(1).sum()), passes=2)
     acc = _accumulate(kc._batches(source, bmax), lay3, q, s, n)  # pylint: disable=protected-access
@@ -621,14 +621,14 @@ def _screened(source, pl: Plan, q, screen: Screen, *, s, n, within, dead_rtol, s
       raise kc.CorrelationError(f"source is not re-iterable: {int(acc.count)} inputs in a later pass, "
                                 f"{count} in the first")
     _finish(acc, lay3, none, again, q, res, s=s, n=n, dead_rtol=dead_rtol)
-  res.max_MxG[dead_M] = 0.0
-  res.arg_MxG[dead_M] = -1
-  res.max_MxG[pl.skip_MxG], res.arg_MxG[pl.skip_MxG] = 0.0, -1
+  res.max_MxH[dead_M] = 0.0
+  res.arg_MxH[dead_M] = -1
+  res.max_MxH[pl.skip_MxH], res.arg_MxH[pl.skip_MxH] = 0.0, -1
   shaped = lambda a: jnp.asarray(a.reshape(s, n, -1))  # noqa: E731
   settled = np.where(res.full_row_M, SETTLED_FULL_ROW, SETTLED_SCREEN).astype(np.int8).reshape(s, n)
-  out = kc.MaxCorrelation(shaped(res.max_MxG[:, :s]), shaped(res.arg_MxG[:, :s]), jnp.asarray(dead_M.reshape(s, n)),
-                          shaped(res.max_MxG[:, s:]) if q is not None else None,
-                          shaped(res.arg_MxG[:, s:]) if q is not None else None,
+  out = kc.MaxCorrelation(shaped(res.max_MxH[:, :s]), shaped(res.arg_MxH[:, :s]), jnp.asarray(dead_M.reshape(s, n)),
+                          shaped(res.max_MxH[:, s:]) if q is not None else None,
+                          shaped(res.arg_MxH[:, s:]) if q is not None else None,
                           settled_SxN=jnp.asarray(settled), margin=screen.margin)
   return kc._without_self(out, within)  # pylint: disable=protected-access
 
