@@ -190,19 +190,27 @@ def large(args):
   print(f"  max |max_correlation - float64| over 64 rows x {s} models: {err:.1e}")
 
 
-def _paper_accumulator(torch, acts_SxTxN: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def _paper_accumulator(torch, acts_SxTxN: np.ndarray, batch: int) -> tuple[np.ndarray, ...]:
   """Gurnee et al.'s streaming Pearson accumulator for two models, then the max over model 2's neurons for
-  each neuron of model 1 and the other way round (their summary), as float64 arrays [N] each."""
-  a, b = (torch.from_numpy(acts_SxTxN[i]) for i in range(2))
-  n1, n2 = a.shape[1], b.shape[1]
-  s1 = torch.zeros(n1, dtype=torch.float64)
-  q1 = torch.zeros(n1, dtype=torch.float64)
-  s2 = torch.zeros(n2, dtype=torch.float64)
-  q2 = torch.zeros(n2, dtype=torch.float64)
-  s12 = torch.zeros((n1, n2), dtype=torch.float64)
+  each neuron of model 1 and the other way round (their summary) as float64 arrays [N], then the argmaxes."""
+  return paper_accumulator_stream(
+      torch, ((acts_SxTxN[0, a:a + batch], acts_SxTxN[1, a:a + batch])
+              for a in range(0, acts_SxTxN.shape[1], batch)))
+
+
+def paper_accumulator_stream(torch, batches) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`_paper_accumulator` over an iterable of ``(x_BxN1, y_BxN2)`` float32 numpy batches (their
+  ``StreamingPearsonComputer``: a float32 product per batch added into a float64 co-moment, float64 raw
+  sums Σx and Σx²; the correlation from raw sums at the end), with the argmaxes:
+  ``(max_12, max_21, argmax_12, argmax_21)``."""
+  s1 = q1 = s2 = q2 = s12 = None
   n = 0
-  for start in range(0, a.shape[0], batch):
-    x, y = a[start:start + batch], b[start:start + batch]
+  for xb, yb in batches:
+    x, y = torch.from_numpy(np.ascontiguousarray(xb)), torch.from_numpy(np.ascontiguousarray(yb))
+    if s12 is None:
+      s1, q1 = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64)
+      s2, q2 = torch.zeros(y.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
+      s12 = torch.zeros((x.shape[1], y.shape[1]), dtype=torch.float64)
     s12 += (x.T @ y).double()                    # fp32 product, fp64 accumulation
     s1 += x.sum(0, dtype=torch.float64)
     q1 += (x.double() ** 2).sum(0)
@@ -211,7 +219,8 @@ def _paper_accumulator(torch, acts_SxTxN: np.ndarray, batch: int) -> tuple[np.nd
     n += x.shape[0]
   num = s12 - torch.outer(s1, s2) / n
   corr = num / torch.outer((q1 - s1 ** 2 / n).sqrt(), (q2 - s2 ** 2 / n).sqrt())
-  return corr.max(1).values.numpy(), corr.max(0).values.numpy()
+  best12, best21 = corr.max(1), corr.max(0)
+  return best12.values.numpy(), best21.values.numpy(), best12.indices.numpy(), best21.indices.numpy()
 
 
 def paper(args):
@@ -235,7 +244,7 @@ def paper(args):
     t_all = _best_of(lambda: kc.max_correlation(source), args.repeats)
     t_paper = _best_of(lambda: _paper_accumulator(torch, acts, batch), args.repeats)
     res = ours()
-    theirs_12, _ = _paper_accumulator(torch, acts, batch)
+    theirs_12 = _paper_accumulator(torch, acts, batch)[0]
     # float64 reference for 256 neurons of model 1 against all of model 2.
     rows = rng.choice(n, 256, replace=False)
     x = acts[0][:, rows].astype(np.float64)

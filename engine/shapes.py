@@ -10,4 +10,9 @@
   D  dimension of an irreducible representation
   R  irreducible representations of a group
   K  checkpointed steps
+  M  neurons of all S models flattened (S·N), in the correlation kernels
+  H  column groups of a screened correlation: each model's neurons, then each model's rotated neurons
+  J  candidate neurons a screen keeps per neuron and column group
+  U  rotated neurons whose rotation a screened pass takes (the union of the candidates), per model
+  F  neurons whose correlations with every neuron are computed in full
 """

@@ -78,6 +78,9 @@ class MaxCorrelation(NamedTuple):
       orthogonal matrix (``baseline='rotation'``), else None. For ``j == i`` nothing is excluded: a
       rotated neuron is a mixture that contains neuron ``n`` itself, so that entry is not a baseline and
       :func:`excess_correlation` leaves it out of the mean.
+    settled_SxN: how each neuron's maxima were found when a screen chose the pass
+      (:mod:`universality.kernels.screen`: exact pass, screen, or full row), else None.
+    margin: the screen's margin (``z / sqrt(T₁)``), else None.
   """
 
   max_SxNxS: jax.Array
@@ -85,6 +88,8 @@ class MaxCorrelation(NamedTuple):
   dead_SxN: jax.Array
   baseline_max_SxNxS: jax.Array | None = None
   baseline_argmax_SxNxS: jax.Array | None = None
+  settled_SxN: jax.Array | None = None
+  margin: float | None = None
 
 
 class Excess(NamedTuple):

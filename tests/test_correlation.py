@@ -81,7 +81,8 @@ def test_pallas_interpret_matches_reference_and_xla(platform, block_t, block_row
   _assert_matches(res.baseline_max_SxNxS, res.baseline_argmax_SxNxS, b_max, b_arg, b_margin, dead)
   xla = kc.max_correlation(acts, backend="xla", baseline="rotation", key=key)
   for a, b in zip(res, xla):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=0)
+    if a is not None or b is not None:  # the screen's fields are None on the exact pass
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=0)
 
 
 def _batches(acts, sizes):
@@ -207,7 +208,7 @@ def test_row_block_passes_equal_single_pass():
   # rows of model 0 against all 4 models, then model 1 against 3, then models 2 and 3 (2 + 1 tiles).
   blocked = kc.max_correlation(source, baseline="rotation", key=key, memory_bytes=400)
   assert len(passes) == 1 + 3
-  for a, b in zip(single, blocked):
+  for a, b in zip(single[:5], blocked[:5]):  # the screen's fields are None on the exact pass
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
@@ -422,6 +423,8 @@ def test_jit_of_max_correlation_equals_eager(kwargs):
   eager = kc.max_correlation(acts, baseline="rotation", key=key, **kwargs)
   jitted = jax.jit(lambda x, k: kc.max_correlation(x, baseline="rotation", key=k, **kwargs))(acts, key)
   for a, b in zip(eager, jitted):
+    if a is None and b is None:  # the screen's fields
+      continue
     if a.dtype == jnp.float32:
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     else:

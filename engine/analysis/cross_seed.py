@@ -39,6 +39,7 @@ import numpy as np
 import scipy.optimize
 
 from universality.kernels import correlation as correlation_lib
+from universality.kernels import screen as screen_lib
 
 DEFAULT_UNIVERSAL_THRESHOLD = 0.5
 
@@ -75,7 +76,8 @@ def live_from_comoments(state: correlation_lib.CoMoments) -> np.ndarray:
 
 
 def neuron_correlations(acts_SxTxN, *, key, universal_threshold: float = DEFAULT_UNIVERSAL_THRESHOLD,
-                        backend: str = "auto", **kernel_options) -> dict:
+                        backend: str = "auto", screen: screen_lib.Screen | str | None = None,
+                        **kernel_options) -> dict:
   """Max correlation of every neuron in every other run, the rotation baseline and the excess.
 
   Args:
@@ -84,21 +86,29 @@ def neuron_correlations(acts_SxTxN, *, key, universal_threshold: float = DEFAULT
     key: PRNG key of the random orthogonal rotations of the baseline.
     universal_threshold: a live neuron is universal when its excess correlation exceeds this.
     backend: passed to ``universality.kernels.correlation.max_correlation`` ('auto': Pallas on GPU/TPU, XLA on CPU).
+    screen: ``universality.kernels.screen`` settings (a ``Screen`` or a mode, 'auto' | 'on' | 'off'); None:
+      the exact pass. The screened pass gives the same maxima (module docstring there).
     **kernel_options: further options of ``max_correlation`` (e.g. ``memory_bytes``).
 
   Returns:
     dict of arrays: ``max_SxNxS`` and ``argmax_SxNxS`` (for j = i: over the other neurons of run i),
     ``baseline_max_SxNxS``, ``excess_SxN`` (mean over j ≠ i of max − baseline max; NaN for dead neurons),
-    ``universal_SxN`` (bool), ``dead_SxN`` (bool), ``universal_fraction_S`` (over live neurons).
+    ``universal_SxN`` (bool), ``dead_SxN`` (bool), ``universal_fraction_S`` (over live neurons); with a
+    screen also ``settled_SxN`` (``screen_lib.SETTLED_*``) and ``screen_margin``.
   """
   if not callable(acts_SxTxN):
     acts_SxTxN = _check_acts(acts_SxTxN)
   if not np.isfinite(universal_threshold):
     raise ValueError(f"universal_threshold must be finite, got {universal_threshold}")
   # One pass over the data gives both the maximum and its rotation baseline.
-  res = correlation_lib.max_correlation(acts_SxTxN, backend=backend, baseline="rotation", key=key,
-                                        **kernel_options)
-  return _correlation_record(res, universal_threshold)
+  if screen is None:
+    res = correlation_lib.max_correlation(acts_SxTxN, backend=backend, baseline="rotation", key=key,
+                                          **kernel_options)
+    return _correlation_record(res, universal_threshold)
+  res = screen_lib.max_correlation(acts_SxTxN, screen=screen, backend=backend, baseline="rotation", key=key,
+                                   **kernel_options)
+  return dict(_correlation_record(res, universal_threshold), settled_SxN=res.settled_SxN,
+              screen_margin=res.margin)
 
 
 def neuron_correlations_from_comoments(state: correlation_lib.CoMoments, *, key,

@@ -39,6 +39,7 @@ from universality.engine.analysis import cross_seed
 from universality.engine.analysis import neuron_stats
 from universality.engine.families.lm import family as family_lib
 from universality.engine.families.lm import models
+from universality.kernels import screen as screen_lib
 
 LAST_STEP_ONLY = True
 
@@ -178,10 +179,15 @@ def neuron_table(params_S, windows_WxC1, model_cfg, key, settings: dict,
   tables ``max_corr``, ``baseline_max_corr``, ``argmax`` ``[S, L·N, S]``."""
   l, n = int(model_cfg.n_layers), int(model_cfg.d_mlp)
   s = jax.tree.leaves(params_S)[0].shape[0]
+  screen = screen_lib.settings(settings["screen"], settings["screen_tokens"], settings["screen_z"],
+                               settings["screen_k"], inputs=windows_WxC1.shape[0] * (windows_WxC1.shape[1] - 1))
+  if screen.may_screen():  # the screen's sample is the stream's start: spread it over the text
+    windows_WxC1 = windows_WxC1[np.random.default_rng(0).permutation(len(windows_WxC1))]
   stream = _Stream(params_S, windows_WxC1, model_cfg, int(batch_windows or settings["batch_windows"]), l * n, s)
   if s >= 2:  # each neuron against the other runs only: the statistic needs no block of a run with itself
     corr = cross_seed.neuron_correlations(stream, key=key, universal_threshold=settings["universal_threshold"],
-                                          memory_bytes=int(settings["memory_gb"] * (1 << 30)), within=False)
+                                          memory_bytes=int(settings["memory_gb"] * (1 << 30)), within=False,
+                                          screen=screen)
   else:  # one run: no cross-seed statistic, only the properties
     for _ in stream():
       pass
@@ -206,6 +212,8 @@ def neuron_table(params_S, windows_WxC1, model_cfg, key, settings: dict,
              dead=shape(corr["dead_SxN"]), max_corr=np.asarray(corr["max_SxNxS"], np.float32),
              baseline_max_corr=np.asarray(corr["baseline_max_SxNxS"], np.float32),
              argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
+  if corr.get("screen_margin") is not None:
+    out["screen_settled"] = shape(corr["settled_SxN"]).astype(np.int8)
   return out
 
 

@@ -47,6 +47,10 @@ ANALYSIS_SETTINGS = {
     "top_neurons": 8,             # universal neurons of the first run shown with their top windows
     "top_examples": 3,            # windows per shown neuron
     "memory_gb": 1.0,             # budget of the correlation's co-moment tiles
+    "screen": "auto",             # screened correlation (kernels/screen.py): auto | on | off
+    "screen_tokens": 1 << 15,     # T₁: the screen's sample of held-out bytes
+    "screen_z": 5.0,              # its margin, in standard errors of a sample correlation
+    "screen_k": 1,                # candidates kept per neuron and model at least
 }
 _LN2 = math.log(2.0)
 
