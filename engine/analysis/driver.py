@@ -64,7 +64,7 @@ def analyze_cohorts(view, step: int | None = None, *, seed: int = 0, progress: b
   ``step`` (default: all), as if ``step`` were the last; writes nothing."""
   module = family_analysis(view)
   settings = settings_of(view, **settings)
-  final = view._step(step)
+  final = view.resolve_step(step)
   steps = [s for s in view.steps if s <= final]
   if getattr(module, "LAST_STEP_ONLY", False):  # the family analyses trained models, not their history
     steps = steps[-1:]
@@ -82,7 +82,7 @@ def analyze_cohorts(view, step: int | None = None, *, seed: int = 0, progress: b
                                 batch_size=batch_size)
     records = []
     for i, rec in zip(sub.index, res["runs"]):
-      row = dict(view._shared["runs"][int(i)], index=int(i))
+      row = dict(view.rows[int(i)], index=int(i))
       row["final"] = logged[int(i)]
       row["generalised"] = view.family.generalised(row["final"])
       row.update({k: v for k, v in rec.items() if k != "run"})

@@ -25,16 +25,15 @@ from universality.engine.families.group.passes import connectivity
 from universality.engine.families.group.passes import cosets
 from universality.engine.analysis import cross_seed
 from universality.engine.analysis import driver
-from universality.engine.families.group.passes import pipeline
+from universality.engine.families.group.passes import neuron_split
 from universality.engine.families.group.passes import representation
-from universality.engine.families.group import analysis
 from universality.engine.families.group import models
 
 
 class View(view_lib.Run):
   """A read-only view of a group-composition run directory (see the module docstring)."""
 
-  def __init__(self, workdir: str, index=None, _shared: dict | None = None):
+  def __init__(self, workdir: str, index=None, _shared: view_lib.Cache | None = None):
     super().__init__(workdir, index, _shared)
     self.plot = Plots(self)
 
@@ -68,11 +67,13 @@ class View(view_lib.Run):
     """int ``[S]``: the group order of each selected run."""
     return np.asarray([groups_lib.get(r["group"]).order for r in self.runs], np.int64)
 
-  def _apply_fn(self):
-    if "apply_fn" not in self._shared:
-      model_cfg = self.config.model
-      self._shared["apply_fn"] = jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, model_cfg)))
-    return self._shared["apply_fn"]
+  @property
+  def model(self) -> models.Stacked:
+    """The model over stacked runs (``models.stacked`` of config.json's model), built once per directory:
+    the functions the analysis and ``apply`` evaluate."""
+    if self._shared.forward is None:
+      self._shared.forward = models.stacked(self.config.model)
+    return self._shared.forward
 
   def _inputs(self, inputs, b) -> tuple[np.ndarray, np.ndarray]:
     """``(a_SxB, b_SxB)`` from the forms ``apply`` accepts, checked against each run's group."""
@@ -128,7 +129,7 @@ class View(view_lib.Run):
       raise ValueError("apply: no inputs (B = 0): pass at least one pair (a, b)")
     size = n_in if batch_size is None else int(batch_size)
     params = self.params(step)
-    fn = self._apply_fn()
+    fn = self.model.apply
     logits, hidden = [], []
     for lo in range(0, n_in, size):
       lg, hd = fn(params, a_SxB[:, lo:lo + size], b_SxB[:, lo:lo + size])
@@ -162,12 +163,13 @@ class View(view_lib.Run):
     return sub.apply(step, (a_T, b_T), batch_size=batch_size)[1]
 
 
-  def _matrices_fn(self):
-    """Jitted stacked embedding matrices (analysis.matrices_fn_for), built once per run directory."""
-    if "matrices_fn" not in self._shared:
-      self._shared["matrices_fn"] = analysis.matrices_fn_for(self.config.model)
-    return self._shared["matrices_fn"]
-
+  def effective_weights(self, step: int | None = None) -> models.EffectiveWeights | None:
+    """The selected runs' effective MLP weights at ``step`` as numpy ``[S, |G|, N]`` (rows of the first
+    selected run's group; ``models.effective_weights``), or None for a model without them."""
+    if self.model.effective is None:
+      return None
+    g = int(self.orders()[0])
+    return models.EffectiveWeights(*(np.asarray(x)[:, :g] for x in self.model.effective(self.params(step))))
 
   def irrep_names(self, group: str | None = None) -> list[str]:
     """Names of the real irreps of the selected group, trivial first (the analysis' order)."""
@@ -184,13 +186,11 @@ class View(view_lib.Run):
     grp = groups_lib.get(sub.groups[0])
     tables = representation.irrep_tables(grp, irreps_lib.real_irreps(grp))
     g = grp.order
-    if self.config.model.name == "mlp":
-      mats = self._matrices_fn()(sub.params(step))
-      res = representation.neuron_irreps(np.asarray(mats["pre_a"])[:, :g], np.asarray(mats["pre_b"])[:, :g],
-                                         grp, tables)
+    eff = sub.effective_weights(step)
+    if eff is not None:
+      res = representation.neuron_irreps(eff.pre_a, eff.pre_b, grp, tables)
     else:
-      hidden = sub.hidden(step).reshape(len(sub), g, g, -1)
-      res = pipeline.neuron_irreps_from_hidden(hidden, grp, tables)
+      res = neuron_split.from_hidden(sub.hidden(step).reshape(len(sub), g, g, -1), grp, tables)
     out = {k: np.asarray(v) for k, v in res.items()}
     out["irreps"] = list(tables.names)
     return out
@@ -211,10 +211,10 @@ class View(view_lib.Run):
     g = grp.order
     if threshold is None:
       threshold = cosets.DEFAULT_COSET_THRESHOLD
-    mats = {k: np.asarray(v) for k, v in self._matrices_fn()(sub.params(step)).items()}
-    hidden = None if "pre_a" in mats else sub.hidden(step).reshape(len(sub), g, g, -1)
-    f, source = cosets.input_functions(mats["pre_a"][:, :g] if "pre_a" in mats else None,
-                                       mats["pre_b"][:, :g] if "pre_b" in mats else None, hidden)
+    eff = sub.effective_weights(step)
+    hidden = None if eff is not None else sub.hidden(step).reshape(len(sub), g, g, -1)
+    f, source = cosets.input_functions(None if eff is None else eff.pre_a, None if eff is None else eff.pre_b,
+                                       hidden)
     table = cosets.coset_tables(grp, tables)
     out = {k: np.asarray(v) for k, v in cosets.coset_neurons(f, grp, tables, table, threshold=threshold).items()}
     out.update(source=source, subgroups=table.subgroups, labels=cosets.class_labels(table.subgroups))
@@ -229,13 +229,11 @@ class View(view_lib.Run):
     if len(sub) < 2:
       raise ValueError("connectivity needs at least two runs of the group")
     grp = groups_lib.get(sub.groups[0])
-    g = grp.order
-    mats = {k: np.asarray(v) for k, v in self._matrices_fn()(sub.params(step)).items()}
-    if "pre_a" not in mats:
+    eff = sub.effective_weights(step)
+    if eff is None:
       raise ValueError("connectivity interpolates the MLP's effective weights; this model has none")
     perm = cross_seed.match_neurons(sub.hidden(step))["perm_SxSxN"]
-    return connectivity.connectivity(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g],
-                                     grp.table, perm, points=points or connectivity.DEFAULT_POINTS)
+    return connectivity.connectivity(*eff, grp.table, perm, points=points or connectivity.DEFAULT_POINTS)
 
   def neuron_correlations(self, step: int | None = None, group: str | None = None, *,
                           universal_threshold: float | None = None, seed: int = 0) -> dict:
@@ -388,7 +386,7 @@ class Plots:
     live_SxN = ~res["dead_SxN"]
     sel = live_SxN[:, :, None] & ~np.eye(s, dtype=bool)[:, None, :]
     thr = 0.5 if thr is None else thr
-    title = f"{sub.groups[0]}: neuron correlations across {s} runs at step {sub._step(step)}"
+    title = f"{sub.groups[0]}: neuron correlations across {s} runs at step {sub.resolve_step(step)}"
     return plots.correlation_distribution(res["max_SxNxS"][sel], res["baseline_max_SxNxS"][sel],
                                           res["excess_SxN"][live_SxN], thr, title=title)
 
@@ -436,4 +434,4 @@ class Plots:
         cmp["corr_NxM"], cmp["dominant_a_N"], cmp["dominant_b_M"], cmp["perm_N"], cmp["irreps"],
         cmp["live_a_N"], cmp["live_b_M"], labels=labels,
         title=f"{cmp['runs'][0]['group']}: hidden neurons of {labels[0]} vs {labels[1]} at step "
-              f"{self._run._step(step)}")
+              f"{self._run.resolve_step(step)}")
