@@ -104,7 +104,8 @@ class Run:
       config = _load_config(self.workdir)
       family = families.get(config.family)
       # Format-1 rows carry no cohort: it is a function of the row.
-      rows = [r if "cohort" in r else dict(r, cohort=family.cohort_name(r)) for r in rundir.read_runs(self.workdir)]
+      rows = [r if "cohort" in r else dict(r, cohort=family.cohort_name(r))
+              for r in rundir.read_runs(self.workdir)]
       _check_run_count(self.workdir, config, len(rows))
       _shared = Cache(config=config, rows=rows)
     self._shared = _shared

@@ -19,9 +19,11 @@ A family's ``analyze_cohort`` may also return ``"arrays"`` (numeric arrays too l
 per neuron): they are written to the cohort's arrays file (``universality.engine.rundir.write_cohort_arrays``). A module
 with ``LAST_STEP_ONLY = True`` gets only the last checkpoint's parameters.
 
-The family's per-run and aggregate fields are documented by its analysis module (group composition:
-``engine/analysis/pipeline.py``). The view is duck-typed (``universality.engine.replay.Run``): this module does no I/O of
-its own beyond ``universality.engine.rundir`` and imports no view.
+The family's per-run and aggregate fields are documented by its analysis module (group composition: the
+record types of ``engine/families/group/passes/records.py``). The view is duck-typed
+(``universality.engine.view.Run``: ``rows``, ``runs``, ``index``, ``steps``, ``resolve_step``, ``select``,
+``params``, ``metrics_at``): this module does no I/O of its own beyond ``universality.engine.rundir`` and
+imports no view.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from universality.engine import groups as groups_lib

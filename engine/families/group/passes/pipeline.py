@@ -21,13 +21,15 @@ from universality.engine.families.group.passes import redundancy as redundancy_l
 from universality.engine.families.group.passes import representation as rep
 from universality.engine.families.group.passes import units
 # The streamed pass and the neuron split, under the names their callers know.
-from universality.engine.families.group.passes.neuron_split import from_fibres as neuron_irreps_from_fibres  # noqa: F401
-from universality.engine.families.group.passes.neuron_split import from_hidden as neuron_irreps_from_hidden  # noqa: F401
+from universality.engine.families.group.passes import neuron_split
 from universality.engine.families.group.passes.streaming import _accumulate  # noqa: F401
 from universality.engine.families.group.passes.streaming import evaluate_all_pairs  # noqa: F401
 from universality.engine.families.group.passes.streaming import hidden_at  # noqa: F401
 from universality.engine.families.group.passes.streaming import pair_chunk  # noqa: F401
 from universality.engine.families.group.passes.streaming import stream_all_pairs  # noqa: F401
+
+neuron_irreps_from_fibres = neuron_split.from_fibres
+neuron_irreps_from_hidden = neuron_split.from_hidden
 
 
 def analyze_group(group: groups_lib.Group, irreps, model: models.Stacked, params_by_step: Mapping[int, Any],

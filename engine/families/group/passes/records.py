@@ -340,3 +340,41 @@ class Cohort(Record):
   task: Task
   runs: list[RunRecord]
   aggregate: Aggregate
+
+
+# ---------------------------------------------------------------------------------------------------
+# Read back from summary.json.
+
+
+@record
+class SummaryRun(RunRecord):
+  """A run's row of summary.json: its record, its leading ``index`` in the run directory, the metrics
+  logged at the last step (``final``) and the whole row as read (``row``: runs.json fields, for labels).
+  A summary written before ``generalised`` existed counts every run as generalised."""
+  index: Optional[int] = None
+  final: Optional[dict] = None
+  row: Optional[dict] = None
+
+  @classmethod
+  def of(cls, obj: typing.Mapping[str, Any]) -> "SummaryRun":
+    return dataclasses.replace(cls.from_json(obj), row=dict(obj))
+
+  @property
+  def done(self) -> bool:
+    """Whether the run generalised (its key irreps and learning order mean something)."""
+    return self.generalised is not False
+
+  @property
+  def test_acc(self) -> Num:
+    return (self.final or {}).get("test_acc")
+
+
+class CohortSummary(typing.NamedTuple):
+  """One cohort of summary.json restricted to the selected runs: ``positions`` are their places in the
+  cohort's S×S matrices (``aggregate`` is over the whole cohort)."""
+  spec: str
+  cohort: str
+  task: Task
+  aggregate: Aggregate
+  runs: list[SummaryRun]
+  positions: list[int]
