@@ -71,12 +71,18 @@ def child(args) -> None:
     kw["memory_bytes"] = int(args.budget_gb * 1e9)
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   t0 = time.perf_counter()
-  matrices_fn = group_analysis.matrices_fn_for(cfg.model)
-  if args.hidden_only:  # as for a model without additive pre-activations: no weight-based passes
-    full_fn = matrices_fn
-    matrices_fn = lambda p: {k: v for k, v in full_fn(p).items() if not k.startswith("pre_")}  # noqa: E731
-  out = pipeline.analyze_group(g, irreps, apply_fn, matrices_fn, by_step,
-                               [{"seed": k} for k in range(args.seeds)], **kw)
+  runs = [{"seed": k} for k in range(args.seeds)]
+  if "model" in inspect.signature(pipeline.analyze_group).parameters:  # one model API (models.stacked)
+    model = models.stacked(cfg.model)
+    if args.hidden_only:  # as for a model without additive pre-activations: no weight-based passes
+      model = model._replace(effective=None)
+    out = pipeline.analyze_group(g, irreps, model, by_step, runs, **kw)
+  else:
+    matrices_fn = group_analysis.matrices_fn_for(cfg.model)
+    if args.hidden_only:
+      full_fn = matrices_fn
+      matrices_fn = lambda p: {k: v for k, v in full_fn(p).items() if not k.startswith("pre_")}  # noqa: E731
+    out = pipeline.analyze_group(g, irreps, apply_fn, matrices_fn, by_step, runs, **kw)
   seconds = time.perf_counter() - t0
   agg = out["aggregate"]
   print(json.dumps({"seconds": seconds, "import_kb": before, "steps": len(out["group"]["steps"]),

@@ -7,6 +7,7 @@ checkpoints, metrics, and the analysis of any step. A family's ``View`` (``Famil
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -68,28 +69,44 @@ def _check_shapes(workdir: str, step: int, stored: list, spec) -> None:
                              f"{lead}; {diff})")
 
 
+@dataclasses.dataclass
+class Cache:
+  """What every view of one run directory shares, owned by the views of that directory alone: the config
+  and runs.json rows (read once), the trainer (its state layout), the checkpoint reader, the last restored
+  states, summary.json (with the mtime it was read at) and the family's stacked forward functions
+  (``forward``: whatever the family's view builds from the config, e.g. ``models.Stacked``)."""
+  config: ml_collections.ConfigDict
+  rows: list
+  trainer: Any = None
+  checkpointer: Any = None
+  states: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+  summary: tuple | None = None
+  forward: Any = None
+
+
 class Run:
   """A read-only view of a run directory, optionally restricted to a subset of its runs."""
 
-  def __init__(self, workdir: str, index: Sequence[int] | None = None, _shared: dict | None = None):
+  def __init__(self, workdir: str, index: Sequence[int] | None = None, _shared: Cache | None = None):
     self.workdir = rundir.resolve(workdir)
-    self._shared = _shared if _shared is not None else {}
-    if "config" not in self._shared:
-      self._shared["config"] = config_lib.load(self.workdir)
-      family = families.get(self._shared["config"].family)
+    if _shared is None:
+      config = config_lib.load(self.workdir)
+      family = families.get(config.family)
       # Format-1 rows carry no cohort: it is a function of the row.
-      self._shared["runs"] = [r if "cohort" in r else dict(r, cohort=family.cohort_name(r))
-                              for r in rundir.read_runs(self.workdir)]
-      _check_run_count(self.workdir, self._shared["config"], len(self._shared["runs"]))
-      _check_rows(self.workdir, self._shared["config"], self._shared["runs"])
-    n = len(self._shared["runs"])
+      rows = [r if "cohort" in r else dict(r, cohort=family.cohort_name(r))
+              for r in rundir.read_runs(self.workdir)]
+      _check_run_count(self.workdir, config, len(rows))
+      _check_rows(self.workdir, config, rows)
+      _shared = Cache(config=config, rows=rows)
+    self._shared = _shared
+    n = len(self._shared.rows)
     self.index = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
 
   # --- Metadata ------------------------------------------------------------------------------------
 
   @property
   def config(self) -> ml_collections.ConfigDict:
-    return self._shared["config"]
+    return self._shared.config
 
   @property
   def family(self) -> families.Family:
@@ -98,8 +115,13 @@ class Run:
   @property
   def runs(self) -> list[dict]:
     """One row per selected run (runs.json): ``seed`` is the seed number k, ``base_seed`` the config's."""
-    rows = self._shared["runs"]
+    rows = self._shared.rows
     return [rows[i] for i in self.index]
+
+  @property
+  def rows(self) -> list[dict]:
+    """Every row of runs.json (not only the selected runs'), by leading index."""
+    return self._shared.rows
 
   @property
   def cohorts(self) -> list[str]:
@@ -126,7 +148,7 @@ class Run:
 
     Raises ValueError for an unknown field or when no run matches.
     """
-    rows = self._shared["runs"]
+    rows = self._shared.rows
     fields = {"index"} | {k for r in rows for k in r}
     unknown = sorted(set(filters) - fields)
     if unknown:
@@ -159,23 +181,24 @@ class Run:
     Only its run layout is used here (the shapes of the checkpointed state), so it never spans processes
     or accelerators: a replay on one process of a multi-host job needs no other process.
     """
-    if "trainer" not in self._shared:
+    if self._shared.trainer is None:
       try:
         device = jax.local_devices(backend="cpu")[0]
       except RuntimeError:  # a platform list without the CPU backend
         device = jax.local_devices()[0]
       budget.check(self.config, [device])  # config.json is data: bound what it makes us allocate
       mesh = jax.sharding.Mesh(np.asarray([device]), (train.AXIS,))
-      self._shared["trainer"] = train.make_train(self.config, mesh=mesh)
-    return self._shared["trainer"]
+      self._shared.trainer = train.make_train(self.config, mesh=mesh)
+    return self._shared.trainer
 
   def _checkpointer(self) -> checkpoint_lib.Checkpointer:
-    if "ckpt" not in self._shared:
-      self._shared["ckpt"] = checkpoint_lib.Checkpointer(
+    if self._shared.checkpointer is None:
+      self._shared.checkpointer = checkpoint_lib.Checkpointer(
           rundir.path(self.workdir, rundir.CHECKPOINTS), read_only=True, this_process_only=True)
-    return self._shared["ckpt"]
+    return self._shared.checkpointer
 
-  def _step(self, step: int | None) -> int:
+  def resolve_step(self, step: int | None) -> int:
+    """``step`` if it is a checkpointed step, the newest for None; a ValueError names the steps otherwise."""
     steps = self.steps
     if not steps:
       raise ValueError(f"{self.workdir} has no checkpoint")
@@ -187,8 +210,8 @@ class Run:
 
   def state(self, step: int | None = None) -> Any:
     """The stacked train state of ALL runs at ``step`` (default: newest) as host numpy arrays."""
-    key = self._step(step)
-    cache = self._shared.setdefault("states", collections.OrderedDict())
+    key = self.resolve_step(step)
+    cache = self._shared.states
     if key in cache:
       cache.move_to_end(key)
     else:
@@ -205,15 +228,15 @@ class Run:
 
   def metrics(self) -> dict[str, np.ndarray]:
     """metrics.jsonl as arrays: "step" [E] and every metric [E, S] for the selected runs."""
-    m = rundir.read_metrics(self.workdir, len(self._shared["runs"]))
+    m = rundir.read_metrics(self.workdir, len(self._shared.rows))
     return {k: (v if k == "step" else v[:, self.index]) for k, v in m.items()}
 
   def metrics_at(self, step: int) -> dict[int, dict | None]:
     """Logged metrics of every run at ``step`` (None where that step was not logged, e.g. step 0)."""
-    m = rundir.read_metrics(self.workdir, len(self._shared["runs"]))
+    m = rundir.read_metrics(self.workdir, len(self._shared.rows))
     rows = np.flatnonzero(m["step"] == step)
     out: dict[int, dict | None] = {}
-    for i in range(len(self._shared["runs"])):
+    for i in range(len(self._shared.rows)):
       if not rows.size:
         out[i] = None
         continue
@@ -223,7 +246,7 @@ class Run:
 
   def close(self) -> None:
     """Releases the checkpoint reader (shared by every view of this run directory)."""
-    ckpt = self._shared.pop("ckpt", None)
+    ckpt, self._shared.checkpointer = self._shared.checkpointer, None
     if ckpt is not None:
       ckpt.close()
 
@@ -238,10 +261,10 @@ class Run:
   def summary(self) -> dict:
     """analysis/summary.json as written at the end of the launch (schema: universality.engine.analysis.driver)."""
     mtime = rundir.summary_mtime(self.workdir) if rundir.has_summary(self.workdir) else None
-    cached = self._shared.get("summary")
+    cached = self._shared.summary
     if cached is None or cached[0] != mtime:
       cached = (mtime, rundir.read_summary(self.workdir))
-      self._shared["summary"] = cached
+      self._shared.summary = cached
     return cached[1]
 
   def cohort_summary(self, **filters) -> dict:

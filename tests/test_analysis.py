@@ -458,13 +458,13 @@ def test_analyze_group_fields_agree_with_the_passes():
   irreps = irreps_lib.real_irreps(g)
   cfg, params, apply_fn = _random_mlps(g, 3)
   later = jax.tree.map(lambda x: 1.5 * x, params)
-  full = group_analysis.matrices_fn_for(cfg)
-  # Without pre-activations (as for a transformer) the neuron split falls back to the hidden layer.
-  plain = lambda p: {k: v for k, v in full(p).items() if not k.startswith("pre_")}
+  full = models.stacked(cfg)
+  # Without effective weights (as for a transformer) the neuron split falls back to the hidden layer.
+  plain = full._replace(effective=None)
   runs = [{"seed": k} for k in range(3)]
   generalised = [True, False, True]
-  for matrices_fn, source in ((full, "pre_activation"), (plain, "hidden")):
-    out = passes.analyze_group(g, irreps, apply_fn, matrices_fn, {10: later, 0: params}, runs,
+  for model, source in ((full, "pre_activation"), (plain, "hidden")):
+    out = passes.analyze_group(g, irreps, model, {10: later, 0: params}, runs,
                                  key=jax.random.key(1), batch_size=12, generalised=generalised)
     json.dumps(out, allow_nan=False)
     assert out["group"]["steps"] == [0, 10]
@@ -491,7 +491,7 @@ def test_analyze_group_fields_agree_with_the_passes():
     assert agg["key_irrep_counts"] == {n: sum(n in r["key_irreps"] for r in done) for n in names}
     assert sum(c["count"] for c in agg["key_irrep_sets"]) == 2
     assert sum(agg["first_learned_counts"].values()) == sum(r["first_learned"] is not None for r in done)
-  one = passes.analyze_group(g, irreps, apply_fn, full, {0: jax.tree.map(lambda x: x[:1], params)},
+  one = passes.analyze_group(g, irreps, full, {0: jax.tree.map(lambda x: x[:1], params)},
                                runs[:1], key_threshold=0.3, order_threshold=0.4)
   assert one["aggregate"]["correlation"] is None and one["runs"][0]["neurons"]["universal_fraction"] is None
   assert one["runs"][0]["key_irreps"] == [n for n, v in zip(names, sim0[0]) if v > 0.3 and n != names[0]]
@@ -506,7 +506,7 @@ def test_pipeline_on_a_short_training_run_reproduces_the_paper():
   cfg, trainer, params_by_step, apply_fn, metrics = _trained_group("C23", seeds=4, steps=2000,
                                                                    eval_every=25)
   assert np.all(metrics["test_acc"][-1] > 0.999)
-  out = passes.analyze_group(g, irreps, apply_fn, group_analysis.matrices_fn_for(cfg), params_by_step,
+  out = passes.analyze_group(g, irreps, models.stacked(cfg), params_by_step,
                                trainer.runs, key=jax.random.key(0))
   json.dumps(out, allow_nan=False)   # plain JSON, no NaN
   names = [ir.name for ir in irreps]

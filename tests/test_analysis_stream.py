@@ -190,13 +190,13 @@ def test_analyze_group_in_small_blocks_equals_one_block():
   g = groups.get("S3")
   irreps = irreps_lib.real_irreps(g)
   cfg, params, apply_fn = _random_mlps(g, 3, seed=11)
-  full = group_analysis.matrices_fn_for(cfg)
-  plain = lambda p: {k: v for k, v in full(p).items() if not k.startswith("pre_")}  # noqa: E731
+  full = models.stacked(cfg)
+  plain = full._replace(effective=None)
   by_step = {0: jax.tree.map(lambda x: x / 3.0, params), 10: params}
-  for matrices_fn in (full, plain):
+  for model in (full, plain):
     kw = dict(key=jax.random.key(1), connectivity_points=3, knn_inputs=20)
-    small = passes.analyze_group(g, irreps, apply_fn, matrices_fn, by_step, range(3), batch_size=5,
+    small = passes.analyze_group(g, irreps, model, by_step, range(3), batch_size=5,
                                    memory_bytes=1, **kw)
-    whole = passes.analyze_group(g, irreps, apply_fn, matrices_fn, by_step, range(3), **kw)
+    whole = passes.analyze_group(g, irreps, model, by_step, range(3), **kw)
     _assert_close_json(small, whole)
     assert small["runs"][0]["losses"] is None or small["runs"][0]["losses"]["full"] > 0

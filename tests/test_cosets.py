@@ -11,7 +11,6 @@ from universality.engine import groups
 from universality.engine import irreps as irreps_lib
 from universality.engine.families.group import passes
 from universality.engine.families.group.passes import cosets
-from universality.engine.families.group import analysis as group_analysis
 from universality.engine.families.group import models
 from tests.helpers import group_config
 
@@ -177,8 +176,7 @@ def test_planted_mlp_through_the_pipeline():
   params = {"embed_a": np.eye(g.order, dtype=np.float32), "embed_b": np.eye(g.order, dtype=np.float32),
             "linear": np.concatenate([pa, pb]), "unembed": rng.normal(size=(n, g.order)).astype(np.float32)}
   params = jax.tree.map(lambda x: x[None], params)
-  apply_fn = jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, cfg)))
-  out = passes.analyze_group(g, irreps, apply_fn, group_analysis.matrices_fn_for(cfg), {0: params},
+  out = passes.analyze_group(g, irreps, models.stacked(cfg), {0: params},
                                [{"seed": 0}])
   rec = out["runs"][0]["cosets"]
   label = cosets.class_labels(subs)[h]

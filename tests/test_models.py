@@ -187,3 +187,27 @@ def test_hand_written_mlp_backward_equals_autodiff_of_concat_form(order):
     np.testing.assert_allclose(grads[name], ref_grads[name], rtol=0, atol=2e-5 * scale, err_msg=name)
   if order < vocab:  # padded classes get no gradient at all
     assert not np.any(np.asarray(grads["unembed"])[:, order:])
+
+
+def test_effective_weights_reproduce_the_mlp_and_the_stacked_model_equals_the_solo_one():
+  cfg = _cfg()
+  keys = jax.random.split(jax.random.key(7), 3)
+  params_S = jax.vmap(lambda k: models.init(k, cfg, 11, 9))(keys)
+  a_B, b_B = (np.random.default_rng(5).integers(0, 9, size=29).astype(np.int32) for _ in range(2))
+  stacked = models.stacked(cfg)
+  eff = stacked.effective(params_S)
+  logits_SxBxV, hidden_SxBxN = stacked.apply(params_S, np.broadcast_to(a_B, (3, 29)), np.broadcast_to(b_B, (3, 29)))
+  for s in range(3):
+    one = jax.tree.map(lambda x: np.asarray(x[s], np.float64), params_S)
+    e = one["embed_a"].shape[1]
+    # float64 reference of the concatenated form, from the raw parameters.
+    h = np.maximum(np.concatenate([one["embed_a"][a_B], one["embed_b"][b_B]], -1) @ one["linear"], 0.0)
+    np.testing.assert_allclose(np.maximum(eff.pre_a[s][a_B] + eff.pre_b[s][b_B], 0.0), h, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(eff.unembed[s]), one["unembed"].T, rtol=0, atol=0)
+    np.testing.assert_allclose(np.asarray(eff.pre_a[s]), one["embed_a"] @ one["linear"][:e], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits_SxBxV[s], h @ one["unembed"], rtol=1e-4, atol=1e-4)
+    solo = _apply(cfg)(jax.tree.map(lambda x: x[s], params_S), a_B, b_B)
+    np.testing.assert_array_equal(np.asarray(hidden_SxBxN[s]), np.asarray(solo[1]))
+  assert models.effective_weights(jax.tree.map(lambda x: x[0], params_S), cfg) is not None
+  assert models.stacked(_cfg("transformer")).effective is None
+  assert models.effective_weights({}, _cfg("transformer")) is None

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from universality.engine import report
+from universality.engine import rundir
 from universality.engine.families.group import report as group_report
+from universality.engine.families.group.passes import records as records_lib
 from tests.test_replay import small_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -166,11 +168,56 @@ def test_markdown_helpers_on_fresh_records():
     records.append({"key_irreps": key, "first_learned": key[0] if key else None,
                     "logit_similarity": {n: float(rng.normal()) for n in names},
                     "neurons": {"dominant_counts": {n: int(rng.integers(0, 5)) for n in names}}})
+  group = records_lib.Task.from_json(group)
+  records = [records_lib.SummaryRun.of(r) for r in records]
   rows = group_report.key_irrep_rows(group, records)
   for row in rows:
-    assert row["key"] == sum(row["irrep"] in r["key_irreps"] for r in records)
-    assert row["first"] == sum(r["first_learned"] == row["irrep"] for r in records)
+    assert row["key"] == sum(row["irrep"] in r.key_irreps for r in records)
+    assert row["first"] == sum(r.first_learned == row["irrep"] for r in records)
   md = group_report.key_irrep_table(group, records)
   assert md.count("\n") == 2 + len(names) and "of 7 runs" in md
   sets = group_report.key_irrep_sets_table(records)
   assert sum(int(line.rsplit("|", 2)[1]) for line in sets.splitlines()[2:]) == 7
+
+
+def test_summary_records_round_trip_through_json(study):
+  # Every key the analysis wrote is a field of its record type, and reading then writing gives it back.
+  summary = _summary(study)
+  driver_keys = {"index", "final", "cohort"} | set(rundir.read_runs(study)[0])
+  for entry in summary["cohorts"].values():
+    task = records_lib.Task.from_json(entry["task"])
+    aggregate = records_lib.Aggregate.from_json(entry["aggregate"])
+    assert task.to_json() == entry["task"] and aggregate.to_json() == entry["aggregate"]
+    assert aggregate.correlation is not None and aggregate.connectivity is not None  # S = 3 MLPs
+    for i in entry["runs"]:
+      row = summary["runs"][i]
+      run = records_lib.RunRecord.from_json(row)
+      fields = {k: v for k, v in run.to_json().items() if k != "run"}
+      assert fields == {k: v for k, v in row.items() if k not in driver_keys}
+      assert records_lib.RunRecord.from_json(json.loads(json.dumps(run.to_json()))) == run
+    whole = records_lib.Cohort(task=task, aggregate=aggregate,
+                               runs=[records_lib.RunRecord.from_json(summary["runs"][i]) for i in entry["runs"]])
+    assert records_lib.Cohort.from_json(json.loads(json.dumps(whole.to_json()))) == whole
+
+
+def test_an_older_summary_without_later_fields_still_reads_and_reports(study, tmp_path):
+  # Fields added after a summary was written read as None; the report renders every section it can.
+  copy = tmp_path / os.path.basename(study)
+  shutil.copytree(study, copy, ignore=shutil.ignore_patterns(".lock"))
+  summary = _summary(study)
+  for r in summary["runs"]:
+    for k in ("generalised", "margins", "redundancy", "cosets"):
+      r.pop(k)
+  (copy / "analysis" / "summary.json").write_text(json.dumps(summary))
+  run = records_lib.SummaryRun.of(summary["runs"][0])
+  assert run.generalised is None and run.done and run.margins is None and run.cosets is None
+  report.write_report(str(copy))
+  text = (copy / "report" / "index.md").read_text()
+  for section in ("## Learning curves", "### Key irreps", "### Learning order", "### Neurons across seeds",
+                  "### Margins", "### Redundancy", "### Mode connectivity", "<summary>Runs</summary>"):
+    assert section in text, section
+  # Every section of the freshly written report is there too.
+  fresh = _index(study)
+  for section in ("### Key irreps", "### Neurons across seeds", "### Cosets", "### Margins", "### Redundancy",
+                  "### Mode connectivity", "<summary>Runs</summary>"):
+    assert fresh.count(section) == len(summary["cohorts"]), section

@@ -19,9 +19,11 @@ A family's ``analyze_cohort`` may also return ``"arrays"`` (numeric arrays too l
 per neuron): they are written to the cohort's arrays file (``universality.engine.rundir.write_cohort_arrays``). A module
 with ``LAST_STEP_ONLY = True`` gets only the last checkpoint's parameters.
 
-The family's per-run and aggregate fields are documented by its analysis module (group composition:
-``engine/analysis/pipeline.py``). The view is duck-typed (``universality.engine.replay.Run``): this module does no I/O of
-its own beyond ``universality.engine.rundir`` and imports no view.
+The family's per-run and aggregate fields are documented by its analysis module (group composition: the
+record types of ``engine/families/group/passes/records.py``). The view is duck-typed
+(``universality.engine.view.Run``: ``rows``, ``runs``, ``index``, ``steps``, ``resolve_step``, ``select``,
+``params``, ``metrics_at``): this module does no I/O of its own beyond ``universality.engine.rundir`` and
+imports no view.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def analyze_cohorts(view, step: int | None = None, *, seed: int = 0, progress: b
   ``step`` (default: all), as if ``step`` were the last; writes nothing."""
   module = family_analysis(view)
   settings = settings_of(view, **settings)
-  final = view._step(step)
+  final = view.resolve_step(step)
   steps = [s for s in view.steps if s <= final]
   if getattr(module, "LAST_STEP_ONLY", False):  # the family analyses trained models, not their history
     steps = steps[-1:]
@@ -82,7 +84,7 @@ def analyze_cohorts(view, step: int | None = None, *, seed: int = 0, progress: b
                                 batch_size=batch_size)
     records = []
     for i, rec in zip(sub.index, res["runs"]):
-      row = dict(view._shared["runs"][int(i)], index=int(i))
+      row = dict(view.rows[int(i)], index=int(i))
       row["final"] = logged[int(i)]
       row["generalised"] = view.family.generalised(row["final"])
       row.update({k: v for k, v in rec.items() if k != "run"})

@@ -1,25 +1,25 @@
 """The group family's analysis of one cohort: irreps in logits, weights and neurons; neurons across seeds.
 
-``analyze_cohort`` is the family's hook for ``universality.engine.analysis.driver``; the passes are
-``universality.engine.families.group.passes.pipeline.analyze_group`` (every field of its records is documented there).
+``analyze_cohort`` is the family's hook for ``universality.engine.analysis.driver``: it builds the cohort's
+context once (``passes.context``) and runs the units ``passes_of(settings)`` lists (``passes.units``); every
+field it writes is documented on its record type (``passes.records``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
-
 from universality.engine import groups as groups_lib
 from universality.engine import irreps as irreps_lib
-from universality.engine.families.group.passes import connectivity
-from universality.engine.families.group.passes import cosets
 from universality.engine.analysis import cross_seed
+from universality.engine.families.group import models
+from universality.engine.families.group.passes import connectivity
+from universality.engine.families.group.passes import context
+from universality.engine.families.group.passes import cosets
 from universality.engine.families.group.passes import margins
-from universality.engine.families.group.passes import pipeline
 from universality.engine.families.group.passes import redundancy
 from universality.engine.families.group.passes import representation
-from universality.engine.families.group import models
+from universality.engine.families.group.passes import units
 
 # The analysis' named settings and their defaults (summary.json "settings").
 SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
@@ -34,21 +34,29 @@ SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
             "memory_budget_gb": representation.DEFAULT_MEMORY_BYTES / 1e9}
 
 
+def passes_of(settings: dict) -> units.Passes:
+  """The units the family runs, with their settings."""
+  return units.Passes(irreps=units.Irreps(order_threshold=settings["order_threshold"]),
+                      similarity=units.Similarity(), neurons=units.Neurons(),
+                      cosets=units.Cosets(threshold=settings["coset_threshold"]),
+                      margins=units.Margins(single_threshold=settings["single_threshold"]),
+                      redundancy=units.Redundancy(tolerance=settings["merge_tolerance"]),
+                      connectivity=units.Connectivity(points=int(settings["connectivity_points"])))
+
+
 def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:
-  """``matrices_fn`` for the group family's models (``model_cfg``: the config's ``model`` section): vmapped
-  ``embedding_matrices`` plus, for the MLP, the total embeddings ``pre_a = embed_a · W1[:E]`` and
-  ``pre_b = embed_b · W1[E:]`` ``[S, V, N]`` that the per-neuron split and the restricted / excluded losses
-  need (unless ``embedding_matrices`` already provides them)."""
+  """Stacked ``embedding_matrices`` plus, where the model has them, its effective weights ``pre_a`` and
+  ``pre_b`` ``[S, V, N]`` under those names (``models.effective_weights``)."""
+  model = models.stacked(model_cfg)
 
-  def one(params):
-    mats = dict(models.embedding_matrices(params, model_cfg))
-    if model_cfg.name == "mlp" and "pre_a" not in mats:
-      e = params["embed_a"].shape[1]
-      mats["pre_a"] = params["embed_a"] @ params["linear"][:e]
-      mats["pre_b"] = params["embed_b"] @ params["linear"][e:]
-    return mats
+  def fn(params_S):
+    mats = dict(model.matrices(params_S))
+    if model.effective is not None:
+      eff = model.effective(params_S)
+      mats.update(pre_a=eff.pre_a, pre_b=eff.pre_b)
+    return dict(sorted(mats.items()))
 
-  return jax.jit(jax.vmap(one))
+  return fn
 
 
 def generalised(view, step: int) -> list[bool]:
@@ -59,17 +67,10 @@ def generalised(view, step: int) -> list[bool]:
 
 def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | None = None) -> dict:
   """One cohort (runs of one group that differ only in seed): ``{"task", "aggregate", "runs"}``."""
-  spec = view.groups[0]
-  group = groups_lib.get(spec)
-  res = pipeline.analyze_group(group, irreps_lib.real_irreps(group), view._apply_fn(), view._matrices_fn(),
-                               params_by_step, view.runs, key_threshold=settings["key_threshold"],
-                               order_threshold=settings["order_threshold"],
-                               generalised=generalised(view, max(params_by_step)),
-                               universal_threshold=settings["universal_threshold"],
-                               coset_threshold=settings["coset_threshold"],
-                               single_threshold=settings["single_threshold"],
-                               connectivity_points=int(settings["connectivity_points"]),
-                               merge_tolerance=settings["merge_tolerance"], key=key,
-                               batch_size=batch_size,
-                               memory_bytes=int(float(settings["memory_budget_gb"]) * 1e9))
-  return {"task": res["group"], "aggregate": res["aggregate"], "runs": res["runs"]}
+  group = groups_lib.get(view.groups[0])
+  ctx = context.build(group, irreps_lib.real_irreps(group), view.model, params_by_step, view.runs, key=key,
+                      generalised=generalised(view, max(params_by_step)),
+                      key_threshold=settings["key_threshold"], universal_threshold=settings["universal_threshold"],
+                      memory_bytes=int(float(settings["memory_budget_gb"]) * 1e9), batch_size=batch_size)
+  out = units.run(ctx, passes_of(settings)).to_json()
+  return {"task": out["task"], "aggregate": out["aggregate"], "runs": out["runs"]}

@@ -311,8 +311,7 @@ class GroupFamily(families.Family):
       """Logits ``[B, V]`` with classes ``>= order`` at −inf, and ``{"hidden": [B, N]}``."""
       a_B, b_B = inputs
       logits_BxV, hidden_BxN = models.apply(params, a_B, b_B, model_cfg)
-      mask_1xV = jnp.arange(vocab)[None, :] < d.order_S
-      return jnp.where(mask_1xV, logits_BxV, -jnp.inf), {"hidden": hidden_BxN}
+      return task_lib.mask_padding(logits_BxV, d.order_S), {"hidden": hidden_BxN}
 
     return families.Task(data=data, init=init, loss_and_grads=loss_and_grads, evaluate=evaluate,
                          apply=apply, metrics=self.metrics)
@@ -324,9 +323,7 @@ class GroupFamily(families.Family):
     a_SxB, b_SxB = (np.asarray(x, np.int32) for x in inputs)
     if a_SxB.ndim != 2 or a_SxB.shape != b_SxB.shape or a_SxB.shape[0] != n_runs:
       raise ValueError(f"apply: a and b must both be [{n_runs}, B], got {a_SxB.shape}, {b_SxB.shape}")
-    if a_SxB.size and (min(a_SxB.min(), b_SxB.min()) < 0 or
-                       (np.maximum(a_SxB, b_SxB) >= data.order_S[:, None]).any()):
-      raise ValueError("apply: inputs must be group elements 0 .. order-1 of each run's group")
+    task_lib.check_pairs(a_SxB, b_SxB, data.order_S)
     return a_SxB, b_SxB
 
   def describe(self, cfg) -> list[str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -264,3 +265,44 @@ def embedding_matrices(params, model_cfg) -> dict:
   w_out = params["blocks"][-1]["w_out"]
   return {"embed_a": params["embed"], "embed_b": params["embed"],
           "unembed": (w_out @ params["unembed"]).T, "unembed_resid": params["unembed"].T}
+
+
+class EffectiveWeights(NamedTuple):
+  """The MLP as ``logits = ReLU(pre_a[a] + pre_b[b]) · unembedᵀ``: ``pre_a = W_a · W1[:E]`` and
+  ``pre_b = W_b · W1[E:]`` ``[V, N]`` (rows: group elements), ``unembed`` ``[V, N]`` (row c reads out class
+  c). The passes that need a model of that form (ablation losses, margins, feature merging, mode
+  connectivity, the per-neuron split of the pre-activation, coset neurons) read these."""
+  pre_a: Any
+  pre_b: Any
+  unembed: Any
+
+
+def effective_weights(params, model_cfg) -> EffectiveWeights | None:
+  """The MLP's effective weights; None for the transformer (its pre-activations are not additive in a, b)."""
+  if not isinstance(spec_of(model_cfg), MlpSpec):
+    return None
+  e = params["embed_a"].shape[1]
+  return EffectiveWeights(params["embed_a"] @ params["linear"][:e], params["embed_b"] @ params["linear"][e:],
+                          params["unembed"].T)
+
+
+class Stacked(NamedTuple):
+  """The model over a stack of runs (leading axis S of the parameters), jitted once: what training's
+  ``Task.apply``, the analysis and the notebook view evaluate.
+
+  ``apply(params_S, a_SxB, b_SxB) -> (logits_SxBxV, hidden_SxBxN)`` (logits unmasked);
+  ``matrices(params_S) -> embedding_matrices`` stacked ``[S, V, X]``; ``effective(params_S) ->
+  EffectiveWeights`` stacked ``[S, V, N]``, or None (not a function) for models without them.
+  """
+  apply: Callable
+  matrices: Callable
+  effective: Callable | None
+
+
+def stacked(model_cfg) -> Stacked:
+  """``Stacked`` for the config's ``model`` section or a ``ModelSpec`` (read once here, not on every call)."""
+  model_cfg = spec_of(model_cfg)
+  is_mlp = isinstance(model_cfg, MlpSpec)
+  effective = jax.jit(jax.vmap(lambda p: effective_weights(p, model_cfg))) if is_mlp else None
+  return Stacked(apply=jax.jit(jax.vmap(lambda p, a, b: apply(p, a, b, model_cfg))),
+                 matrices=jax.jit(jax.vmap(lambda p: embedding_matrices(p, model_cfg))), effective=effective)

@@ -124,10 +124,11 @@ def learning_order_run(steps_K, sim_KxR, irrep_names: Sequence[str], threshold: 
   return fig
 
 
-def learning_order_group(records: Sequence[Mapping], irrep_names: Sequence[str], steps_K,
+def learning_order_group(records: Sequence, irrep_names: Sequence[str], steps_K,
                          title: str = "") -> Figure:
-  """All runs of a group: for each irrep, the checkpoint at which each run's similarity first crossed the
-  threshold (filled: a key irrep of that run at the end; star: the run's first learned irrep)."""
+  """All runs of a group (``records.SummaryRun``): for each irrep, the checkpoint at which each run's
+  similarity first crossed the threshold (filled: a key irrep of that run at the end; star: the run's first
+  learned irrep)."""
   steps_K = np.asarray(steps_K)
   names = [n for i, n in enumerate(irrep_names) if not (i == 0 and n == "trivial")]
   cols = irrep_colors(len(irrep_names))
@@ -138,16 +139,16 @@ def learning_order_group(records: Sequence[Mapping], irrep_names: Sequence[str],
   for y, name in enumerate(names):
     c = cols[y + offset]
     for j, rec in enumerate(records):
-      at = rec["learning_order"].get(name)
+      at = (rec.learning_order or {}).get(name)
       if at is None:
         continue
       dy = (j - (n - 1) / 2) / max(n, 1) * 0.5  # spread the runs so equal steps stay visible
-      first = rec.get("first_learned") == name
-      key = name in rec.get("key_irreps", ())
+      first = rec.first_learned == name
+      key = name in (rec.key_irreps or ())
       ax.plot([at], [y + dy], "*" if first else "o", ms=9 if first else 5, color=c,
               mfc=c if key else "white", alpha=0.85)
-    key_n = sum(name in r.get("key_irreps", ()) for r in records)
-    first_n = sum(r.get("first_learned") == name for r in records)
+    key_n = sum(name in (r.key_irreps or ()) for r in records)
+    first_n = sum(r.first_learned == name for r in records)
     ax.text(1.01, y, f"key {key_n}/{n}, first {first_n}", transform=ax.get_yaxis_transform(), fontsize=7,
             va="center")
   ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -229,26 +230,37 @@ def neuron_comparison(corr_NxM, dominant_a_N, dominant_b_M, perm_N, irrep_names:
   ax_left.set_ylabel(f"{labels[0]} neurons (by dominant irrep)")
   fig.colorbar(im, ax=ax, shrink=0.8, label="Pearson correlation")
 
-  ax_m = fig.add_subplot(gs[:, 2])
+  both = live_a & live_b[perm]
   same = dom_a == dom_b[perm]
-  vals = matched[order]
+  _matched_bars(fig.add_subplot(gs[:, 2]), matched[order], same[order], float(np.mean(same[both])) if both.any()
+                else float("nan"), labels[0])
+  _matched_irreps(fig.add_subplot(gs[:, 3]), dom_a[both], dom_b[perm][both], irrep_names, palette, labels)
+  fig.suptitle(title, fontsize=9)
+  return fig
+
+
+def _matched_bars(ax_m, vals, same, agree: float, label_a: str) -> None:
+  """The matched correlation of each of A's neurons (in the matrix rows' order), coloured by whether the
+  pair shares its dominant irrep; ``agree``: the share of live pairs that do."""
+  n = vals.shape[0]
   x = np.arange(n)
   ok = np.isfinite(vals)
-  ax_m.bar(x[ok], vals[ok], width=1.0, color=np.where(same[order][ok], "C2", "C7"))
+  ax_m.bar(x[ok], vals[ok], width=1.0, color=np.where(same[ok], "C2", "C7"))
   ax_m.set_xlim(-0.5, n - 0.5)
   ax_m.set_ylim(min(-0.1, float(np.nanmin(vals)) if ok.any() else 0.0), 1.0)
-  ax_m.set_xlabel(f"{labels[0]} neuron (same order as the matrix rows)")
+  ax_m.set_xlabel(f"{label_a} neuron (same order as the matrix rows)")
   ax_m.set_ylabel("matched correlation")
-  agree = float(np.mean(same[live_a & live_b[perm]])) if (live_a & live_b[perm]).any() else float("nan")
   ax_m.set_title(f"mean matched corr {np.nanmean(vals) if ok.any() else float('nan'):.2f}; same dominant "
                  f"irrep {agree:.0%}", fontsize=8)
   ax_m.legend(handles=[Patch(fc="C2", label="same dominant irrep"), Patch(fc="C7", label="different")],
               fontsize=7, loc="lower left")
 
-  ax_c = fig.add_subplot(gs[:, 3])
-  both = live_a & live_b[perm]
+
+def _matched_irreps(ax_c, dom_a, dom_partner, irrep_names, palette, labels) -> None:
+  """Counts of (dominant irrep of a live neuron of A, that of its partner in B)."""
+  r = len(irrep_names)
   conf = np.zeros((r, r), int)
-  np.add.at(conf, (dom_a[both], dom_b[perm][both]), 1)
+  np.add.at(conf, (dom_a, dom_partner), 1)
   ax_c.imshow(conf, cmap="Greys", interpolation="nearest")
   for i in range(r):
     for j in range(r):
@@ -264,8 +276,6 @@ def neuron_comparison(corr_NxM, dominant_a_N, dominant_b_M, perm_N, irrep_names:
   ax_c.set_xlabel(f"dominant irrep in {labels[1]}")
   ax_c.set_ylabel(f"dominant irrep in {labels[0]}")
   ax_c.set_title("matched pairs", fontsize=8)
-  fig.suptitle(title, fontsize=9)
-  return fig
 
 
 def learning_curves(step_E, train_acc_ExS, test_acc_ExS, runs: Sequence[Mapping],

@@ -132,3 +132,19 @@ def masked_xent(logits_BxV, c_B, w_B, order):
   picked_B = jnp.sum(jnp.where(classes_1xV == c_B[:, None], logits_BxV, 0.0), axis=-1)
   correct_B = (jnp.argmax(logits_BxV, axis=-1) == c_B).astype(jnp.float32)
   return jnp.sum(w_B * (lse_B - picked_B)), jnp.sum(w_B * correct_B)
+
+
+def mask_padding(logits_xV, order):
+  """Logits with the classes ``>= order`` (a smaller group padded into its bucket's vocabulary) at −inf, as
+  training scores them; ``order`` broadcasts against the leading axes (e.g. ``order_S[:, None, None]``)."""
+  shape = jnp.shape(logits_xV)
+  classes = jnp.arange(shape[-1]).reshape((1,) * (len(shape) - 1) + shape[-1:])  # the logits' rank
+  return jnp.where(classes < order, logits_xV, -jnp.inf)
+
+
+def check_pairs(a_SxB: np.ndarray, b_SxB: np.ndarray, order_S) -> None:
+  """Refuses inputs that are not elements 0 .. order-1 of each run's own group."""
+  if a_SxB.size and (min(a_SxB.min(), b_SxB.min()) < 0
+                     or (np.maximum(a_SxB, b_SxB) >= np.asarray(order_S)[:, None]).any()):
+    raise ValueError("apply: inputs must be group elements 0 .. order-1 of each run's group")
+

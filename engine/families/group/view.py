@@ -25,16 +25,17 @@ from universality.engine.families.group.passes import connectivity
 from universality.engine.families.group.passes import cosets
 from universality.engine.analysis import cross_seed
 from universality.engine.analysis import driver
-from universality.engine.families.group.passes import pipeline
+from universality.engine.families.group.passes import neuron_split
+from universality.engine.families.group.passes import records
 from universality.engine.families.group.passes import representation
-from universality.engine.families.group import analysis
 from universality.engine.families.group import models
+from universality.engine.families.group import task as task_lib
 
 
 class View(view_lib.Run):
   """A read-only view of a group-composition run directory (see the module docstring)."""
 
-  def __init__(self, workdir: str, index=None, _shared: dict | None = None):
+  def __init__(self, workdir: str, index=None, _shared: view_lib.Cache | None = None):
     super().__init__(workdir, index, _shared)
     self.plot = Plots(self)
 
@@ -43,7 +44,7 @@ class View(view_lib.Run):
     """The group specs of the selected runs, in run order."""
     return list(dict.fromkeys(r["group"] for r in self.runs))
 
-  def _one_group(self, group: str | None) -> "View":
+  def one_group(self, group: str | None) -> "View":
     """The selected runs of ``group``; with ``group=None`` the selection must hold a single group."""
     if group is not None:
       return self.select(group=group)
@@ -51,8 +52,9 @@ class View(view_lib.Run):
       raise ValueError(f"the selection spans groups {self.groups}: pass group=")
     return self
 
-  def _one_run(self, group: str | None, seed: int | None, filters: dict) -> "View":
-    sub = self._one_group(group)
+  def one_run(self, group: str | None, seed: int | None, filters: dict) -> "View":
+    """The one selected run of ``group`` with seed number ``seed`` (None: any) and ``filters``."""
+    sub = self.one_group(group)
     if seed is not None:
       filters = dict(filters, seed=seed)
     if filters:
@@ -68,11 +70,13 @@ class View(view_lib.Run):
     """int ``[S]``: the group order of each selected run."""
     return np.asarray([groups_lib.get(r["group"]).order for r in self.runs], np.int64)
 
-  def _apply_fn(self):
-    if "apply_fn" not in self._shared:
-      model_cfg = self.config.model
-      self._shared["apply_fn"] = jax.jit(jax.vmap(lambda p, a, b: models.apply(p, a, b, model_cfg)))
-    return self._shared["apply_fn"]
+  @property
+  def model(self) -> models.Stacked:
+    """The model over stacked runs (``models.stacked`` of config.json's model), built once per directory:
+    the functions the analysis and ``apply`` evaluate."""
+    if self._shared.forward is None:
+      self._shared.forward = models.stacked(self.config.model)
+    return self._shared.forward
 
   def _inputs(self, inputs, b) -> tuple[np.ndarray, np.ndarray]:
     """``(a_SxB, b_SxB)`` from the forms ``apply`` accepts, checked against each run's group."""
@@ -97,9 +101,7 @@ class View(view_lib.Run):
       raise ValueError(f"apply: a and b must both be [B] or [{s}, B], got {a_arr.shape} and {b_arr.shape}")
     a_arr = np.broadcast_to(a_arr, (s, a_arr.shape[-1]))
     b_arr = np.broadcast_to(b_arr, (s, b_arr.shape[-1]))
-    if a_arr.size and (min(a_arr.min(), b_arr.min()) < 0  # checked before the int32 cast, which would wrap
-                       or (np.maximum(a_arr, b_arr) >= self.orders()[:, None]).any()):
-      raise ValueError("apply: inputs must be group elements 0 .. order-1 of each selected run's group")
+    task_lib.check_pairs(a_arr, b_arr, self.orders())  # before the int32 cast, which would wrap
     return a_arr.astype(np.int32), b_arr.astype(np.int32)
 
   def apply(self, step: int | None = None, inputs=None, b=None, *,
@@ -128,7 +130,7 @@ class View(view_lib.Run):
       raise ValueError("apply: no inputs (B = 0): pass at least one pair (a, b)")
     size = n_in if batch_size is None else int(batch_size)
     params = self.params(step)
-    fn = self._apply_fn()
+    fn = self.model.apply
     logits, hidden = [], []
     for lo in range(0, n_in, size):
       lg, hd = fn(params, a_SxB[:, lo:lo + size], b_SxB[:, lo:lo + size])
@@ -136,9 +138,7 @@ class View(view_lib.Run):
       hidden.append(np.asarray(hd, np.float32))
     logits_SxBxV = np.concatenate(logits, axis=1)
     hidden_SxBxN = np.concatenate(hidden, axis=1)
-    classes_V = np.arange(logits_SxBxV.shape[-1])
-    mask_SxBxV = np.broadcast_to(classes_V[None, None, :] < self.orders()[:, None, None], logits_SxBxV.shape)
-    return np.where(mask_SxBxV, logits_SxBxV, np.float32(-np.inf)), hidden_SxBxN
+    return np.asarray(task_lib.mask_padding(logits_SxBxV, self.orders()[:, None, None])), hidden_SxBxN
 
   def pairs(self) -> tuple[np.ndarray, np.ndarray]:
     """All pairs (a, b) of each selected run's group, padded with (0, 0) to the largest |G|²: ``a_SxP``."""
@@ -155,23 +155,24 @@ class View(view_lib.Run):
              batch_size: int | None = None) -> np.ndarray:
     """``acts_SxTxN``: hidden activations of the selected runs of one group on all T = |G|² pairs
     (pair ``a·|G| + b``), the inputs every cross-seed analysis compares."""
-    sub = self._one_group(group)
+    sub = self.one_group(group)
     n = int(sub.orders()[0])
     a_T = np.repeat(np.arange(n, dtype=np.int32), n)
     b_T = np.tile(np.arange(n, dtype=np.int32), n)
     return sub.apply(step, (a_T, b_T), batch_size=batch_size)[1]
 
 
-  def _matrices_fn(self):
-    """Jitted stacked embedding matrices (analysis.matrices_fn_for), built once per run directory."""
-    if "matrices_fn" not in self._shared:
-      self._shared["matrices_fn"] = analysis.matrices_fn_for(self.config.model)
-    return self._shared["matrices_fn"]
-
+  def effective_weights(self, step: int | None = None) -> models.EffectiveWeights | None:
+    """The selected runs' effective MLP weights at ``step`` as numpy ``[S, |G|, N]`` (rows of the first
+    selected run's group; ``models.effective_weights``), or None for a model without them."""
+    if self.model.effective is None:
+      return None
+    g = int(self.orders()[0])
+    return models.EffectiveWeights(*(np.asarray(x)[:, :g] for x in self.model.effective(self.params(step))))
 
   def irrep_names(self, group: str | None = None) -> list[str]:
     """Names of the real irreps of the selected group, trivial first (the analysis' order)."""
-    spec = self._one_group(group).groups[0]
+    spec = self.one_group(group).groups[0]
     return [r.name for r in irreps_lib.real_irreps(groups_lib.get(spec))]
 
   def neuron_irreps(self, step: int | None = None, group: str | None = None) -> dict:
@@ -180,17 +181,15 @@ class View(view_lib.Run):
 
     Returns numpy ``share_SxNxR``, ``dominant_SxN``, ``dominant_share_SxN`` and ``irreps`` (names).
     """
-    sub = self._one_group(group)
+    sub = self.one_group(group)
     grp = groups_lib.get(sub.groups[0])
     tables = representation.irrep_tables(grp, irreps_lib.real_irreps(grp))
     g = grp.order
-    if self.config.model.name == "mlp":
-      mats = self._matrices_fn()(sub.params(step))
-      res = representation.neuron_irreps(np.asarray(mats["pre_a"])[:, :g], np.asarray(mats["pre_b"])[:, :g],
-                                         grp, tables)
+    eff = sub.effective_weights(step)
+    if eff is not None:
+      res = representation.neuron_irreps(eff.pre_a, eff.pre_b, grp, tables)
     else:
-      hidden = sub.hidden(step).reshape(len(sub), g, g, -1)
-      res = pipeline.neuron_irreps_from_hidden(hidden, grp, tables)
+      res = neuron_split.from_hidden(sub.hidden(step).reshape(len(sub), g, g, -1), grp, tables)
     out = {k: np.asarray(v) for k, v in res.items()}
     out["irreps"] = list(tables.names)
     return out
@@ -205,16 +204,16 @@ class View(view_lib.Run):
     ``best_adjusted_SxIxN``, ``coset_SxIxN``, ``induced_share_SxIxN``, ``source``, ``subgroups``
     (``universality.engine.groups.Subgroups``) and ``labels`` (each subgroup's class label).
     """
-    sub = self._one_group(group)
+    sub = self.one_group(group)
     grp = groups_lib.get(sub.groups[0])
     tables = representation.irrep_tables(grp, irreps_lib.real_irreps(grp))
     g = grp.order
     if threshold is None:
       threshold = cosets.DEFAULT_COSET_THRESHOLD
-    mats = {k: np.asarray(v) for k, v in self._matrices_fn()(sub.params(step)).items()}
-    hidden = None if "pre_a" in mats else sub.hidden(step).reshape(len(sub), g, g, -1)
-    f, source = cosets.input_functions(mats["pre_a"][:, :g] if "pre_a" in mats else None,
-                                       mats["pre_b"][:, :g] if "pre_b" in mats else None, hidden)
+    eff = sub.effective_weights(step)
+    hidden = None if eff is not None else sub.hidden(step).reshape(len(sub), g, g, -1)
+    f, source = cosets.input_functions(None if eff is None else eff.pre_a, None if eff is None else eff.pre_b,
+                                       hidden)
     table = cosets.coset_tables(grp, tables)
     out = {k: np.asarray(v) for k, v in cosets.coset_neurons(f, grp, tables, table, threshold=threshold).items()}
     out.update(source=source, subgroups=table.subgroups, labels=cosets.class_labels(table.subgroups))
@@ -225,17 +224,15 @@ class View(view_lib.Run):
     """Linear mode connectivity between every pair of the selected runs of one group (MLP), raw and after
     activation and weight matching (``universality.engine.families.group.passes.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
     alignment ``perm_PxN``, ``loss_PxL``, ``accuracy_PxL``, ``barrier_P``."""
-    sub = self._one_group(group)
+    sub = self.one_group(group)
     if len(sub) < 2:
       raise ValueError("connectivity needs at least two runs of the group")
     grp = groups_lib.get(sub.groups[0])
-    g = grp.order
-    mats = {k: np.asarray(v) for k, v in self._matrices_fn()(sub.params(step)).items()}
-    if "pre_a" not in mats:
+    eff = sub.effective_weights(step)
+    if eff is None:
       raise ValueError("connectivity interpolates the MLP's effective weights; this model has none")
     perm = cross_seed.match_neurons(sub.hidden(step))["perm_SxSxN"]
-    return connectivity.connectivity(mats["pre_a"][:, :g], mats["pre_b"][:, :g], mats["unembed"][:, :g],
-                                     grp.table, perm, points=points or connectivity.DEFAULT_POINTS)
+    return connectivity.connectivity(*eff, grp.table, perm, points=points or connectivity.DEFAULT_POINTS)
 
   def neuron_correlations(self, step: int | None = None, group: str | None = None, *,
                           universal_threshold: float | None = None, seed: int = 0) -> dict:
@@ -246,7 +243,7 @@ class View(view_lib.Run):
     Returns numpy ``max_SxNxS``, ``argmax_SxNxS``, ``baseline_max_SxNxS``, ``excess_SxN``, ``universal_SxN``,
     ``dead_SxN`` (constant neurons, as the analysis counts them) and ``universal_fraction_S``.
     """
-    sub = self._one_group(group)
+    sub = self.one_group(group)
     if universal_threshold is None:
       universal_threshold = cross_seed.DEFAULT_UNIVERSAL_THRESHOLD
     acts_SxTxN = sub.hidden(step)
@@ -271,8 +268,8 @@ class View(view_lib.Run):
       ``runs`` (the two runs.json rows), ``mean_matched_corr`` and ``same_dominant`` (share of matched
       live pairs with the same dominant irrep).
     """
-    run_a = self._one_run(group, seed_a, filters)
-    run_b = self._one_run(group, seed_b, filters)
+    run_a = self.one_run(group, seed_a, filters)
+    run_b = self.one_run(group, seed_b, filters)
     if run_a.groups != run_b.groups:
       raise ValueError(f"compare_neurons: runs of different groups {run_a.groups} and {run_b.groups}")
     pair = self._view([int(run_a.index[0]), int(run_b.index[0])])
@@ -306,10 +303,24 @@ class View(view_lib.Run):
     task record (order, irreps, steps, thresholds), ``records`` the summary's run records of the selected
     runs, ``positions`` their places in the cohort's S×S matrices (``aggregate`` is over the whole cohort).
     """
-    sub = self._one_group(group)
+    sub = self.one_group(group)
     cs = sub.cohort_summary(**filters)
     return {"spec": sub.select(cohort=cs["cohort"]).groups[0], "cohort": cs["cohort"], "group": cs["task"],
             "aggregate": cs["aggregate"], "records": cs["records"], "positions": cs["positions"]}
+
+
+  def cohort_records(self, group: str | None = None, **filters) -> records.CohortSummary:
+    """``group_summary`` as typed records (``passes.records``), for code that reads fields, not keys."""
+    gs = self.group_summary(group, **filters)
+    return records.CohortSummary(
+        spec=gs["spec"], cohort=gs["cohort"], task=records.Task.from_json(gs["group"]),
+        aggregate=records.Aggregate.from_json(gs["aggregate"]),
+        runs=[records.SummaryRun.of(r) for r in gs["records"]], positions=list(gs["positions"]))
+
+
+def _labels(runs) -> list[str]:
+  """``plots.run_labels`` of summary rows read as records."""
+  return plots.run_labels([r.row for r in runs])
 
 
 class Plots:
@@ -327,55 +338,54 @@ class Plots:
 
   def similarity_heatmap(self, group: str | None = None):
     """Runs × irreps logit similarity at the final step (summary.json); key irreps outlined."""
-    gs = self._run.group_summary(group)
-    names = [r["name"] for r in gs["group"]["irreps"]]
-    sim = np.array([[np.nan if rec["logit_similarity"][n] is None else rec["logit_similarity"][n]
-                     for n in names] for rec in gs["records"]], float)
-    key = np.array([[n in rec["key_irreps"] for n in names] for rec in gs["records"]], bool)
-    title = f"{gs['spec']}: logit similarity at step {gs['group']['steps'][-1]} (outlined: key irreps)"
-    return group_plots.similarity_heatmap(sim, plots.run_labels(gs["records"]), names, key, title=title)
+    cs = self._run.cohort_records(group)
+    names = [r.name for r in cs.task.irreps]
+    sim = np.array([[np.nan if r.logit_similarity[n] is None else r.logit_similarity[n] for n in names]
+                    for r in cs.runs], float)
+    key = np.array([[n in r.key_irreps for n in names] for r in cs.runs], bool)
+    title = f"{cs.spec}: logit similarity at step {cs.task.steps[-1]} (outlined: key irreps)"
+    return group_plots.similarity_heatmap(sim, _labels(cs.runs), names, key, title=title)
 
   def key_irreps(self, group: str | None = None):
     """Bars: per irrep, the selected runs that generalised in which it is key and in which it was learned
     first."""
-    gs = self._run.group_summary(group)
-    names = [r["name"] for r in gs["group"]["irreps"]]
-    done = [rec for rec in gs["records"] if rec.get("generalised", True)]
-    key = {n: sum(n in rec["key_irreps"] for rec in done) for n in names}
-    first = {n: sum(rec["first_learned"] == n for rec in done) for n in names}
+    cs = self._run.cohort_records(group)
+    names = [r.name for r in cs.task.irreps]
+    done = [r for r in cs.runs if r.done]
+    key = {n: sum(n in r.key_irreps for r in done) for n in names}
+    first = {n: sum(r.first_learned == n for r in done) for n in names}
     return group_plots.key_irrep_bars(names, key, first, len(done),
-                                title=f"{gs['spec']}: key irreps over {len(done)} generalised runs")
+                                      title=f"{cs.spec}: key irreps over {len(done)} generalised runs")
 
   def learning_order(self, seed: int | None = None, group: str | None = None, **filters):
     """One run (seed number ``seed``): logit similarity of each irrep over the checkpoints, the step it
     crossed the threshold, and the run's accuracies. With ``seed=None`` the selection must be one run."""
-    one = self._run._one_run(group, seed, filters)
-    gs = one.group_summary()
-    rec = gs["records"][0]
-    names = [r["name"] for r in gs["group"]["irreps"]]
-    sim = np.array([[np.nan if v is None else v for v in rec["similarity_by_step"][n]] for n in names],
-                   float).T
+    one = self._run.one_run(group, seed, filters)
+    cs = one.cohort_records()
+    r = cs.runs[0]
+    names = [i.name for i in cs.task.irreps]
+    sim = np.array([[np.nan if v is None else v for v in r.similarity_by_step[n]] for n in names], float).T
     m = one.metrics()
-    title = (f"{gs['spec']} {plots.run_labels(one.runs)[0]}: learning order "
-             f"{' → '.join(rec['key_irreps_in_order']) or '(no key irreps)'}")
-    return group_plots.learning_order_run(gs["group"]["steps"], sim, names, gs["group"]["order_threshold"],
-                                    rec["learning_order"], rec["key_irreps"], title=title,
-                                    metric_steps=m["step"], test_acc=m["test_acc"][:, 0],
-                                    train_acc=m["train_acc"][:, 0])
+    title = (f"{cs.spec} {plots.run_labels(one.runs)[0]}: learning order "
+             f"{' → '.join(r.key_irreps_in_order) or '(no key irreps)'}")
+    return group_plots.learning_order_run(cs.task.steps, sim, names, cs.task.order_threshold,
+                                          r.learning_order, r.key_irreps, title=title,
+                                          metric_steps=m["step"], test_acc=m["test_acc"][:, 0],
+                                          train_acc=m["train_acc"][:, 0])
 
   def learning_order_group(self, group: str | None = None):
     """Every selected run of a group that generalised: the checkpoint at which each irrep crossed the
     learning-order threshold."""
-    gs = self._run.group_summary(group)
-    names = [r["name"] for r in gs["group"]["irreps"]]
-    done = [rec for rec in gs["records"] if rec.get("generalised", True)]
-    return group_plots.learning_order_group(done, names, gs["group"]["steps"],
-                                      title=f"{gs['spec']}: learning order over {len(done)} generalised runs")
+    cs = self._run.cohort_records(group)
+    names = [r.name for r in cs.task.irreps]
+    done = [r for r in cs.runs if r.done]
+    return group_plots.learning_order_group(done, names, cs.task.steps,
+                                            title=f"{cs.spec}: learning order over {len(done)} generalised runs")
 
   def correlation_distribution(self, group: str | None = None, step: int | None = None):
     """Max cross-seed correlation of each live neuron (per other run) against its rotation baseline, and
     the excess correlation, recomputed from the checkpoint (needs two or more selected runs)."""
-    sub = self._run._one_group(group).one_cohort()
+    sub = self._run.one_group(group).one_cohort()
     if len(sub) < 2:
       raise ValueError("correlation_distribution needs at least two runs of the group")
     thr = None
@@ -388,40 +398,40 @@ class Plots:
     live_SxN = ~res["dead_SxN"]
     sel = live_SxN[:, :, None] & ~np.eye(s, dtype=bool)[:, None, :]
     thr = 0.5 if thr is None else thr
-    title = f"{sub.groups[0]}: neuron correlations across {s} runs at step {sub._step(step)}"
+    title = f"{sub.groups[0]}: neuron correlations across {s} runs at step {sub.resolve_step(step)}"
     return plots.correlation_distribution(res["max_SxNxS"][sel], res["baseline_max_SxNxS"][sel],
                                           res["excess_SxN"][live_SxN], thr, title=title)
 
   def connectivity(self, group: str | None = None):
     """Mean loss over seed pairs along the linear path between their weights, per alignment
     (summary.json)."""
-    gs = self._run.group_summary(group)
-    conn = gs["aggregate"].get("connectivity")
+    cs = self._run.cohort_records(group)
+    conn = cs.aggregate.connectivity
     if not conn:
-      raise ValueError(f"summary.json has no mode connectivity for {gs['spec']} (one run, or not an MLP)")
-    return group_plots.loss_paths(np.linspace(0, 1, conn["points"]),
-                            {k: v["mean_loss_path"] for k, v in conn["alignments"].items()},
-                            title=f"{gs['spec']}: loss between seeds")
+      raise ValueError(f"summary.json has no mode connectivity for {cs.spec} (one run, or not an MLP)")
+    return group_plots.loss_paths(np.linspace(0, 1, conn.points),
+                                  {k: v.mean_loss_path for k, v in conn.alignments.items()},
+                                  title=f"{cs.spec}: loss between seeds")
 
   def cka(self, group: str | None = None, measure: str = "cka"):
     """The S×S matrix of ``measure`` (``cka``, ``procrustes``, ``mutual_knn`` or ``matching``) between
     the selected runs' hidden representations at the final step (summary.json)."""
-    gs = self._run.group_summary(group)
-    agg = gs["aggregate"]
+    cs = self._run.cohort_records(group)
+    agg = cs.aggregate
     if measure == "matching":
-      m = None if agg.get("matching") is None else agg["matching"]["mean_matched_corr"]
+      m = None if agg.matching is None else agg.matching.mean_matched_corr
     elif measure in ("cka", "procrustes", "mutual_knn"):
-      m = agg.get(measure)
+      m = getattr(agg, measure)
     else:
       raise ValueError(f"unknown measure {measure!r}; expected cka, procrustes, mutual_knn or matching")
     if m is None:
-      raise ValueError(f"summary.json has no {measure} matrix for {gs['spec']} (fewer than two runs?)")
-    pos = gs["positions"]
+      raise ValueError(f"summary.json has no {measure} matrix for {cs.spec} (fewer than two runs?)")
+    pos = cs.positions
     m = np.array([[np.nan if v is None else v for v in row] for row in m], float)[np.ix_(pos, pos)]
     vmax = 2 ** 0.5 if measure == "procrustes" else 1.0
     labels = {"cka": "linear CKA", "procrustes": "Procrustes distance", "mutual_knn": "mutual k-NN",
               "matching": "mean matched neuron correlation"}
-    return plots.matrix(m, plots.run_labels(gs["records"]), title=f"{gs['spec']}: {labels[measure]}",
+    return plots.matrix(m, _labels(cs.runs), title=f"{cs.spec}: {labels[measure]}",
                         vmin=0.0, vmax=vmax, cmap="viridis_r" if measure == "procrustes" else "viridis")
 
   def neurons(self, seed_a: int, seed_b: int, group: str | None = None, step: int | None = None,
@@ -436,4 +446,4 @@ class Plots:
         cmp["corr_NxM"], cmp["dominant_a_N"], cmp["dominant_b_M"], cmp["perm_N"], cmp["irreps"],
         cmp["live_a_N"], cmp["live_b_M"], labels=labels,
         title=f"{cmp['runs'][0]['group']}: hidden neurons of {labels[0]} vs {labels[1]} at step "
-              f"{self._run._step(step)}")
+              f"{self._run.resolve_step(step)}")

@@ -26,7 +26,7 @@ from universality.engine.families.lm import plots
 class View(view_lib.Run):
   """A read-only view of a language-model run directory (see the module docstring)."""
 
-  def __init__(self, workdir: str, index=None, _shared: dict | None = None):
+  def __init__(self, workdir: str, index=None, _shared: view_lib.Cache | None = None):
     super().__init__(workdir, index, _shared)
     self.plot = Plots(self)
 
@@ -35,10 +35,11 @@ class View(view_lib.Run):
     return family_lib.corpus_of(self.config)
 
   def _forward(self):
-    if "forward" not in self._shared:
+    """The model over the selected runs' stacked parameters on one token window, jitted once per directory."""
+    if self._shared.forward is None:
       gpt = self.config.model.gpt
-      self._shared["forward"] = jax.jit(jax.vmap(lambda p, t: models.apply(p, t, gpt), in_axes=(0, None)))
-    return self._shared["forward"]
+      self._shared.forward = jax.jit(jax.vmap(lambda p, t: models.apply(p, t, gpt), in_axes=(0, None)))
+    return self._shared.forward
 
   def apply(self, text: str | bytes, step: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Logits ``[S, T, 256]`` and activations ``{"mlp_pre", "mlp_post"}`` ``[S, T, L, N]`` of the selected

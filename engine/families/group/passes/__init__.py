@@ -4,8 +4,12 @@
 FVEs, restricted / excluded losses, learning order, per-neuron irreps; ``cosets`` — the share of each
 neuron's input explained by the cosets of every subgroup; ``margins`` — normalised margin, single-irrep
 neurons, irrep coverage; ``connectivity`` — loss barriers on the linear path between seeds of the MLP, raw
-and after neuron alignment; ``redundancy`` — iterative feature merging of the MLP's hidden layer;
-``pipeline`` — all of it for the runs of one group, as JSON-ready records.
+and after neuron alignment; ``redundancy`` — iterative feature merging of the MLP's hidden layer.
+
+A cohort's analysis: ``streaming`` (one pass over all |G|² pairs in blocks), ``neuron_split`` (the irreps of
+neurons without additive pre-activations) and ``context`` (what every unit reads, computed once) feed the
+units of ``units`` (each with its settings and its typed record, ``records``); ``pipeline.analyze_group``
+runs them all on parameters held in memory.
 """
 
 from universality.engine.families.group.passes.cosets import coset_neurons
