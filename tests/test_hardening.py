@@ -62,9 +62,12 @@ def final_params(workdir, step=None):
   return at, jax.tree.map(np.asarray, state)
 
 
-_MEASURED = ("import atexit, resource, runpy, sys; "
-             "atexit.register(lambda: sys.stderr.write("
-             "f'maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n')); "
+# The peak RSS from VmHWM, not ru_maxrss: the latter keeps the forking test process's own peak across exec, so
+# late in a suite it reports the pytest worker's memory rather than the launch's.
+_MEASURED = ("import atexit, os, resource, runpy, sys; "
+             "peak = lambda: ([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')] "
+             "if os.path.exists('/proc/self/status') else [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss])[0]; "
+             "atexit.register(lambda: sys.stderr.write(f'maxrss_kb={peak()}\\n')); "
              "sys.argv = ['group_universality'] + sys.argv[1:]; "
              "runpy.run_module('universality.experiments.group_universality', run_name='__main__')")
 
