@@ -11,14 +11,7 @@ import pytest
 
 from universality.engine import checkpoint, config as config_lib, groups, launch, replay, rundir
 from universality.engine.families.lm import corpus as corpus_lib
-from tests.test_hardening import FLAGS, cli, finished, tiny_config  # noqa: F401 - finished is a fixture
-
-
-@pytest.fixture
-def study(finished, tmp_path):  # noqa: F811
-  workdir = tmp_path / "study"
-  shutil.copytree(finished, workdir)
-  return workdir
+from tests.test_hardening import FLAGS, cli, finished, study, tiny_config  # noqa: F401 - fixtures
 
 
 def snapshot(workdir) -> dict[str, bytes]:
