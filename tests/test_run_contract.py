@@ -4,7 +4,6 @@ status 2 from the command line, with the directory left byte for byte (but its l
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
