@@ -1,0 +1,461 @@
+"""Convergent Learning passes (Li et al. 2016, *Convergent learning: do different neural networks learn the
+same representations?*) on the activations of any family's layer, ``acts_SxTxN`` (S runs, T inputs, N units).
+
+Every pass compares the pairs of runs named in ``pairs`` (a list of ``(a, b)`` run indices; None: every
+``a < b``) and returns a dict of arrays with a leading pair axis Q plus one typed, JSON-able record per pair:
+
+* ``one_to_one(acts_SxTxN, pairs)``: for each unit of run a, its most correlated unit of run b (greedy
+  semi-matching: several units may pick the same partner) beside the maximum-weight bipartite matching
+  (``scipy.optimize.linear_sum_assignment``); the mean matched correlation of each, and the share of units
+  to which both assign the same partner (the paper's table: conv1 greedy 0.703 / max 0.663, ...).
+* ``sparse_prediction(acts_SxTxN, pairs, lambdas=...)``: every unit of run b predicted from all units of run
+  a by L1-regularised linear regression on standardised activations, the objective of scikit-learn's
+  ``Lasso``, ``1/(2n) ‖y − Xw‖² + λ‖w‖₁``, solved by FISTA batched over b's units, the pairs and the λ grid in
+  one jitted loop; the held-out loss (mean squared error of standardised units on inputs left out of the
+  fit, ≈ 1 − R²) against λ and how many of a's units each of b's units uses.
+* ``spectral_clusters(acts_SxTxN, pairs, clusters=...)``: the units of runs a and b clustered together
+  (normalised spectral clustering, Ng, Jordan & Weiss 2001, on the affinity |correlation|; numpy
+  eigenvectors + k-means with a fixed seed, so no runtime dependency beyond numpy); per cluster the units of
+  each run, the mean |correlation| within each run and between the runs, the mean canonical correlation
+  (SVCCA: each side first reduced to the directions holding ``svcca_keep`` of its variance) between the
+  two runs' parts; the share of mixed clusters (units of both runs).
+
+Dead units (constant over the inputs) have no correlation: they count as correlation 0 in the matchings and
+are left out of every mean; in the sparse prediction they are neither used nor predicted; in the clustering
+they get cluster -1.
+
+A family (the vision family's conv layers, say) calls, for a layer's ``acts_SxTxN`` of runs that differ only
+in seed::
+
+    from universality.engine.analysis import convergent
+    pairs = convergent.default_pairs(acts_SxTxN.shape[0])
+    o2o = convergent.one_to_one(acts_SxTxN, pairs)
+    sp = convergent.sparse_prediction(acts_SxTxN, pairs, key=jax.random.key(0))
+    sc = convergent.spectral_clusters(acts_SxTxN, pairs)
+    records = o2o["records"], sp["records"], sc["records"]   # lists of OneToOne, SparsePrediction, Clusters
+    json_ready = [r.to_json() for r in records[0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from universality.engine.analysis.jsonable import to_json as _jsonable
+
+DEFAULT_LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3)
+DEFAULT_ITERATIONS = 300
+DEFAULT_HELDOUT = 0.25
+DEFAULT_CLUSTERS = 8
+DEFAULT_SVCCA_KEEP = 0.99
+USED_TOL = 1e-6  # a coefficient of magnitude above this counts as a unit used
+_DEAD_RTOL = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# Typed records (the style of ``engine/families/group/passes/records.py``: frozen dataclasses whose fields
+# are the keys of their JSON object; non-finite numbers as null).
+
+Num = Optional[float]
+
+
+class Record:
+  """A frozen dataclass read from and written to plain JSON."""
+
+  def to_json(self) -> dict:
+    return _jsonable({f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+  @classmethod
+  def from_json(cls, obj: typing.Mapping[str, Any]):
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: _parse(hints[f.name], obj.get(f.name)) for f in dataclasses.fields(cls)})
+
+
+def _plain(value):
+  if isinstance(value, Record):
+    return value.to_json()
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _parse(hint, value):
+  if value is None:
+    return None
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is typing.Union:
+    inner = [a for a in args if a is not type(None)]
+    return _parse(inner[0], value) if len(inner) == 1 else value
+  if isinstance(hint, type) and issubclass(hint, Record):
+    return hint.from_json(value)
+  if origin is list and args:
+    return [_parse(args[0], v) for v in value]
+  return value
+
+
+def _record(cls):
+  return dataclasses.dataclass(frozen=True)(cls)
+
+
+@_record
+class OneToOne(Record):
+  """One pair of runs: greedy semi-matching vs maximum bipartite matching of a's units to b's."""
+  run_a: int
+  run_b: int
+  units: int  # live units of run a counted in the means
+  greedy_mean: Num  # mean over a's live units of their max correlation with b's units
+  max_mean: Num  # mean correlation of the bipartite matching
+  same_partner_share: Num  # share of a's live units that both matchings pair with the same unit of b
+
+
+@_record
+class SparsePrediction(Record):
+  """One pair of runs: b's units predicted from a's, per λ of the sweep."""
+  run_a: int
+  run_b: int
+  lambdas: list[float]
+  heldout_loss: list[Num]  # mean over b's live units of the held-out MSE of the standardised unit
+  train_loss: list[Num]  # the same on the fitted inputs
+  mean_units_used: list[Num]  # mean over b's live units of how many of a's units have a nonzero weight
+
+
+@_record
+class Cluster(Record):
+  units_a: list[int]
+  units_b: list[int]
+  within_a: Num  # mean |corr| over pairs of distinct units of run a in the cluster
+  within_b: Num
+  between: Num  # mean |corr| over (unit of a, unit of b) in the cluster
+  svcca: Num  # mean canonical correlation of the two runs' parts (null unless mixed)
+
+
+@_record
+class Clusters(Record):
+  """One pair of runs: spectral clusters of their units together."""
+  run_a: int
+  run_b: int
+  clusters: list[Cluster]
+  mixed_share: Num  # share of (non-empty) clusters holding units of both runs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def default_pairs(runs: int) -> list[tuple[int, int]]:
+  """Every pair ``(a, b)`` with ``a < b``."""
+  return [(a, b) for a in range(runs) for b in range(a + 1, runs)]
+
+
+def _check(acts_SxTxN, pairs) -> tuple[np.ndarray, list[tuple[int, int]]]:
+  acts = np.asarray(acts_SxTxN, np.float32)
+  if acts.ndim != 3:
+    raise ValueError(f"acts must be [S, T, N], got shape {acts.shape}")
+  s, t, n = acts.shape
+  if s < 2 or t < 2 or n < 1:
+    raise ValueError(f"acts need at least 2 runs, 2 inputs and 1 unit, got shape {acts.shape}")
+  if not np.all(np.isfinite(acts)):
+    raise ValueError("acts contain NaN or infinity")
+  pairs = default_pairs(s) if pairs is None else [(int(a), int(b)) for a, b in pairs]
+  if not pairs:
+    raise ValueError("pairs is empty")
+  for a, b in pairs:
+    if not (0 <= a < s and 0 <= b < s) or a == b:
+      raise ValueError(f"pair ({a}, {b}) must name two different runs in [0, {s})")
+  return acts, pairs
+
+
+def _stats(x_TxN: np.ndarray):
+  """float64 mean, population std and live mask of each unit."""
+  x = np.asarray(x_TxN, np.float64)
+  mean = x.mean(axis=0)
+  std = x.std(axis=0)
+  live = std > _DEAD_RTOL * np.maximum(np.abs(mean), 1.0)
+  return mean, std, live
+
+
+def cross_correlation(a_TxN: np.ndarray, b_TxM: np.ndarray) -> np.ndarray:
+  """float64 Pearson correlation ``[N, M]`` of the units of two runs; 0 where either unit is dead."""
+  ma, sa, la = _stats(a_TxN)
+  mb, sb, lb = _stats(b_TxM)
+  za = np.where(la, (np.asarray(a_TxN, np.float64) - ma) / np.where(la, sa, 1.0), 0.0)
+  zb = np.where(lb, (np.asarray(b_TxM, np.float64) - mb) / np.where(lb, sb, 1.0), 0.0)
+  return za.T @ zb / za.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One-to-one.
+
+
+def one_to_one(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None) -> dict:
+  """Greedy semi-matching and maximum bipartite matching of the units of each pair of runs.
+
+  Returns:
+    dict: ``greedy_QxN`` (the unit of b most correlated with unit n of a), ``max_QxN`` (its partner in the
+    maximum-weight one-to-one matching), ``greedy_corr_QxN``, ``max_corr_QxN`` (NaN where a unit of a or
+    its partner is dead), ``pairs`` and ``records`` (a ``OneToOne`` per pair).
+  """
+  acts, pairs = _check(acts_SxTxN, pairs)
+  q, n = len(pairs), acts.shape[2]
+  greedy = np.zeros((q, n), np.int64)
+  best = np.zeros((q, n), np.int64)
+  greedy_corr = np.full((q, n), np.nan)
+  max_corr = np.full((q, n), np.nan)
+  records = []
+  for k, (a, b) in enumerate(pairs):
+    corr = cross_correlation(acts[a], acts[b])
+    live_a, live_b = _stats(acts[a])[2], _stats(acts[b])[2]
+    greedy[k] = np.argmax(corr, axis=1)
+    rows, cols = scipy.optimize.linear_sum_assignment(corr, maximize=True)
+    best[k, rows] = cols
+    counted = live_a & live_b[greedy[k]]
+    greedy_corr[k] = np.where(counted, corr[np.arange(n), greedy[k]], np.nan)
+    max_corr[k] = np.where(live_a & live_b[best[k]], corr[np.arange(n), best[k]], np.nan)
+    units = int(live_a.sum())
+    same = np.sum((greedy[k] == best[k]) & live_a)
+    records.append(OneToOne(run_a=a, run_b=b, units=units, greedy_mean=_nanmean(greedy_corr[k]),
+                            max_mean=_nanmean(max_corr[k]),
+                            same_partner_share=float(same) / units if units else None))
+  return {"greedy_QxN": greedy, "max_QxN": best, "greedy_corr_QxN": greedy_corr, "max_corr_QxN": max_corr,
+          "pairs": pairs, "records": records}
+
+
+def _nanmean(x) -> float | None:
+  x = np.asarray(x, np.float64)
+  x = x[np.isfinite(x)]
+  return float(x.mean()) if x.size else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# One-to-many: sparse prediction.
+
+
+def sparse_prediction(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None, *, key,
+                      lambdas: Sequence[float] = DEFAULT_LAMBDAS, heldout: float = DEFAULT_HELDOUT,
+                      iterations: int = DEFAULT_ITERATIONS) -> dict:
+  """Lasso prediction of every unit of run b from all units of run a, for each pair and λ.
+
+  The inputs are split at random (``key``) into a fitted part and a held-out share ``heldout``; each unit is
+  standardised with the mean and population std of the fitted part. The weights minimise
+  ``1/(2n) ‖y − Xw‖² + λ‖w‖₁`` (n fitted inputs, no intercept: the data are centred), scikit-learn's
+  ``Lasso(alpha=λ, fit_intercept=False)``, by ``iterations`` FISTA steps.
+
+  Returns:
+    dict: ``weights_QxLxNxN`` (weight of a's unit i in predicting b's unit j), ``heldout_loss_QxLxN``,
+    ``train_loss_QxLxN`` (NaN for dead units of b), ``used_QxLxN`` (a's units with |weight| > USED_TOL),
+    ``fit_T`` and ``heldout_T`` (the input indices), ``lambdas``, ``pairs`` and ``records``
+    (a ``SparsePrediction`` per pair).
+  """
+  acts, pairs = _check(acts_SxTxN, pairs)
+  s, t, n = acts.shape
+  lambdas = [float(v) for v in lambdas]
+  if not lambdas or not all(np.isfinite(v) and v > 0 for v in lambdas):
+    raise ValueError(f"lambdas must be a non-empty list of positive numbers, got {lambdas}")
+  if not 0.0 < heldout < 1.0:
+    raise ValueError(f"heldout must be in (0, 1), got {heldout}")
+  if iterations < 1:
+    raise ValueError(f"iterations must be >= 1, got {iterations}")
+  order = np.asarray(jax.random.permutation(key, t))
+  m = int(round(heldout * t))
+  if m < 1 or t - m < 2:
+    raise ValueError(f"heldout={heldout} of {t} inputs leaves no held-out or fitted inputs")
+  heldout_T, fit_T = np.sort(order[:m]), np.sort(order[m:])
+  z_SxTxN, live_SxN = standardise(acts, fit_T)
+  ia = np.asarray([a for a, _ in pairs])
+  ib = np.asarray([b for _, b in pairs])
+  weights, train, held = _lasso_sweep(jnp.asarray(z_SxTxN[:, fit_T]), jnp.asarray(z_SxTxN[:, heldout_T]),
+                                      jnp.asarray(ia), jnp.asarray(ib), jnp.asarray(lambdas, jnp.float32),
+                                      iterations=int(iterations))
+  weights = np.asarray(weights)
+  live_QxN = live_SxN[ib]
+  train = np.where(live_QxN[:, None, :], np.asarray(train, np.float64), np.nan)
+  held = np.where(live_QxN[:, None, :], np.asarray(held, np.float64), np.nan)
+  used = np.sum(np.abs(weights) > USED_TOL, axis=2)
+  used_f = np.where(live_QxN[:, None, :], used.astype(np.float64), np.nan)
+  records = [SparsePrediction(run_a=a, run_b=b, lambdas=lambdas,
+                              heldout_loss=[_nanmean(held[k, j]) for j in range(len(lambdas))],
+                              train_loss=[_nanmean(train[k, j]) for j in range(len(lambdas))],
+                              mean_units_used=[_nanmean(used_f[k, j]) for j in range(len(lambdas))])
+             for k, (a, b) in enumerate(pairs)]
+  return {"weights_QxLxNxN": weights, "heldout_loss_QxLxN": held, "train_loss_QxLxN": train,
+          "used_QxLxN": used, "fit_T": fit_T, "heldout_T": heldout_T, "lambdas": lambdas, "pairs": pairs,
+          "records": records}
+
+
+def standardise(acts_SxTxN, fit_T) -> tuple[np.ndarray, np.ndarray]:
+  """float32 ``(acts − mean) / std`` with the mean and population std over the inputs ``fit_T``; dead
+  units (on those inputs) 0. Returns it and the live mask ``[S, N]``."""
+  x = np.asarray(acts_SxTxN, np.float64)
+  fit = x[:, fit_T]
+  mean, std = fit.mean(axis=1, keepdims=True), fit.std(axis=1, keepdims=True)
+  live = std > _DEAD_RTOL * np.maximum(np.abs(mean), 1.0)
+  z = np.where(live, (x - mean) / np.where(live, std, 1.0), 0.0)
+  return z.astype(np.float32), live[:, 0, :]
+
+
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def _lasso_sweep(fit_SxTxN, held_SxTxN, ia_Q, ib_Q, lambdas_L, *, iterations):
+  n_fit = fit_SxTxN.shape[1]
+  n_held = held_SxTxN.shape[1]
+  xa, xb = fit_SxTxN[ia_Q], fit_SxTxN[ib_Q]  # [Q, T, N]
+  gram_QxNxN = jnp.einsum("qti,qtj->qij", xa, xa) / n_fit
+  cross_QxNxN = jnp.einsum("qti,qtj->qij", xa, xb) / n_fit
+  # FISTA step 1/L with L the largest eigenvalue of the (scaled) Gram matrix: the gradient's Lipschitz bound.
+  lip_Q = jnp.linalg.eigvalsh(gram_QxNxN)[:, -1]
+  step_Q = 1.0 / jnp.maximum(lip_Q, 1e-12)
+  q, n = gram_QxNxN.shape[0], gram_QxNxN.shape[1]
+  nb = cross_QxNxN.shape[2]
+  thresh_QxL = step_Q[:, None] * lambdas_L[None, :]
+
+  def body(_, carry):
+    w, z, t = carry
+    grad = jnp.einsum("qij,qljb->qlib", gram_QxNxN, z) - cross_QxNxN[:, None]
+    u = z - step_Q[:, None, None, None] * grad
+    w_new = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh_QxL[:, :, None, None], 0.0)
+    t_new = (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)) / 2.0
+    z_new = w_new + ((t - 1.0) / t_new) * (w_new - w)
+    return w_new, z_new, t_new
+
+  w0 = jnp.zeros((q, lambdas_L.shape[0], n, nb), jnp.float32)
+  w, _, _ = jax.lax.fori_loop(0, iterations, body, (w0, w0, jnp.float32(1.0)))
+
+  def loss(gram, cross, yy):
+    # mean over inputs of (y − Xw)² from the moments: yᵀy − 2 wᵀXᵀy + wᵀXᵀXw, all divided by the count.
+    fit_term = jnp.einsum("qib,qlib->qlb", cross, w)
+    quad = jnp.einsum("qlib,qij,qljb->qlb", w, gram, w)
+    return yy[:, None, :] - 2.0 * fit_term + quad
+
+  train = loss(gram_QxNxN, cross_QxNxN, jnp.mean(xb * xb, axis=1))
+  ha, hb = held_SxTxN[ia_Q], held_SxTxN[ib_Q]
+  held = loss(jnp.einsum("qti,qtj->qij", ha, ha) / n_held, jnp.einsum("qti,qtj->qij", ha, hb) / n_held,
+              jnp.mean(hb * hb, axis=1))
+  return w, train, held
+
+
+# ---------------------------------------------------------------------------------------------------
+# Many-to-many: spectral clustering.
+
+
+def spectral_clusters(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None, *,
+                      clusters: int = DEFAULT_CLUSTERS, seed: int = 0, n_init: int = 10,
+                      svcca_keep: float = DEFAULT_SVCCA_KEEP) -> dict:
+  """Spectral clustering of the units of runs a and b together, per pair.
+
+  The affinity of two live units is |Pearson correlation| (1 on the diagonal); the embedding is the top
+  ``clusters`` eigenvectors of D^-½ A D^-½, rows normalised to unit length, clustered by k-means (k-means++
+  seeding from ``seed``, the best of ``n_init`` starts by inertia).
+
+  Returns:
+    dict: ``labels_Qx2xN`` (cluster of each unit, ``[q, 0]`` run a's, ``[q, 1]`` run b's; -1 for dead
+    units), ``pairs`` and
+    ``records`` (a ``Clusters`` per pair).
+  """
+  acts, pairs = _check(acts_SxTxN, pairs)
+  s, t, n = acts.shape
+  if clusters < 1:
+    raise ValueError(f"clusters must be >= 1, got {clusters}")
+  if not 0.0 < svcca_keep <= 1.0:
+    raise ValueError(f"svcca_keep must be in (0, 1], got {svcca_keep}")
+  labels = np.full((len(pairs), 2 * n), -1, np.int64)
+  records = []
+  for k, (a, b) in enumerate(pairs):
+    both = np.concatenate([acts[a], acts[b]], axis=1)
+    corr = cross_correlation(both, both)
+    live = _stats(both)[2]
+    idx = np.flatnonzero(live)
+    if idx.size:
+      labels[k, idx] = spectral_labels(np.abs(corr[np.ix_(idx, idx)]), min(clusters, idx.size), seed=seed,
+                                       n_init=n_init)
+    records.append(_cluster_record(a, b, acts[a], acts[b], corr, labels[k], n, svcca_keep))
+  return {"labels_Qx2xN": labels.reshape(len(pairs), 2, n), "pairs": pairs, "records": records}
+
+
+def spectral_labels(affinity: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10) -> np.ndarray:
+  """int labels of normalised spectral clustering (Ng, Jordan & Weiss) of a symmetric affinity."""
+  aff = np.asarray(affinity, np.float64)
+  aff = (aff + aff.T) / 2
+  np.fill_diagonal(aff, 1.0)
+  d = aff.sum(axis=1)
+  inv = 1.0 / np.sqrt(d)
+  norm = aff * inv[:, None] * inv[None, :]
+  _, vecs = np.linalg.eigh(norm)
+  emb = vecs[:, ::-1][:, :clusters]
+  emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+  return kmeans(emb, clusters, seed=seed, n_init=n_init)
+
+
+def kmeans(x_TxD: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
+           iterations: int = 300) -> np.ndarray:
+  """Lloyd's k-means with k-means++ seeding; the labels of the start with the least inertia."""
+  x = np.asarray(x_TxD, np.float64)
+  rng = np.random.default_rng(seed)
+  best, best_inertia = None, np.inf
+  for _ in range(max(n_init, 1)):
+    centres = _kmeans_pp(x, clusters, rng)
+    for _ in range(iterations):
+      dist = ((x[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+      lab = np.argmin(dist, axis=1)
+      new = np.stack([x[lab == c].mean(axis=0) if np.any(lab == c) else centres[c] for c in range(clusters)])
+      if np.allclose(new, centres, atol=1e-12, rtol=0):
+        break
+      centres = new
+    dist = ((x[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+    lab = np.argmin(dist, axis=1)
+    inertia = dist[np.arange(len(x)), lab].sum()
+    if inertia < best_inertia - 1e-12:
+      best, best_inertia = lab, inertia
+  return best
+
+
+def _kmeans_pp(x, k, rng):
+  centres = [x[rng.integers(len(x))]]
+  for _ in range(1, k):
+    d2 = np.min(((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
+    total = d2.sum()
+    centres.append(x[rng.choice(len(x), p=d2 / total)] if total > 0 else x[rng.integers(len(x))])
+  return np.asarray(centres)
+
+
+def _cluster_record(a, b, xa_TxN, xb_TxN, corr, labels, n, svcca_keep) -> Clusters:
+  out = []
+  absc = np.abs(corr)
+  for c in sorted(set(labels[labels >= 0].tolist())):
+    ua = np.flatnonzero(labels[:n] == c)
+    ub = np.flatnonzero(labels[n:] == c)
+    within = lambda u: (float((absc[np.ix_(u, u)].sum() - len(u)) / (len(u) * (len(u) - 1)))
+                        if len(u) > 1 else None)
+    between = float(absc[np.ix_(ua, ub + n)].mean()) if len(ua) and len(ub) else None
+    cca = svcca(xa_TxN[:, ua], xb_TxN[:, ub], keep=svcca_keep) if len(ua) and len(ub) else None
+    out.append(Cluster(units_a=ua.tolist(), units_b=ub.tolist(), within_a=within(ua), within_b=within(ub + n),
+                       between=between, svcca=cca))
+  mixed = [bool(c.units_a and c.units_b) for c in out]
+  return Clusters(run_a=a, run_b=b, clusters=out, mixed_share=float(np.mean(mixed)) if out else None)
+
+
+def svcca(x_TxN: np.ndarray, y_TxM: np.ndarray, *, keep: float = DEFAULT_SVCCA_KEEP) -> float | None:
+  """Mean canonical correlation of two sets of units after keeping, on each side, the top singular
+  directions that hold ``keep`` of its variance (Raghu et al. 2017); None if either side is constant."""
+  bases = []
+  for z in (x_TxN, y_TxM):
+    z = np.asarray(z, np.float64)
+    z = z - z.mean(axis=0)
+    u, sv, _ = np.linalg.svd(z, full_matrices=False)
+    var = sv ** 2
+    if var.sum() <= 1e-12 * max(z.shape[0], 1):
+      return None
+    r = int(np.searchsorted(np.cumsum(var) / var.sum(), keep - 1e-12) + 1)
+    bases.append(u[:, :min(r, int(np.sum(sv > 1e-10 * sv[0])))])
+  rho = np.linalg.svd(bases[0].T @ bases[1], compute_uv=False)
+  return float(np.clip(rho, 0.0, 1.0).mean())
+
+
+__all__ = ["Cluster", "Clusters", "OneToOne", "SparsePrediction", "cross_correlation", "default_pairs",
+           "kmeans", "one_to_one", "sparse_prediction", "spectral_clusters", "spectral_labels", "standardise",
+           "svcca"]
