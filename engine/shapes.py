@@ -15,6 +15,6 @@
   J  candidate neurons a screen keeps per neuron and column group
   U  rotated neurons whose rotation a screened pass takes (the union of the candidates), per model
   F  neurons whose correlations with every neuron are computed in full
-  Q  pairs of runs (a, b) compared by a convergent-learning pass
-  L  values of the L1 penalty λ in a sparse-prediction sweep
+  Z  pairs of runs (a, b) compared by a convergent-learning pass
+  O  values of the L1 penalty λ in a sparse-prediction sweep
 """

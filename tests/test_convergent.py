@@ -29,8 +29,8 @@ def test_one_to_one_matches_brute_force():
     c = _corr64(acts[a].astype(np.float64), acts[b].astype(np.float64))
     greedy = [int(np.argmax(c[i])) for i in range(n)]
     best_perm = max(itertools.permutations(range(n)), key=lambda p: sum(c[i, p[i]] for i in range(n)))
-    np.testing.assert_array_equal(res["greedy_QxN"][k], greedy)
-    np.testing.assert_array_equal(res["max_QxN"][k], best_perm)
+    np.testing.assert_array_equal(res["greedy_ZxN"][k], greedy)
+    np.testing.assert_array_equal(res["max_ZxN"][k], best_perm)
     rec = res["records"][k]
     assert rec.greedy_mean == pytest.approx(np.mean([c[i, greedy[i]] for i in range(n)]), abs=1e-5)
     assert rec.max_mean == pytest.approx(np.mean([c[i, best_perm[i]] for i in range(n)]), abs=1e-5)
@@ -45,7 +45,7 @@ def test_one_to_one_dead_units_left_out():
   rec = convergent.one_to_one(acts)["records"][0]
   assert rec.units == 3
   res = convergent.one_to_one(acts)
-  assert np.isnan(res["greedy_corr_QxN"][0, 2]) and np.isnan(res["max_corr_QxN"][0, 2])
+  assert np.isnan(res["greedy_corr_ZxN"][0, 2]) and np.isnan(res["max_corr_ZxN"][0, 2])
 
 
 def _planted_sparse(rng, t=160, n=8):
@@ -69,14 +69,14 @@ def test_sparse_prediction_matches_sklearn_lasso_and_recovers_planted_units():
   for j, lam in enumerate(lambdas):
     ref = Lasso(alpha=lam, fit_intercept=False, tol=1e-12, max_iter=200000).fit(xa[fit], xb[fit])
     w_ref = ref.coef_.T  # [a's units, b's units]
-    np.testing.assert_allclose(res["weights_QxLxNxN"][0, j], w_ref, atol=2e-3)
+    np.testing.assert_allclose(res["weights_ZxOxNxN"][0, j], w_ref, atol=2e-3)
     mse_ref = np.mean((xb[held] - xa[held] @ w_ref) ** 2, axis=0)
-    np.testing.assert_allclose(res["heldout_loss_QxLxN"][0, j], mse_ref, rtol=2e-2, atol=2e-3)
-  used0 = np.flatnonzero(np.abs(res["weights_QxLxNxN"][0, 0, :, 0]) > convergent.USED_TOL)
+    np.testing.assert_allclose(res["heldout_loss_ZxOxN"][0, j], mse_ref, rtol=2e-2, atol=2e-3)
+  used0 = np.flatnonzero(np.abs(res["weights_ZxOxNxN"][0, 0, :, 0]) > convergent.USED_TOL)
   assert used0.tolist() == [1, 4, 6]
-  assert res["used_QxLxN"][0, 0, 0] == 3
-  assert res["heldout_loss_QxLxN"][0, 0, 0] < 0.01  # exact combination: near-perfect held-out prediction
-  assert res["heldout_loss_QxLxN"][0, 0, 5] > 0.5  # an independent unit: nothing to predict it from
+  assert res["used_ZxOxN"][0, 0, 0] == 3
+  assert res["heldout_loss_ZxOxN"][0, 0, 0] < 0.01  # exact combination: near-perfect held-out prediction
+  assert res["heldout_loss_ZxOxN"][0, 0, 5] > 0.5  # an independent unit: nothing to predict it from
   rec = res["records"][0]
   assert rec.mean_units_used[0] >= rec.mean_units_used[-1]  # more penalty, fewer units
   assert convergent.SparsePrediction.from_json(json.loads(json.dumps(rec.to_json()))) == rec
@@ -96,7 +96,7 @@ def test_spectral_clusters_recover_planted_blocks_and_agree_with_sklearn():
   rng = np.random.default_rng(4)
   acts, truth = _planted_blocks(rng)
   res = convergent.spectral_clusters(acts, clusters=4)
-  labels = res["labels_Qx2xN"][0].reshape(-1)
+  labels = res["labels_Zx2xN"][0].reshape(-1)
   assert adjusted_rand_score(truth, labels) == 1.0
   both = np.concatenate([acts[0], acts[1]], axis=1)
   aff = np.abs(np.corrcoef(both.T))

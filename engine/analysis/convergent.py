@@ -2,7 +2,7 @@
 same representations?*) on the activations of any family's layer, ``acts_SxTxN`` (S runs, T inputs, N units).
 
 Every pass compares the pairs of runs named in ``pairs`` (a list of ``(a, b)`` run indices; None: every
-``a < b``) and returns a dict of arrays with a leading pair axis Q plus one typed, JSON-able record per pair:
+``a < b``) and returns a dict of arrays with a leading pair axis Z plus one typed, JSON-able record per pair:
 
 * ``one_to_one(acts_SxTxN, pairs)``: for each unit of run a, its most correlated unit of run b (greedy
   semi-matching: several units may pick the same partner) beside the maximum-weight bipartite matching
@@ -198,8 +198,8 @@ def one_to_one(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None) -> di
   """Greedy semi-matching and maximum bipartite matching of the units of each pair of runs.
 
   Returns:
-    dict: ``greedy_QxN`` (the unit of b most correlated with unit n of a), ``max_QxN`` (its partner in the
-    maximum-weight one-to-one matching), ``greedy_corr_QxN``, ``max_corr_QxN`` (NaN where a unit of a or
+    dict: ``greedy_ZxN`` (the unit of b most correlated with unit n of a), ``max_ZxN`` (its partner in the
+    maximum-weight one-to-one matching), ``greedy_corr_ZxN``, ``max_corr_ZxN`` (NaN where a unit of a or
     its partner is dead), ``pairs`` and ``records`` (a ``OneToOne`` per pair).
   """
   acts, pairs = _check(acts_SxTxN, pairs)
@@ -223,7 +223,7 @@ def one_to_one(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None) -> di
     records.append(OneToOne(run_a=a, run_b=b, units=units, greedy_mean=_nanmean(greedy_corr[k]),
                             max_mean=_nanmean(max_corr[k]),
                             same_partner_share=float(same) / units if units else None))
-  return {"greedy_QxN": greedy, "max_QxN": best, "greedy_corr_QxN": greedy_corr, "max_corr_QxN": max_corr,
+  return {"greedy_ZxN": greedy, "max_ZxN": best, "greedy_corr_ZxN": greedy_corr, "max_corr_ZxN": max_corr,
           "pairs": pairs, "records": records}
 
 
@@ -248,8 +248,8 @@ def sparse_prediction(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None
   ``Lasso(alpha=λ, fit_intercept=False)``, by ``iterations`` FISTA steps.
 
   Returns:
-    dict: ``weights_QxLxNxN`` (weight of a's unit i in predicting b's unit j), ``heldout_loss_QxLxN``,
-    ``train_loss_QxLxN`` (NaN for dead units of b), ``used_QxLxN`` (a's units with |weight| > USED_TOL),
+    dict: ``weights_ZxOxNxN`` (weight of a's unit i in predicting b's unit j), ``heldout_loss_ZxOxN``,
+    ``train_loss_ZxOxN`` (NaN for dead units of b), ``used_ZxOxN`` (a's units with |weight| > USED_TOL),
     ``fit_T`` and ``heldout_T`` (the input indices), ``lambdas``, ``pairs`` and ``records``
     (a ``SparsePrediction`` per pair).
   """
@@ -274,18 +274,18 @@ def sparse_prediction(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None
                                       jnp.asarray(ia), jnp.asarray(ib), jnp.asarray(lambdas, jnp.float32),
                                       iterations=int(iterations))
   weights = np.asarray(weights)
-  live_QxN = live_SxN[ib]
-  train = np.where(live_QxN[:, None, :], np.asarray(train, np.float64), np.nan)
-  held = np.where(live_QxN[:, None, :], np.asarray(held, np.float64), np.nan)
+  live_ZxN = live_SxN[ib]
+  train = np.where(live_ZxN[:, None, :], np.asarray(train, np.float64), np.nan)
+  held = np.where(live_ZxN[:, None, :], np.asarray(held, np.float64), np.nan)
   used = np.sum(np.abs(weights) > USED_TOL, axis=2)
-  used_f = np.where(live_QxN[:, None, :], used.astype(np.float64), np.nan)
+  used_f = np.where(live_ZxN[:, None, :], used.astype(np.float64), np.nan)
   records = [SparsePrediction(run_a=a, run_b=b, lambdas=lambdas,
                               heldout_loss=[_nanmean(held[k, j]) for j in range(len(lambdas))],
                               train_loss=[_nanmean(train[k, j]) for j in range(len(lambdas))],
                               mean_units_used=[_nanmean(used_f[k, j]) for j in range(len(lambdas))])
              for k, (a, b) in enumerate(pairs)]
-  return {"weights_QxLxNxN": weights, "heldout_loss_QxLxN": held, "train_loss_QxLxN": train,
-          "used_QxLxN": used, "fit_T": fit_T, "heldout_T": heldout_T, "lambdas": lambdas, "pairs": pairs,
+  return {"weights_ZxOxNxN": weights, "heldout_loss_ZxOxN": held, "train_loss_ZxOxN": train,
+          "used_ZxOxN": used, "fit_T": fit_T, "heldout_T": heldout_T, "lambdas": lambdas, "pairs": pairs,
           "records": records}
 
 
@@ -301,29 +301,29 @@ def standardise(acts_SxTxN, fit_T) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
-def _lasso_sweep(fit_SxTxN, held_SxTxN, ia_Q, ib_Q, lambdas_L, *, iterations):
+def _lasso_sweep(fit_SxTxN, held_SxTxN, ia_Z, ib_Z, lambdas_O, *, iterations):
   n_fit = fit_SxTxN.shape[1]
   n_held = held_SxTxN.shape[1]
-  xa, xb = fit_SxTxN[ia_Q], fit_SxTxN[ib_Q]  # [Q, T, N]
-  gram_QxNxN = jnp.einsum("qti,qtj->qij", xa, xa) / n_fit
-  cross_QxNxN = jnp.einsum("qti,qtj->qij", xa, xb) / n_fit
+  xa, xb = fit_SxTxN[ia_Z], fit_SxTxN[ib_Z]  # [Z, T, N]
+  gram_ZxNxN = jnp.einsum("qti,qtj->qij", xa, xa) / n_fit
+  cross_ZxNxN = jnp.einsum("qti,qtj->qij", xa, xb) / n_fit
   # FISTA step 1/L with L the largest eigenvalue of the (scaled) Gram matrix: the gradient's Lipschitz bound.
-  lip_Q = jnp.linalg.eigvalsh(gram_QxNxN)[:, -1]
-  step_Q = 1.0 / jnp.maximum(lip_Q, 1e-12)
-  q, n = gram_QxNxN.shape[0], gram_QxNxN.shape[1]
-  nb = cross_QxNxN.shape[2]
-  thresh_QxL = step_Q[:, None] * lambdas_L[None, :]
+  lip_Z = jnp.linalg.eigvalsh(gram_ZxNxN)[:, -1]
+  step_Z = 1.0 / jnp.maximum(lip_Z, 1e-12)
+  q, n = gram_ZxNxN.shape[0], gram_ZxNxN.shape[1]
+  nb = cross_ZxNxN.shape[2]
+  thresh_ZxO = step_Z[:, None] * lambdas_O[None, :]
 
   def body(_, carry):
     w, z, t = carry
-    grad = jnp.einsum("qij,qljb->qlib", gram_QxNxN, z) - cross_QxNxN[:, None]
-    u = z - step_Q[:, None, None, None] * grad
-    w_new = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh_QxL[:, :, None, None], 0.0)
+    grad = jnp.einsum("qij,qljb->qlib", gram_ZxNxN, z) - cross_ZxNxN[:, None]
+    u = z - step_Z[:, None, None, None] * grad
+    w_new = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh_ZxO[:, :, None, None], 0.0)
     t_new = (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)) / 2.0
     z_new = w_new + ((t - 1.0) / t_new) * (w_new - w)
     return w_new, z_new, t_new
 
-  w0 = jnp.zeros((q, lambdas_L.shape[0], n, nb), jnp.float32)
+  w0 = jnp.zeros((q, lambdas_O.shape[0], n, nb), jnp.float32)
   w, _, _ = jax.lax.fori_loop(0, iterations, body, (w0, w0, jnp.float32(1.0)))
 
   def loss(gram, cross, yy):
@@ -332,8 +332,8 @@ def _lasso_sweep(fit_SxTxN, held_SxTxN, ia_Q, ib_Q, lambdas_L, *, iterations):
     quad = jnp.einsum("qlib,qij,qljb->qlb", w, gram, w)
     return yy[:, None, :] - 2.0 * fit_term + quad
 
-  train = loss(gram_QxNxN, cross_QxNxN, jnp.mean(xb * xb, axis=1))
-  ha, hb = held_SxTxN[ia_Q], held_SxTxN[ib_Q]
+  train = loss(gram_ZxNxN, cross_ZxNxN, jnp.mean(xb * xb, axis=1))
+  ha, hb = held_SxTxN[ia_Z], held_SxTxN[ib_Z]
   held = loss(jnp.einsum("qti,qtj->qij", ha, ha) / n_held, jnp.einsum("qti,qtj->qij", ha, hb) / n_held,
               jnp.mean(hb * hb, axis=1))
   return w, train, held
@@ -353,7 +353,7 @@ def spectral_clusters(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None
   seeding from ``seed``, the best of ``n_init`` starts by inertia).
 
   Returns:
-    dict: ``labels_Qx2xN`` (cluster of each unit, ``[q, 0]`` run a's, ``[q, 1]`` run b's; -1 for dead
+    dict: ``labels_Zx2xN`` (cluster of each unit, ``[q, 0]`` run a's, ``[q, 1]`` run b's; -1 for dead
     units), ``pairs`` and
     ``records`` (a ``Clusters`` per pair).
   """
@@ -374,7 +374,7 @@ def spectral_clusters(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None
       labels[k, idx] = spectral_labels(np.abs(corr[np.ix_(idx, idx)]), min(clusters, idx.size), seed=seed,
                                        n_init=n_init)
     records.append(_cluster_record(a, b, acts[a], acts[b], corr, labels[k], n, svcca_keep))
-  return {"labels_Qx2xN": labels.reshape(len(pairs), 2, n), "pairs": pairs, "records": records}
+  return {"labels_Zx2xN": labels.reshape(len(pairs), 2, n), "pairs": pairs, "records": records}
 
 
 def spectral_labels(affinity: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10) -> np.ndarray:
