@@ -140,3 +140,18 @@ def test_bad_input_one_line_errors():
   bad[0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="NaN"):
     convergent.spectral_clusters(bad)
+
+
+def test_analyse_and_sections():
+  rng = np.random.default_rng(7)
+  acts, _ = _planted_blocks(rng, t=300)
+  acts = np.concatenate([acts, acts[:1] + 0.1 * rng.normal(size=acts[:1].shape)])
+  settings = convergent.Settings(max_inputs=200, lambdas=(0.01, 0.1), iterations=100, clusters=4)
+  res = convergent.analyse(acts, key=jax.random.key(1), settings=settings)
+  assert [len(res[k]) for k in ("one_to_one", "sparse_prediction", "clusters")] == [3, 3, 3]
+  assert all(r.max_mean > 0.7 for r in res["one_to_one"])
+  text = convergent.sections(res, layer="hidden")
+  assert "one-to-one" in text and "λ=0.01" in text and "spectral clusters" in text and "0–2" in text
+  json.dumps({k: [r.to_json() for r in v] for k, v in res.items()})
+  off = convergent.analyse(acts, key=jax.random.key(1), settings=convergent.Settings(enabled=False))
+  assert off == {"one_to_one": [], "sparse_prediction": [], "clusters": []} and convergent.sections(off) == ""

@@ -34,6 +34,12 @@ in seed::
     sc = convergent.spectral_clusters(acts_SxTxN, pairs)
     records = o2o["records"], sp["records"], sc["records"]   # lists of OneToOne, SparsePrediction, Clusters
     json_ready = [r.to_json() for r in records[0]]
+
+or all three at once with the cheap defaults of ``Settings`` (inputs subsampled to ``max_inputs``), and the
+report's markdown::
+
+    res = convergent.analyse(acts_SxTxN, pairs, key=key, settings=convergent.Settings())
+    text = convergent.sections(res, layer="conv3")
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import numpy as np
 import scipy.optimize
 
 from universality.engine.analysis.jsonable import to_json as _jsonable
+from universality.engine.markdown import markdown_table
 
 DEFAULT_LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3)
 DEFAULT_ITERATIONS = 300
@@ -456,6 +463,88 @@ def svcca(x_TxN: np.ndarray, y_TxM: np.ndarray, *, keep: float = DEFAULT_SVCCA_K
   return float(np.clip(rho, 0.0, 1.0).mean())
 
 
-__all__ = ["Cluster", "Clusters", "OneToOne", "SparsePrediction", "cross_correlation", "default_pairs",
-           "kmeans", "one_to_one", "sparse_prediction", "spectral_clusters", "spectral_labels", "standardise",
-           "svcca"]
+# ---------------------------------------------------------------------------------------------------
+# All three passes, and their report section.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the passes cost: ``max_inputs`` inputs at most (a random subset, from the key), the λ grid and
+  FISTA steps of the sparse prediction, the cluster count; ``enabled`` False skips them all."""
+  enabled: bool = True
+  max_inputs: int = 2048
+  lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+  iterations: int = DEFAULT_ITERATIONS
+  heldout: float = DEFAULT_HELDOUT
+  clusters: int = DEFAULT_CLUSTERS
+  svcca_keep: float = DEFAULT_SVCCA_KEEP
+
+
+def analyse(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None, *, key,
+            settings: Settings = Settings()) -> dict:
+  """The three passes with ``settings``: a dict of record lists ``one_to_one``, ``sparse_prediction`` and
+  ``clusters`` (one record per pair each); empty lists when the settings disable the passes."""
+  if not settings.enabled:
+    return {"one_to_one": [], "sparse_prediction": [], "clusters": []}
+  if settings.max_inputs < 4:
+    raise ValueError(f"max_inputs must be >= 4, got {settings.max_inputs}")
+  acts = np.asarray(acts_SxTxN)
+  k_sub, k_split = jax.random.split(key)
+  if acts.ndim == 3 and acts.shape[1] > settings.max_inputs:
+    keep = np.sort(np.asarray(jax.random.permutation(k_sub, acts.shape[1]))[:settings.max_inputs])
+    acts = acts[:, keep]
+  o2o = one_to_one(acts, pairs)
+  sp = sparse_prediction(acts, o2o["pairs"], key=k_split, lambdas=settings.lambdas,
+                         heldout=settings.heldout, iterations=settings.iterations)
+  sc = spectral_clusters(acts, o2o["pairs"], clusters=settings.clusters, svcca_keep=settings.svcca_keep)
+  return {"one_to_one": o2o["records"], "sparse_prediction": sp["records"], "clusters": sc["records"]}
+
+
+def _f(x, digits=3) -> str:
+  return "–" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def sections(results: dict, *, layer: str | None = None, heading: str = "###") -> str:
+  """Markdown of ``analyse``'s records (any of the three lists may be missing or empty): the one-to-one
+  table, the held-out loss and units used against λ, and a summary of the clusters per pair."""
+  where = f" ({layer})" if layer else ""
+  out = []
+  o2o = results.get("one_to_one") or []
+  if o2o:
+    out.append(f"{heading} Convergent learning{where}: one-to-one matching\n")
+    out.append("Mean correlation of each unit of run a with its partner in run b: greedy (each unit's most "
+               "correlated unit) and maximum bipartite matching (one-to-one); Li et al. 2016 report 0.703 / "
+               "0.663 for conv1 and 0.416 / 0.385 for conv5 of two AlexNets.\n")
+    out.append(markdown_table(["runs", "units", "greedy", "max matching", "same partner"],
+                              [[f"{r.run_a}–{r.run_b}", r.units, _f(r.greedy_mean), _f(r.max_mean),
+                                _f(r.same_partner_share)] for r in o2o]))
+  sp = results.get("sparse_prediction") or []
+  if sp:
+    out.append(f"{heading} Convergent learning{where}: sparse prediction\n")
+    out.append("Each unit of run b predicted from all units of run a by L1-regularised regression on "
+               "standardised activations: held-out loss (≈ 1 − R²) / mean units of a used, per λ.\n")
+    lams = sp[0].lambdas
+    out.append(markdown_table(["runs"] + [f"λ={v:g}" for v in lams],
+                              [[f"{r.run_a}–{r.run_b}"] + [f"{_f(h)} / {_f(u, 1)}" for h, u in
+                                                            zip(r.heldout_loss, r.mean_units_used)]
+                               for r in sp]))
+  sc = results.get("clusters") or []
+  if sc:
+    out.append(f"{heading} Convergent learning{where}: spectral clusters\n")
+    out.append("Units of both runs clustered together on |correlation|: mixed clusters hold units of both "
+               "runs; correlations are mean |r| within each run's part and between the parts.\n")
+    rows = []
+    for r in sc:
+      mixed = [c for c in r.clusters if c.units_a and c.units_b]
+      mean = lambda xs: _f(_nanmean([np.nan if x is None else x for x in xs]) if xs else None)
+      rows.append([f"{r.run_a}–{r.run_b}", len(r.clusters), _f(r.mixed_share),
+                   mean([c.within_a for c in mixed] + [c.within_b for c in mixed]),
+                   mean([c.between for c in mixed]), mean([c.svcca for c in mixed])])
+    out.append(markdown_table(["runs", "clusters", "mixed share", "within (mixed)", "between (mixed)",
+                               "SVCCA (mixed)"], rows))
+  return "\n".join(out)
+
+
+__all__ = ["Cluster", "Clusters", "OneToOne", "Settings", "SparsePrediction", "analyse", "cross_correlation",
+           "default_pairs", "kmeans", "one_to_one", "sections", "sparse_prediction", "spectral_clusters",
+           "spectral_labels", "standardise", "svcca"]
