@@ -68,7 +68,8 @@ def test_li2_forward_and_gradients_equal_float64_reference_padded_or_not(activat
   params = models.init(jax.random.PRNGKey(5), _li2_spec(activation), vocab, order)
   # rows/columns of the padding classes are zero; the real ones random
   assert not np.any(np.asarray(params["w"][order:vocab])) and not np.any(np.asarray(params["unembed"][:, order:]))
-  w64 = np.concatenate([np.asarray(params["w"][:order]), np.asarray(params["w"][vocab:vocab + order])]).astype(np.float64)
+  w = np.asarray(params["w"], np.float64)
+  w64 = np.concatenate([w[:order], w[vocab:vocab + order]])
   v64 = np.asarray(params["unembed"][:, :order], np.float64)
   ref_loss, ref_o, ref_dw, ref_dv = _li2_loss_grads(w64, v64, a, b, c, order, activation, loss)
   w_B = jnp.full((n,), 1.0 / n, jnp.float32)
@@ -162,7 +163,7 @@ def _adam_update(lr, wd, b1, b2, eps):
 
 
 def test_adam_matches_float64_reference_and_differs_from_adamw():
-  cfg = _cfg("adam")
+  cfg = _cfg("adam_l2")
   p0, p1, pairs = _trained(cfg)
   o = cfg.opt
   _assert_close(p0, p1, _reference(p0, pairs, cfg.steps, _adam_update(0.05, 0.3, o.b1, o.b2, o.eps)))
@@ -188,7 +189,7 @@ def test_li2_muon_split_matches_float64_reference(steps):
   cfg = group_config(groups="C7", lr=str(lr), weight_decay=str(wd), train_frac="0.6")
   cfg = set_fields(cfg, **{"model.name": "li2", "model.li2.hidden": K, "task.loss": "mse", "opt.name": "muon",
                            "opt.b1": b1, "opt.b2": b2, "opt.eps": eps, "opt.muon.momentum": beta,
-                           "opt.muon.nesterov": False, "opt.muon.other": "adam", "opt.muon.scale_by_shape": False,
+                           "opt.muon.nesterov": False, "opt.muon.other": "adam_l2", "opt.muon.scale_by_shape": False,
                            "opt.muon.ns_coeffs": "li2"})
   cfg.seeds, cfg.steps, cfg.eval_every, cfg.seed = 1, steps, steps, 4
   p0, p1, pairs = _trained(cfg)

@@ -409,8 +409,9 @@ class GroupFamily(families.Family):
     groups = ", ".join(f"{spec} (order {groups_lib.get(spec).order})" for spec in group_specs(cfg))
     out = [f"- Task: composition a·b in {groups}", f"- Model: {model}"]
     if size_mults(cfg):
+      s_text = ", ".join(f"{spec} {law_s(cfg, spec):g}" for spec in group_specs(cfg))
       out.append(f"- Training pairs: n = mult · c · s · M ln M, mult {cfg.task.size_mult}, c "
-                 f"{float(cfg.task.size_c):g}, s " + ", ".join(f"{spec} {law_s(cfg, spec):g}" for spec in group_specs(cfg)))
+                 f"{float(cfg.task.size_c):g}, s {s_text}")
     else:
       fracs = ", ".join(f"{v:g}" for v in fields.parse_floats(cfg.task.train_frac, "task.train_frac"))
       out.append(f"- Train fraction: {fracs} of the |G|² pairs" + (f" ({by_group})" if by_group else ""))
