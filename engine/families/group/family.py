@@ -11,7 +11,8 @@ Config sections::
                             (1 + bucket_padding) × their smallest; part of the study's identity
   task.size_mult            comma-separated multipliers of the training size law of Tian (2025), *Provable
                             Scaling Laws of Feature Emergence*: n = mult · c · s · M ln M pairs for a group of
-                            order M (``task.n_train_law``), a sweep axis that replaces train_frac (give one)
+                            order M (``task.n_train_law``), a sweep axis that replaces train_frac: give one
+                            (train_frac '' or the family default 0.4 count as not given)
   task.size_c               c of the law (default 2.7482, the paper's critical_ratio_multiplier)
   task.size_s               s of the law; 0 (default): 1 for abelian groups and S_n, else (largest irrep
                             degree) / 2, as the paper's code (``task.law_s``)
@@ -253,7 +254,8 @@ class GroupFamily(families.Family):
     if any(not m > 0 for m in mults):
       raise ValueError(f"config.task.size_mult: multipliers must be > 0, got {cfg.task.size_mult!r}")
     if mults and (cfg.task.train_frac.strip() not in ("", TRAIN_FRAC_DEFAULT) or train_frac_by_group(cfg)):
-      raise ValueError("config.task.size_mult: give either size_mult or train_frac/train_frac_by_group, not both")
+      raise ValueError("config.task.size_mult: give either size_mult or train_frac/train_frac_by_group, not both "
+                       "(set task.train_frac='' to sweep size_mult)")
     padding = cfg.task.bucket_padding
     if isinstance(padding, bool) or not isinstance(padding, (int, float)) or not 0 <= padding < math.inf:
       raise ValueError(f"config.task.bucket_padding: expected a finite number >= 0, got {padding!r}")
