@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from universality.engine import config as config_lib, groups, optim
+from universality.engine import config as config_lib, groups, optim, train
 from universality.engine.families.group import family as family_lib, models, task as tasks
 from tests.helpers import group_config, set_fields
 from tests.test_optim import _adamw_update, _assert_close, _cfg, _reference, _trained
@@ -203,3 +203,23 @@ def test_li2_muon_split_matches_float64_reference(steps):
     v, adam_state = adam(t, "unembed", v, g_v, adam_state)
   _assert_close(p0, p1, {"w": w, "unembed": v})
   assert "Li2 coefficients" in optim.describe(cfg.opt) and "Adam (L2 decay)" in optim.describe(cfg.opt)
+
+
+def test_li2_muon_run_padded_into_a_bucket_equals_its_own_launch():
+  """Padding rows of W stay zero under Muon (Newton–Schulz maps zero rows to zero rows and keeps the
+  Frobenius norm), so C5 trained beside C7 in one bucket follows the trajectory it follows alone. Without
+  the width scaling, which reads W's padded shape [2V, K] (the paper's Muon has none)."""
+  def trained(groups_text):
+    cfg = group_config(groups=groups_text, lr="0.02", weight_decay="0.1", train_frac="0.6")
+    cfg = set_fields(cfg, **{"model.name": "li2", "model.li2.hidden": K, "task.bucket_padding": 1.0,
+                             "opt.name": "muon", "opt.muon.other": "adam_l2", "opt.muon.ns_coeffs": "li2",
+                             "opt.muon.scale_by_shape": False})
+    cfg.seeds, cfg.steps, cfg.eval_every, cfg.seed = 1, 3, 3, 2
+    tr = train.make_train(cfg)
+    state, _ = tr.train()
+    return jax.tree.map(lambda x: np.asarray(x[0]), tr.unpad(state).params)
+  alone, bucket = trained("C5"), trained("C5,C7")
+  assert bucket["w"].shape[0] == 14 and not np.any(bucket["w"][5:7]) and not np.any(bucket["w"][12:])
+  for got, want in [(bucket["w"][:5], alone["w"][:5]), (bucket["w"][7:12], alone["w"][5:]),
+                    (bucket["unembed"][:, :5], alone["unembed"])]:
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -140,6 +140,8 @@ def init(key, model_cfg, vocab: int, order=None) -> dict:
   spec = spec_of(model_cfg)
   if isinstance(spec, Li2Spec):
     # W [2V, K] (rows 0..V-1 read a, rows V..2V-1 read b), N(0, 1/(2·order)); V [K, V], N(0, 1/K).
+    # Rows of padding classes stay zero under every optimiser, Muon included; Muon's width scaling
+    # (opt.muon.scale_by_shape) reads the padded shape, so for exact padding use it off, as the paper does.
     k = spec.hidden
     fan_in = 2 * order
     w_a = _rows(key, "w_a", vocab, order, k, 1) / jnp.sqrt(jnp.asarray(fan_in, jnp.float32))
