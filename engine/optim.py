@@ -9,6 +9,8 @@
 Optimisers (``NAMES``):
   adamw  AdamW with decoupled weight decay (decay step = lr · weight_decay · θ, as torch.optim.AdamW);
          ``opt.b1``, ``opt.b2``, ``opt.eps``.
+  adam_l2  Adam with L2 weight decay added to the gradient (torch.optim.Adam): g ← g + wd·θ, then the
+         Adam update with ``opt.b1``, ``opt.b2``, ``opt.eps``, times lr (weight decay 0: plain Adam).
   sgd    SGD with heavy-ball momentum, Nesterov optional, and L2 weight decay added to the gradient before
          the momentum (torch.optim.SGD): buf ← μ·buf + (g + wd·θ); θ ← θ − lr·buf (Nesterov:
          θ ← θ − lr·(g + wd·θ + μ·buf)); ``opt.sgd.momentum``, ``opt.sgd.nesterov``.
@@ -16,7 +18,13 @@ Optimisers (``NAMES``):
          bias-corrected momentum m ← β·m + (1−β)·g (Nesterov: β·m̂ₜ₊₁ + (1−β)·ĝ), orthogonalised by
          ``opt.muon.ns_steps`` quintic Newton–Schulz steps after Frobenius normalisation, scaled by
          sqrt(max(1, fan_out / fan_in)), plus decoupled decay wd·θ, times lr; AdamW (``opt.b1/b2/eps``,
-         the same lr and weight decay) on every other parameter.
+         the same lr and weight decay) on every other parameter, or Adam with L2 decay
+         (``opt.muon.other = "adam_l2"``).
+         ``opt.muon.scale_by_shape = False`` drops the width scaling and ``opt.muon.ns_coeffs = "li2"`` uses
+         the five per-step Newton–Schulz coefficients of Tian (2025)'s code (``ns_steps`` then ignored):
+         with ``muon.params = "hidden"``, ``muon.momentum = 0.99``, ``muon.nesterov = False``,
+         ``muon.other = "adam_l2"``, ``b1, b2 = 0.9, 0.999`` this is that paper's split (Muon on W, torch's
+         Adam on V); its momentum is not bias-corrected, which the Frobenius normalisation makes irrelevant.
 
 The learning rate and weight decay are per-run values injected into the state (``optax.inject_hyperparams``),
 so one compiled program covers a grid of them under vmap for every optimiser; everything else is shared by
@@ -41,10 +49,15 @@ import ml_collections
 import optax
 from optax import contrib as optax_contrib
 
-NAMES = ("adamw", "sgd", "muon")
+NAMES = ("adamw", "adam_l2", "sgd", "muon")
 SCHEDULES = ("constant", "cosine")
 ROLES = ("hidden", "embed", "unembed", "vector")
 MUON_COEFFS = (3.4445, -4.7750, 2.0315)  # the quintic Newton–Schulz iteration of Muon (Jordan et al. 2024)
+# Per-step coefficients of the five Newton–Schulz steps in Tian (2025)'s code (cogo/muon_opt.py).
+LI2_COEFFS = ((4.01, -9.22, 5.80), (3.49, -6.38, 3.23), (3.34, -6.21, 3.20), (3.64, -7.48, 4.43),
+              (3.46, -5.35, 2.85))
+MUON_NS = {"jordan": MUON_COEFFS, "li2": LI2_COEFFS}
+MUON_OTHER = ("adamw", "adam_l2")
 
 
 def add_config(cfg: ml_collections.ConfigDict) -> None:
@@ -67,7 +80,10 @@ def add_config(cfg: ml_collections.ConfigDict) -> None:
   opt.muon.momentum = 0.95
   opt.muon.nesterov = True
   opt.muon.ns_steps = 5
-  opt.muon.params = "hidden"    # comma-separated roles orthogonalised by Muon; the rest get AdamW
+  opt.muon.params = "hidden"    # comma-separated roles orthogonalised by Muon; the rest get muon.other
+  opt.muon.other = "adamw"      # the optimiser of the other parameters: "adamw" or "adam_l2" (MUON_OTHER)
+  opt.muon.scale_by_shape = True  # scale each update by sqrt(max(1, fan_out / fan_in))
+  opt.muon.ns_coeffs = "jordan"   # Newton–Schulz coefficients: "jordan" (MUON_COEFFS) or "li2" (LI2_COEFFS)
 
 
 def names(opt) -> tuple[str, ...]:
@@ -134,7 +150,7 @@ def validate(opt) -> None:
   if opt.schedule not in SCHEDULES:
     raise ValueError(f"config.opt.schedule: must be one of {SCHEDULES}, got {opt.schedule!r}")
   _number(opt, "final_lr_frac", "", lambda v: 0 <= v <= 1, "must lie in [0, 1]")
-  if "adamw" in chosen or "muon" in chosen:
+  if "adamw" in chosen or "adam_l2" in chosen or "muon" in chosen:
     for name in ("b1", "b2"):
       _number(opt, name, "", lambda v: 0 <= v < 1, "must lie in [0, 1)")
     _number(opt, "eps", "", lambda v: math.isfinite(v) and v > 0, "must be finite and > 0")
@@ -150,6 +166,11 @@ def validate(opt) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 20:
       raise ValueError(f"config.opt.muon.ns_steps: expected an integer in [1, 20], got {steps!r}")
     muon_roles(opt)
+    if opt.muon.other not in MUON_OTHER:
+      raise ValueError(f"config.opt.muon.other: must be one of {MUON_OTHER}, got {opt.muon.other!r}")
+    _flag(opt.muon, "scale_by_shape", "muon.")
+    if opt.muon.ns_coeffs not in MUON_NS:
+      raise ValueError(f"config.opt.muon.ns_coeffs: must be one of {tuple(MUON_NS)}, got {opt.muon.ns_coeffs!r}")
 
 
 def lr_multiplier(opt, total_steps: int):
@@ -178,6 +199,17 @@ def _adamw(opt, lr, weight_decay) -> optax.GradientTransformation:
       learning_rate=lr, weight_decay=weight_decay, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps))
 
 
+def _adam_rule(learning_rate, weight_decay, *, b1: float, b2: float, eps: float):
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def _adam(opt, lr, weight_decay) -> optax.GradientTransformation:
+  rule = lambda learning_rate, weight_decay: _adam_rule(
+      learning_rate, weight_decay, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps))
+  return optax.inject_hyperparams(rule)(learning_rate=lr, weight_decay=weight_decay)
+
+
 def _sgd_rule(learning_rate, weight_decay, *, momentum: float, nesterov: bool):
   decay = optax.add_decayed_weights(weight_decay)
   return optax.chain(decay, optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
@@ -202,12 +234,21 @@ def _scale_by_shape() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _muon_settings(opt) -> tuple[Any, bool, str]:
+  """(Newton–Schulz coefficients, width scaling, optimiser of the rest), defaults for older configs."""
+  muon = opt.muon
+  return (MUON_NS[muon.get("ns_coeffs", "jordan")], bool(muon.get("scale_by_shape", True)),
+          muon.get("other", "adamw"))
+
+
 def _muon_rule(learning_rate, weight_decay, *, opt):
+  coeffs, by_shape, _ = _muon_settings(opt)
   return optax.chain(
-      optax_contrib.scale_by_muon(ns_coeffs=MUON_COEFFS, ns_steps=int(opt.muon.ns_steps),
+      optax_contrib.scale_by_muon(ns_coeffs=coeffs, ns_steps=int(opt.muon.ns_steps),
                                   beta=float(opt.muon.momentum), eps=float(opt.eps),
                                   nesterov=bool(opt.muon.nesterov), weight_dimension_numbers=_muon_dims),
-      _scale_by_shape(), optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate))
+      *([_scale_by_shape()] if by_shape else []), optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate))
 
 
 def _muon(opt, lr, weight_decay, roles) -> optax.GradientTransformation:
@@ -216,7 +257,8 @@ def _muon(opt, lr, weight_decay, roles) -> optax.GradientTransformation:
       lambda role, p: "muon" if role in chosen and p.ndim >= 2 else "adamw", roles(params), params)
   muon = optax.inject_hyperparams(lambda learning_rate, weight_decay: _muon_rule(
       learning_rate, weight_decay, opt=opt))(learning_rate=lr, weight_decay=weight_decay)
-  return optax.partition({"muon": muon, "adamw": _adamw(opt, lr, weight_decay)}, labels)
+  rest = _adam(opt, lr, weight_decay) if _muon_settings(opt)[2] == "adam_l2" else _adamw(opt, lr, weight_decay)
+  return optax.partition({"muon": muon, "adamw": rest}, labels)
 
 
 def make(opt, total_steps: int, lr, weight_decay, roles: Callable[[Any], Any],
@@ -233,6 +275,8 @@ def make(opt, total_steps: int, lr, weight_decay, roles: Callable[[Any], Any],
     (name,) = names(opt)
   if name == "adamw":
     core = _adamw(opt, lr, weight_decay)
+  elif name == "adam_l2":
+    core = _adam(opt, lr, weight_decay)
   elif name == "sgd":
     core = _sgd(opt, lr, weight_decay)
   else:
@@ -262,13 +306,20 @@ def describe(opt) -> str:
   (name,) = names(opt)
   if name == "adamw":
     text = f"AdamW, betas ({float(opt.b1):g}, {float(opt.b2):g}), eps {float(opt.eps):g}"
+  elif name == "adam_l2":
+    text = f"Adam with L2 weight decay, betas ({float(opt.b1):g}, {float(opt.b2):g}), eps {float(opt.eps):g}"
   elif name == "sgd":
     text = (f"SGD, momentum {float(opt.sgd.momentum):g}{' (Nesterov)' if opt.sgd.nesterov else ''}, "
             f"L2 weight decay")
   else:
+    coeffs, by_shape, other = _muon_settings(opt)
+    steps = len(coeffs) if coeffs is LI2_COEFFS else int(opt.muon.ns_steps)
     text = (f"Muon on {', '.join(muon_roles(opt))} matrices (momentum {float(opt.muon.momentum):g}"
-            f"{', Nesterov' if opt.muon.nesterov else ''}, {int(opt.muon.ns_steps)} Newton–Schulz steps), "
-            f"AdamW on the rest (betas ({float(opt.b1):g}, {float(opt.b2):g}), eps {float(opt.eps):g})")
+            f"{', Nesterov' if opt.muon.nesterov else ''}, {steps} Newton–Schulz steps"
+            f"{' (Li2 coefficients)' if coeffs is LI2_COEFFS else ''}"
+            f"{'' if by_shape else ', no width scaling'}), "
+            f"{'Adam (L2 decay)' if other == 'adam_l2' else 'AdamW'} on the rest "
+            f"(betas ({float(opt.b1):g}, {float(opt.b2):g}), eps {float(opt.eps):g})")
   if float(opt.clip_norm):
     text += f", gradients clipped to norm {float(opt.clip_norm):g}"
   if int(opt.warmup_steps):

@@ -9,8 +9,19 @@ Config sections::
   task.bucket_padding       how far a group may be padded beyond its order (``buckets``): a study's groups are
                             trained in buckets, one program each, whose largest order is at most
                             (1 + bucket_padding) × their smallest; part of the study's identity
-  model.name                "mlp" (embed a, embed b, linear, ReLU, unembed) or "transformer" (tokens a b =)
+  task.size_mult            comma-separated multipliers of the training size law of Tian (2025), *Provable
+                            Scaling Laws of Feature Emergence*: n = mult · c · s · M ln M pairs for a group of
+                            order M (``task.n_train_law``), a sweep axis that replaces train_frac: give one
+                            (train_frac '' or the family default 0.4 count as not given)
+  task.size_c               c of the law (default 2.7482, the paper's critical_ratio_multiplier)
+  task.size_s               s of the law; 0 (default): 1 for abelian groups and S_n, else (largest irrep
+                            degree) / 2, as the paper's code (``task.law_s``)
+  task.loss                 "xent" (cross-entropy) or "mse" (the centred logits against the centred one-hot
+                            onehot − 1/M, summed over the group's classes: ``task.masked_mse``)
+  model.name                "mlp" (embed a, embed b, linear, ReLU, unembed), "transformer" (tokens a b =) or
+                            "li2" (one-hot a, b -> W -> activation -> V, no biases: ``models.Li2Spec``)
   model.mlp.embed_dim, model.mlp.hidden
+  model.li2.hidden, model.li2.activation ("square", "relu", "silu", "relu2")
   model.transformer.d_model, .n_heads, .d_mlp, .n_layers
 
 The sweep is ``groups × lr × weight_decay × train_frac × seeds``, flattened row-major (groups outermost,
@@ -93,8 +104,35 @@ def train_frac_by_group(cfg) -> dict[str, float]:
   return out
 
 
+TRAIN_FRAC_DEFAULT = "0.4"
+
+
+def size_mults(cfg) -> tuple[float, ...]:
+  """The multipliers of ``task.size_mult`` (empty: the study sweeps train fractions)."""
+  text = cfg.task.get("size_mult", "")
+  if not isinstance(text, str) or not text.strip():
+    return ()
+  return fields.parse_floats(text, "task.size_mult")
+
+
+def law_s(cfg, spec: str) -> float:
+  """s of the size law for the group ``spec``: ``task.size_s`` if > 0, else ``task.law_s`` of the group."""
+  s = float(cfg.task.get("size_s", 0.0))
+  return s if s > 0 else task_lib.law_s(groups_lib.get(spec), spec)
+
+
+def law_pairs(cfg, spec: str) -> list[tuple[float, int]]:
+  """``(multiplier, training pairs)`` of every multiplier of ``task.size_mult`` for the group ``spec``."""
+  order, c, s = groups_lib.order_of(spec), float(cfg.task.get("size_c", task_lib.LAW_C)), law_s(cfg, spec)
+  return [(m, task_lib.n_train_law(order, m, c, s)) for m in size_mults(cfg)]
+
+
 def train_fracs(cfg, spec: str) -> tuple[float, ...]:
-  """The train fractions swept for the group ``spec``: its own from train_frac_by_group, else train_frac."""
+  """The train fractions swept for the group ``spec``: ``n / M²`` of each size multiplier when
+  ``task.size_mult`` is given, else its own from train_frac_by_group, else train_frac."""
+  if size_mults(cfg):
+    order = groups_lib.order_of(spec)
+    return tuple(n / (order * order) for _, n in law_pairs(cfg, spec))
   by_group = train_frac_by_group(cfg)
   if spec in by_group:
     return (by_group[spec],)
@@ -130,14 +168,17 @@ def bucket_config(cfg, specs: Sequence[str]):
   return out
 
 
+def _size(row: Mapping[str, Any]) -> str:
+  return f"mult{row['size_mult']:g}" if "size_mult" in row else f"frac{row['train_frac']:g}"
+
+
 def cohort_name(row: Mapping[str, Any]) -> str:
   """Every field of a run but its seed: runs with the same cohort name differ only in seed."""
-  return f"{row['group']}/lr{row['lr']:g}/wd{row['weight_decay']:g}/frac{row['train_frac']:g}"
+  return f"{row['group']}/lr{row['lr']:g}/wd{row['weight_decay']:g}/{_size(row)}"
 
 
 def run_name(row: Mapping[str, Any]) -> str:
-  return (f"{row['group']}/seed{row['seed']}/lr{row['lr']:g}/wd{row['weight_decay']:g}"
-          f"/frac{row['train_frac']:g}")
+  return f"{row['group']}/seed{row['seed']}/lr{row['lr']:g}/wd{row['weight_decay']:g}/{_size(row)}"
 
 
 class GroupFamily(families.Family):
@@ -157,11 +198,18 @@ class GroupFamily(families.Family):
     cfg.task.train_frac = "0.4"
     cfg.task.train_frac_by_group = ""
     cfg.task.bucket_padding = 0.25   # a bucket's largest order <= (1 + this) x its smallest (``buckets``)
+    cfg.task.size_mult = ""          # multipliers of n = mult · c · s · M ln M (replaces train_frac)
+    cfg.task.size_c = task_lib.LAW_C
+    cfg.task.size_s = 0.0            # 0: from the group (task.law_s)
+    cfg.task.loss = "xent"           # or "mse" (task.LOSSES)
     cfg.model = ml_collections.ConfigDict()
     cfg.model.name = "mlp"
     cfg.model.mlp = ml_collections.ConfigDict()
     cfg.model.mlp.embed_dim = 256   # E: width of each of the two input embeddings
     cfg.model.mlp.hidden = 128      # N: ReLU neurons between the concatenated embeddings and the unembedding
+    cfg.model.li2 = ml_collections.ConfigDict()
+    cfg.model.li2.hidden = 512           # K: hidden nodes of the Li2 network
+    cfg.model.li2.activation = "square"  # models.ACTIVATIONS
     cfg.model.transformer = ml_collections.ConfigDict()
     cfg.model.transformer.d_model = 128   # residual stream width
     cfg.model.transformer.n_heads = 4     # attention heads; must divide d_model
@@ -184,12 +232,30 @@ class GroupFamily(families.Family):
     t = cfg.model.transformer
     if t.d_model % t.n_heads:
       raise ValueError(f"config.model.transformer.n_heads: {t.n_heads} does not divide d_model={t.d_model}")
-    for v in fields.parse_floats(cfg.task.train_frac, "task.train_frac"):
+    for v in (() if size_mults(cfg) else fields.parse_floats(cfg.task.train_frac, "task.train_frac")):
       if not 0 < v <= 1:
         raise ValueError(f"config.task.train_frac: must lie in (0, 1], got {v}")
     unknown = sorted(set(train_frac_by_group(cfg)) - set(group_specs(cfg)))
     if unknown:
       raise ValueError(f"config.task.train_frac_by_group: {unknown} not in config.task.groups")
+    if cfg.task.loss not in task_lib.LOSSES:
+      raise ValueError(f"config.task.loss: must be one of {tuple(task_lib.LOSSES)}, got {cfg.task.loss!r}")
+    fields.int_field(cfg.model.li2, "hidden", 1, "model.li2.")
+    if cfg.model.li2.activation not in models.ACTIVATIONS:
+      raise ValueError(f"config.model.li2.activation: must be one of {models.ACTIVATIONS}, got "
+                       f"{cfg.model.li2.activation!r}")
+    for name in ("size_c", "size_s"):
+      v = cfg.task[name]
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise ValueError(f"config.task.{name}: expected a finite number >= 0, got {v!r}")
+    if not cfg.task.size_c > 0:
+      raise ValueError(f"config.task.size_c: must be > 0, got {cfg.task.size_c!r}")
+    mults = size_mults(cfg)
+    if any(not m > 0 for m in mults):
+      raise ValueError(f"config.task.size_mult: multipliers must be > 0, got {cfg.task.size_mult!r}")
+    if mults and (cfg.task.train_frac.strip() not in ("", TRAIN_FRAC_DEFAULT) or train_frac_by_group(cfg)):
+      raise ValueError("config.task.size_mult: give either size_mult or train_frac/train_frac_by_group, not both "
+                       "(set task.train_frac='' to sweep size_mult)")
     padding = cfg.task.bucket_padding
     if isinstance(padding, bool) or not isinstance(padding, (int, float)) or not 0 <= padding < math.inf:
       raise ValueError(f"config.task.bucket_padding: expected a finite number >= 0, got {padding!r}")
@@ -205,13 +271,16 @@ class GroupFamily(families.Family):
 
   def runs(self, cfg) -> list[dict]:
     out = []
+    mults = size_mults(cfg)
     for spec in group_specs(cfg):
       fracs = train_fracs(cfg, spec)
       for lr in fields.parse_floats(cfg.opt.lr, "opt.lr"):
         for wd in fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
-          for frac in fracs:
+          for i_frac, frac in enumerate(fracs):
             for k in fields.seed_numbers(cfg):
               row = dict(group=spec, seed=k, base_seed=int(cfg.seed), lr=lr, weight_decay=wd, train_frac=frac)
+              if mults:
+                row["size_mult"] = mults[i_frac]
               row["cohort"] = cohort_name(row)
               row["name"] = run_name(row)
               out.append(row)
@@ -273,6 +342,8 @@ class GroupFamily(families.Family):
     vocab = data.vocab
     model_cfg = models.spec_of(cfg.model)  # typed and frozen from here on
     is_mlp = isinstance(model_cfg, models.MlpSpec)
+    loss_name = cfg.task.get("loss", "xent")
+    task_loss = task_lib.LOSSES[loss_name]
     batch_size = int(cfg.batch_size)
 
     def init(key, d, shared):
@@ -280,7 +351,7 @@ class GroupFamily(families.Family):
 
     def loss(params, a_B, b_B, c_B, w_B, order):
       logits_BxV, _ = models.apply(params, a_B, b_B, model_cfg)
-      return task_lib.masked_xent(logits_BxV, c_B, w_B, order)
+      return task_loss(logits_BxV, c_B, w_B, order)
 
     def batch(key, step, d):
       """The step's training pairs: all of them, or ``batch_size`` drawn with ``fold_in(key, step)``."""
@@ -293,7 +364,7 @@ class GroupFamily(families.Family):
 
     def loss_and_grads(params, key, step, d, shared):
       a_B, b_B, c_B, w_B = batch(key, step, d)
-      if is_mlp:  # the hand-written backward: fewer passes over the activations
+      if is_mlp and loss_name == "xent":  # the hand-written backward: fewer passes over the activations
         return models.mlp_xent_grads(params, a_B, b_B, c_B, w_B, d.order_S)
       (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, a_B, b_B, c_B, w_B, d.order_S)
       return value, grads
@@ -330,16 +401,25 @@ class GroupFamily(families.Family):
     m = cfg.model
     if m.name == "mlp":
       model = f"MLP, embeddings {m.mlp.embed_dim} per input, {m.mlp.hidden} hidden ReLU neurons"
+    elif m.name == "li2":
+      model = f"Li2 network, one-hot inputs, {m.li2.hidden} hidden nodes ({m.li2.activation}), no biases"
     else:
       t = m.transformer
       model = (f"transformer, {t.n_layers} layer(s), d_model {t.d_model}, {t.n_heads} heads, "
                f"d_mlp {t.d_mlp}")
-    fracs = ", ".join(f"{v:g}" for v in fields.parse_floats(cfg.task.train_frac, "task.train_frac"))
     by_group = cfg.task.train_frac_by_group
     groups = ", ".join(f"{spec} (order {groups_lib.get(spec).order})" for spec in group_specs(cfg))
-    return [f"- Task: composition a·b in {groups}",
-            f"- Model: {model}",
-            f"- Train fraction: {fracs} of the |G|² pairs" + (f" ({by_group})" if by_group else "")]
+    out = [f"- Task: composition a·b in {groups}", f"- Model: {model}"]
+    if size_mults(cfg):
+      s_text = ", ".join(f"{spec} {law_s(cfg, spec):g}" for spec in group_specs(cfg))
+      out.append(f"- Training pairs: n = mult · c · s · M ln M, mult {cfg.task.size_mult}, c "
+                 f"{float(cfg.task.size_c):g}, s {s_text}")
+    else:
+      fracs = ", ".join(f"{v:g}" for v in fields.parse_floats(cfg.task.train_frac, "task.train_frac"))
+      out.append(f"- Train fraction: {fracs} of the |G|² pairs" + (f" ({by_group})" if by_group else ""))
+    if cfg.task.get("loss", "xent") == "mse":
+      out.append("- Loss: MSE of the centred logits against the centred one-hot")
+    return out
 
 
 FAMILY = GroupFamily()

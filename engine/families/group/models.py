@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from universality.engine import optim
 
 
-NAMES = ("mlp", "transformer")
+NAMES = ("mlp", "transformer", "li2")
+ACTIVATIONS = ("square", "relu", "silu", "relu2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +53,31 @@ class TransformerSpec:
   n_layers: int
 
 
-ModelSpec = MlpSpec | TransformerSpec
+@dataclasses.dataclass(frozen=True)
+class Li2Spec:
+  """The network of Tian (2025), *Provable Scaling Laws of Feature Emergence*: the one-hot codes of a and b
+  straight into ``W`` (2M -> ``hidden``, no bias), ``activation``, then ``V`` (``hidden`` -> M, no bias)."""
+  hidden: int
+  activation: str
+
+
+ModelSpec = MlpSpec | TransformerSpec | Li2Spec
 
 
 def spec_of(model_cfg) -> ModelSpec:
   """The typed, frozen architecture of the config's ``model`` section (a spec is returned as it is): the
   one place a ConfigDict becomes model code's input."""
-  if isinstance(model_cfg, (MlpSpec, TransformerSpec)):
+  if isinstance(model_cfg, (MlpSpec, TransformerSpec, Li2Spec)):
     return model_cfg
   if model_cfg.name not in NAMES:
     raise ValueError(f"config.model.name: must be one of {NAMES}, got {model_cfg.name!r}")
   if model_cfg.name == "mlp":
     return MlpSpec(embed_dim=int(model_cfg.mlp.embed_dim), hidden=int(model_cfg.mlp.hidden))
+  if model_cfg.name == "li2":
+    if model_cfg.li2.activation not in ACTIVATIONS:
+      raise ValueError(f"config.model.li2.activation: must be one of {ACTIVATIONS}, got "
+                       f"{model_cfg.li2.activation!r}")
+    return Li2Spec(hidden=int(model_cfg.li2.hidden), activation=str(model_cfg.li2.activation))
   t = model_cfg.transformer
   return TransformerSpec(d_model=int(t.d_model), n_heads=int(t.n_heads), d_mlp=int(t.d_mlp),
                          n_layers=int(t.n_layers))
@@ -72,14 +86,14 @@ def spec_of(model_cfg) -> ModelSpec:
 def hidden_size(model_cfg) -> int:
   """N: the number of ReLU neurons ``apply`` returns."""
   spec = spec_of(model_cfg)
-  return spec.hidden if isinstance(spec, MlpSpec) else spec.d_mlp
+  return spec.hidden if isinstance(spec, (MlpSpec, Li2Spec)) else spec.d_mlp
 
 
 def activation_floats(model_cfg, batch: int, vocab: int) -> int:
   """Floats live at once in one training step on ``batch`` pairs (forward, kept activations, backward),
   rounded up: an estimate for the launch's size check, not an account of XLA's buffers."""
   t = spec_of(model_cfg)
-  if isinstance(t, MlpSpec):  # pre-activations, hidden and its gradient; logits, softmax and gradient
+  if isinstance(t, (MlpSpec, Li2Spec)):  # pre-activations, hidden and its gradient; logits, softmax and gradient
     return batch * 4 * (t.hidden + vocab)
   # per layer, at 3 positions: residual stream, q/k/v/attention output and their gradients (~12 d_model),
   # the MLP's pre-activation, activation and gradient (3 d_mlp); attention weights are [heads, 3, 3]
@@ -108,7 +122,7 @@ def _rows(key, name: str, vocab: int, order, width: int, fan_in: int):
 def param_roles(params) -> dict:
   """The role of each parameter for the optimiser (universality.engine.optim.ROLES)."""
   return optim.roles_by_name(params, embed=("embed_a", "embed_b", "embed", "embed_eq", "pos"),
-                             unembed=("unembed",))
+                             unembed=("unembed",))  # li2: "w" is a hidden matrix (Muon's), "unembed" V
 
 
 def init(key, model_cfg, vocab: int, order=None) -> dict:
@@ -124,6 +138,15 @@ def init(key, model_cfg, vocab: int, order=None) -> dict:
     raise ValueError(f"vocab must be >= 1, got {vocab}")
   order = vocab if order is None else order
   spec = spec_of(model_cfg)
+  if isinstance(spec, Li2Spec):
+    # W [2V, K] (rows 0..V-1 read a, rows V..2V-1 read b), N(0, 1/(2·order)); V [K, V], N(0, 1/K).
+    # Rows of padding classes stay zero under every optimiser, Muon included; Muon's width scaling
+    # (opt.muon.scale_by_shape) reads the padded shape, so for exact padding use it off, as the paper does.
+    k = spec.hidden
+    fan_in = 2 * order
+    w_a = _rows(key, "w_a", vocab, order, k, 1) / jnp.sqrt(jnp.asarray(fan_in, jnp.float32))
+    w_b = _rows(key, "w_b", vocab, order, k, 1) / jnp.sqrt(jnp.asarray(fan_in, jnp.float32))
+    return {"w": jnp.concatenate([w_a, w_b]), "unembed": _rows(key, "unembed", vocab, order, k, k).T}
   if isinstance(spec, MlpSpec):
     e, n = spec.embed_dim, spec.hidden
     return {
@@ -215,6 +238,26 @@ def mlp_apply_concat(params, a_B, b_B):
   return hidden_BxN @ params["unembed"], hidden_BxN
 
 
+def activate(x, activation: str):
+  """The Li2 network's activation: ``square`` x², ``relu``, ``silu`` x·σ(x), ``relu2`` ReLU(x)²."""
+  if activation == "square":
+    return x * x
+  if activation == "relu":
+    return jax.nn.relu(x)
+  if activation == "silu":
+    return jax.nn.silu(x)
+  if activation == "relu2":
+    return jnp.square(jax.nn.relu(x))
+  raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _li2(params, a_B, b_B, activation: str):
+  vocab = params["unembed"].shape[1]
+  # one-hot(a) ⊕ one-hot(b) times W is the sum of two rows of W.
+  hidden_BxN = activate(params["w"][a_B] + params["w"][vocab + b_B], activation)
+  return hidden_BxN @ params["unembed"], hidden_BxN
+
+
 def _attention(blk, x_BxLxD, q_BxQxD):
   """Causal multi-head attention of the last ``Q`` positions of ``x`` (queries ``q``) over all positions."""
   n_pos, n_q = x_BxLxD.shape[1], q_BxQxD.shape[1]
@@ -250,7 +293,10 @@ def apply(params, a_B, b_B, model_cfg):
   """Logits ``[B, V]`` (unmasked; classes ``>= order`` are padding) and the ReLU layer ``[B, N]``."""
   if jnp.ndim(a_B) != 1 or jnp.shape(a_B) != jnp.shape(b_B):
     raise ValueError(f"a and b must be 1-D batches of equal length, got {jnp.shape(a_B)}, {jnp.shape(b_B)}")
-  return (_mlp if isinstance(spec_of(model_cfg), MlpSpec) else _transformer)(params, a_B, b_B)
+  spec = spec_of(model_cfg)
+  if isinstance(spec, Li2Spec):
+    return _li2(params, a_B, b_B, spec.activation)
+  return (_mlp if isinstance(spec, MlpSpec) else _transformer)(params, a_B, b_B)
 
 
 def embedding_matrices(params, model_cfg) -> dict:
@@ -260,7 +306,11 @@ def embedding_matrices(params, model_cfg) -> dict:
   the group elements, 'unembed' is the neuron-to-logit map ``(W_out · W_U)ᵀ`` of the last block (row c: the
   direction in neuron space that raises logit c), and 'unembed_resid' ``[V, d_model]`` is ``W_Uᵀ`` itself.
   """
-  if isinstance(spec_of(model_cfg), MlpSpec):
+  spec = spec_of(model_cfg)
+  if isinstance(spec, Li2Spec):
+    vocab = params["unembed"].shape[1]
+    return {"embed_a": params["w"][:vocab], "embed_b": params["w"][vocab:], "unembed": params["unembed"].T}
+  if isinstance(spec, MlpSpec):
     return {"embed_a": params["embed_a"], "embed_b": params["embed_b"], "unembed": params["unembed"].T}
   w_out = params["blocks"][-1]["w_out"]
   return {"embed_a": params["embed"], "embed_b": params["embed"],

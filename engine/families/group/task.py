@@ -13,6 +13,7 @@ own count, so a train step never spends FLOPs on test pairs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -32,6 +33,30 @@ def n_train_pairs(order: int, train_frac: float) -> int:
   if not 0 < train_frac <= 1:
     raise ValueError(f"train_frac must lie in (0, 1], got {train_frac}")
   return int(min(order * order, max(1, round(train_frac * order * order))))
+
+
+LAW_C = 2.7482  # Tian (2025)'s critical_ratio_multiplier (config/dyn_madd.yaml; 5.82 before 2025-09-15)
+
+
+def law_s(group: groups_lib.Group, spec: str) -> float:
+  """The law's group factor s: 1 for abelian groups and S_n, else (the largest complex irrep degree) / 2."""
+  factors = groups_lib.parse(spec)
+  if group.is_abelian or (len(factors) == 1 and factors[0][0] == "S"):
+    return 1.0
+  from universality.engine import irreps as irreps_lib  # the irreps only where they are needed
+  degrees = [r.dim if r.frobenius_schur == 1 else r.dim // 2 for r in irreps_lib.real_irreps(group)]
+  return max(degrees) / 2.0
+
+
+def n_train_law(order: int, mult: float, c: float = LAW_C, s: float = 1.0) -> int:
+  """Training pairs ``n = mult · c · s · M ln M`` (M = order), at least 1, at most M², rounded as the
+  paper's code does: its test fraction ``1 − mult·c·s·ln M / M`` (clipped to [0, 1]) goes to scikit-learn's
+  ``train_test_split``, which tests ``ceil(test_frac · M²)`` pairs and trains the rest."""
+  if not mult > 0 or not c > 0 or not s > 0:
+    raise ValueError(f"size multiplier, c and s must be > 0, got {mult}, {c}, {s}")
+  test_frac = min(max(1.0 - s * math.log(order) / order * (mult * c), 0.0), 1.0)
+  total = order * order
+  return int(min(total, max(1, total - math.ceil(test_frac * total))))
 
 
 def pair_permutation(group: groups_lib.Group, base_seed: int, seed: int) -> np.ndarray:
@@ -132,6 +157,23 @@ def masked_xent(logits_BxV, c_B, w_B, order):
   picked_B = jnp.sum(jnp.where(classes_1xV == c_B[:, None], logits_BxV, 0.0), axis=-1)
   correct_B = (jnp.argmax(logits_BxV, axis=-1) == c_B).astype(jnp.float32)
   return jnp.sum(w_B * (lse_B - picked_B)), jnp.sum(w_B * correct_B)
+
+
+def masked_mse(logits_BxV, c_B, w_B, order):
+  """``(Σ w·squared error, Σ w·correct)`` of Tian (2025)'s MSE loss: the logits of the real classes
+  ``< order``, centred over those classes, against the centred one-hot ``onehot − 1/order``, summed over
+  the classes (padding classes carry neither output nor target)."""
+  classes_1xV = jnp.arange(logits_BxV.shape[-1])[None, :]
+  real_1xV = classes_1xV < order
+  order_f = jnp.asarray(order, logits_BxV.dtype)
+  mean_B = jnp.sum(jnp.where(real_1xV, logits_BxV, 0.0), axis=-1) / order_f
+  target_BxV = (classes_1xV == c_B[:, None]).astype(logits_BxV.dtype) - 1.0 / order_f
+  err_BxV = jnp.where(real_1xV, logits_BxV - mean_B[:, None] - target_BxV, 0.0)
+  correct_B = (jnp.argmax(jnp.where(real_1xV, logits_BxV, -jnp.inf), axis=-1) == c_B).astype(jnp.float32)
+  return jnp.sum(w_B * jnp.sum(err_BxV * err_BxV, axis=-1)), jnp.sum(w_B * correct_B)
+
+
+LOSSES = {"xent": masked_xent, "mse": masked_mse}
 
 
 def mask_padding(logits_xV, order):
