@@ -9,7 +9,7 @@
 Optimisers (``NAMES``):
   adamw  AdamW with decoupled weight decay (decay step = lr · weight_decay · θ, as torch.optim.AdamW);
          ``opt.b1``, ``opt.b2``, ``opt.eps``.
-  adam_l2  Adam with L2 weight decay added to the gradient (torch.optim.Adam): g ← g + wd·θ, then the
+  adam   Adam with L2 weight decay added to the gradient (torch.optim.Adam): g ← g + wd·θ, then the
          Adam update with ``opt.b1``, ``opt.b2``, ``opt.eps``, times lr (weight decay 0: plain Adam).
   sgd    SGD with heavy-ball momentum, Nesterov optional, and L2 weight decay added to the gradient before
          the momentum (torch.optim.SGD): buf ← μ·buf + (g + wd·θ); θ ← θ − lr·buf (Nesterov:
@@ -19,11 +19,11 @@ Optimisers (``NAMES``):
          ``opt.muon.ns_steps`` quintic Newton–Schulz steps after Frobenius normalisation, scaled by
          sqrt(max(1, fan_out / fan_in)), plus decoupled decay wd·θ, times lr; AdamW (``opt.b1/b2/eps``,
          the same lr and weight decay) on every other parameter, or Adam with L2 decay
-         (``opt.muon.other = "adam_l2"``).
+         (``opt.muon.other = "adam"``).
          ``opt.muon.scale_by_shape = False`` drops the width scaling and ``opt.muon.ns_coeffs = "li2"`` uses
          the five per-step Newton–Schulz coefficients of Tian (2025)'s code (``ns_steps`` then ignored):
          with ``muon.params = "hidden"``, ``muon.momentum = 0.99``, ``muon.nesterov = False``,
-         ``muon.other = "adam_l2"``, ``b1, b2 = 0.9, 0.999`` this is that paper's split (Muon on W, torch's
+         ``muon.other = "adam"``, ``b1, b2 = 0.9, 0.999`` this is that paper's split (Muon on W, torch's
          Adam on V); its momentum is not bias-corrected, which the Frobenius normalisation makes irrelevant.
 
 The learning rate and weight decay are per-run values injected into the state (``optax.inject_hyperparams``),
@@ -49,7 +49,7 @@ import ml_collections
 import optax
 from optax import contrib as optax_contrib
 
-NAMES = ("adamw", "adam_l2", "sgd", "muon")
+NAMES = ("adamw", "adam", "sgd", "muon")
 SCHEDULES = ("constant", "cosine")
 ROLES = ("hidden", "embed", "unembed", "vector")
 MUON_COEFFS = (3.4445, -4.7750, 2.0315)  # the quintic Newton–Schulz iteration of Muon (Jordan et al. 2024)
@@ -57,7 +57,7 @@ MUON_COEFFS = (3.4445, -4.7750, 2.0315)  # the quintic Newton–Schulz iteration
 LI2_COEFFS = ((4.01, -9.22, 5.80), (3.49, -6.38, 3.23), (3.34, -6.21, 3.20), (3.64, -7.48, 4.43),
               (3.46, -5.35, 2.85))
 MUON_NS = {"jordan": MUON_COEFFS, "li2": LI2_COEFFS}
-MUON_OTHER = ("adamw", "adam_l2")
+MUON_OTHER = ("adamw", "adam")
 
 
 def add_config(cfg: ml_collections.ConfigDict) -> None:
@@ -81,7 +81,7 @@ def add_config(cfg: ml_collections.ConfigDict) -> None:
   opt.muon.nesterov = True
   opt.muon.ns_steps = 5
   opt.muon.params = "hidden"    # comma-separated roles orthogonalised by Muon; the rest get muon.other
-  opt.muon.other = "adamw"      # the optimiser of the other parameters: "adamw" or "adam_l2" (MUON_OTHER)
+  opt.muon.other = "adamw"      # the optimiser of the other parameters: "adamw" or "adam" (MUON_OTHER)
   opt.muon.scale_by_shape = True  # scale each update by sqrt(max(1, fan_out / fan_in))
   opt.muon.ns_coeffs = "jordan"   # Newton–Schulz coefficients: "jordan" (MUON_COEFFS) or "li2" (LI2_COEFFS)
 
@@ -150,7 +150,7 @@ def validate(opt) -> None:
   if opt.schedule not in SCHEDULES:
     raise ValueError(f"config.opt.schedule: must be one of {SCHEDULES}, got {opt.schedule!r}")
   _number(opt, "final_lr_frac", "", lambda v: 0 <= v <= 1, "must lie in [0, 1]")
-  if "adamw" in chosen or "adam_l2" in chosen or "muon" in chosen:
+  if "adamw" in chosen or "adam" in chosen or "muon" in chosen:
     for name in ("b1", "b2"):
       _number(opt, name, "", lambda v: 0 <= v < 1, "must lie in [0, 1)")
     _number(opt, "eps", "", lambda v: math.isfinite(v) and v > 0, "must be finite and > 0")
@@ -257,7 +257,7 @@ def _muon(opt, lr, weight_decay, roles) -> optax.GradientTransformation:
       lambda role, p: "muon" if role in chosen and p.ndim >= 2 else "adamw", roles(params), params)
   muon = optax.inject_hyperparams(lambda learning_rate, weight_decay: _muon_rule(
       learning_rate, weight_decay, opt=opt))(learning_rate=lr, weight_decay=weight_decay)
-  rest = _adam(opt, lr, weight_decay) if _muon_settings(opt)[2] == "adam_l2" else _adamw(opt, lr, weight_decay)
+  rest = _adam(opt, lr, weight_decay) if _muon_settings(opt)[2] == "adam" else _adamw(opt, lr, weight_decay)
   return optax.partition({"muon": muon, "adamw": rest}, labels)
 
 
@@ -275,7 +275,7 @@ def make(opt, total_steps: int, lr, weight_decay, roles: Callable[[Any], Any],
     (name,) = names(opt)
   if name == "adamw":
     core = _adamw(opt, lr, weight_decay)
-  elif name == "adam_l2":
+  elif name == "adam":
     core = _adam(opt, lr, weight_decay)
   elif name == "sgd":
     core = _sgd(opt, lr, weight_decay)
@@ -306,7 +306,7 @@ def describe(opt) -> str:
   (name,) = names(opt)
   if name == "adamw":
     text = f"AdamW, betas ({float(opt.b1):g}, {float(opt.b2):g}), eps {float(opt.eps):g}"
-  elif name == "adam_l2":
+  elif name == "adam":
     text = f"Adam with L2 weight decay, betas ({float(opt.b1):g}, {float(opt.b2):g}), eps {float(opt.eps):g}"
   elif name == "sgd":
     text = (f"SGD, momentum {float(opt.sgd.momentum):g}{' (Nesterov)' if opt.sgd.nesterov else ''}, "
@@ -318,7 +318,7 @@ def describe(opt) -> str:
             f"{', Nesterov' if opt.muon.nesterov else ''}, {steps} Newton–Schulz steps"
             f"{' (Li2 coefficients)' if coeffs is LI2_COEFFS else ''}"
             f"{'' if by_shape else ', no width scaling'}), "
-            f"{'Adam (L2 decay)' if other == 'adam_l2' else 'AdamW'} on the rest "
+            f"{'Adam (L2 decay)' if other == 'adam' else 'AdamW'} on the rest "
             f"(betas ({float(opt.b1):g}, {float(opt.b2):g}), eps {float(opt.eps):g})")
   if float(opt.clip_norm):
     text += f", gradients clipped to norm {float(opt.clip_norm):g}"

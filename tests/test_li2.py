@@ -163,7 +163,7 @@ def _adam_update(lr, wd, b1, b2, eps):
 
 
 def test_adam_matches_float64_reference_and_differs_from_adamw():
-  cfg = _cfg("adam_l2")
+  cfg = _cfg("adam")
   p0, p1, pairs = _trained(cfg)
   o = cfg.opt
   _assert_close(p0, p1, _reference(p0, pairs, cfg.steps, _adam_update(0.05, 0.3, o.b1, o.b2, o.eps)))
@@ -189,7 +189,7 @@ def test_li2_muon_split_matches_float64_reference(steps):
   cfg = group_config(groups="C7", lr=str(lr), weight_decay=str(wd), train_frac="0.6")
   cfg = set_fields(cfg, **{"model.name": "li2", "model.li2.hidden": K, "task.loss": "mse", "opt.name": "muon",
                            "opt.b1": b1, "opt.b2": b2, "opt.eps": eps, "opt.muon.momentum": beta,
-                           "opt.muon.nesterov": False, "opt.muon.other": "adam_l2", "opt.muon.scale_by_shape": False,
+                           "opt.muon.nesterov": False, "opt.muon.other": "adam", "opt.muon.scale_by_shape": False,
                            "opt.muon.ns_coeffs": "li2"})
   cfg.seeds, cfg.steps, cfg.eval_every, cfg.seed = 1, steps, steps, 4
   p0, p1, pairs = _trained(cfg)
@@ -212,7 +212,7 @@ def test_li2_muon_run_padded_into_a_bucket_equals_its_own_launch():
   def trained(groups_text):
     cfg = group_config(groups=groups_text, lr="0.02", weight_decay="0.1", train_frac="0.6")
     cfg = set_fields(cfg, **{"model.name": "li2", "model.li2.hidden": K, "task.bucket_padding": 1.0,
-                             "opt.name": "muon", "opt.muon.other": "adam_l2", "opt.muon.ns_coeffs": "li2",
+                             "opt.name": "muon", "opt.muon.other": "adam", "opt.muon.ns_coeffs": "li2",
                              "opt.muon.scale_by_shape": False})
     cfg.seeds, cfg.steps, cfg.eval_every, cfg.seed = 1, 3, 3, 2
     tr = train.make_train(cfg)

@@ -179,7 +179,7 @@ def test_lm_state_estimate_equals_the_real_state():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("opt.name", "adam", r"config.opt.name: 'adam' is not one of"),
+    ("opt.name", "adamax", r"config.opt.name: 'adamax' is not one of"),
     ("opt.name", "sgd,sgd", r"config.opt.name: repeated values"),
     ("opt.sgd.momentum", 1.0, r"config.opt.sgd.momentum: must lie in \[0, 1\)"),
     ("opt.muon.ns_steps", 0, r"config.opt.muon.ns_steps: expected an integer in \[1, 20\]"),
