@@ -37,6 +37,10 @@ def _header(run, summary: Mapping, steps: Sequence[int]) -> str:
   lines = [f"# Universality study: {os.path.basename(os.path.normpath(run.workdir))}", ""]
   lines.append(f"- Run directory: `{run.workdir}`")
   lines += family.describe(cfg)
+  if not family.trained:  # imported models: no seeds, schedule or optimiser of ours to describe
+    module = importlib.import_module(family.report_module)
+    lines.append(module.settings_line(summary["settings"], family.generalised_threshold))
+    return "\n".join(lines) + "\n"
   seeds = sorted({r["seed"] for r in runs})
   lines.append(f"- Seeds: {cfg.seeds} per grid point (base seed {cfg.seed}, seed numbers "
                f"{seeds[0]}–{seeds[-1]}); {len(runs)} runs in {len(run.cohorts)} cohorts")

@@ -156,18 +156,31 @@ class CoMoments:
 # Helpers shared by every path
 
 
-def rotations(key: jax.Array, n_models: int, n_neurons: int) -> jax.Array:
+def rotations(key: jax.Array, n_models: int, n_neurons: int, blocks: int = 1) -> jax.Array:
   """Haar-random orthogonal matrices ``Q_SxNxN``, one per model (``Q_j`` from ``fold_in(key, j)``).
 
   QR of a Gaussian matrix with the signs of R's diagonal moved into Q, which makes the distribution
-  uniform on O(N) rather than biased by the QR convention.
+  uniform on O(N) rather than biased by the QR convention. ``blocks`` > 1: each ``Q_j`` is block-diagonal,
+  ``blocks`` independent Haar matrices of ``N / blocks`` neurons each (block b from ``fold_in(Q_j's key, b)``):
+  the neurons of one layer mixed only among themselves, as Gurnee et al. rotated layer by layer.
   """
+  if blocks < 1 or n_neurons % blocks:
+    raise CorrelationError(f"rotation blocks must divide the {n_neurons} neurons of a model, got {blocks}")
   keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(n_models))
+  m = n_neurons // blocks
 
-  def one(k):
-    q, r = jnp.linalg.qr(jax.random.normal(k, (n_neurons, n_neurons), jnp.float32))
+  def haar(k):
+    q, r = jnp.linalg.qr(jax.random.normal(k, (m, m), jnp.float32))
     d = jnp.diagonal(r)
     return q * jnp.where(d < 0, -1.0, 1.0)[None, :]
+
+  if blocks == 1:
+    return jax.vmap(haar)(keys)
+
+  def one(k):
+    q_BxMxM = jax.vmap(lambda b: haar(jax.random.fold_in(k, b)))(jnp.arange(blocks))
+    eye_BxB = jnp.eye(blocks, dtype=jnp.float32)
+    return jnp.einsum("bij,bc->bicj", q_BxMxM, eye_BxB).reshape(n_neurons, n_neurons)
 
   return jax.vmap(one)(keys)
 
@@ -797,7 +810,7 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
                     block_rows: int | None = None, block_t: int | None = None,
                     block_n: int | None = None, dead_rtol: float = DEFAULT_DEAD_RTOL,
                     platform: str | None = None, interpret: bool | None = None,
-                    within: bool = True) -> MaxCorrelation:
+                    within: bool = True, rotation_blocks: int = 1) -> MaxCorrelation:
   """Max Pearson correlation of every neuron with each model's neurons, and its argmax.
 
   Args:
@@ -825,6 +838,8 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
       (baseline too) and, on the XLA path with models of at least ``_TILE_TARGET`` neurons (one model per
       tile), the S diagonal co-moment tiles are never computed: S(S−1)/2 tiles instead of S(S+1)/2 (a third
       of the products at 2 models). Cross-seed statistics (excess correlation) need no more.
+    rotation_blocks: the baseline's rotation is block-diagonal over this many equal blocks of each model's
+      neurons (e.g. its layers: :func:`rotations`); 1: one rotation of all of them.
 
   Returns:
     :class:`MaxCorrelation` with ``max_SxNxS``, ``argmax_SxNxS``, ``dead_SxN`` (and baseline fields).
@@ -839,7 +854,7 @@ def max_correlation(acts_SxTxN, *, backend: str = "auto", baseline: str | None =
   _check_options(backend, baseline, key, dead_rtol)
   if memory_bytes <= 0:
     raise CorrelationError(f"memory_bytes must be positive, got {memory_bytes}")
-  q_fn = (lambda s, n: rotations(key, s, n)) if baseline == "rotation" else None
+  q_fn = (lambda s, n: rotations(key, s, n, rotation_blocks)) if baseline == "rotation" else None
   if callable(acts_SxTxN) and not hasattr(acts_SxTxN, "shape"):
     outs, dead, s, n = _stream(acts_SxTxN, q_fn, memory_bytes=memory_bytes, block_rows=block_rows,
                                dead_rtol=dead_rtol, within=within)

@@ -536,13 +536,13 @@ def _worth_it(pl: Plan, s: int, n: int, within: bool, rotation: bool) -> bool:
 def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baseline: str | None = None,
                     key: jax.Array | None = None, within: bool = True,
                     dead_rtol: float = kc.DEFAULT_DEAD_RTOL, stats: dict | None = None,
-                    **options) -> kc.MaxCorrelation:
+                    rotation_blocks: int = 1, **options) -> kc.MaxCorrelation:
   """:func:`universality.kernels.correlation.max_correlation`, screened (module docstring).
 
   Args:
     acts_SxTxN: an array or a re-iterable source of batches, as for the exact pass.
     screen: a :class:`Screen`, or a mode name with the default sample, margin and candidates.
-    baseline, key, within, dead_rtol, **options: as for the exact pass (``options`` reach it when it runs:
+    baseline, key, within, dead_rtol, rotation_blocks, **options: as for the exact pass (``options`` reach it when it runs:
       ``backend``, ``memory_bytes``, block sizes).
     stats: a dict to fill with what ran: ``ran`` ('exact' or 'screen'), ``pairs`` (gathered co-moments),
       ``full_rows_sample`` (rows computed in full because the sample did not separate them),
@@ -557,7 +557,7 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
   stats = {} if stats is None else stats
   stats.update(ran="exact", pairs=0, full_rows_sample=0, full_rows_check=0, passes=1)
   exact = functools.partial(_exact, baseline=baseline, key=key, within=within,
-                            dead_rtol=dead_rtol, **options)
+                            dead_rtol=dead_rtol, rotation_blocks=rotation_blocks, **options)
   is_source = callable(acts_SxTxN) and not hasattr(acts_SxTxN, "shape")
   if not screen.may_screen() or isinstance(acts_SxTxN, (jax.core.Tracer, Iterator)):
     return exact(acts_SxTxN)
@@ -578,7 +578,7 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
   if not np.isfinite(sample).all():
     raise kc.CorrelationError("activations contain NaN or infinity")
   s, _, n = sample.shape
-  q = kc.rotations(key, s, n) if baseline == "rotation" else None
+  q = kc.rotations(key, s, n, rotation_blocks) if baseline == "rotation" else None
   pl = plan(sample, q, screen, within=within, dead_rtol=dead_rtol)
   if screen.mode == "auto" and not _worth_it(pl, s, n, within, q is not None):
     return exact(source)

@@ -35,7 +35,7 @@ import numpy as np
 
 from universality.engine import optim
 
-NAMES = ("group", "lm")
+NAMES = ("group", "lm", "imported")
 
 
 class Task(NamedTuple):
@@ -86,6 +86,7 @@ class Family:
   view_module: str = ""
   progress_metric: str = "test_acc"     # shown by the progress bar
   generalised_threshold: float = 0.99   # a run has generalised when progress_metric reaches this
+  trained: bool = True                  # False: models trained elsewhere (no schedule, optimiser, metrics)
 
   def add_config(self, cfg) -> None:
     raise NotImplementedError

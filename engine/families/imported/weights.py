@@ -29,6 +29,9 @@ class ModelDirError(ValueError):
 
 CONVERT_HINT = ("convert it once where PyTorch is installed: python -c \"import transformers as t; "
                 "t.AutoModelForCausalLM.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\"")
+# The model directory's config file (Hugging Face's name; the run directory's own names belong to
+# universality.engine.rundir alone).
+HF_CONFIG = os.extsep.join(("config", "json"))
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "neox"}
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -141,12 +144,14 @@ class Model:
     name_or_path: config.json's ``_name_or_path`` ("" when absent).
     spec: the architecture.
     files: tensor name (without the base model's prefix) -> (file, stored name, shape, dtype).
+    special_ids: the BOS, EOS and pad token ids config.json names.
   """
   path: str
   name: str
   name_or_path: str
   spec: models.Spec
   files: dict[str, tuple[str, str, tuple[int, ...], str]]
+  special_ids: tuple[int, ...] = ()
 
   def _entry(self, key: str, layer: int | None):
     table = _GPT2 if self.spec.arch == "gpt2" else _NEOX
@@ -236,7 +241,7 @@ def open_model(path: str, read_header: Callable | None = None) -> Model:
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise ModelDirError(f"{path}: no such model directory")
-  config_file = os.path.join(path, "config.json")
+  config_file = os.path.join(path, HF_CONFIG)
   try:
     with open(config_file) as f:
       cfg = json.load(f)
@@ -266,10 +271,22 @@ def open_model(path: str, read_header: Callable | None = None) -> Model:
           table[name] = (file, stored, tuple(int(n) for n in s.get_shape()), str(s.get_dtype()))
     except Exception as e:  # safetensors raises its own error types for a damaged header
       raise ModelDirError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-  model = Model(path=path, name=os.path.basename(path.rstrip(os.sep)), name_or_path=str(cfg.get("_name_or_path", "")),
-                spec=spec, files=table)
+  model = Model(path=path, name=os.path.basename(path.rstrip(os.sep)),
+                name_or_path=str(cfg.get("_name_or_path", "")), spec=spec, files=table,
+                special_ids=_special_ids(cfg))
   model.check()
   return model
+
+
+def _special_ids(cfg: dict) -> tuple[int, ...]:
+  """BOS, EOS and pad ids named by a config.json (the tokens Gurnee et al. dropped from the statistics)."""
+  out: list[int] = []
+  for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    v = cfg.get(key)
+    for x in (v if isinstance(v, list) else [v]):
+      if isinstance(x, int) and not isinstance(x, bool) and x >= 0 and x not in out:
+        out.append(x)
+  return tuple(out)
 
 
 def first_difference(a: Model, b: Model) -> str | None:

@@ -1,0 +1,345 @@
+"""The universal-neurons pass (Gurnee et al. 2024) on an imported suite, and the neuron families beside it.
+
+Every run reads the same ``tokens`` ids of the corpus (``analysis.corpus``: ``.bin``, ``.npy`` or text with
+a tokenizer; ``universality.engine.families.imported.tokens``), cut into windows of ``context`` tokens. The
+forward pass runs ``batch_windows`` windows at a time; activations are never stored whole:
+
+* tokens named by ``drop`` (BOS / EOS / pad from the models' config, tokens holding a newline) are left out
+  of every statistic, as the paper did: each batch's kept rows are packed into fixed-size blocks on the
+  device (one compiled shape), which stream into ``universality.kernels.correlation``;
+* for each neuron, the maximum Pearson correlation with every neuron of every layer of each other run, and
+  the same maximum against that run's neurons rotated **layer by layer** (a Haar-random orthogonal matrix
+  per layer, as Gurnee et al. rotated); excess = max − baseline max. Two comparisons: the paper's (run 0
+  against each other run: ``excess_paper``, the mean over runs 1..S−1, for run 0's neurons) and ours (every
+  run against every other: ``excess``, the mean over the other runs); universal = mean excess above
+  ``universal_threshold`` (0.5);
+* in the same pass (``universality.engine.analysis.neuron_stats``): the moments of each neuron's
+  *pre*-activation (skew, kurtosis, share >= 0) and the share of its post-activation variance explained by
+  the current token (unigram), the previous token and the position, the tokens being the
+  ``unigram_classes`` most frequent ones of the text read plus one class for all others;
+* from the weights: input bias, ‖w_in‖, ‖w_out‖, cos(w_in, w_out); the moments over the vocabulary of
+  cos(w_out, W_U[:, v]) (W_U with the final LayerNorm's gain folded in, centred): kurtosis above
+  ``kurtosis_threshold`` with positive skew marks a prediction neuron, negative a suppression one; and the
+  share of ‖w_out‖² in W_U's null space (its ``entropy_null_dims`` last right-singular directions): an
+  *entropy neuron* has most of its output there (above ``entropy_null_share``) and a large ‖w_out‖ (above
+  the ``entropy_norm_pct`` percentile of its layer).
+
+Per-neuron arrays ``[S, L, N]`` (and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file;
+summary.json holds per-layer fractions for both comparisons and the property contrasts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from universality.engine.analysis import cross_seed
+from universality.engine.analysis import neuron_stats
+from universality.engine.families.imported import family as family_lib
+from universality.engine.families.imported import models
+from universality.engine.families.imported import tokens as tokens_lib
+
+LAST_STEP_ONLY = True
+SETTINGS = family_lib.ANALYSIS_SETTINGS
+PROPERTIES = ("pre_mean", "pre_var", "pre_skew", "pre_kurtosis", "act_freq", "input_bias", "w_in_norm",
+              "w_out_norm", "cos_in_out", "vocab_kurtosis", "vocab_skew", "null_share", "var_token",
+              "var_prev_token", "var_position")
+MAX_CONTEXT = 512  # Gurnee et al.'s windows
+
+
+def context_of(spec: models.Spec, settings: dict) -> int:
+  c = int(settings["context"]) or min(spec.context, MAX_CONTEXT)
+  if not 2 <= c <= spec.context:
+    raise ValueError(f"analysis.context: must lie in [2, {spec.context}] (the models' context), got {c}")
+  return c
+
+
+def tokenizer_of(cfg, settings: dict) -> str:
+  """The tokenizer.json the pass uses: the setting, else the first model directory's when it has one."""
+  if settings["tokenizer"]:
+    return os.path.abspath(os.path.expanduser(str(settings["tokenizer"])))
+  suite = family_lib.suite_of(cfg)
+  first = os.path.join(suite[0]["path"], "tokenizer.json") if suite else ""
+  return first if first and os.path.isfile(first) else ""
+
+
+def corpus_windows(cfg, settings: dict) -> tuple[np.ndarray, tokens_lib.Tokens]:
+  """``(ids [W, C], corpus)``: consecutive windows of the corpus's first ``tokens`` ids (a memory-map view)."""
+  spec = models.spec_of(cfg.model.imported)
+  c = context_of(spec, settings)
+  corpus = tokens_lib.open_tokens(str(settings["corpus"]), spec.vocab, tokenizer_of(cfg, settings),
+                                  str(settings["dtype"]), int(settings["tokens"]))
+  n = min(int(settings["tokens"]), len(corpus.ids)) // c
+  if n < 1:
+    raise tokens_lib.TokensError(f"corpus {settings['corpus']!r} ({len(corpus.ids)} tokens) holds no window of "
+                                 f"{c} tokens")
+  return corpus.ids[:n * c].reshape(n, c), corpus
+
+
+def token_classes(windows_WxC: np.ndarray, vocab: int, k: int) -> np.ndarray:
+  """int32 ``[V]``: the class of every id, its rank among the ``k`` most frequent ids of the windows (ties:
+  smaller id first), ``k`` for every other id."""
+  counts = np.zeros(vocab, np.int64)
+  for a in range(0, len(windows_WxC), 4096):
+    counts += np.bincount(np.asarray(windows_WxC[a:a + 4096]).reshape(-1).astype(np.int64), minlength=vocab)
+  top = np.argsort(-counts, kind="stable")[:k]
+  top = top[counts[top] > 0]
+  out = np.full(vocab, len(top), np.int32)
+  out[top] = np.arange(len(top), dtype=np.int32)
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _forward(spec: models.Spec):
+  """Jitted ``(params_S, ids_BxC) -> (pre, post)``, each ``[S, B·C, L·N]``."""
+  def one(params, ids_BxC):
+    _, acts = models.apply(params, ids_BxC, spec)
+    b, c, l, n = acts["mlp_pre"].shape
+    return acts["mlp_pre"].reshape(b * c, l * n), acts["mlp_post"].reshape(b * c, l * n)
+  return jax.jit(jax.vmap(one, in_axes=(0, None)))
+
+
+@jax.jit
+def _update_stats(stats, pre_SxBxM, post_SxBxM, cls_B, prev_B, pos_B, keep_B):
+  s, b, m = pre_SxBxM.shape
+  pre_BxK = jnp.moveaxis(pre_SxBxM, 1, 0).reshape(b, s * m)
+  post_BxK = jnp.moveaxis(post_SxBxM, 1, 0).reshape(b, s * m)
+  moments, by_tok, by_prev, by_pos = stats
+  return (neuron_stats.moments_update(moments, pre_BxK, keep_B),
+          neuron_stats.categories_update(by_tok, post_BxK, cls_B, keep_B),
+          neuron_stats.categories_update(by_prev, post_BxK, prev_B, keep_B),
+          neuron_stats.categories_update(by_pos, post_BxK, pos_B, keep_B))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _pack(buf_SxRxM, fill, post_SxBxM, keep_B):
+  """The batch's kept rows written at row ``fill`` of the buffer (rows after them are overwritten later)."""
+  order = jnp.argsort(~keep_B, stable=True)
+  return jax.lax.dynamic_update_slice(buf_SxRxM, post_SxBxM[:, order], (0, fill, 0))
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _shift(buf_SxRxM, r: int):
+  return jnp.roll(buf_SxRxM, -r, axis=1)
+
+
+class _Stream:
+  """A re-iterable source of kept post-activation rows in blocks of ``B·C`` (``universality.kernels.correlation``).
+  The first iteration that runs to its end also fills ``stats``; later ones only yield."""
+
+  def __init__(self, params_S, windows_WxC, spec, batch_windows: int, classes_V, drop_ids):
+    self.params, self.windows, self.bw, self.spec = params_S, windows_WxC, batch_windows, spec
+    self.classes, self.drop = classes_V, np.asarray(drop_ids, np.int64)
+    s = jax.tree.leaves(params_S)[0].shape[0]
+    c = windows_WxC.shape[1]
+    self.k, self.rows = s * spec.n_layers * spec.d_mlp, batch_windows * c
+    n_cls = int(classes_V.max()) + 1
+    self.empty = (neuron_stats.moments_init(self.k), neuron_stats.categories_init(n_cls, self.k),
+                  neuron_stats.categories_init(n_cls, self.k), neuron_stats.categories_init(c, self.k))
+    self.stats, self.kept = None, 0
+
+  def _batches(self):
+    c = self.windows.shape[1]
+    for a in range(0, len(self.windows), self.bw):
+      w = np.asarray(self.windows[a:a + self.bw]).astype(np.int32)
+      b = len(w)
+      if b < self.bw:  # the last batch: padded with copies, their rows not kept (one compiled shape)
+        w = np.concatenate([w, np.repeat(w[-1:], self.bw - b, axis=0)])
+      keep = ~np.isin(w, self.drop)
+      keep[b:] = False
+      prev = np.concatenate([np.full((len(w), 1), -1, np.int64), w[:, :-1]], axis=1)
+      cls = self.classes[w].reshape(-1)
+      prev_cls = np.where(prev >= 0, self.classes[np.maximum(prev, 0)], -1).reshape(-1)
+      pos = np.tile(np.arange(c, dtype=np.int32), len(w))
+      yield w, keep.reshape(-1), cls, prev_cls.astype(np.int32), pos
+
+  def __call__(self):
+    collect = self.stats is None
+    stats, kept = self.empty, 0
+    forward = _forward(self.spec)
+    buf, fill = None, 0
+    for w, keep, cls, prev_cls, pos in self._batches():
+      pre, post = forward(self.params, jnp.asarray(w))
+      keep_dev = jnp.asarray(keep)
+      if collect:
+        stats = _update_stats(stats, pre, post, jnp.asarray(cls), jnp.asarray(prev_cls), jnp.asarray(pos),
+                              keep_dev)
+      if buf is None:
+        buf = jnp.zeros((post.shape[0], 2 * self.rows, post.shape[2]), jnp.float32)
+      buf = _pack(buf, jnp.int32(fill), post, keep_dev)
+      fill += int(keep.sum())
+      kept += int(keep.sum())
+      if fill >= self.rows:
+        yield buf[:, :self.rows]
+        buf, fill = _shift(buf, self.rows), fill - self.rows
+    if fill:
+      yield buf[:, :fill]
+    if collect:
+      self.stats, self.kept = stats, kept
+
+
+def null_share(w_out_SxMxD, w_u_SxDxV, null_dims: int) -> np.ndarray:
+  """``[S, M]``: share of ‖w_out‖² in the span of W_U's ``null_dims`` last right-singular directions (in
+  the residual space; W_U centred over the vocabulary first)."""
+  out = []
+  for w_out, w_u in zip(np.asarray(w_out_SxMxD, np.float64), np.asarray(w_u_SxDxV, np.float64)):
+    w_u = w_u - w_u.mean(axis=1, keepdims=True)
+    u, _, _ = np.linalg.svd(w_u, full_matrices=True)  # u [D, D]: residual directions by singular value
+    null_DxK = u[:, w_u.shape[0] - null_dims:]
+    proj = np.square(w_out @ null_DxK).sum(axis=1)
+    out.append(proj / np.maximum(np.square(w_out).sum(axis=1), 1e-30))
+  return np.stack(out)
+
+
+def weight_properties(params_S, spec: models.Spec, settings: dict) -> dict[str, np.ndarray]:
+  """Per-neuron weight statistics, each ``[S, L, N]`` (module docstring)."""
+  blocks = params_S["blocks"]
+  w_in = np.asarray(blocks["w_in"], np.float64)
+  w_out = np.asarray(blocks["w_out"], np.float64)
+  in_norm, out_norm = np.linalg.norm(w_in, axis=2), np.linalg.norm(w_out, axis=3)
+  dot = np.einsum("sldn,slnd->sln", w_in, w_out)
+  s, l, n, d = w_out.shape
+  w_u_SxDxV = np.stack([np.asarray(params_S["lnf_g"][i])[:, None]
+                        * np.asarray(models.unembedding(jax.tree.map(lambda x: x[i], params_S), spec))
+                        for i in range(s)])
+  skew, kurt = np.zeros((s, l * n)), np.zeros((s, l * n))
+  flat = w_out.reshape(s, l * n, d).astype(np.float32)
+  chunk = max(1, (1 << 26) // max(spec.vocab, 1))  # cosines of at most 64 M entries at a time
+  for i in range(s):
+    for a in range(0, l * n, chunk):
+      v = neuron_stats.vocab_composition(flat[i:i + 1, a:a + chunk], w_u_SxDxV[i:i + 1])
+      skew[i, a:a + chunk], kurt[i, a:a + chunk] = np.asarray(v["skew"])[0], np.asarray(v["kurtosis"])[0]
+  k = int(settings["entropy_null_dims"]) or max(1, d // 64)
+  return {"input_bias": np.asarray(blocks["b_in"], np.float64), "w_in_norm": in_norm, "w_out_norm": out_norm,
+          "cos_in_out": dot / np.maximum(in_norm * out_norm, 1e-30), "vocab_skew": skew.reshape(s, l, n),
+          "vocab_kurtosis": kurt.reshape(s, l, n),
+          "null_share": null_share(flat, w_u_SxDxV, min(k, d)).reshape(s, l, n)}
+
+
+def excess_against(max_SxMxS, base_SxMxS, dead_SxM, others) -> np.ndarray:
+  """``[S, M]``: mean over the runs ``others[i]`` of (max − baseline max); NaN for dead neurons."""
+  s = max_SxMxS.shape[0]
+  out = np.full(max_SxMxS.shape[:2], np.nan)
+  for i in range(s):
+    js = list(others[i])
+    if js:
+      out[i] = (max_SxMxS[i][:, js] - base_SxMxS[i][:, js]).mean(axis=1)
+  return np.where(dead_SxM, np.nan, out)
+
+
+def neuron_table(params_S, windows_WxC, spec: models.Spec, key, settings: dict, drop_ids,
+                 batch_windows: int | None = None) -> dict[str, np.ndarray]:
+  """Every per-neuron statistic of S stacked runs on the same windows (module docstring): arrays
+  ``[S, L, N]`` and, with S >= 2, the match tables ``[S, L·N, S]``."""
+  l, n = spec.n_layers, spec.d_mlp
+  s = jax.tree.leaves(params_S)[0].shape[0]
+  classes = token_classes(windows_WxC, spec.vocab, int(settings["unigram_classes"]))
+  stream = _Stream(params_S, windows_WxC, spec, int(batch_windows or settings["batch_windows"]), classes,
+                   drop_ids)
+  corr = None
+  if s >= 2:
+    corr = cross_seed.neuron_correlations(stream, key=key, universal_threshold=settings["universal_threshold"],
+                                          memory_bytes=int(settings["memory_gb"] * (1 << 30)), within=False,
+                                          rotation_blocks=l)
+  else:
+    for _ in stream():
+      pass
+  if stream.kept < 2:
+    raise tokens_lib.TokensError("fewer than 2 tokens are left once analysis.drop is applied")
+  shape = lambda x: np.asarray(x).reshape(s, l, n)
+  moments = {k: shape(v) for k, v in neuron_stats.moments_finalize(stream.stats[0]).items()}
+  props = {"pre_mean": moments["mean"], "pre_var": moments["var"], "pre_skew": moments["skew"],
+           "pre_kurtosis": moments["kurtosis"], "act_freq": moments["freq_nonneg"],
+           "var_token": shape(neuron_stats.variance_explained(stream.stats[1])),
+           "var_prev_token": shape(neuron_stats.variance_explained(stream.stats[2])),
+           "var_position": shape(neuron_stats.variance_explained(stream.stats[3]))}
+  props.update(weight_properties(params_S, spec, settings))
+  out = {k: np.asarray(v, np.float32) for k, v in props.items()}
+  out["vocab_class"] = shape(neuron_stats.prediction_class(props["vocab_skew"], props["vocab_kurtosis"],
+                                                           settings["kurtosis_threshold"])).astype(np.int8)
+  norm_bar = np.percentile(props["w_out_norm"], float(settings["entropy_norm_pct"]), axis=(0, 2), keepdims=True)
+  out["entropy"] = (props["null_share"] > float(settings["entropy_null_share"])) & (props["w_out_norm"] > norm_bar)
+  if corr is None:
+    out.update(universal=np.zeros((s, l, n), bool), dead=moments["kurtosis"] == 0)
+    return out
+  max_SxMxS = np.asarray(corr["max_SxNxS"], np.float64)
+  base_SxMxS = np.asarray(corr["baseline_max_SxNxS"], np.float64)
+  dead = np.asarray(corr["dead_SxN"], bool)
+  thr = float(settings["universal_threshold"])
+  paper = excess_against(max_SxMxS, base_SxMxS, dead, [range(1, s)] + [[0]] * (s - 1))
+  out.update(excess=shape(corr["excess_SxN"]).astype(np.float32), universal=shape(corr["universal_SxN"]),
+             excess_paper=shape(paper).astype(np.float32),
+             universal_paper=shape(np.nan_to_num(paper, nan=-np.inf) > thr) & ~shape(dead),
+             dead=shape(dead), max_corr=max_SxMxS.astype(np.float32),
+             baseline_max_corr=base_SxMxS.astype(np.float32), argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
+  return out
+
+
+def percentile_within_layer(x_SxLxN: np.ndarray) -> np.ndarray:
+  """Each neuron's percentile (0..100) among the neurons of its layer, pooled over the cohort's runs."""
+  s, l, n = x_SxLxN.shape
+  x = np.moveaxis(x_SxLxN, 1, 0).reshape(l, s * n)
+  ranks = np.argsort(np.argsort(x, axis=1, kind="stable"), axis=1, kind="stable")
+  return np.moveaxis((100.0 * ranks / max(s * n - 1, 1)).reshape(l, s, n), 0, 1)
+
+
+def _frac(mask, live) -> float:
+  return float(np.sum(mask & live) / max(int(np.sum(live)), 1))
+
+
+def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | None = None) -> dict:
+  """One cohort: ``{"task", "aggregate", "runs", "arrays"}`` (see the module docstring)."""
+  cfg = view.config
+  spec = models.spec_of(cfg.model.imported)
+  step = max(params_by_step)
+  params = jax.tree.map(jnp.asarray, params_by_step[step])
+  windows, corpus = corpus_windows(cfg, settings)
+  tokenizer = tokenizer_of(cfg, settings)
+  drop, notes = tokens_lib.drop_ids(settings["drop"], family_lib.special_ids(cfg), tokenizer, spec.vocab)
+  arrays = neuron_table(params, windows, spec, key, settings, drop, batch_size)
+  s, l = len(view), spec.n_layers
+  universal, dead, vocab_class = arrays["universal"], arrays["dead"], arrays["vocab_class"]
+  live = ~dead
+  task = {"tokens": int(windows.size), "windows": int(windows.shape[0]), "context": int(windows.shape[1]),
+          "corpus": corpus.path, "corpus_kind": corpus.kind, "corpus_fingerprint": corpus.fingerprint,
+          "tokenizer": tokenizer, "dropped_ids": int(len(drop)), "notes": notes, "layers": l,
+          "d_mlp": spec.d_mlp, "step": int(step)}
+  agg: dict[str, Any] = {
+      "universal_by_layer": [_frac(universal[:, j], live[:, j]) for j in range(l)],
+      "universal_fraction": _frac(universal, live),
+      "prediction_by_layer": [float((vocab_class[:, j] == 1).sum() / s) for j in range(l)],
+      "suppression_by_layer": [float((vocab_class[:, j] == -1).sum() / s) for j in range(l)],
+      "entropy_by_layer": [float(arrays["entropy"][:, j].sum() / s) for j in range(l)],
+      "dead_fraction": float(dead.mean())}
+  if "excess" in arrays:
+    up = arrays["universal_paper"]
+    agg["paper_universal_by_layer"] = [_frac(up[0, j], live[0, j]) for j in range(l)]
+    agg["paper_universal_fraction"] = _frac(up[0], live[0])
+    agg["paper_universal_count"] = int((up[0] & live[0]).sum())
+    agg["mean_excess_by_layer"] = [float(np.nanmean(np.where(live[:, j], arrays["excess"][:, j], np.nan)))
+                                   if live[:, j].any() else None for j in range(l)]
+    other = ~np.eye(s, dtype=bool)
+    mx = (arrays["max_corr"] * other[:, None, :]).sum(-1) / max(s - 1, 1)
+    base = (arrays["baseline_max_corr"] * other[:, None, :]).sum(-1) / max(s - 1, 1)
+    agg["mean_max_corr"] = float(mx.reshape(s, l, -1)[live].mean()) if live.any() else None
+    agg["mean_baseline_max_corr"] = float(base.reshape(s, l, -1)[live].mean()) if live.any() else None
+  contrast = {}
+  if universal.any() and (live & ~universal).any():
+    for name in PROPERTIES:
+      pct = percentile_within_layer(np.asarray(arrays[name], np.float64))
+      contrast[name] = {"universal": float(np.median(pct[universal & live])),
+                        "other": float(np.median(pct[~universal & live]))}
+  agg["property_percentiles"] = contrast
+  runs = []
+  for i in range(s):
+    rec = {"universal_by_layer": [_frac(universal[i, j], live[i, j]) for j in range(l)],
+           "universal_fraction": _frac(universal[i], live[i]), "dead": int(dead[i].sum()),
+           "prediction": int((vocab_class[i] == 1).sum()), "suppression": int((vocab_class[i] == -1).sum()),
+           "entropy": int(arrays["entropy"][i].sum())}
+    runs.append(rec)
+  return {"task": task, "aggregate": agg, "runs": runs, "arrays": arrays}

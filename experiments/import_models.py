@@ -1,0 +1,83 @@
+r"""Import a multi-seed suite of language models trained elsewhere, then find the neurons they share.
+
+  python -m universality.experiments.import_models --workdir=runs/gpt2-small \
+      --models=models/alias-gpt2-small-x21,models/battlestar-gpt2-small-x49,models/caprica-gpt2-small-x81 \
+      --corpus=data/pile_test.bin --tokens=1000000
+
+Each directory of ``--models`` (a local Hugging Face model: config.json and safetensors weights; GPT-2 or
+GPT-NeoX) becomes one run, in that order, stacked into one Orbax checkpoint
+(``universality.engine.families.imported.suite``). With ``--corpus`` (token ids in a .bin or .npy, or text
+with a tokenizer.json) the universal-neurons pass runs on it and the report is written
+(``universality.engine.families.imported.analysis``); ``universality.engine.replay.open(workdir)`` opens the
+result. Running the command again on the same directory and models re-analyses without importing again.
+Bad flags, directories, corpora: one line ``error: ...`` and exit status 2, nothing written.
+"""
+
+import logging as pylogging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to create (or re-analyse).")
+_MODELS = flags.DEFINE_list("models", None, "Comma-separated model directories, one run each.")
+_LABELS = flags.DEFINE_list("labels", None, "Seed labels, one per model (default: from the directory names).")
+_ANALYZE = flags.DEFINE_bool("analyze", None, "Run the pass and the report (default: when --corpus is given).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_CORPUS = flags.DEFINE_string("corpus", None, "Token ids (.bin uint16/uint32, .npy) or text (file or directory).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: the first model directory's).")
+_DTYPE = flags.DEFINE_string("dtype", None, "dtype of a .bin: uint16, uint32 or auto.")
+_TOKENS = flags.DEFINE_integer("tokens", None, "Tokens every model reads.")
+_CONTEXT = flags.DEFINE_integer("context", None, "Tokens per window (0: the models' context, at most 512).")
+_BATCH = flags.DEFINE_integer("batch_windows", None, "Windows per forward pass.")
+_DROP = flags.DEFINE_string("drop", None, "Tokens left out of the statistics: bos,pad,newline or ''.")
+_MEMORY = flags.DEFINE_float("memory_gb", None, "Budget of the correlation's co-moment tiles.")
+
+
+def _settings() -> dict:
+  names = {"corpus": _CORPUS, "tokenizer": _TOKENIZER, "dtype": _DTYPE, "tokens": _TOKENS, "context": _CONTEXT,
+           "batch_windows": _BATCH, "drop": _DROP, "memory_gb": _MEMORY}
+  return {k: f.value for k, f in names.items() if f.value is not None}
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _WORKDIR.value:
+    _fail("--workdir is required")
+  if not _MODELS.value:
+    _fail("--models is required (comma-separated model directories)")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+    pylogging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname)
+  from universality.engine import checkpoint, replay, report, rundir  # pylint: disable=import-outside-toplevel
+  from universality.engine.analysis import driver  # pylint: disable=import-outside-toplevel
+  from universality.engine.families.imported import analysis, family, suite  # pylint: disable=import-outside-toplevel
+  settings = _settings()
+  analyze = _ANALYZE.value if _ANALYZE.value is not None else "corpus" in settings
+  try:
+    cfg = suite.config_for(suite.open_suite(_MODELS.value), _LABELS.value)
+    if analyze:  # the corpus is checked before anything is written
+      full = dict(family.ANALYSIS_SETTINGS, **settings)
+      analysis.corpus_windows(cfg, full)
+    suite.import_models(_WORKDIR.value, _MODELS.value, _LABELS.value, progress=_PROGRESS.value)
+    print(f"imported {cfg.seeds} models into {rundir.resolve(_WORKDIR.value)}", flush=True)
+    if analyze:
+      with replay.open(_WORKDIR.value) as run:
+        driver.analyze(run, progress=_PROGRESS.value, **settings)
+        print(f"report: {report.write_report_of(run)}", flush=True)
+  except (ValueError, checkpoint.CheckpointError) as e:
+    _fail(str(e))
+  except OSError as e:
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    _fail(f"{where}{e.strerror or e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
