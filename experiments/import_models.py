@@ -72,7 +72,7 @@ def main(argv):
       with replay.open(_WORKDIR.value) as run:
         driver.analyze(run, progress=_PROGRESS.value, **settings)
         print(f"report: {report.write_report_of(run)}", flush=True)
-  except (ValueError, checkpoint.CheckpointError) as e:
+  except (ValueError, checkpoint.CheckpointError, rundir.RunDirError) as e:
     _fail(str(e))
   except OSError as e:
     where = f"{e.filename}: " if getattr(e, "filename", None) else ""
