@@ -51,15 +51,17 @@ def save_model(config, path, seed=0, noise=0.1):
 
 
 def torch_forward(model, tokens_BxT):
-  """Logits ``[B, T, V]`` and post-GELU activations ``[B, T, L, N]`` of a PyTorch model."""
+  """Logits ``[B, T, V]``, post-GELU activations ``[B, T, L, N]`` and each head's mean attention to position 0
+  from the later queries ``[L, H]`` of a PyTorch model."""
   posts = []
   blocks = model.transformer.h if hasattr(model, "transformer") else model.gpt_neox.layers
   hooks = [b.mlp.act.register_forward_hook(lambda m, i, o: posts.append(o.detach().numpy())) for b in blocks]
   with torch.no_grad():
-    logits = model(torch.as_tensor(tokens_BxT, dtype=torch.long)).logits.numpy()
+    out = model(torch.as_tensor(tokens_BxT, dtype=torch.long), output_attentions=True)
   for h in hooks:
     h.remove()
-  return logits, np.stack(posts, axis=2)
+  bos = np.stack([a.numpy()[:, :, 1:, 0].mean(axis=(0, 2)) for a in out.attentions])
+  return out.logits.numpy(), np.stack(posts, axis=2), bos
 
 
 def _close(actual, expected, what):
@@ -92,7 +94,7 @@ def test_logits_and_activations_equal_pytorch(case, tmp_path):
     assert not m.spec.tied or case.endswith("tied")
   params = m.load()
   tokens = np.random.default_rng(1).integers(0, m.spec.vocab, (3, 11))
-  want_logits, want_post = torch_forward(model, tokens)
+  want_logits, want_post, want_bos = torch_forward(model, tokens)
   # Two runs stacked over the leading axis: each must be the model.
   params_S = jax.tree.map(lambda x: np.stack([x, x]), params)
   logits, acts = jax.jit(models.apply_stacked, static_argnums=2)(params_S, tokens, m.spec)
@@ -102,6 +104,7 @@ def test_logits_and_activations_equal_pytorch(case, tmp_path):
   np.testing.assert_allclose(np.asarray(acts["mlp_post"]),
                              np.asarray(models.gelu(acts["mlp_pre"], m.spec.activation)), rtol=1e-6, atol=1e-7)
   assert acts["mlp_pre"].shape == (2, 3, 11, m.spec.n_layers, m.spec.d_mlp)
+  _close(models.bos_attention(params, tokens, m.spec), want_bos, f"{case} attention to position 0")
 
 
 def test_sharded_safetensors_and_fp16(tmp_path):

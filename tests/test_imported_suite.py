@@ -139,6 +139,24 @@ def test_tokenizer_text_and_bin_give_the_same_statistics(tmp_path):
   assert not np.array_equal(kept["pre_mean"], tables[0]["pre_mean"])  # the dropped tokens are left out
 
 
+def test_attention_deactivation_equals_zeroed_output_weights(tmp_path):
+  """Each candidate's score equals the drop of a later head's attention to the first token when the neuron's
+  output weights are zeroed instead (the same ablation by another route); last-layer neurons are not scored."""
+  save_model(gpt2_config(vocab=61, layers=3, d=16, positions=32, d_mlp=12), str(tmp_path / "m"), noise=0.3)
+  m = weights.open_model(str(tmp_path / "m"))
+  params = m.load()
+  ids = np.random.default_rng(0).integers(0, 61, (2, 32))
+  got = analysis.attention_deactivation(jax.tree.map(lambda x: x[None], params), ids, m.spec, candidates=3)[0]
+  assert np.isnan(got[-1]).all() and (~np.isnan(got[:-1])).sum(axis=1).tolist() == [3, 3]
+  base = np.asarray(models.bos_attention(params, ids, m.spec), np.float64)
+  for layer, neuron in zip(*np.nonzero(~np.isnan(got))):
+    zeroed = jax.tree.map(np.copy, params)
+    zeroed["blocks"]["w_out"][layer, neuron] = 0.0
+    drop = base - np.asarray(models.bos_attention(zeroed, ids, m.spec), np.float64)
+    np.testing.assert_allclose(got[layer, neuron], drop[layer + 1:].max(), atol=1e-6)
+  assert np.nanmax(np.abs(got)) > 1e-3
+
+
 def _config(opened):
   from universality.engine.families.imported import suite  # pylint: disable=import-outside-toplevel
   return suite.config_for(opened)

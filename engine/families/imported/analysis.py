@@ -22,7 +22,12 @@ forward pass runs ``batch_windows`` windows at a time; activations are never sto
   ``kurtosis_threshold`` with positive skew marks a prediction neuron, negative a suppression one; and the
   share of ‖w_out‖² in W_U's null space (its ``entropy_null_dims`` last right-singular directions): an
   *entropy neuron* has most of its output there (above ``entropy_null_share``) and a large ‖w_out‖ (above
-  the ``entropy_norm_pct`` percentile of its layer).
+  the ``entropy_norm_pct`` percentile of its layer);
+* families: a *unigram*, *previous-token* or *position* neuron has more than ``family_threshold`` of its
+  variance explained by that feature; an *attention-deactivating* neuron is one of the ``attn_candidates``
+  per layer with the largest ‖w_out‖ whose ablation (post-activation 0) on the first ``attn_windows``
+  windows lowers some later head's mean attention to the window's first token by more than
+  ``attn_threshold`` (``attention_deactivation``).
 
 Per-neuron arrays ``[S, L, N]`` (and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file;
 summary.json holds per-layer fractions for both comparisons and the property contrasts.
@@ -50,6 +55,8 @@ PROPERTIES = ("pre_mean", "pre_var", "pre_skew", "pre_kurtosis", "act_freq", "in
               "w_out_norm", "cos_in_out", "vocab_kurtosis", "vocab_skew", "null_share", "var_token",
               "var_prev_token", "var_position")
 MAX_CONTEXT = 512  # Gurnee et al.'s windows
+# Neuron families by the share of a neuron's variance a token feature explains (above family_threshold).
+FAMILIES = {"unigram": "var_token", "previous token": "var_prev_token", "position": "var_position"}
 
 
 def context_of(spec: models.Spec, settings: dict) -> int:
@@ -221,6 +228,39 @@ def weight_properties(params_S, spec: models.Spec, settings: dict) -> dict[str, 
           "null_share": null_share(flat, w_u_SxDxV, min(k, d)).reshape(s, l, n)}
 
 
+@functools.lru_cache(maxsize=8)
+def _ablated_bos(spec: models.Spec):
+  """Jitted ``(params, ids, flat_K) -> [K, L, H]``: attention to position 0 with each neuron ablated."""
+  def one(params, ids, flat):
+    scale = jnp.ones((spec.n_layers * spec.d_mlp,), jnp.float32).at[flat].set(0.0)
+    return models.bos_attention(params, ids, spec, scale.reshape(spec.n_layers, spec.d_mlp))
+  return jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
+
+
+def attention_deactivation(params_S, ids_BxC, spec: models.Spec, candidates: int) -> np.ndarray:
+  """``[S, L, N]``: for the ``candidates`` neurons of each layer with the largest ‖w_out‖, the largest drop,
+  over the heads of later layers, of the mean attention to position 0 when the neuron is ablated (its
+  post-activation set to 0) on the sample ``ids_BxC``; NaN for neurons not ablated (and the last layer's)."""
+  s = jax.tree.leaves(params_S)[0].shape[0]
+  l, n = spec.n_layers, spec.d_mlp
+  out = np.full((s, l, n), np.nan)
+  k = min(int(candidates), n)
+  if k < 1 or l < 2:
+    return out
+  ids = jnp.asarray(ids_BxC, jnp.int32)
+  base_fn = jax.jit(lambda p, x: models.bos_attention(p, x, spec))
+  for i in range(s):
+    params = jax.tree.map(lambda x: x[i], params_S)
+    norms = np.linalg.norm(np.asarray(params["blocks"]["w_out"]), axis=2)  # [L, N]
+    flat = np.concatenate([j * n + np.argsort(-norms[j], kind="stable")[:k] for j in range(l - 1)])
+    base_LxH = np.asarray(base_fn(params, ids), np.float64)
+    ablated_KxLxH = np.asarray(_ablated_bos(spec)(params, ids, jnp.asarray(flat)), np.float64)
+    drop_KxLxH = base_LxH[None] - ablated_KxLxH
+    for f, drop in zip(flat, drop_KxLxH):
+      out[i, f // n, f % n] = drop[f // n + 1:].max()
+  return out
+
+
 def excess_against(max_SxMxS, base_SxMxS, dead_SxM, others) -> np.ndarray:
   """``[S, M]``: mean over the runs ``others[i]`` of (max − baseline max); NaN for dead neurons."""
   s = max_SxMxS.shape[0]
@@ -264,6 +304,9 @@ def neuron_table(params_S, windows_WxC, spec: models.Spec, key, settings: dict, 
                                                            settings["kurtosis_threshold"])).astype(np.int8)
   norm_bar = np.percentile(props["w_out_norm"], float(settings["entropy_norm_pct"]), axis=(0, 2), keepdims=True)
   out["entropy"] = (props["null_share"] > float(settings["entropy_null_share"])) & (props["w_out_norm"] > norm_bar)
+  sample = windows_WxC[:max(1, int(settings["attn_windows"]))]
+  out["attn_deactivation"] = attention_deactivation(params_S, np.asarray(sample), spec,
+                                                    int(settings["attn_candidates"])).astype(np.float32)
   if corr is None:
     out.update(universal=np.zeros((s, l, n), bool), dead=moments["kurtosis"] == 0)
     return out
@@ -305,6 +348,8 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
   s, l = len(view), spec.n_layers
   universal, dead, vocab_class = arrays["universal"], arrays["dead"], arrays["vocab_class"]
   live = ~dead
+  fam = float(settings["family_threshold"])
+  attn = np.nan_to_num(arrays["attn_deactivation"], nan=-np.inf) > float(settings["attn_threshold"])
   task = {"tokens": int(windows.size), "windows": int(windows.shape[0]), "context": int(windows.shape[1]),
           "corpus": corpus.path, "corpus_kind": corpus.kind, "corpus_fingerprint": corpus.fingerprint,
           "tokenizer": tokenizer, "dropped_ids": int(len(drop)), "notes": notes, "layers": l,
@@ -315,6 +360,9 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
       "prediction_by_layer": [float((vocab_class[:, j] == 1).sum() / s) for j in range(l)],
       "suppression_by_layer": [float((vocab_class[:, j] == -1).sum() / s) for j in range(l)],
       "entropy_by_layer": [float(arrays["entropy"][:, j].sum() / s) for j in range(l)],
+      "attention_deactivating_by_layer": [float(attn[:, j].sum() / s) for j in range(l)],
+      "families_by_layer": {name: [float((live[:, j] & (arrays[key][:, j] > fam)).sum() / s) for j in range(l)]
+                            for name, key in FAMILIES.items()},
       "dead_fraction": float(dead.mean())}
   if "excess" in arrays:
     up = arrays["universal_paper"]
@@ -340,6 +388,6 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
     rec = {"universal_by_layer": [_frac(universal[i, j], live[i, j]) for j in range(l)],
            "universal_fraction": _frac(universal[i], live[i]), "dead": int(dead[i].sum()),
            "prediction": int((vocab_class[i] == 1).sum()), "suppression": int((vocab_class[i] == -1).sum()),
-           "entropy": int(arrays["entropy"][i].sum())}
+           "entropy": int(arrays["entropy"][i].sum()), "attention_deactivating": int(attn[i].sum())}
     runs.append(rec)
   return {"task": task, "aggregate": agg, "runs": runs, "arrays": arrays}

@@ -44,6 +44,11 @@ ANALYSIS_SETTINGS = {
     "entropy_null_dims": 0,       # W_U's null space: its last singular directions; 0: d_model / 64
     "entropy_null_share": 0.5,    # entropy neuron: more than this share of ‖w_out‖² in that null space
     "entropy_norm_pct": 90.0,     # and ‖w_out‖ above this percentile of its layer
+    "family_threshold": 0.5,      # token / previous-token / position neuron: that share of variance explained
+    "attn_candidates": 8,         # neurons per layer (largest ‖w_out‖) ablated to find attention deactivation
+    "attn_windows": 4,            # windows of the sample they are ablated on
+    "attn_threshold": 0.05,       # attention-deactivating: ablating it lowers a later head's attention to the
+                                  # first token by more than this (mean over the sample's queries)
     "memory_gb": 1.0,             # budget of the correlation's co-moment tiles
 }
 

@@ -161,13 +161,20 @@ def attention_pattern(x_BxTxD, w, layer: int, spec: Spec):
   return jax.nn.softmax(scores_BxHxTxT, axis=-1), v
 
 
-def _attention(x_BxTxD, w, layer: int, spec: Spec, head_mask_H=None):
-  b, t, d = x_BxTxD.shape
-  pattern, v = attention_pattern(x_BxTxD, w, layer, spec)
-  out = jnp.einsum("bhqk,bkhe->bqhe", pattern, v)
-  if head_mask_H is not None:
-    out = out * head_mask_H[None, None, :, None]
-  return _affine(out.reshape(b, t, d), w["w_o"], w["b_o"])
+def _block(x, w, layer: int, spec: Spec, neuron_scale_N=None):
+  """One block: ``(x after it, mlp_pre, mlp_post, attention to position 0 [H] averaged over the batch and
+  the queries after it)``."""
+  b, t, d = x.shape
+  pattern, v = attention_pattern(layer_norm(x, w["ln1_g"], w["ln1_b"], spec.ln_eps), w, layer, spec)
+  attn = _affine(jnp.einsum("bhqk,bkhe->bqhe", pattern, v).reshape(b, t, d), w["w_o"], w["b_o"])
+  bos_H = jnp.mean(pattern[:, :, 1:, 0], axis=(0, 2)) if t > 1 else jnp.zeros((spec.n_heads,), x.dtype)
+  sequential = spec.arch == "gpt2" or not spec.parallel_residual
+  mlp_in = x + attn if sequential else x
+  pre = _affine(layer_norm(mlp_in, w["ln2_g"], w["ln2_b"], spec.ln_eps), w["w_in"], w["b_in"])
+  post = gelu(pre, spec.activation)
+  scaled = post if neuron_scale_N is None else post * _lead(neuron_scale_N, post)
+  mlp = _affine(scaled, w["w_out"], w["b_out"])
+  return x + attn + mlp, pre, post, bos_H
 
 
 def unembedding(params, spec: Spec) -> jax.Array:
@@ -175,42 +182,39 @@ def unembedding(params, spec: Spec) -> jax.Array:
   return params["embed"].T if spec.tied else params["unembed"]
 
 
-def residual(params, tokens_BxT: jax.Array, spec: Spec, upto: int | None = None, neuron_scale=None):
-  """The residual stream before block ``upto`` (default: after the last block) and the MLP activations of
-  the blocks run, ``{"mlp_pre", "mlp_post"}`` ``[B, T, L', N]``. ``neuron_scale`` ``[L, N]`` multiplies every
-  post-activation before the output projection (1: the model; 0 at one neuron: that neuron ablated)."""
+def residual(params, tokens_BxT: jax.Array, spec: Spec, neuron_scale_LxN=None):
+  """The residual stream after the last block, the MLP activations ``{"mlp_pre", "mlp_post"}``
+  ``[B, T, L, N]`` and every head's attention to position 0 ``[L, H]`` (mean over the batch and the queries
+  after it). ``neuron_scale_LxN`` multiplies every post-activation before the output projection (1: the
+  model; 0 at one neuron: that neuron ablated)."""
   tokens = tokens_BxT.astype(jnp.int32)
   t = tokens.shape[-1]
   x = params["embed"][tokens]
   if spec.arch == "gpt2":
     x = x + _lead(params["pos"][:t], x)
-  pres, posts = [], []
-  n_layers = spec.n_layers if upto is None else upto
-  for layer in range(n_layers):
+  pres, posts, bos = [], [], []
+  for layer in range(spec.n_layers):
     w = jax.tree.map(lambda a: a[layer], params["blocks"])
-    attn = _attention(layer_norm(x, w["ln1_g"], w["ln1_b"], spec.ln_eps), w, layer, spec)
-    if spec.arch == "gpt2" or not spec.parallel_residual:
-      x = x + attn
-      mlp_in = x
-    else:
-      mlp_in = x
-    pre = _affine(layer_norm(mlp_in, w["ln2_g"], w["ln2_b"], spec.ln_eps), w["w_in"], w["b_in"])
-    post = gelu(pre, spec.activation)
-    scaled = post if neuron_scale is None else post * _lead(neuron_scale[layer], post)
-    mlp = _affine(scaled, w["w_out"], w["b_out"])
-    x = x + attn + mlp if (spec.arch == "neox" and spec.parallel_residual) else x + mlp
+    x, pre, post, bos_H = _block(x, w, layer, spec, None if neuron_scale_LxN is None else neuron_scale_LxN[layer])
     pres.append(pre)
     posts.append(post)
-  stack = lambda xs: jnp.stack(xs, axis=2) if xs else jnp.zeros(tokens.shape + (0, spec.d_mlp), x.dtype)
-  return x, {"mlp_pre": stack(pres), "mlp_post": stack(posts)}
+    bos.append(bos_H)
+  acts = {"mlp_pre": jnp.stack(pres, axis=2), "mlp_post": jnp.stack(posts, axis=2)}
+  return x, acts, jnp.stack(bos)
 
 
 def apply(params, tokens_BxT: jax.Array, spec: Spec) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Logits ``[B, T, V]`` of one model at every position and ``{"mlp_pre", "mlp_post"}`` ``[B, T, L, N]``.
   ``tokens_BxT``: token ids below ``spec.vocab``, T at most ``spec.context``."""
-  x, acts = residual(params, tokens_BxT, spec)
+  x, acts, _ = residual(params, tokens_BxT, spec)
   logits = layer_norm(x, params["lnf_g"], params["lnf_b"], spec.ln_eps) @ unembedding(params, spec)
   return logits, acts
+
+
+def bos_attention(params, tokens_BxT: jax.Array, spec: Spec, neuron_scale_LxN=None) -> jax.Array:
+  """``[L, H]``: every head's mean attention to position 0 (the first token, BOS where the text starts with
+  one) from the queries after it, with post-activations scaled by ``neuron_scale_LxN``."""
+  return residual(params, tokens_BxT, spec, neuron_scale_LxN)[2]
 
 
 def apply_stacked(params_S, tokens_BxT: jax.Array, spec: Spec):

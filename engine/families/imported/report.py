@@ -17,6 +17,7 @@ from universality.engine.markdown import file_prefix, markdown_table
 _PROPERTY_TEXT = dict(lm_report._PROPERTY_TEXT, var_token="var. explained by the token",
                       var_prev_token="var. explained by the previous token",
                       null_share="share of ‖w_out‖² in W_U's null space")
+# attn_deactivation is measured for candidates only (NaN elsewhere): counted in the layer table, not contrasted
 
 
 def _pct(x) -> str:
@@ -47,12 +48,15 @@ def layer_table(agg: Mapping) -> str:
   paper = agg.get("paper_universal_by_layer")
   excess = agg.get("mean_excess_by_layer")
   for j, frac in enumerate(agg["universal_by_layer"]):
+    fams = agg.get("families_by_layer") or {}
+    deact = agg.get("attention_deactivating_by_layer") or [0.0] * len(agg["universal_by_layer"])
     rows.append([j, _pct(paper[j]) if paper else "–", _pct(frac),
                  "–" if not excess or excess[j] is None else f"{excess[j]:.3f}",
                  f"{agg['prediction_by_layer'][j]:.1f}", f"{agg['suppression_by_layer'][j]:.1f}",
-                 f"{agg['entropy_by_layer'][j]:.1f}"])
+                 f"{agg['entropy_by_layer'][j]:.1f}", f"{deact[j]:.1f}"] + [f"{fams[k][j]:.1f}" for k in fams])
+  names = list(agg.get("families_by_layer") or {})
   return markdown_table(["layer", "universal, run 0 vs others (paper)", "universal, all pairs", "mean excess",
-                         "prediction / run", "suppression / run", "entropy / run"], rows)
+                         "prediction", "suppression", "entropy", "attention-deactivating"] + names, rows)
 
 
 def property_table(agg: Mapping) -> str:
@@ -83,7 +87,11 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
            f"GPT2-medium 1.23%, Pythia-160m 1.26%). Every run against every other: "
            f"{_pct(agg['universal_fraction'])}. Mean max correlation with another model "
            f"{agg.get('mean_max_corr') or 0:.3f}, its per-layer rotation baseline "
-           f"{agg.get('mean_baseline_max_corr') or 0:.3f}.", "", layer_table(agg),
+           f"{agg.get('mean_baseline_max_corr') or 0:.3f}. Beside them, neuron families per layer, counted per "
+           "model over live neurons: prediction and suppression (W_U kurtosis), entropy (output in W_U's null "
+           "space), attention-deactivating (ablating it lowers a later head's attention to the first token; "
+           "largest-‖w_out‖ candidates only), unigram, previous-token and position (variance explained by that "
+           "feature).", "", layer_table(agg),
            f"![universal by layer]({save(sub.plot.universal_by_layer(), prefix + '_universal.png')})", "",
            f"![excess correlation]({save(sub.plot.excess(), prefix + '_excess.png')})", "",
            "### What sets universal neurons apart", "",
