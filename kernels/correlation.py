@@ -178,9 +178,9 @@ def rotations(key: jax.Array, n_models: int, n_neurons: int, blocks: int = 1) ->
     return jax.vmap(haar)(keys)
 
   def one(k):
-    q_BxMxM = jax.vmap(lambda b: haar(jax.random.fold_in(k, b)))(jnp.arange(blocks))
-    eye_BxB = jnp.eye(blocks, dtype=jnp.float32)
-    return jnp.einsum("bij,bc->bicj", q_BxMxM, eye_BxB).reshape(n_neurons, n_neurons)
+    q_blocks = jax.vmap(lambda b: haar(jax.random.fold_in(k, b)))(jnp.arange(blocks))
+    eye = jnp.eye(blocks, dtype=jnp.float32)
+    return jnp.einsum("bij,bc->bicj", q_blocks, eye).reshape(n_neurons, n_neurons)
 
   return jax.vmap(one)(keys)
 

@@ -31,6 +31,11 @@ forward pass runs ``batch_windows`` windows at a time; activations are never sto
 
 Per-neuron arrays ``[S, L, N]`` (and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file;
 summary.json holds per-layer fractions for both comparisons and the property contrasts.
+
+Local shape letters:
+
+  W  windows of the token corpus
+  A  attention heads of a layer
 """
 
 from __future__ import annotations
@@ -88,12 +93,12 @@ def corpus_windows(cfg, settings: dict) -> tuple[np.ndarray, tokens_lib.Tokens]:
   return corpus.ids[:n * c].reshape(n, c), corpus
 
 
-def token_classes(windows_WxC: np.ndarray, vocab: int, k: int) -> np.ndarray:
+def token_classes(windows_WxT: np.ndarray, vocab: int, k: int) -> np.ndarray:
   """int32 ``[V]``: the class of every id, its rank among the ``k`` most frequent ids of the windows (ties:
   smaller id first), ``k`` for every other id."""
   counts = np.zeros(vocab, np.int64)
-  for a in range(0, len(windows_WxC), 4096):
-    counts += np.bincount(np.asarray(windows_WxC[a:a + 4096]).reshape(-1).astype(np.int64), minlength=vocab)
+  for a in range(0, len(windows_WxT), 4096):
+    counts += np.bincount(np.asarray(windows_WxT[a:a + 4096]).reshape(-1).astype(np.int64), minlength=vocab)
   top = np.argsort(-counts, kind="stable")[:k]
   top = top[counts[top] > 0]
   out = np.full(vocab, len(top), np.int32)
@@ -103,47 +108,47 @@ def token_classes(windows_WxC: np.ndarray, vocab: int, k: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _forward(spec: models.Spec):
-  """Jitted ``(params_S, ids_BxC) -> (pre, post)``, each ``[S, B·C, L·N]``."""
-  def one(params, ids_BxC):
-    _, acts = models.apply(params, ids_BxC, spec)
+  """Jitted ``(params_S, ids_BxT) -> (pre, post)``, each ``[S, B·C, L·N]``."""
+  def one(params, ids_BxT):
+    _, acts = models.apply(params, ids_BxT, spec)
     b, c, l, n = acts["mlp_pre"].shape
     return acts["mlp_pre"].reshape(b * c, l * n), acts["mlp_post"].reshape(b * c, l * n)
   return jax.jit(jax.vmap(one, in_axes=(0, None)))
 
 
 @jax.jit
-def _update_stats(stats, pre_SxBxM, post_SxBxM, cls_B, prev_B, pos_B, keep_B):
-  s, b, m = pre_SxBxM.shape
-  pre_BxK = jnp.moveaxis(pre_SxBxM, 1, 0).reshape(b, s * m)
-  post_BxK = jnp.moveaxis(post_SxBxM, 1, 0).reshape(b, s * m)
+def _update_stats(stats, pre_SxBxN, post_SxBxN, cls_B, prev_B, pos_B, keep_B):
+  s, b, m = pre_SxBxN.shape
+  pre_BxM = jnp.moveaxis(pre_SxBxN, 1, 0).reshape(b, s * m)
+  post_BxM = jnp.moveaxis(post_SxBxN, 1, 0).reshape(b, s * m)
   moments, by_tok, by_prev, by_pos = stats
-  return (neuron_stats.moments_update(moments, pre_BxK, keep_B),
-          neuron_stats.categories_update(by_tok, post_BxK, cls_B, keep_B),
-          neuron_stats.categories_update(by_prev, post_BxK, prev_B, keep_B),
-          neuron_stats.categories_update(by_pos, post_BxK, pos_B, keep_B))
+  return (neuron_stats.moments_update(moments, pre_BxM, keep_B),
+          neuron_stats.categories_update(by_tok, post_BxM, cls_B, keep_B),
+          neuron_stats.categories_update(by_prev, post_BxM, prev_B, keep_B),
+          neuron_stats.categories_update(by_pos, post_BxM, pos_B, keep_B))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _pack(buf_SxRxM, fill, post_SxBxM, keep_B):
+def _pack(buf, fill, post_SxBxN, keep_B):
   """The batch's kept rows written at row ``fill`` of the buffer (rows after them are overwritten later)."""
   order = jnp.argsort(~keep_B, stable=True)
-  return jax.lax.dynamic_update_slice(buf_SxRxM, post_SxBxM[:, order], (0, fill, 0))
+  return jax.lax.dynamic_update_slice(buf, post_SxBxN[:, order], (0, fill, 0))
 
 
 @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
-def _shift(buf_SxRxM, r: int):
-  return jnp.roll(buf_SxRxM, -r, axis=1)
+def _shift(buf, r: int):
+  return jnp.roll(buf, -r, axis=1)
 
 
 class _Stream:
   """A re-iterable source of kept post-activation rows in blocks of ``B·C`` (``universality.kernels.correlation``).
   The first iteration that runs to its end also fills ``stats``; later ones only yield."""
 
-  def __init__(self, params_S, windows_WxC, spec, batch_windows: int, classes_V, drop_ids):
-    self.params, self.windows, self.bw, self.spec = params_S, windows_WxC, batch_windows, spec
+  def __init__(self, params_S, windows_WxT, spec, batch_windows: int, classes_V, drop_ids):
+    self.params, self.windows, self.bw, self.spec = params_S, windows_WxT, batch_windows, spec
     self.classes, self.drop = classes_V, np.asarray(drop_ids, np.int64)
     s = jax.tree.leaves(params_S)[0].shape[0]
-    c = windows_WxC.shape[1]
+    c = windows_WxT.shape[1]
     self.k, self.rows = s * spec.n_layers * spec.d_mlp, batch_windows * c
     n_cls = int(classes_V.max()) + 1
     self.empty = (neuron_stats.moments_init(self.k), neuron_stats.categories_init(n_cls, self.k),
@@ -190,15 +195,15 @@ class _Stream:
       self.stats, self.kept = stats, kept
 
 
-def null_share(w_out_SxMxD, w_u_SxDxV, null_dims: int) -> np.ndarray:
+def null_share(w_out_SxNxD, w_u_SxDxV, null_dims: int) -> np.ndarray:
   """``[S, M]``: share of ‖w_out‖² in the span of W_U's ``null_dims`` last right-singular directions (in
   the residual space; W_U centred over the vocabulary first)."""
   out = []
-  for w_out, w_u in zip(np.asarray(w_out_SxMxD, np.float64), np.asarray(w_u_SxDxV, np.float64)):
+  for w_out, w_u in zip(np.asarray(w_out_SxNxD, np.float64), np.asarray(w_u_SxDxV, np.float64)):
     w_u = w_u - w_u.mean(axis=1, keepdims=True)
     u, _, _ = np.linalg.svd(w_u, full_matrices=True)  # u [D, D]: residual directions by singular value
-    null_DxK = u[:, w_u.shape[0] - null_dims:]
-    proj = np.square(w_out @ null_DxK).sum(axis=1)
+    null_dirs = u[:, w_u.shape[0] - null_dims:]
+    proj = np.square(w_out @ null_dirs).sum(axis=1)
     out.append(proj / np.maximum(np.square(w_out).sum(axis=1), 1e-30))
   return np.stack(out)
 
@@ -230,56 +235,57 @@ def weight_properties(params_S, spec: models.Spec, settings: dict) -> dict[str, 
 
 @functools.lru_cache(maxsize=8)
 def _ablated_bos(spec: models.Spec):
-  """Jitted ``(params, ids, flat_K) -> [K, L, H]``: attention to position 0 with each neuron ablated."""
+  """Jitted ``(params, ids, flat) -> [len(flat), L, A]``: attention to position 0, each neuron of ``flat``
+  ablated in turn."""
   def one(params, ids, flat):
     scale = jnp.ones((spec.n_layers * spec.d_mlp,), jnp.float32).at[flat].set(0.0)
     return models.bos_attention(params, ids, spec, scale.reshape(spec.n_layers, spec.d_mlp))
   return jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
 
 
-def attention_deactivation(params_S, ids_BxC, spec: models.Spec, candidates: int) -> np.ndarray:
+def attention_deactivation(params_S, ids_BxT, spec: models.Spec, candidates: int) -> np.ndarray:
   """``[S, L, N]``: for the ``candidates`` neurons of each layer with the largest ‖w_out‖, the largest drop,
   over the heads of later layers, of the mean attention to position 0 when the neuron is ablated (its
-  post-activation set to 0) on the sample ``ids_BxC``; NaN for neurons not ablated (and the last layer's)."""
+  post-activation set to 0) on the sample ``ids_BxT``; NaN for neurons not ablated (and the last layer's)."""
   s = jax.tree.leaves(params_S)[0].shape[0]
   l, n = spec.n_layers, spec.d_mlp
   out = np.full((s, l, n), np.nan)
   k = min(int(candidates), n)
   if k < 1 or l < 2:
     return out
-  ids = jnp.asarray(ids_BxC, jnp.int32)
+  ids = jnp.asarray(ids_BxT, jnp.int32)
   base_fn = jax.jit(lambda p, x: models.bos_attention(p, x, spec))
   for i in range(s):
     params = jax.tree.map(lambda x: x[i], params_S)
     norms = np.linalg.norm(np.asarray(params["blocks"]["w_out"]), axis=2)  # [L, N]
     flat = np.concatenate([j * n + np.argsort(-norms[j], kind="stable")[:k] for j in range(l - 1)])
-    base_LxH = np.asarray(base_fn(params, ids), np.float64)
-    ablated_KxLxH = np.asarray(_ablated_bos(spec)(params, ids, jnp.asarray(flat)), np.float64)
-    drop_KxLxH = base_LxH[None] - ablated_KxLxH
-    for f, drop in zip(flat, drop_KxLxH):
+    base_LxA = np.asarray(base_fn(params, ids), np.float64)
+    ablated = np.asarray(_ablated_bos(spec)(params, ids, jnp.asarray(flat)), np.float64)
+    drops = base_LxA[None] - ablated
+    for f, drop in zip(flat, drops):
       out[i, f // n, f % n] = drop[f // n + 1:].max()
   return out
 
 
-def excess_against(max_SxMxS, base_SxMxS, dead_SxM, others) -> np.ndarray:
+def excess_against(max_SxNxS, base_SxNxS, dead_SxN, others) -> np.ndarray:
   """``[S, M]``: mean over the runs ``others[i]`` of (max − baseline max); NaN for dead neurons."""
-  s = max_SxMxS.shape[0]
-  out = np.full(max_SxMxS.shape[:2], np.nan)
+  s = max_SxNxS.shape[0]
+  out = np.full(max_SxNxS.shape[:2], np.nan)
   for i in range(s):
     js = list(others[i])
     if js:
-      out[i] = (max_SxMxS[i][:, js] - base_SxMxS[i][:, js]).mean(axis=1)
-  return np.where(dead_SxM, np.nan, out)
+      out[i] = (max_SxNxS[i][:, js] - base_SxNxS[i][:, js]).mean(axis=1)
+  return np.where(dead_SxN, np.nan, out)
 
 
-def neuron_table(params_S, windows_WxC, spec: models.Spec, key, settings: dict, drop_ids,
+def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, drop_ids,
                  batch_windows: int | None = None) -> dict[str, np.ndarray]:
   """Every per-neuron statistic of S stacked runs on the same windows (module docstring): arrays
   ``[S, L, N]`` and, with S >= 2, the match tables ``[S, L·N, S]``."""
   l, n = spec.n_layers, spec.d_mlp
   s = jax.tree.leaves(params_S)[0].shape[0]
-  classes = token_classes(windows_WxC, spec.vocab, int(settings["unigram_classes"]))
-  stream = _Stream(params_S, windows_WxC, spec, int(batch_windows or settings["batch_windows"]), classes,
+  classes = token_classes(windows_WxT, spec.vocab, int(settings["unigram_classes"]))
+  stream = _Stream(params_S, windows_WxT, spec, int(batch_windows or settings["batch_windows"]), classes,
                    drop_ids)
   corr = None
   if s >= 2:
@@ -304,22 +310,22 @@ def neuron_table(params_S, windows_WxC, spec: models.Spec, key, settings: dict, 
                                                            settings["kurtosis_threshold"])).astype(np.int8)
   norm_bar = np.percentile(props["w_out_norm"], float(settings["entropy_norm_pct"]), axis=(0, 2), keepdims=True)
   out["entropy"] = (props["null_share"] > float(settings["entropy_null_share"])) & (props["w_out_norm"] > norm_bar)
-  sample = windows_WxC[:max(1, int(settings["attn_windows"]))]
+  sample = windows_WxT[:max(1, int(settings["attn_windows"]))]
   out["attn_deactivation"] = attention_deactivation(params_S, np.asarray(sample), spec,
                                                     int(settings["attn_candidates"])).astype(np.float32)
   if corr is None:
     out.update(universal=np.zeros((s, l, n), bool), dead=moments["kurtosis"] == 0)
     return out
-  max_SxMxS = np.asarray(corr["max_SxNxS"], np.float64)
-  base_SxMxS = np.asarray(corr["baseline_max_SxNxS"], np.float64)
+  max_SxNxS = np.asarray(corr["max_SxNxS"], np.float64)
+  base_SxNxS = np.asarray(corr["baseline_max_SxNxS"], np.float64)
   dead = np.asarray(corr["dead_SxN"], bool)
   thr = float(settings["universal_threshold"])
-  paper = excess_against(max_SxMxS, base_SxMxS, dead, [range(1, s)] + [[0]] * (s - 1))
+  paper = excess_against(max_SxNxS, base_SxNxS, dead, [range(1, s)] + [[0]] * (s - 1))
   out.update(excess=shape(corr["excess_SxN"]).astype(np.float32), universal=shape(corr["universal_SxN"]),
              excess_paper=shape(paper).astype(np.float32),
              universal_paper=shape(np.nan_to_num(paper, nan=-np.inf) > thr) & ~shape(dead),
-             dead=shape(dead), max_corr=max_SxMxS.astype(np.float32),
-             baseline_max_corr=base_SxMxS.astype(np.float32), argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
+             dead=shape(dead), max_corr=max_SxNxS.astype(np.float32),
+             baseline_max_corr=base_SxNxS.astype(np.float32), argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
   return out
 
 

@@ -23,6 +23,11 @@ Parameters (our layout; blocks stacked over layers, leading axis L; matrices ``[
           b_qkv [L, 3D]; w_o [L, D, D], b_o [L, D]; w_in [L, D, N], b_in [L, N]; w_out [L, N, D], b_out [L, D]
 
 ``universality.engine.families.imported.weights`` maps Hugging Face tensors onto this layout.
+
+Local shape letters:
+
+  A  attention heads of a layer
+  Q  dimensions of one attention head
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class Spec:
   Attributes:
     arch: "gpt2" or "neox".
     vocab: V, rows of the token embedding (any size, e.g. 50257 or 50304).
-    n_layers, d_model, n_heads, d_mlp: L, D, H and N.
+    n_layers, d_model, n_heads, d_mlp: L, D, A and N.
     context: positions the model was trained on (GPT-2's learned position table; NeoX's
       ``max_position_embeddings``).
     ln_eps: the LayerNorms' epsilon.
@@ -129,23 +134,23 @@ def gelu(x, activation: str):
   return jax.nn.gelu(x, approximate=activation == "gelu_tanh")
 
 
-def _rotary(x_BxTxHxE, spec: Spec):
+def _rotary(x_BxTxAxQ, spec: Spec):
   """NeoX's rotary embedding of the first ``rotary_dims`` dimensions of each head (positions 0..T-1)."""
   r = spec.rotary_dims
   if r == 0:
-    return x_BxTxHxE
-  t = x_BxTxHxE.shape[1]
+    return x_BxTxAxQ
+  t = x_BxTxAxQ.shape[1]
   inv_freq = 1.0 / (spec.rotary_base ** (jnp.arange(0, r, 2, dtype=jnp.float32) / r))
-  freqs_TxF = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  emb_TxR = jnp.concatenate([freqs_TxF, freqs_TxF], axis=-1)
-  cos, sin = jnp.cos(emb_TxR)[None, :, None, :], jnp.sin(emb_TxR)[None, :, None, :]
-  rot, rest = x_BxTxHxE[..., :r], x_BxTxHxE[..., r:]
+  freqs = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos, sin = jnp.cos(emb)[None, :, None, :], jnp.sin(emb)[None, :, None, :]
+  rot, rest = x_BxTxAxQ[..., :r], x_BxTxAxQ[..., r:]
   half = jnp.concatenate([-rot[..., r // 2:], rot[..., :r // 2]], axis=-1)
   return jnp.concatenate([rot * cos + half * sin, rest], axis=-1)
 
 
 def attention_pattern(x_BxTxD, w, layer: int, spec: Spec):
-  """``(pattern [B, H, T, T], values [B, T, H, E])`` of one layer's attention on its normalised input."""
+  """``(pattern [B, A, T, T], values [B, T, A, Q])`` of one layer's attention on its normalised input."""
   b, t, d = x_BxTxD.shape
   h, e = spec.n_heads, spec.d_head
   qkv = _affine(x_BxTxD, w["w_qkv"], w["b_qkv"])
@@ -155,26 +160,26 @@ def attention_pattern(x_BxTxD, w, layer: int, spec: Spec):
   scale = 1.0 / math.sqrt(e)
   if spec.scale_by_layer:
     scale /= float(layer + 1)
-  scores_BxHxTxT = jnp.einsum("bqhe,bkhe->bhqk", q, k) * scale
+  scores_BxAxTxT = jnp.einsum("bqhe,bkhe->bhqk", q, k) * scale
   causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-  scores_BxHxTxT = jnp.where(causal_TxT[None, None], scores_BxHxTxT, -jnp.inf)
-  return jax.nn.softmax(scores_BxHxTxT, axis=-1), v
+  scores_BxAxTxT = jnp.where(causal_TxT[None, None], scores_BxAxTxT, -jnp.inf)
+  return jax.nn.softmax(scores_BxAxTxT, axis=-1), v
 
 
 def _block(x, w, layer: int, spec: Spec, neuron_scale_N=None):
-  """One block: ``(x after it, mlp_pre, mlp_post, attention to position 0 [H] averaged over the batch and
+  """One block: ``(x after it, mlp_pre, mlp_post, attention to position 0 [A] averaged over the batch and
   the queries after it)``."""
   b, t, d = x.shape
   pattern, v = attention_pattern(layer_norm(x, w["ln1_g"], w["ln1_b"], spec.ln_eps), w, layer, spec)
   attn = _affine(jnp.einsum("bhqk,bkhe->bqhe", pattern, v).reshape(b, t, d), w["w_o"], w["b_o"])
-  bos_H = jnp.mean(pattern[:, :, 1:, 0], axis=(0, 2)) if t > 1 else jnp.zeros((spec.n_heads,), x.dtype)
+  bos_A = jnp.mean(pattern[:, :, 1:, 0], axis=(0, 2)) if t > 1 else jnp.zeros((spec.n_heads,), x.dtype)
   sequential = spec.arch == "gpt2" or not spec.parallel_residual
   mlp_in = x + attn if sequential else x
   pre = _affine(layer_norm(mlp_in, w["ln2_g"], w["ln2_b"], spec.ln_eps), w["w_in"], w["b_in"])
   post = gelu(pre, spec.activation)
   scaled = post if neuron_scale_N is None else post * _lead(neuron_scale_N, post)
   mlp = _affine(scaled, w["w_out"], w["b_out"])
-  return x + attn + mlp, pre, post, bos_H
+  return x + attn + mlp, pre, post, bos_A
 
 
 def unembedding(params, spec: Spec) -> jax.Array:
@@ -184,7 +189,7 @@ def unembedding(params, spec: Spec) -> jax.Array:
 
 def residual(params, tokens_BxT: jax.Array, spec: Spec, neuron_scale_LxN=None):
   """The residual stream after the last block, the MLP activations ``{"mlp_pre", "mlp_post"}``
-  ``[B, T, L, N]`` and every head's attention to position 0 ``[L, H]`` (mean over the batch and the queries
+  ``[B, T, L, N]`` and every head's attention to position 0 ``[L, A]`` (mean over the batch and the queries
   after it). ``neuron_scale_LxN`` multiplies every post-activation before the output projection (1: the
   model; 0 at one neuron: that neuron ablated)."""
   tokens = tokens_BxT.astype(jnp.int32)
@@ -195,10 +200,10 @@ def residual(params, tokens_BxT: jax.Array, spec: Spec, neuron_scale_LxN=None):
   pres, posts, bos = [], [], []
   for layer in range(spec.n_layers):
     w = jax.tree.map(lambda a: a[layer], params["blocks"])
-    x, pre, post, bos_H = _block(x, w, layer, spec, None if neuron_scale_LxN is None else neuron_scale_LxN[layer])
+    x, pre, post, bos_A = _block(x, w, layer, spec, None if neuron_scale_LxN is None else neuron_scale_LxN[layer])
     pres.append(pre)
     posts.append(post)
-    bos.append(bos_H)
+    bos.append(bos_A)
   acts = {"mlp_pre": jnp.stack(pres, axis=2), "mlp_post": jnp.stack(posts, axis=2)}
   return x, acts, jnp.stack(bos)
 
@@ -212,7 +217,7 @@ def apply(params, tokens_BxT: jax.Array, spec: Spec) -> tuple[jax.Array, dict[st
 
 
 def bos_attention(params, tokens_BxT: jax.Array, spec: Spec, neuron_scale_LxN=None) -> jax.Array:
-  """``[L, H]``: every head's mean attention to position 0 (the first token, BOS where the text starts with
+  """``[L, A]``: every head's mean attention to position 0 (the first token, BOS where the text starts with
   one) from the queries after it, with post-activations scaled by ``neuron_scale_LxN``."""
   return residual(params, tokens_BxT, spec, neuron_scale_LxN)[2]
 

@@ -94,7 +94,7 @@ def spec_from_config(cfg: dict, where: str) -> models.Spec:
 
 
 # For each parameter of our layout: the Hugging Face tensor name (``{l}``: the layer) and the map from that
-# tensor to ours. NeoX's fused qkv is [H, 3, d_head] along its output axis; ours is [3, H, d_head].
+# tensor to ours. NeoX's fused qkv is [heads, 3, d_head] along its output axis; ours is [3, heads, d_head].
 def _neox_qkv_weight(x, spec):
   h, e, d = spec.n_heads, spec.d_head, spec.d_model
   return x.reshape(h, 3, e, d).transpose(1, 0, 2, 3).reshape(3 * d, d).T
