@@ -250,17 +250,20 @@ class Trainer:
     return np.asarray(x)
 
 
-def make_train(cfg, mesh: Mesh | None = None) -> Trainer:
-  """Builds the trainer of the sweep ``cfg`` on ``mesh`` (default: every device, axis ``'runs'``)."""
-  config_lib.validate(cfg)
+def make_train(cfg, mesh: Mesh | None = None, family: families.Family | None = None) -> Trainer:
+  """Builds the trainer of the sweep ``cfg`` on ``mesh`` (default: every device, axis ``'runs'``).
+
+  ``family``: given by a launcher that validated ``cfg`` already (``config.study``); without it ``cfg`` is
+  validated here and its family looked up.
+  """
+  family = family or config_lib.validate(cfg)
   cfg = cfg.copy_and_resolve_references()  # the trainer keeps its own frozen copy
   cfg.lock()
   if mesh is None:
     mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
   if mesh.axis_names != (AXIS,):
     raise ValueError(f"mesh must be 1-D with axis name {AXIS!r}, got axes {mesh.axis_names}")
-  family = families.get(cfg.family)
-  runs = config_lib.runs(cfg)
+  runs = family.runs(cfg)
   n_dev = mesh.devices.size
   n_padded = -(-len(runs) // n_dev) * n_dev
   padded = runs + [runs[0]] * (n_padded - len(runs))

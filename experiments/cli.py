@@ -146,10 +146,10 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from universality.engine import checkpoint, launch
   try:
-    launch.check_size(_CONFIG.value)
+    study = launch.check_size(_CONFIG.value)  # validated once: the family and buckets are passed along
     if jax.process_index() == 0:
-      print("\n".join(launch.describe(_CONFIG.value)), flush=True)
-    launch.run_study(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value, analyze=_ANALYZE.value)
+      print("\n".join(launch.describe(study)), flush=True)
+    launch.run_study(study, _WORKDIR.value, progress=_PROGRESS.value, analyze=_ANALYZE.value)
   except checkpoint.SaveAbandoned as e:  # Orbax's threads still wait on the storage: exit without them
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
