@@ -1,10 +1,10 @@
 """Run a study into a work directory: train all runs in one program, checkpoint, log metrics, analyse.
 
 ``run_study(cfg, workdir)`` is the importable body of ``experiments/group_universality.py``; a notebook can
-call it too. The work directory's format belongs to ``universality.engine.rundir``. Relaunching the same command resumes
-from the newest restorable checkpoint; the final state equals an uninterrupted run's bit for bit on CPU. A
-relaunch with a different study config is refused; execution settings (``config.exec``) may differ. Only
-process 0 writes files other than checkpoints.
+call it too. The work directory's format belongs to ``universality.engine.rundir``. Relaunching the same
+command resumes from the newest restorable checkpoint; the final state equals an uninterrupted run's bit for
+bit on CPU. A relaunch with a different study config is refused; execution settings (``config.exec``) may
+differ. Only process 0 writes files other than checkpoints.
 
 Beside the log-spaced analysis checkpoints, the whole state is written as the rolling resume checkpoint
 (``checkpoints_resume/``, only the newest kept) every ``exec.resume_every_steps`` steps or
@@ -15,14 +15,14 @@ point exits with ``PREEMPTED_EXIT``). A relaunch resumes from the newest step of
 
 A study its family splits into buckets (``Family.buckets``; e.g. groups of very different orders) is trained
 bucket after bucket, each one program compiled once and spread over every device, into the bucket's own run
-directory (universality.engine.rundir: ``buckets/<name>/``), which is exactly what a launch of the bucket's config alone
-writes; the study's config.json and report index sit above them. A relaunch skips the finished buckets
-(final checkpoint, and report when analysing) and resumes the one in progress; ``Preempted`` stops the
+directory (universality.engine.rundir: ``buckets/<name>/``), which is exactly what a launch of the bucket's
+config alone writes; the study's config.json and report index sit above them. A relaunch skips the finished
+buckets (final checkpoint, and report when analysing) and resumes the one in progress; ``Preempted`` stops the
 bucket in progress like a one-program launch. The memory check covers every bucket before any is built.
 
-A launch is checked against the memory it may use (``universality.engine.budget``) before anything is built, and writes
-config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
-config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
+A launch is checked against the memory it may use (``universality.engine.budget``) before anything is built,
+and writes config.json only once its state exists (initialised or restored): a refused or crashed start leaves
+no config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
 the step it resumes from recomputes that line from the checkpoint.
 
 A run directory is a contract: a work directory holding checkpoints but no config.json is refused (nothing

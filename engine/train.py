@@ -8,9 +8,9 @@
   state, metrics = trainer.train()             # init + all cfg.steps steps
   logits, acts = trainer.apply(state.params, *inputs_S)   # the family's model on inputs stacked over S
 
-The family (``universality.engine.families``) supplies the runs' data and the per-run functions (initialisation, the loss
-and gradients of a step, evaluation, apply); this module supplies everything else. The step is written for
-one run and vmapped over the run axis; learning rate and weight decay live in each
+The family (``universality.engine.families``) supplies the runs' data and the per-run functions
+(initialisation, the loss and gradients of a step, evaluation, apply); this module supplies everything else.
+The step is written for one run and vmapped over the run axis; learning rate and weight decay live in each
 run's optimiser state (``optax.inject_hyperparams``), so one program covers the whole grid. The run axis is
 sharded over a 1-D device mesh (axis ``'runs'``) with ``shard_map``: runs never talk to each other, so the
 program needs no communication and a run's numbers do not depend on which device holds it. ``S`` is padded up

@@ -3,11 +3,11 @@
   cli.define("default.py")                      # at import of a launch script: its default config file
   app.run(cli.main, flags_parser=cli.parse_flags)
 
-The study's buckets are printed first (``universality.engine.launch.describe``: groups of very different orders train one
-bucket after another, each one program). Relaunching the same command resumes from the newest checkpoint.
-On a TPU pod or a multi-GPU cluster add ``--distributed`` (every process runs the same command; see
-BUILD.md). Bad flags, config files and configs
-end with one line ``error: ...`` on stderr and exit status 2.
+The study's buckets are printed first (``universality.engine.launch.describe``: groups of very different
+orders train one bucket after another, each one program). Relaunching the same command resumes from the newest
+checkpoint. On a TPU pod or a multi-GPU cluster add ``--distributed`` (every process runs the same command;
+see BUILD.md). Bad flags, config files and configs end with one line ``error: ...`` on stderr and exit status
+2.
 """
 
 import difflib
