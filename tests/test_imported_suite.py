@@ -138,6 +138,15 @@ def test_tokenizer_text_and_bin_give_the_same_statistics(tmp_path):
   kept = analysis.neuron_table(params, windows, m.spec, jax.random.PRNGKey(0), settings, [])
   assert not np.array_equal(kept["pre_mean"], tables[0]["pre_mean"])  # the dropped tokens are left out
 
+  # Alphabet neurons: each token's first letter. Every token its own class refines that partition, so the
+  # token explains at least the variance its first letter does.
+  letters = tokens.letter_classes(str(tmp_path / "tokenizer.json"), m.spec.vocab)
+  assert letters[tok.token_to_id("def")] == 3 and letters[tok.token_to_id("Ġreturn")] == ord("r") - ord("a")
+  fine = dict(settings, unigram_classes=m.spec.vocab)
+  both = analysis.neuron_table(params, windows, m.spec, jax.random.PRNGKey(0), fine, drop, letters_V=letters)
+  assert both["var_alphabet"].max() > 0.01
+  assert np.all(both["var_alphabet"] <= both["var_token"] + 1e-5)
+
 
 def test_attention_deactivation_equals_zeroed_output_weights(tmp_path):
   """Each candidate's score equals the drop of a later head's attention to the first token when the neuron's

@@ -23,8 +23,8 @@ forward pass runs ``batch_windows`` windows at a time; activations are never sto
   share of ‖w_out‖² in W_U's null space (its ``entropy_null_dims`` last right-singular directions): an
   *entropy neuron* has most of its output there (above ``entropy_null_share``) and a large ‖w_out‖ (above
   the ``entropy_norm_pct`` percentile of its layer);
-* families: a *unigram*, *previous-token* or *position* neuron has more than ``family_threshold`` of its
-  variance explained by that feature; an *attention-deactivating* neuron is one of the ``attn_candidates``
+* families: a *unigram*, *alphabet* (the token's first letter, from the tokenizer), *previous-token* or
+  *position* neuron has more than ``family_threshold`` of its variance explained by that feature; an *attention-deactivating* neuron is one of the ``attn_candidates``
   per layer with the largest ‖w_out‖ whose ablation (post-activation 0) on the first ``attn_windows``
   windows lowers some later head's mean attention to the window's first token by more than
   ``attn_threshold`` (``attention_deactivation``).
@@ -61,7 +61,8 @@ PROPERTIES = ("pre_mean", "pre_var", "pre_skew", "pre_kurtosis", "act_freq", "in
               "var_prev_token", "var_position")
 MAX_CONTEXT = 512  # Gurnee et al.'s windows
 # Neuron families by the share of a neuron's variance a token feature explains (above family_threshold).
-FAMILIES = {"unigram": "var_token", "previous token": "var_prev_token", "position": "var_position"}
+FAMILIES = {"unigram": "var_token", "alphabet": "var_alphabet", "previous token": "var_prev_token",
+            "position": "var_position"}
 
 
 def context_of(spec: models.Spec, settings: dict) -> int:
@@ -117,15 +118,17 @@ def _forward(spec: models.Spec):
 
 
 @jax.jit
-def _update_stats(stats, pre_SxBxN, post_SxBxN, cls_B, prev_B, pos_B, keep_B):
+def _update_stats(stats, pre_SxBxN, post_SxBxN, cls_B, prev_B, pos_B, keep_B, letter_B):
   s, b, m = pre_SxBxN.shape
   pre_BxM = jnp.moveaxis(pre_SxBxN, 1, 0).reshape(b, s * m)
   post_BxM = jnp.moveaxis(post_SxBxN, 1, 0).reshape(b, s * m)
-  moments, by_tok, by_prev, by_pos = stats
-  return (neuron_stats.moments_update(moments, pre_BxM, keep_B),
-          neuron_stats.categories_update(by_tok, post_BxM, cls_B, keep_B),
-          neuron_stats.categories_update(by_prev, post_BxM, prev_B, keep_B),
-          neuron_stats.categories_update(by_pos, post_BxM, pos_B, keep_B))
+  out = (neuron_stats.moments_update(stats[0], pre_BxM, keep_B),
+         neuron_stats.categories_update(stats[1], post_BxM, cls_B, keep_B),
+         neuron_stats.categories_update(stats[2], post_BxM, prev_B, keep_B),
+         neuron_stats.categories_update(stats[3], post_BxM, pos_B, keep_B))
+  if len(stats) == 5:  # the tokens' first letters, when a tokenizer gives them
+    out += (neuron_stats.categories_update(stats[4], post_BxM, letter_B, keep_B),)
+  return out
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -144,15 +147,17 @@ class _Stream:
   """A re-iterable source of kept post-activation rows in blocks of ``B·C`` (``universality.kernels.correlation``).
   The first iteration that runs to its end also fills ``stats``; later ones only yield."""
 
-  def __init__(self, params_S, windows_WxT, spec, batch_windows: int, classes_V, drop_ids):
+  def __init__(self, params_S, windows_WxT, spec, batch_windows: int, classes_V, drop_ids, letters_V=None):
     self.params, self.windows, self.bw, self.spec = params_S, windows_WxT, batch_windows, spec
-    self.classes, self.drop = classes_V, np.asarray(drop_ids, np.int64)
+    self.classes, self.drop, self.letters = classes_V, np.asarray(drop_ids, np.int64), letters_V
     s = jax.tree.leaves(params_S)[0].shape[0]
     c = windows_WxT.shape[1]
     self.k, self.rows = s * spec.n_layers * spec.d_mlp, batch_windows * c
     n_cls = int(classes_V.max()) + 1
     self.empty = (neuron_stats.moments_init(self.k), neuron_stats.categories_init(n_cls, self.k),
                   neuron_stats.categories_init(n_cls, self.k), neuron_stats.categories_init(c, self.k))
+    if letters_V is not None:
+      self.empty += (neuron_stats.categories_init(27, self.k),)
     self.stats, self.kept = None, 0
 
   def _batches(self):
@@ -168,19 +173,20 @@ class _Stream:
       cls = self.classes[w].reshape(-1)
       prev_cls = np.where(prev >= 0, self.classes[np.maximum(prev, 0)], -1).reshape(-1)
       pos = np.tile(np.arange(c, dtype=np.int32), len(w))
-      yield w, keep.reshape(-1), cls, prev_cls.astype(np.int32), pos
+      letter = (self.letters[w] if self.letters is not None else np.zeros_like(w)).reshape(-1)
+      yield w, keep.reshape(-1), cls, prev_cls.astype(np.int32), pos, letter.astype(np.int32)
 
   def __call__(self):
     collect = self.stats is None
     stats, kept = self.empty, 0
     forward = _forward(self.spec)
     buf, fill = None, 0
-    for w, keep, cls, prev_cls, pos in self._batches():
+    for w, keep, cls, prev_cls, pos, letter in self._batches():
       pre, post = forward(self.params, jnp.asarray(w))
       keep_dev = jnp.asarray(keep)
       if collect:
         stats = _update_stats(stats, pre, post, jnp.asarray(cls), jnp.asarray(prev_cls), jnp.asarray(pos),
-                              keep_dev)
+                              keep_dev, jnp.asarray(letter))
       if buf is None:
         buf = jnp.zeros((post.shape[0], 2 * self.rows, post.shape[2]), jnp.float32)
       buf = _pack(buf, jnp.int32(fill), post, keep_dev)
@@ -279,14 +285,14 @@ def excess_against(max_SxNxS, base_SxNxS, dead_SxN, others) -> np.ndarray:
 
 
 def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, drop_ids,
-                 batch_windows: int | None = None) -> dict[str, np.ndarray]:
+                 batch_windows: int | None = None, letters_V=None) -> dict[str, np.ndarray]:
   """Every per-neuron statistic of S stacked runs on the same windows (module docstring): arrays
   ``[S, L, N]`` and, with S >= 2, the match tables ``[S, L·N, S]``."""
   l, n = spec.n_layers, spec.d_mlp
   s = jax.tree.leaves(params_S)[0].shape[0]
   classes = token_classes(windows_WxT, spec.vocab, int(settings["unigram_classes"]))
   stream = _Stream(params_S, windows_WxT, spec, int(batch_windows or settings["batch_windows"]), classes,
-                   drop_ids)
+                   drop_ids, letters_V)
   corr = None
   if s >= 2:
     corr = cross_seed.neuron_correlations(stream, key=key, universal_threshold=settings["universal_threshold"],
@@ -304,6 +310,8 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
            "var_token": shape(neuron_stats.variance_explained(stream.stats[1])),
            "var_prev_token": shape(neuron_stats.variance_explained(stream.stats[2])),
            "var_position": shape(neuron_stats.variance_explained(stream.stats[3]))}
+  if letters_V is not None:  # not a PROPERTY: absent without a tokenizer
+    props["var_alphabet"] = shape(neuron_stats.variance_explained(stream.stats[4]))
   props.update(weight_properties(params_S, spec, settings))
   out = {k: np.asarray(v, np.float32) for k, v in props.items()}
   out["vocab_class"] = shape(neuron_stats.prediction_class(props["vocab_skew"], props["vocab_kurtosis"],
@@ -350,7 +358,10 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
   windows, corpus = corpus_windows(cfg, settings)
   tokenizer = tokenizer_of(cfg, settings)
   drop, notes = tokens_lib.drop_ids(settings["drop"], family_lib.special_ids(cfg), tokenizer, spec.vocab)
-  arrays = neuron_table(params, windows, spec, key, settings, drop, batch_size)
+  letters = tokens_lib.letter_classes(tokenizer, spec.vocab) if tokenizer else None
+  if letters is None:
+    notes.append("no alphabet neurons: no tokenizer.json to read the tokens' letters")
+  arrays = neuron_table(params, windows, spec, key, settings, drop, batch_size, letters)
   s, l = len(view), spec.n_layers
   universal, dead, vocab_class = arrays["universal"], arrays["dead"], arrays["vocab_class"]
   live = ~dead
@@ -368,7 +379,7 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
       "entropy_by_layer": [float(arrays["entropy"][:, j].sum() / s) for j in range(l)],
       "attention_deactivating_by_layer": [float(attn[:, j].sum() / s) for j in range(l)],
       "families_by_layer": {name: [float((live[:, j] & (arrays[key][:, j] > fam)).sum() / s) for j in range(l)]
-                            for name, key in FAMILIES.items()},
+                            for name, key in FAMILIES.items() if key in arrays},
       "dead_fraction": float(dead.mean())}
   if "excess" in arrays:
     up = arrays["universal_paper"]

@@ -90,8 +90,8 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
            f"{agg.get('mean_baseline_max_corr') or 0:.3f}. Beside them, neuron families per layer, counted per "
            "model over live neurons: prediction and suppression (W_U kurtosis), entropy (output in W_U's null "
            "space), attention-deactivating (ablating it lowers a later head's attention to the first token; "
-           "largest-‖w_out‖ candidates only), unigram, previous-token and position (variance explained by that "
-           "feature).", "", layer_table(agg),
+           "largest-‖w_out‖ candidates only), unigram, alphabet (the token's first letter), previous-token and "
+           "position (variance explained by that feature).", "", layer_table(agg),
            f"![universal by layer]({save(sub.plot.universal_by_layer(), prefix + '_universal.png')})", "",
            f"![excess correlation]({save(sub.plot.excess(), prefix + '_excess.png')})", "",
            "### What sets universal neurons apart", "",

@@ -146,6 +146,19 @@ def newline_ids(tokenizer: str, vocab: int) -> np.ndarray:
   return np.asarray([i for i in range(size) if "\n" in tok.decode([i], skip_special_tokens=False)], np.int64)
 
 
+def letter_classes(tokenizer: str, vocab: int) -> np.ndarray:
+  """int32 ``[vocab]``: the first letter of each token's text, spaces skipped and case folded (0..25 for a..z),
+  26 for a token that starts with anything else (the partition of Gurnee et al.'s alphabet neurons)."""
+  tok = load_tokenizer(tokenizer)
+  size = min(int(tok.get_vocab_size(with_added_tokens=True)), vocab)
+  out = np.full(vocab, 26, np.int32)
+  for i in range(size):
+    text = tok.decode([i], skip_special_tokens=False).lstrip().lower()
+    if text and "a" <= text[0] <= "z":
+      out[i] = ord(text[0]) - ord("a")
+  return out
+
+
 def drop_ids(drop: str, special_ids, tokenizer: str, vocab: int) -> tuple[np.ndarray, list[str]]:
   """``(ids to leave out of the statistics, notes)`` for the ``drop`` setting ("bos,pad,newline", "" for
   none); a note says what could not be dropped (newline tokens without a tokenizer)."""
