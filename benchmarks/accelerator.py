@@ -18,13 +18,16 @@ the values):
    (2·T·(S·M)² · the share of blocks the pass computes: the cross-model ones, each model's own for the
    rotation's variances).
 
-Memory of the paper's pass on one device, by the same count as ``universality.engine.budget`` (float32):
-per-layer rotations, block-diagonal but held dense as the kernel takes them, S·M² = 5 · 36,864² · 4 B =
-27 GB; each model's own co-moment for the rotated variances, another 27 GB; the co-moment tiles,
-``analysis.memory_gb`` (default 1 GB: several passes over the data; 16 GB: two); a batch of pre- and
-post-activations, 2 · S · B·C · M · 4 B = 6 GB at 8 windows of 512, and the buffer that packs kept tokens,
-6 GB more; the five models' weights, 2.5 GB. About 70 GB at the defaults, within one 80 GB H100; 4 windows
-per batch take 6 GB off (not measured: no accelerator on the machine this was written on).
+Memory of the paper's pass on one device, counted from the sizes by
+``universality.engine.families.imported.analysis.pass_bytes`` (the import command prints it and refuses a
+pass that exceeds the device's ``bytes_limit`` before writing anything), float32, 5 GPT-2-small models at
+the defaults (4 windows of 512 per batch): per-layer rotations, block-diagonal but held dense as the kernel
+takes them, S·M² = 5 · 36,864² · 4 B = 27.2 GB; each model's own co-moment for the rotated variances,
+27.2 GB; the co-moment tiles 1.1 GB (``memory_gb``); a batch of pre- and post-activations and the buffer
+that packs kept tokens, 6.0 GB; token statistics 0.8 GB; the forward's intermediates 2.6 GB; weights
+2.5 GB: 67 GB. On an 80 GB card that needs ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.9`` (JAX takes 75% by
+default). The rotations are most of it: a kernel that took them layer by layer (12 × 3,072² per model,
+2.3 GB) would save 25 GB. Not measured: no accelerator on the machine this was written on.
 """
 
 from __future__ import annotations

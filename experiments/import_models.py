@@ -10,7 +10,9 @@ GPT-NeoX) becomes one run, in that order, stacked into one Orbax checkpoint
 with a tokenizer.json) the universal-neurons pass runs on it and the report is written
 (``universality.engine.families.imported.analysis``); ``universality.engine.replay.open(workdir)`` opens the
 result. Running the command again on the same directory and models re-analyses without importing again.
-Bad flags, directories, corpora: one line ``error: ...`` and exit status 2, nothing written.
+Before anything is written the pass's memory is counted (``analysis.pass_bytes``: 67 GB for five GPT-2-small
+models at the defaults) and a pass larger than the device (host RAM on the CPU) is refused. Bad flags,
+directories, corpora: one line ``error: ...`` and exit status 2, nothing written.
 """
 
 import logging as pylogging
@@ -56,16 +58,23 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
     pylogging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname)
-  from universality.engine import checkpoint, replay, report, rundir  # pylint: disable=import-outside-toplevel
+  from universality.engine import budget, checkpoint, replay, report, rundir  # pylint: disable=import-outside-toplevel
   from universality.engine.analysis import driver  # pylint: disable=import-outside-toplevel
-  from universality.engine.families.imported import analysis, family, suite  # pylint: disable=import-outside-toplevel
+  from universality.engine.families.imported import analysis, family, models, suite  # pylint: disable=import-outside-toplevel
   settings = _settings()
   analyze = _ANALYZE.value if _ANALYZE.value is not None else "corpus" in settings
   try:
     cfg = suite.config_for(suite.open_suite(_MODELS.value), _LABELS.value)
-    if analyze:  # the corpus is checked before anything is written
+    if analyze:  # the corpus and the pass's memory are checked before anything is written
       full = dict(family.ANALYSIS_SETTINGS, **settings)
       analysis.corpus_windows(cfg, full)
+      need = sum(analysis.pass_bytes(models.spec_of(cfg.model.imported), cfg.seeds, full).values())
+      import jax  # pylint: disable=import-outside-toplevel
+      have = budget.device_memory_limit(jax.local_devices()) or budget.host_ram_available()
+      print(f"the pass holds about {need / 1e9:.1f} GB ({have / 1e9:.1f} GB available)", flush=True)
+      if need > have:
+        _fail(f"the pass needs about {need / 1e9:.1f} GB, more than the {have / 1e9:.1f} GB available: fewer "
+              "models, a smaller --batch_windows or --memory_gb, or a larger device")
     suite.import_models(_WORKDIR.value, _MODELS.value, _LABELS.value, progress=_PROGRESS.value)
     print(f"imported {cfg.seeds} models into {rundir.resolve(_WORKDIR.value)}", flush=True)
     if analyze:

@@ -183,6 +183,7 @@ def test_bad_corpora_and_model_directories_one_line_exit_2_nothing_written(tmp_p
   (tmp_path / "odd.bin").write_bytes(b"\x01\x00\x02\x00\x03\x00")
   np.save(tmp_path / "float.npy", np.arange(100, dtype=np.float32))
   (tmp_path / "empty.bin").write_bytes(b"")
+  np.arange(60, dtype=np.uint16).tofile(tmp_path / "good.bin")
   np.save(tmp_path / "obj.npy", np.asarray([{"a": 1}], dtype=object), allow_pickle=True)
   good = f"{tmp_path / 'a-x1'},{tmp_path / 'b-x2'}"
   cases = [
@@ -193,6 +194,8 @@ def test_bad_corpora_and_model_directories_one_line_exit_2_nothing_written(tmp_p
       (["--models=" + good, f"--corpus={tmp_path / 'float.npy'}"], "float32 values: token ids must be integers"),
       (["--models=" + good, f"--corpus={tmp_path / 'empty.bin'}"], "is empty"),
       (["--models=" + good, f"--corpus={tmp_path / 'obj.npy'}"], "not a plain .npy array"),
+      (["--models=" + good, f"--corpus={tmp_path / 'good.bin'}", "--memory_gb=1000000"],
+       "the pass needs about 1073.*GB, more than the"),
       ([f"--models={tmp_path / 'pickled'}"], r"pytorch_model.bin\), which are never unpickled here; convert"),
       ([f"--models={tmp_path / 'a-x1'},{tmp_path / 'wide-x3'}"], "mismatched architectures: .*wide-x3 has d_mlp=28"),
       ([f"--models={tmp_path / 'a-x1'},{tmp_path / 'neox'}"], "mismatched architectures: .*neox has arch='neox'"),

@@ -337,6 +337,23 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
   return out
 
 
+def pass_bytes(spec: models.Spec, n_runs: int, settings: dict) -> dict[str, int]:
+  """What the pass holds at once, in bytes (float32), from the sizes alone: the per-layer rotations (dense,
+  as the kernel takes them) and each model's own co-moment for the rotated variances, the co-moment tiles
+  (``memory_gb``), one batch of pre- and post-activations and the buffer that packs kept tokens, the token
+  statistics, the forward's largest intermediates (attention patterns, residual streams) and the weights."""
+  s, m = int(n_runs), spec.n_layers * spec.d_mlp
+  rows = int(settings["batch_windows"]) * context_of(spec, settings)
+  classes = int(settings["unigram_classes"]) + 1
+  weights = sum(int(np.prod(x)) for x in jax.tree.leaves(models.param_shapes(spec),
+                                                          is_leaf=lambda x: isinstance(x, tuple)))
+  return {"rotations": 4 * s * m * m, "own_comoments": 4 * s * m * m,
+          "tiles": int(float(settings["memory_gb"]) * (1 << 30)), "activations": 4 * 4 * s * rows * m,
+          "statistics": 4 * s * m * (2 * classes + context_of(spec, settings) + 27 + 6),
+          "forward": 4 * s * rows * (spec.n_heads * context_of(spec, settings) + 8 * spec.d_model + spec.vocab),
+          "weights": 4 * s * weights}
+
+
 def percentile_within_layer(x_SxLxN: np.ndarray) -> np.ndarray:
   """Each neuron's percentile (0..100) among the neurons of its layer, pooled over the cohort's runs."""
   s, l, n = x_SxLxN.shape

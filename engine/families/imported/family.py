@@ -36,7 +36,7 @@ ANALYSIS_SETTINGS = {
     "dtype": "auto",              # of a .bin: uint16 | uint32 | auto (uint16 when the vocabulary fits)
     "tokens": 1 << 17,            # tokens every run reads (rounded down to whole windows)
     "context": 0,                 # tokens per window; 0: the model's context, at most 512 (Gurnee et al.)
-    "batch_windows": 8,           # windows per forward pass
+    "batch_windows": 4,           # windows per forward pass
     "drop": "bos,pad,newline",    # tokens left out of every statistic (Gurnee et al. dropped these)
     "universal_threshold": 0.5,   # mean excess correlation above which a neuron is universal
     "kurtosis_threshold": 10.0,   # W_U kurtosis above which a neuron predicts or suppresses
