@@ -26,6 +26,7 @@ from universality.engine.families.imported import tokens  # noqa: E402
 from universality.engine.families.imported import weights  # noqa: E402
 from universality.experiments import import_models  # noqa: E402
 from universality.kernels import correlation  # noqa: E402
+from universality.kernels import screen as screen_lib  # noqa: E402
 
 
 def run_cli(argv, capsys):
@@ -166,6 +167,29 @@ def test_attention_deactivation_equals_zeroed_output_weights(tmp_path):
   assert np.nanmax(np.abs(got)) > 1e-3
 
 
+def test_screened_pass_equals_the_exact_one(tmp_path):
+  """The screened correlation (a sample of 512 of 4,096 tokens picks candidates) gives the exact pass's
+  maxima, baselines and excess; the neuron statistics do not depend on the window order it reads."""
+  for k in range(3):
+    save_model(gpt2_config(vocab=61, layers=2, d=32, positions=64, d_mlp=48), str(tmp_path / f"m{k}"), seed=k,
+               noise=0.2)
+  opened = [weights.open_model(str(tmp_path / f"m{k}")) for k in range(3)]
+  loaded = [m.load() for m in opened]
+  rng = np.random.default_rng(1)
+  loaded[1] = jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape).astype(np.float32), loaded[0])
+  params = jax.tree.map(lambda *x: np.stack(x), *loaded)  # run 1: run 0 perturbed; run 2 independent
+  ids = np.random.default_rng(0).integers(0, 61, (64, 64))
+  out = {}
+  for mode in ("off", "on"):
+    settings = dict(family.ANALYSIS_SETTINGS, screen=mode, screen_tokens=512, attn_candidates=0)
+    out[mode] = analysis.neuron_table(params, ids, opened[0].spec, jax.random.PRNGKey(0), settings, [])
+  for k in ("max_corr", "baseline_max_corr", "excess", "pre_kurtosis", "var_token"):
+    np.testing.assert_allclose(out["on"][k], out["off"][k], atol=2e-5, err_msg=k)
+  assert out["off"]["max_corr"][0, :, 1].min() > 0.5 and out["off"]["max_corr"][0, :, 2].max() < 0.5
+  assert "screen_settled" in out["on"] and "screen_settled" not in out["off"]
+  assert (out["on"]["screen_settled"] != screen_lib.SETTLED_EXACT).any()  # the screen did settle rows
+
+
 def _config(opened):
   from universality.engine.families.imported import suite  # pylint: disable=import-outside-toplevel
   return suite.config_for(opened)
@@ -221,13 +245,13 @@ def test_import_pass_report_replay_identical_and_independent_models(tmp_path, ca
   save_model(cfg, str(tmp_path / "a-x21"), seed=0, noise=0.05)
   shutil.copytree(tmp_path / "a-x21", tmp_path / "a-copy-x49")
   save_model(cfg, str(tmp_path / "b-x81"), seed=1, noise=0.05)
-  ids = np.random.default_rng(0).integers(0, 1021, 8192).astype(np.uint16)
+  ids = np.random.default_rng(0).integers(0, 1021, 4096).astype(np.uint16)
   ids.tofile(tmp_path / "ids.bin")
   capsys.readouterr()
   work = tmp_path / "suite"
   dirs = [str(tmp_path / d) for d in ("a-x21", "a-copy-x49", "b-x81")]
   code, err = run_cli([f"--workdir={work}", "--noprogress", "--models=" + ",".join(dirs),
-                       f"--corpus={tmp_path / 'ids.bin'}", "--tokens=8192", "--batch_windows=16"], capsys)
+                       f"--corpus={tmp_path / 'ids.bin'}", "--tokens=4096", "--batch_windows=16"], capsys)
   assert code == 0, err
   rows = json.loads((work / "runs.json").read_text())
   assert [r["model"] for r in rows] == ["a-x21", "a-copy-x49", "b-x81"]

@@ -29,6 +29,10 @@ forward pass runs ``batch_windows`` windows at a time; activations are never sto
   windows lowers some later head's mean attention to the window's first token by more than
   ``attn_threshold`` (``attention_deactivation``).
 
+The correlation may be screened (``screen``: ``universality.kernels.screen``, on a sample of
+``screen_tokens`` tokens, the windows taken in a seeded random order so that the sample spans the text): the
+same maxima at a fraction of the products when T is large.
+
 Per-neuron arrays ``[S, L, N]`` (and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file;
 summary.json holds per-layer fractions for both comparisons and the property contrasts.
 
@@ -53,6 +57,7 @@ from universality.engine.analysis import neuron_stats
 from universality.engine.families.imported import family as family_lib
 from universality.engine.families.imported import models
 from universality.engine.families.imported import tokens as tokens_lib
+from universality.kernels import screen as screen_lib
 
 LAST_STEP_ONLY = True
 SETTINGS = family_lib.ANALYSIS_SETTINGS
@@ -291,13 +296,17 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
   l, n = spec.n_layers, spec.d_mlp
   s = jax.tree.leaves(params_S)[0].shape[0]
   classes = token_classes(windows_WxT, spec.vocab, int(settings["unigram_classes"]))
+  screen = screen_lib.settings(settings["screen"], settings["screen_tokens"], settings["screen_z"],
+                               settings["screen_k"], inputs=windows_WxT.size)
+  if screen.may_screen():  # the screen's sample is the stream's start: spread it over the text
+    windows_WxT = windows_WxT[np.random.default_rng(0).permutation(len(windows_WxT))]
   stream = _Stream(params_S, windows_WxT, spec, int(batch_windows or settings["batch_windows"]), classes,
                    drop_ids, letters_V)
   corr = None
   if s >= 2:
     corr = cross_seed.neuron_correlations(stream, key=key, universal_threshold=settings["universal_threshold"],
                                           memory_bytes=int(settings["memory_gb"] * (1 << 30)), within=False,
-                                          rotation_blocks=l)
+                                          rotation_blocks=l, screen=screen)
   else:
     for _ in stream():
       pass
@@ -334,6 +343,8 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
              universal_paper=shape(np.nan_to_num(paper, nan=-np.inf) > thr) & ~shape(dead),
              dead=shape(dead), max_corr=max_SxNxS.astype(np.float32),
              baseline_max_corr=base_SxNxS.astype(np.float32), argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
+  if corr.get("screen_margin") is not None:
+    out["screen_settled"] = shape(corr["settled_SxN"]).astype(np.int8)
   return out
 
 

@@ -50,6 +50,10 @@ ANALYSIS_SETTINGS = {
     "attn_threshold": 0.05,       # attention-deactivating: ablating it lowers a later head's attention to the
                                   # first token by more than this (mean over the sample's queries)
     "memory_gb": 1.0,             # budget of the correlation's co-moment tiles
+    "screen": "auto",             # screened correlation (kernels/screen.py): auto | on | off
+    "screen_tokens": 1 << 15,     # T₁: the screen's sample of tokens
+    "screen_z": 5.0,              # its margin, in standard errors of a sample correlation
+    "screen_k": 1,                # candidates kept per neuron and model at least
 }
 
 
