@@ -51,6 +51,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from universality.engine.analysis import cross_seed
 from universality.engine.analysis import neuron_stats
@@ -163,7 +164,7 @@ class _Stream:
                   neuron_stats.categories_init(n_cls, self.k), neuron_stats.categories_init(c, self.k))
     if letters_V is not None:
       self.empty += (neuron_stats.categories_init(27, self.k),)
-    self.stats, self.kept = None, 0
+    self.stats, self.kept, self.passes = None, 0, 0
 
   def _batches(self):
     c = self.windows.shape[1]
@@ -186,7 +187,11 @@ class _Stream:
     stats, kept = self.empty, 0
     forward = _forward(self.spec)
     buf, fill = None, 0
+    self.passes += 1
+    bar = tqdm.tqdm(total=-(-len(self.windows) // self.bw), unit="batch", leave=False, disable=None,
+                    desc=f"pass {self.passes}: {len(self.windows) * self.windows.shape[1]:,} tokens")  # on a terminal
     for w, keep, cls, prev_cls, pos, letter in self._batches():
+      bar.update()
       pre, post = forward(self.params, jnp.asarray(w))
       keep_dev = jnp.asarray(keep)
       if collect:
@@ -200,6 +205,7 @@ class _Stream:
       if fill >= self.rows:
         yield buf[:, :self.rows]
         buf, fill = _shift(buf, self.rows), fill - self.rows
+    bar.close()
     if fill:
       yield buf[:, :fill]
     if collect:
