@@ -35,11 +35,12 @@ _CONTEXT = flags.DEFINE_integer("context", None, "Tokens per window (0: the mode
 _BATCH = flags.DEFINE_integer("batch_windows", None, "Windows per forward pass.")
 _DROP = flags.DEFINE_string("drop", None, "Tokens left out of the statistics: bos,pad,newline or ''.")
 _MEMORY = flags.DEFINE_float("memory_gb", None, "Budget of the correlation's co-moment tiles.")
+_SCREEN = flags.DEFINE_string("screen", None, "Screened correlation: auto, on or off.")
 
 
 def _settings() -> dict:
   names = {"corpus": _CORPUS, "tokenizer": _TOKENIZER, "dtype": _DTYPE, "tokens": _TOKENS, "context": _CONTEXT,
-           "batch_windows": _BATCH, "drop": _DROP, "memory_gb": _MEMORY}
+           "batch_windows": _BATCH, "drop": _DROP, "memory_gb": _MEMORY, "screen": _SCREEN}
   return {k: f.value for k, f in names.items() if f.value is not None}
 
 
