@@ -100,7 +100,7 @@ class ImportedFamily(families.Family):
     cfg.task.special_ids = ""
     cfg.model = ml_collections.ConfigDict()
     cfg.model.name = "imported"
-    cfg.model.imported = ml_collections.ConfigDict(dataclasses_defaults())
+    cfg.model.imported = ml_collections.ConfigDict(default_spec_section())
     cfg.steps = 1
     cfg.eval_every = 1
     cfg.num_checkpoints = 2
@@ -169,7 +169,7 @@ class ImportedFamily(families.Family):
             f"context {spec.context}; {extra}; {'tied' if spec.tied else 'untied'} unembedding"]
 
 
-def dataclasses_defaults() -> dict:
+def default_spec_section() -> dict:
   """The config section of a default ``models.Spec`` (a one-layer GPT-2 shape until an import fills it)."""
   spec = models.Spec(arch="gpt2", vocab=1, n_layers=1, d_model=1, n_heads=1, d_mlp=1, context=1)
   return {name: getattr(spec, name) for name in models.FIELDS}

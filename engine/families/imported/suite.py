@@ -6,8 +6,9 @@ Every directory is opened and checked first (config, architecture, every tensor'
 safetensors headers alone): a directory that cannot be imported, or two that differ in architecture or
 shapes, is refused in one line naming the first difference, before anything is written. Then each
 parameter of the stacked suite is a float32 memory map ``[S, ...]`` in a scratch folder of the run
-directory, filled tensor by tensor (one tensor of one model in host memory at a time, never two copies of the
-suite), and handed to Orbax as the checkpoint at step 0; config.json, runs.json and an empty metrics log
+directory, filled tensor by tensor (one tensor of one model read at a time), and handed to Orbax as the
+checkpoint at step 0: the import's own memory is one copy of the suite, Orbax's write buffers, the stacked
+arrays being file-backed (benchmarks/README.md); config.json, runs.json and an empty metrics log
 follow, and the scratch folder is removed. A failed import removes what it wrote (the whole directory when it
 created it). Importing the same models into the same directory again finds them there and writes nothing.
 """
