@@ -46,7 +46,8 @@ from benchmarks.correlation import _best_of, _peak_rss_gb
 from universality.engine.families.imported import analysis, family, models
 from universality.kernels import correlation as kc
 
-GPT2_SMALL = models.Spec(arch="gpt2", vocab=50257, n_layers=12, d_model=768, n_heads=12, d_mlp=3072, context=1024)
+GPT2_SMALL = models.Spec(arch="gpt2", vocab=50257, n_layers=12, d_model=768, n_heads=12, d_mlp=3072,
+                         context=1024)
 TINY = models.Spec(arch="gpt2", vocab=1021, n_layers=2, d_model=64, n_heads=4, d_mlp=256, context=128)
 PAPER_T, PAPER_S = 10 ** 8, 5
 
@@ -59,7 +60,8 @@ def random_params(spec: models.Spec, s: int, seed: int = 0):
     if "_g" in name:
       return np.ones((s,) + tuple(shape), np.float32)
     return (0.02 * rng.standard_normal((s,) + tuple(shape))).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(leaf, models.param_shapes(spec), is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree_util.tree_map_with_path(leaf, models.param_shapes(spec),
+                                          is_leaf=lambda x: isinstance(x, tuple))
 
 
 def kernel_vs_matmul(s: int, m: int, t: int, layers: int, repeats: int) -> dict:
@@ -163,8 +165,8 @@ def main(argv=None):
   k = kernel_vs_matmul(s, m, t, layers, args.repeats)
   print(f"kernel vs bare matmul, S={s} x {m} neurons, T={t}: bare XᵀX {k['bare_s']:.3f} s "
         f"({k['bare_flops'] / 1e12:.2f} TFLOP/s), max_correlation {k['kernel_s']:.3f} s "
-        f"({k['kernel_s'] / k['bare_s']:.2f}x the bare XᵀX; {k['kernel_products'] / k['kernel_s'] / 1e12:.2f} "
-        "TFLOP/s of the products it needs)")
+        f"({k['kernel_s'] / k['bare_s']:.2f}x the bare XᵀX; "
+        f"{k['kernel_products'] / k['kernel_s'] / 1e12:.2f} TFLOP/s of the products it needs)")
   rate = forward_rate(spec, s, batch, context, args.repeats)
   line = f"forward of {s} stacked models, {batch} x {context} tokens: {rate:,.0f} tokens/s per model"
   if torch_rate:

@@ -25,9 +25,11 @@ from absl import logging
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to create (or re-analyse).")
 _MODELS = flags.DEFINE_list("models", None, "Comma-separated model directories, one run each.")
 _LABELS = flags.DEFINE_list("labels", None, "Seed labels, one per model (default: from the directory names).")
-_ANALYZE = flags.DEFINE_bool("analyze", None, "Run the pass and the report (default: when --corpus is given).")
+_ANALYZE = flags.DEFINE_bool("analyze", None,
+                             "Run the pass and the report (default: when --corpus is given).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-_CORPUS = flags.DEFINE_string("corpus", None, "Token ids (.bin uint16/uint32, .npy) or text (file or directory).")
+_CORPUS = flags.DEFINE_string("corpus", None,
+                              "Token ids (.bin uint16/uint32, .npy) or text (a file or directory).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: the first model directory's).")
 _DTYPE = flags.DEFINE_string("dtype", None, "dtype of a .bin: uint16, uint32 or auto.")
 _TOKENS = flags.DEFINE_integer("tokens", None, "Tokens every model reads.")
@@ -39,8 +41,9 @@ _SCREEN = flags.DEFINE_string("screen", None, "Screened correlation: auto, on or
 
 
 def _settings() -> dict:
-  names = {"corpus": _CORPUS, "tokenizer": _TOKENIZER, "dtype": _DTYPE, "tokens": _TOKENS, "context": _CONTEXT,
-           "batch_windows": _BATCH, "drop": _DROP, "memory_gb": _MEMORY, "screen": _SCREEN}
+  names = {"corpus": _CORPUS, "tokenizer": _TOKENIZER, "dtype": _DTYPE, "tokens": _TOKENS,
+           "context": _CONTEXT, "batch_windows": _BATCH, "drop": _DROP, "memory_gb": _MEMORY,
+           "screen": _SCREEN}
   return {k: f.value for k, f in names.items() if f.value is not None}
 
 
@@ -59,9 +62,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
     pylogging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname)
-  from universality.engine import budget, checkpoint, replay, report, rundir  # pylint: disable=import-outside-toplevel
-  from universality.engine.analysis import driver  # pylint: disable=import-outside-toplevel
-  from universality.engine.families.imported import analysis, family, models, suite  # pylint: disable=import-outside-toplevel
+  # Imported here, after the flags: JAX and Orbax load only for a command that will run.
+  from universality.engine import budget, checkpoint, replay, report, rundir  # noqa: PLC0415
+  from universality.engine.analysis import driver  # noqa: PLC0415
+  from universality.engine.families.imported import analysis, family, models, suite  # noqa: PLC0415
   settings = _settings()
   analyze = _ANALYZE.value if _ANALYZE.value is not None else "corpus" in settings
   try:

@@ -161,8 +161,9 @@ def rotations(key: jax.Array, n_models: int, n_neurons: int, blocks: int = 1) ->
 
   QR of a Gaussian matrix with the signs of R's diagonal moved into Q, which makes the distribution
   uniform on O(N) rather than biased by the QR convention. ``blocks`` > 1: each ``Q_j`` is block-diagonal,
-  ``blocks`` independent Haar matrices of ``N / blocks`` neurons each (block b from ``fold_in(Q_j's key, b)``):
-  the neurons of one layer mixed only among themselves, as Gurnee et al. rotated layer by layer.
+  ``blocks`` independent Haar matrices of ``N / blocks`` neurons each (block b from
+  ``fold_in(Q_j's key, b)``): the neurons of one layer mixed only among themselves, as Gurnee et al.
+  rotated layer by layer.
   """
   if blocks < 1 or n_neurons % blocks:
     raise CorrelationError(f"rotation blocks must divide the {n_neurons} neurons of a model, got {blocks}")

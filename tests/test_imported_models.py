@@ -1,4 +1,5 @@
-"""universality.engine.families.imported.models and .weights against PyTorch (transformers) on tiny random models.
+"""universality.engine.families.imported.models and .weights against PyTorch (transformers) on tiny random
+models.
 
 Each model is built from a config with ``transformers`` (no download), every parameter perturbed so that
 zero biases and unit gains hide no wrong term, saved with ``save_pretrained(safe_serialization=True)`` into a
@@ -23,8 +24,9 @@ _RTOL = 1e-5
 
 
 def gpt2_config(vocab=61, layers=2, d=16, heads=4, positions=20, tied=True, scale_by_layer=False, d_mlp=24):
-  return transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers, n_head=heads,
-                                 n_inner=d_mlp, activation_function="gelu_new", tie_word_embeddings=tied,
+  return transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers,
+                                 n_head=heads, n_inner=d_mlp, activation_function="gelu_new",
+                                 tie_word_embeddings=tied,
                                  scale_attn_by_inverse_layer_idx=scale_by_layer, resid_pdrop=0.0,
                                  bos_token_id=None, eos_token_id=None,
                                  embd_pdrop=0.0, attn_pdrop=0.0)
@@ -76,8 +78,8 @@ def _close(actual, expected, what):
 CASES = {  # vocabularies not a multiple of 8; GPT-2 as the Stanford CRFM seeds configure it
     "gpt2_layer_scaled": lambda: gpt2_config(vocab=61, layers=3, scale_by_layer=True),
     "neox_partial_rotary_untied": lambda: neox_config(),
-    "neox_full_rotary_sequential_tied": lambda: neox_config(vocab=45, layers=3, rotary_pct=1.0, parallel=False,
-                                                            tied=True),
+    "neox_full_rotary_sequential_tied": lambda: neox_config(vocab=45, layers=3, rotary_pct=1.0,
+                                                            parallel=False, tied=True),
 }
 
 
@@ -102,7 +104,8 @@ def test_logits_and_activations_equal_pytorch(case, tmp_path):
     _close(logits[s], want_logits, f"{case} logits run {s}")
     _close(acts["mlp_post"][s], want_post, f"{case} mlp_post run {s}")
   np.testing.assert_allclose(np.asarray(acts["mlp_post"]),
-                             np.asarray(models.gelu(acts["mlp_pre"], m.spec.activation)), rtol=1e-6, atol=1e-7)
+                             np.asarray(models.gelu(acts["mlp_pre"], m.spec.activation)),
+                             rtol=1e-6, atol=1e-7)
   assert acts["mlp_pre"].shape == (2, 3, 11, m.spec.n_layers, m.spec.d_mlp)
   _close(models.bos_attention(params, tokens, m.spec), want_bos, f"{case} attention to position 0")
 

@@ -51,7 +51,8 @@ def test_per_layer_rotation_baseline_against_float64():
   from the same block-diagonal rotations, which are orthogonal and mix no two layers."""
   rng = np.random.default_rng(0)
   s, l, n, t = 2, 3, 8, 400
-  base = rng.standard_normal((t, l * n)) @ rng.standard_normal((l * n, l * n)) * 0.3 + rng.standard_normal((t, l * n))
+  mixed = rng.standard_normal((t, l * n)) @ rng.standard_normal((l * n, l * n))
+  base = 0.3 * mixed + rng.standard_normal((t, l * n))
   perm = np.concatenate([j * n + rng.permutation(n) for j in range(l)])
   acts = np.stack([base, base[:, perm] + 0.3 * rng.standard_normal((t, l * n))]).astype(np.float32)
   key = jax.random.PRNGKey(3)
@@ -108,12 +109,13 @@ def _bpe(root, path):
 def test_tokenizer_text_and_bin_give_the_same_statistics(tmp_path):
   rng = np.random.default_rng(0)
   _text_files(str(tmp_path / "text"), rng)
-  tok = _bpe(str(tmp_path / "text"), str(tmp_path / "tokenizer.json"))
+  tok_path = str(tmp_path / "tokenizer.json")
+  tok = _bpe(str(tmp_path / "text"), tok_path)
   vocab = tok.get_vocab_size()
   model_dir = str(tmp_path / "m")
   save_model(gpt2_config(vocab=vocab + 3, layers=1, d=16, positions=32), model_dir)
   m = weights.open_model(model_dir)
-  text = tokens.open_tokens(str(tmp_path / "text"), m.spec.vocab, str(tmp_path / "tokenizer.json"))
+  text = tokens.open_tokens(str(tmp_path / "text"), m.spec.vocab, tok_path)
   assert text.kind == "text" and len(text.ids) > 1000
   text.ids.astype(np.uint16).tofile(tmp_path / "ids.bin")
   np.save(tmp_path / "ids.npy", text.ids.astype(np.int32))
@@ -121,13 +123,13 @@ def test_tokenizer_text_and_bin_give_the_same_statistics(tmp_path):
     other = tokens.open_tokens(str(tmp_path / name), m.spec.vocab)
     assert isinstance(other.ids, np.memmap) and other.fingerprint == text.fingerprint
     np.testing.assert_array_equal(np.asarray(other.ids), text.ids)
-  newline = tokens.newline_ids(str(tmp_path / "tokenizer.json"), m.spec.vocab)
+  newline = tokens.newline_ids(tok_path, m.spec.vocab)
   assert len(newline) and all("\n" in tok.decode([int(i)]) for i in newline)
-  drop, notes = tokens.drop_ids("bos,pad,newline", [vocab - 1], str(tmp_path / "tokenizer.json"), m.spec.vocab)
+  drop, notes = tokens.drop_ids("bos,pad,newline", [vocab - 1], tok_path, m.spec.vocab)
   assert not notes and set(newline.tolist()) | {vocab - 1} == set(drop.tolist())
 
   params = jax.tree.map(lambda x: x[None], m.load())
-  settings = dict(family.ANALYSIS_SETTINGS, tokens=1024, context=32, tokenizer=str(tmp_path / "tokenizer.json"))
+  settings = dict(family.ANALYSIS_SETTINGS, tokens=1024, context=32, tokenizer=tok_path)
   cfg = _config([m])
   tables = []
   for corpus in (str(tmp_path / "text"), str(tmp_path / "ids.bin")):
@@ -141,7 +143,7 @@ def test_tokenizer_text_and_bin_give_the_same_statistics(tmp_path):
 
   # Alphabet neurons: each token's first letter. Every token its own class refines that partition, so the
   # token explains at least the variance its first letter does.
-  letters = tokens.letter_classes(str(tmp_path / "tokenizer.json"), m.spec.vocab)
+  letters = tokens.letter_classes(tok_path, m.spec.vocab)
   assert letters[tok.token_to_id("def")] == 3 and letters[tok.token_to_id("Ġreturn")] == ord("r") - ord("a")
   fine = dict(settings, unigram_classes=m.spec.vocab)
   both = analysis.neuron_table(params, windows, m.spec, jax.random.PRNGKey(0), fine, drop, letters_V=letters)
@@ -151,7 +153,8 @@ def test_tokenizer_text_and_bin_give_the_same_statistics(tmp_path):
 
 def test_attention_deactivation_equals_zeroed_output_weights(tmp_path):
   """Each candidate's score equals the drop of a later head's attention to the first token when the neuron's
-  output weights are zeroed instead (the same ablation by another route); last-layer neurons are not scored."""
+  output weights are zeroed instead (the same ablation by another route); last-layer neurons are not
+  scored."""
   save_model(gpt2_config(vocab=61, layers=3, d=16, positions=32, d_mlp=12), str(tmp_path / "m"), noise=0.3)
   m = weights.open_model(str(tmp_path / "m"))
   params = m.load()
@@ -214,15 +217,19 @@ def test_bad_corpora_and_model_directories_one_line_exit_2_nothing_written(tmp_p
       (["--models=" + good, f"--corpus={tmp_path / 'oov.bin'}"], "token id 61 at position 2 is outside"),
       (["--models=" + good, f"--corpus={tmp_path / 'odd.bin'}", "--dtype=uint32"],
        "not a whole number of uint32 ids: wrong dtype"),
-      (["--models=" + good, f"--corpus={tmp_path / 'odd.bin'}", "--dtype=float32"], "must be uint16 or uint32"),
-      (["--models=" + good, f"--corpus={tmp_path / 'float.npy'}"], "float32 values: token ids must be integers"),
+      (["--models=" + good, f"--corpus={tmp_path / 'odd.bin'}", "--dtype=float32"],
+       "must be uint16 or uint32"),
+      (["--models=" + good, f"--corpus={tmp_path / 'float.npy'}"],
+       "float32 values: token ids must be integers"),
       (["--models=" + good, f"--corpus={tmp_path / 'empty.bin'}"], "is empty"),
       (["--models=" + good, f"--corpus={tmp_path / 'obj.npy'}"], "not a plain .npy array"),
       (["--models=" + good, f"--corpus={tmp_path / 'good.bin'}", "--memory_gb=1000000"],
        "the pass needs about 1073.*GB, more than the"),
       ([f"--models={tmp_path / 'pickled'}"], r"pytorch_model.bin\), which are never unpickled here; convert"),
-      ([f"--models={tmp_path / 'a-x1'},{tmp_path / 'wide-x3'}"], "mismatched architectures: .*wide-x3 has d_mlp=28"),
-      ([f"--models={tmp_path / 'a-x1'},{tmp_path / 'neox'}"], "mismatched architectures: .*neox has arch='neox'"),
+      ([f"--models={tmp_path / 'a-x1'},{tmp_path / 'wide-x3'}"],
+       "mismatched architectures: .*wide-x3 has d_mlp=28"),
+      ([f"--models={tmp_path / 'a-x1'},{tmp_path / 'neox'}"],
+       "mismatched architectures: .*neox has arch='neox'"),
       ([f"--models={tmp_path / 'a-x1'},{tmp_path / 'nowhere'}"], "no such model directory"),
   ]
   capsys.readouterr()
@@ -264,8 +271,10 @@ def test_import_pass_report_replay_identical_and_independent_models(tmp_path, ca
   probe = ids[:100].astype(np.int64)
   acts = run.activations(probe)
   assert acts["mlp_post"].shape == (3, 100, 1, 512)
-  direct = models.apply(weights.open_model(dirs[2]).load(), probe[None, :64], weights.open_model(dirs[2]).spec)
-  np.testing.assert_allclose(acts["mlp_post"][2, :64], np.asarray(direct[1]["mlp_post"])[0], rtol=1e-5, atol=1e-5)
+  b = weights.open_model(dirs[2])
+  _, direct = models.apply(b.load(), probe[None, :64], b.spec)
+  np.testing.assert_allclose(acts["mlp_post"][2, :64], np.asarray(direct["mlp_post"])[0], rtol=1e-5,
+                             atol=1e-5)
   np.testing.assert_array_equal(acts["mlp_post"][0], acts["mlp_post"][1])
 
   table = run.neurons()
@@ -282,7 +291,8 @@ def test_import_pass_report_replay_identical_and_independent_models(tmp_path, ca
   assert same.min() > 0.5  # identical models: every live neuron universal
   assert (other > 0.5).mean() < 0.01  # independent ones: near none
   # All pairs: each of A's neurons has excess (same + other) / 2; the paper's comparison for run 0 the same.
-  np.testing.assert_allclose(table["excess"][0].reshape(-1)[live[0].reshape(-1)], (same + other) / 2, atol=1e-5)
+  np.testing.assert_allclose(table["excess"][0].reshape(-1)[live[0].reshape(-1)], (same + other) / 2,
+                             atol=1e-5)
   np.testing.assert_allclose(table["excess_paper"][0], table["excess"][0], atol=1e-6)
   run.close()
 

@@ -24,10 +24,10 @@ forward pass runs ``batch_windows`` windows at a time; activations are never sto
   *entropy neuron* has most of its output there (above ``entropy_null_share``) and a large ‖w_out‖ (above
   the ``entropy_norm_pct`` percentile of its layer);
 * families: a *unigram*, *alphabet* (the token's first letter, from the tokenizer), *previous-token* or
-  *position* neuron has more than ``family_threshold`` of its variance explained by that feature; an *attention-deactivating* neuron is one of the ``attn_candidates``
-  per layer with the largest ‖w_out‖ whose ablation (post-activation 0) on the first ``attn_windows``
-  windows lowers some later head's mean attention to the window's first token by more than
-  ``attn_threshold`` (``attention_deactivation``).
+  *position* neuron has more than ``family_threshold`` of its variance explained by that feature; an
+  *attention-deactivating* neuron is one of the ``attn_candidates`` per layer with the largest ‖w_out‖
+  whose ablation (post-activation 0) on the first ``attn_windows`` windows lowers some later head's mean
+  attention to the window's first token by more than ``attn_threshold`` (``attention_deactivation``).
 
 The correlation may be screened (``screen``: ``universality.kernels.screen``, on a sample of
 ``screen_tokens`` tokens, the windows taken in a seeded random order so that the sample spans the text): the
@@ -88,15 +88,16 @@ def tokenizer_of(cfg, settings: dict) -> str:
 
 
 def corpus_windows(cfg, settings: dict) -> tuple[np.ndarray, tokens_lib.Tokens]:
-  """``(ids [W, C], corpus)``: consecutive windows of the corpus's first ``tokens`` ids (a memory-map view)."""
+  """``(ids [W, T], corpus)``: consecutive windows of the corpus's first ``tokens`` ids (a memory-map
+  view)."""
   spec = models.spec_of(cfg.model.imported)
   c = context_of(spec, settings)
   corpus = tokens_lib.open_tokens(str(settings["corpus"]), spec.vocab, tokenizer_of(cfg, settings),
                                   str(settings["dtype"]), int(settings["tokens"]))
   n = min(int(settings["tokens"]), len(corpus.ids)) // c
   if n < 1:
-    raise tokens_lib.TokensError(f"corpus {settings['corpus']!r} ({len(corpus.ids)} tokens) holds no window of "
-                                 f"{c} tokens")
+    raise tokens_lib.TokensError(f"corpus {settings['corpus']!r} ({len(corpus.ids)} tokens) holds no "
+                                 f"window of {c} tokens")
   return corpus.ids[:n * c].reshape(n, c), corpus
 
 
@@ -150,8 +151,9 @@ def _shift(buf, r: int):
 
 
 class _Stream:
-  """A re-iterable source of kept post-activation rows in blocks of ``B·C`` (``universality.kernels.correlation``).
-  The first iteration that runs to its end also fills ``stats``; later ones only yield."""
+  """A re-iterable source of kept post-activation rows in blocks of ``B·T`` rows
+  (``universality.kernels.correlation``). The first iteration that runs to its end also fills ``stats``;
+  later ones only yield."""
 
   def __init__(self, params_S, windows_WxT, spec, batch_windows: int, classes_V, drop_ids, letters_V=None):
     self.params, self.windows, self.bw, self.spec = params_S, windows_WxT, batch_windows, spec
@@ -189,7 +191,7 @@ class _Stream:
     buf, fill = None, 0
     self.passes += 1
     bar = tqdm.tqdm(total=-(-len(self.windows) // self.bw), unit="batch", leave=False, disable=None,
-                    desc=f"pass {self.passes}: {len(self.windows) * self.windows.shape[1]:,} tokens")  # on a terminal
+                    desc=f"pass {self.passes}: {self.windows.size:,} tokens")  # shown on a terminal only
     for w, keep, cls, prev_cls, pos, letter in self._batches():
       bar.update()
       pre, post = forward(self.params, jnp.asarray(w))
@@ -310,7 +312,8 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
                    drop_ids, letters_V)
   corr = None
   if s >= 2:
-    corr = cross_seed.neuron_correlations(stream, key=key, universal_threshold=settings["universal_threshold"],
+    corr = cross_seed.neuron_correlations(stream, key=key,
+                                          universal_threshold=settings["universal_threshold"],
                                           memory_bytes=int(settings["memory_gb"] * (1 << 30)), within=False,
                                           rotation_blocks=l, screen=screen)
   else:
@@ -331,8 +334,10 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
   out = {k: np.asarray(v, np.float32) for k, v in props.items()}
   out["vocab_class"] = shape(neuron_stats.prediction_class(props["vocab_skew"], props["vocab_kurtosis"],
                                                            settings["kurtosis_threshold"])).astype(np.int8)
-  norm_bar = np.percentile(props["w_out_norm"], float(settings["entropy_norm_pct"]), axis=(0, 2), keepdims=True)
-  out["entropy"] = (props["null_share"] > float(settings["entropy_null_share"])) & (props["w_out_norm"] > norm_bar)
+  norm_bar = np.percentile(props["w_out_norm"], float(settings["entropy_norm_pct"]), axis=(0, 2),
+                           keepdims=True)
+  out["entropy"] = ((props["null_share"] > float(settings["entropy_null_share"]))
+                    & (props["w_out_norm"] > norm_bar))
   sample = windows_WxT[:max(1, int(settings["attn_windows"]))]
   out["attn_deactivation"] = attention_deactivation(params_S, np.asarray(sample), spec,
                                                     int(settings["attn_candidates"])).astype(np.float32)
@@ -348,7 +353,8 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
              excess_paper=shape(paper).astype(np.float32),
              universal_paper=shape(np.nan_to_num(paper, nan=-np.inf) > thr) & ~shape(dead),
              dead=shape(dead), max_corr=max_SxNxS.astype(np.float32),
-             baseline_max_corr=base_SxNxS.astype(np.float32), argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
+             baseline_max_corr=base_SxNxS.astype(np.float32),
+             argmax=np.asarray(corr["argmax_SxNxS"], np.int32))
   if corr.get("screen_margin") is not None:
     out["screen_settled"] = shape(corr["settled_SxN"]).astype(np.int8)
   return out
@@ -367,7 +373,8 @@ def pass_bytes(spec: models.Spec, n_runs: int, settings: dict) -> dict[str, int]
   return {"rotations": 4 * s * m * m, "own_comoments": 4 * s * m * m,
           "tiles": int(float(settings["memory_gb"]) * (1 << 30)), "activations": 4 * 4 * s * rows * m,
           "statistics": 4 * s * m * (2 * classes + context_of(spec, settings) + 27 + 6),
-          "forward": 4 * s * rows * (spec.n_heads * context_of(spec, settings) + 8 * spec.d_model + spec.vocab),
+          "forward": 4 * s * rows * (spec.n_heads * context_of(spec, settings) + 8 * spec.d_model
+                                     + spec.vocab),
           "weights": 4 * s * weights}
 
 
@@ -412,7 +419,8 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
       "suppression_by_layer": [float((vocab_class[:, j] == -1).sum() / s) for j in range(l)],
       "entropy_by_layer": [float(arrays["entropy"][:, j].sum() / s) for j in range(l)],
       "attention_deactivating_by_layer": [float(attn[:, j].sum() / s) for j in range(l)],
-      "families_by_layer": {name: [float((live[:, j] & (arrays[key][:, j] > fam)).sum() / s) for j in range(l)]
+      "families_by_layer": {name: [float((live[:, j] & (arrays[key][:, j] > fam)).sum() / s)
+                                   for j in range(l)]
                             for name, key in FAMILIES.items() if key in arrays},
       "dead_fraction": float(dead.mean())}
   if "excess" in arrays:

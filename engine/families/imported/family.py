@@ -1,4 +1,5 @@
-"""Suites of language models trained elsewhere, on the engine's seam (``universality.engine.families.Family``).
+"""Suites of language models trained elsewhere, on the engine's seam
+(``universality.engine.families.Family``).
 
 An imported suite is a run directory like a trained one: config.json, runs.json, an Orbax checkpoint of the
 stacked parameters (at step 0: nothing is trained here), an empty metrics log. Only the trainer is missing:
@@ -114,7 +115,8 @@ class ImportedFamily(families.Family):
       raise ValueError(f"config.model.name: must be 'imported', got {cfg.model.name!r}")
     spec = models.spec_of(cfg.model.imported)
     if spec.arch not in models.ARCHITECTURES:
-      raise ValueError(f"config.model.imported.arch: must be one of {models.ARCHITECTURES}, got {spec.arch!r}")
+      raise ValueError(f"config.model.imported.arch: must be one of {models.ARCHITECTURES}, got "
+                       f"{spec.arch!r}")
     try:
       special_ids(cfg)
     except ValueError:
@@ -140,11 +142,13 @@ class ImportedFamily(families.Family):
     return cohort_name(row)
 
   def run_key(self, row):
-    return np.random.SeedSequence([int(row["base_seed"]), int(row["seed"]), 0x1A7]).generate_state(2, np.uint32)
+    seq = np.random.SeedSequence([int(row["base_seed"]), int(row["seed"]), 0x1A7])
+    return seq.generate_state(2, np.uint32)
 
   def make_task(self, cfg, rows) -> families.Task:
-    raise ValueError("an imported suite holds models trained elsewhere: it is not trained here (open it with "
-                     "universality.engine.replay.open, analyse it with universality.experiments.import_models)")
+    raise ValueError("an imported suite holds models trained elsewhere: it is not trained here (open it "
+                     "with universality.engine.replay.open, analyse it with "
+                     "universality.experiments.import_models)")
 
   def check_inputs(self, data, inputs, n_runs: int):
     raise ValueError("an imported suite has no trainer: use its view's apply(tokens)")
@@ -165,8 +169,9 @@ class ImportedFamily(families.Family):
     names = ", ".join(f"`{e['model']}` ({e['seed_label']})" for e in suite)
     return [f"- Models: {len(suite)} imported {kind} models: {names}",
             f"- Architecture: {spec.n_layers} layers, d_model {spec.d_model}, {spec.n_heads} heads, d_mlp "
-            f"{spec.d_mlp} neurons per layer ({spec.n_layers * spec.d_mlp:,} per model), vocabulary {spec.vocab:,}, "
-            f"context {spec.context}; {extra}; {'tied' if spec.tied else 'untied'} unembedding"]
+            f"{spec.d_mlp} neurons per layer ({spec.n_layers * spec.d_mlp:,} per model), vocabulary "
+            f"{spec.vocab:,}, context {spec.context}; {extra}; "
+            f"{'tied' if spec.tied else 'untied'} unembedding"]
 
 
 def default_spec_section() -> dict:

@@ -110,8 +110,8 @@ def param_shapes(spec: Spec) -> dict[str, Any]:
 def abstract_params(spec: Spec, n_runs: int | None = None) -> dict[str, Any]:
   """``jax.ShapeDtypeStruct`` leaves of ``param_shapes``, with a leading run axis of ``n_runs`` if given."""
   lead = () if n_runs is None else (int(n_runs),)
-  return jax.tree.map(lambda shape: jax.ShapeDtypeStruct(lead + tuple(shape), jnp.float32), param_shapes(spec),
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(lambda shape: jax.ShapeDtypeStruct(lead + tuple(shape), jnp.float32),
+                      param_shapes(spec), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _lead(v, x):
@@ -200,7 +200,8 @@ def residual(params, tokens_BxT: jax.Array, spec: Spec, neuron_scale_LxN=None):
   pres, posts, bos = [], [], []
   for layer in range(spec.n_layers):
     w = jax.tree.map(lambda a: a[layer], params["blocks"])
-    x, pre, post, bos_A = _block(x, w, layer, spec, None if neuron_scale_LxN is None else neuron_scale_LxN[layer])
+    scale_N = None if neuron_scale_LxN is None else neuron_scale_LxN[layer]
+    x, pre, post, bos_A = _block(x, w, layer, spec, scale_N)
     pres.append(pre)
     posts.append(post)
     bos.append(bos_A)

@@ -17,7 +17,8 @@ from universality.engine.markdown import file_prefix, markdown_table
 _PROPERTY_TEXT = dict(lm_report._PROPERTY_TEXT, var_token="var. explained by the token",
                       var_prev_token="var. explained by the previous token",
                       null_share="share of ‖w_out‖² in W_U's null space")
-# attn_deactivation is measured for candidates only (NaN elsewhere): counted in the layer table, not contrasted
+# attn_deactivation is measured for candidates only (NaN elsewhere): counted in the layer table, not
+# contrasted with the other properties.
 
 
 def _pct(x) -> str:
@@ -47,22 +48,32 @@ def layer_table(agg: Mapping) -> str:
   rows = []
   paper = agg.get("paper_universal_by_layer")
   excess = agg.get("mean_excess_by_layer")
+  fams = agg.get("families_by_layer") or {}
+  deact = agg.get("attention_deactivating_by_layer") or [0.0] * len(agg["universal_by_layer"])
   for j, frac in enumerate(agg["universal_by_layer"]):
-    fams = agg.get("families_by_layer") or {}
-    deact = agg.get("attention_deactivating_by_layer") or [0.0] * len(agg["universal_by_layer"])
+    counts = [agg["prediction_by_layer"][j], agg["suppression_by_layer"][j], agg["entropy_by_layer"][j],
+              deact[j]] + [fams[k][j] for k in fams]
     rows.append([j, _pct(paper[j]) if paper else "–", _pct(frac),
-                 "–" if not excess or excess[j] is None else f"{excess[j]:.3f}",
-                 f"{agg['prediction_by_layer'][j]:.1f}", f"{agg['suppression_by_layer'][j]:.1f}",
-                 f"{agg['entropy_by_layer'][j]:.1f}", f"{deact[j]:.1f}"] + [f"{fams[k][j]:.1f}" for k in fams])
-  names = list(agg.get("families_by_layer") or {})
+                 "–" if not excess or excess[j] is None else f"{excess[j]:.3f}"]
+                + [f"{c:.1f}" for c in counts])
   return markdown_table(["layer", "universal, run 0 vs others (paper)", "universal, all pairs", "mean excess",
-                         "prediction", "suppression", "entropy", "attention-deactivating"] + names, rows)
+                         "prediction", "suppression", "entropy", "attention-deactivating"] + list(fams), rows)
 
 
 def property_table(agg: Mapping) -> str:
   contrast = agg.get("property_percentiles") or {}
-  rows = [[_PROPERTY_TEXT.get(k, k), f"{v['universal']:.0f}", f"{v['other']:.0f}"] for k, v in contrast.items()]
-  return markdown_table(["property", "universal (median percentile)", "other"], rows) if rows else "(no contrast)\n"
+  rows = [[_PROPERTY_TEXT.get(k, k), f"{v['universal']:.0f}", f"{v['other']:.0f}"]
+          for k, v in contrast.items()]
+  if not rows:
+    return "(no contrast)\n"
+  return markdown_table(["property", "universal (median percentile)", "other"], rows)
+
+
+_FAMILIES_TEXT = (
+    "Beside them, neuron families per layer, counted per model over live neurons: prediction and "
+    "suppression (W_U kurtosis), entropy (output in W_U's null space), attention-deactivating (ablating it "
+    "lowers a later head's attention to the first token; largest-‖w_out‖ candidates only), unigram, alphabet "
+    "(the token's first letter), previous-token and position (variance explained by that feature).")
 
 
 def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str]:
@@ -73,30 +84,28 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
     ce = sub.cohort_summary()
     agg, records, task = ce["aggregate"], ce["records"], ce["task"]
     prefix = file_prefix(ci, cohort)
+    notes = "".join(f" {n[0].upper() + n[1:]}." for n in task.get("notes", []))
     md += [f"## {cohort}", "", runs_table(records),
-           f"Every model read the same {task['tokens']:,} tokens ({task['windows']} windows of {task['context']}) "
-           f"of `{task['corpus']}` ({task['corpus_kind']}, fingerprint {task['corpus_fingerprint']}); "
-           f"{task['dropped_ids']} token ids left out of the statistics."
-           + "".join(f" {n[0].upper() + n[1:]}." for n in task.get("notes", [])), ""]
+           f"Every model read the same {task['tokens']:,} tokens ({task['windows']} windows of "
+           f"{task['context']}) of `{task['corpus']}` ({task['corpus_kind']}, fingerprint "
+           f"{task['corpus_fingerprint']}); {task['dropped_ids']} token ids left out of the "
+           f"statistics.{notes}",
+           ""]
     if len(records) < 2:
       md += ["(One model: no cross-seed comparison.)", ""]
       continue
     md += ["### Universal neurons", "",
-           f"Run 0 against each other run (Gurnee et al.'s comparison): {agg['paper_universal_count']:,} universal "
-           f"neurons, {_pct(agg['paper_universal_fraction'])} of its live neurons (the paper: GPT2-small 4.16%, "
-           f"GPT2-medium 1.23%, Pythia-160m 1.26%). Every run against every other: "
+           f"Run 0 against each other run (Gurnee et al.'s comparison): {agg['paper_universal_count']:,} "
+           f"universal neurons, {_pct(agg['paper_universal_fraction'])} of its live neurons (the paper: "
+           "GPT2-small 4.16%, GPT2-medium 1.23%, Pythia-160m 1.26%). Every run against every other: "
            f"{_pct(agg['universal_fraction'])}. Mean max correlation with another model "
            f"{agg.get('mean_max_corr') or 0:.3f}, its per-layer rotation baseline "
-           f"{agg.get('mean_baseline_max_corr') or 0:.3f}. Beside them, neuron families per layer, counted per "
-           "model over live neurons: prediction and suppression (W_U kurtosis), entropy (output in W_U's null "
-           "space), attention-deactivating (ablating it lowers a later head's attention to the first token; "
-           "largest-‖w_out‖ candidates only), unigram, alphabet (the token's first letter), previous-token and "
-           "position (variance explained by that feature).", "", layer_table(agg),
+           f"{agg.get('mean_baseline_max_corr') or 0:.3f}. " + _FAMILIES_TEXT, "", layer_table(agg),
            f"![universal by layer]({save(sub.plot.universal_by_layer(), prefix + '_universal.png')})", "",
            f"![excess correlation]({save(sub.plot.excess(), prefix + '_excess.png')})", "",
            "### What sets universal neurons apart", "",
-           "Within-layer percentile of each property (pooled over the models), median over universal and over "
-           "other live neurons.", "", property_table(agg)]
+           "Within-layer percentile of each property (pooled over the models), median over universal and "
+           "over other live neurons.", "", property_table(agg)]
     if agg.get("property_percentiles"):
       md += [f"![properties]({save(sub.plot.properties(), prefix + '_properties.png')})", ""]
   return md

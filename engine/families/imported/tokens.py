@@ -103,7 +103,8 @@ def _check_ids(ids: np.ndarray, vocab: int, where: str) -> str:
   return digest.hexdigest()[:16]
 
 
-def open_tokens(path: str, vocab: int, tokenizer: str = "", dtype: str = "auto", max_tokens: int = 0) -> Tokens:
+def open_tokens(path: str, vocab: int, tokenizer: str = "", dtype: str = "auto",
+                max_tokens: int = 0) -> Tokens:
   """The token corpus at ``path`` (module docstring), at most ``max_tokens`` ids (0: all)."""
   if not path:
     raise TokensError("no token corpus: set analysis.corpus (--corpus) to a .bin, a .npy or text")
@@ -118,13 +119,15 @@ def open_tokens(path: str, vocab: int, tokenizer: str = "", dtype: str = "auto",
     if size == 0:
       raise TokensError(f"corpus {path!r} is empty")
     if size % item:
-      raise TokensError(f"corpus {path!r} ({size:,} bytes) is not a whole number of {dtype} ids: wrong dtype?")
+      raise TokensError(f"corpus {path!r} ({size:,} bytes) is not a whole number of {dtype} ids: wrong "
+                        "dtype?")
     ids, kind = np.memmap(full, dtype=np.dtype(dtype).newbyteorder("<"), mode="r"), "bin"
   elif os.path.isfile(full) and full.endswith(".npy"):
     try:
       ids = np.load(full, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
-      raise TokensError(f"corpus {path!r} is not a plain .npy array ({str(e).splitlines()[0][:80]})") from None
+      reason = str(e).splitlines()[0][:80]
+      raise TokensError(f"corpus {path!r} is not a plain .npy array ({reason})") from None
     except OSError as e:
       raise TokensError(f"corpus {path!r} does not read as .npy ({e})") from None
     if ids.dtype.kind not in "ui":
@@ -147,8 +150,8 @@ def newline_ids(tokenizer: str, vocab: int) -> np.ndarray:
 
 
 def letter_classes(tokenizer: str, vocab: int) -> np.ndarray:
-  """int32 ``[vocab]``: the first letter of each token's text, spaces skipped and case folded (0..25 for a..z),
-  26 for a token that starts with anything else (the partition of Gurnee et al.'s alphabet neurons)."""
+  """int32 ``[vocab]``: the first letter of each token's text, spaces skipped and case folded (0..25 for
+  a..z), 26 for a token that starts with anything else (the partition of Gurnee et al.'s alphabet neurons)."""
   tok = load_tokenizer(tokenizer)
   size = min(int(tok.get_vocab_size(with_added_tokens=True)), vocab)
   out = np.full(vocab, 26, np.int32)

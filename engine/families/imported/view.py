@@ -96,9 +96,9 @@ class View(view_lib.Run):
     want = (n_cohort, spec.n_layers, spec.d_mlp)
     for name in ("universal", "dead", "vocab_class", "entropy", *analysis.PROPERTIES):
       if name not in arrays or arrays[name].shape != want:
-        raise rundir.RunDirError(f"analysis arrays of cohort {entry['cohort']!r} in {self.workdir}: {name} is "
-                                 f"{arrays[name].shape if name in arrays else 'missing'}, expected {want}; "
-                                 "run the analysis again")
+        have = arrays[name].shape if name in arrays else "missing"
+        raise rundir.RunDirError(f"analysis arrays of cohort {entry['cohort']!r} in {self.workdir}: {name} "
+                                 f"is {have}, expected {want}; run the analysis again")
     pos = np.asarray(entry["positions"])
     out = {k: v[pos] for k, v in arrays.items() if v.shape[:1] == (n_cohort,) and v.ndim == 3}
     s, l, n = out["pre_mean"].shape

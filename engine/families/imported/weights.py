@@ -28,7 +28,8 @@ class ModelDirError(ValueError):
 
 
 CONVERT_HINT = ("convert it once where PyTorch is installed: python -c \"import transformers as t; "
-                "t.AutoModelForCausalLM.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\"")
+                "t.AutoModelForCausalLM.from_pretrained('DIR')"
+                ".save_pretrained('DIR', safe_serialization=True)\"")
 # The model directory's config file (Hugging Face's name; the run directory's own names belong to
 # universality.engine.rundir alone).
 HF_CONFIG = os.extsep.join(("config", "json"))
@@ -75,7 +76,8 @@ def spec_from_config(cfg: dict, where: str) -> models.Spec:
       act = cfg.get("hidden_act", "gelu")
       spec = dict(arch=arch, vocab=int(cfg["vocab_size"]), n_layers=int(cfg["num_hidden_layers"]), d_model=d,
                   n_heads=h, d_mlp=int(cfg["intermediate_size"]), context=int(cfg["max_position_embeddings"]),
-                  ln_eps=float(cfg.get("layer_norm_eps", 1e-5)), tied=bool(cfg.get("tie_word_embeddings", False)),
+                  ln_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+                  tied=bool(cfg.get("tie_word_embeddings", False)),
                   rotary_dims=int((d // h) * pct), rotary_base=base,
                   parallel_residual=bool(cfg.get("use_parallel_residual", True)))
   except (KeyError, TypeError, ValueError) as e:
@@ -118,7 +120,8 @@ _GPT2 = {"embed": ("wte.weight", _same), "pos": ("wpe.weight", _same), "lnf_g": 
          "w_out": ("h.{l}.mlp.c_proj.weight", _same), "b_out": ("h.{l}.mlp.c_proj.bias", _same)}
 _NEOX = {"embed": ("embed_in.weight", _same), "lnf_g": ("final_layer_norm.weight", _same),
          "lnf_b": ("final_layer_norm.bias", _same), "unembed": ("embed_out.weight", _transpose),
-         "ln1_g": ("layers.{l}.input_layernorm.weight", _same), "ln1_b": ("layers.{l}.input_layernorm.bias", _same),
+         "ln1_g": ("layers.{l}.input_layernorm.weight", _same),
+         "ln1_b": ("layers.{l}.input_layernorm.bias", _same),
          "ln2_g": ("layers.{l}.post_attention_layernorm.weight", _same),
          "ln2_b": ("layers.{l}.post_attention_layernorm.bias", _same),
          "w_qkv": ("layers.{l}.attention.query_key_value.weight", _neox_qkv_weight),
@@ -177,7 +180,8 @@ class Model:
       _, _, shape, dtype = self.files[hf]
       want = self.expected_shape(key)
       if shape != want:
-        raise ModelDirError(f"{self.path}: tensor {hf!r} has shape {list(shape)}, config.json implies {list(want)}")
+        raise ModelDirError(f"{self.path}: tensor {hf!r} has shape {list(shape)}, config.json implies "
+                            f"{list(want)}")
       if dtype not in ("F32", "F16", "BF16", "F64"):
         raise ModelDirError(f"{self.path}: tensor {hf!r} has dtype {dtype}, expected a float")
 
@@ -256,8 +260,8 @@ def open_model(path: str, read_header: Callable | None = None) -> Model:
   if not files:
     pickled = _pickled(path)
     if pickled:
-      raise ModelDirError(f"{path}: holds only pickled weights ({pickled[0]}), which are never unpickled here; "
-                         + CONVERT_HINT.replace("DIR", path))
+      raise ModelDirError(f"{path}: holds only pickled weights ({pickled[0]}), which are never unpickled "
+                          "here; " + CONVERT_HINT.replace("DIR", path))
     raise ModelDirError(f"{path}: no model.safetensors (nor a sharded index) in the directory")
   from safetensors import safe_open
   table: dict[str, tuple[str, str, tuple[int, ...], str]] = {}
@@ -270,7 +274,8 @@ def open_model(path: str, read_header: Callable | None = None) -> Model:
           name = stored[len(prefix):] if stored.startswith(prefix) and stored not in _HEAD else stored
           table[name] = (file, stored, tuple(int(n) for n in s.get_shape()), str(s.get_dtype()))
     except Exception as e:  # safetensors raises its own error types for a damaged header
-      raise ModelDirError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+      reason = str(e).splitlines()[0][:120]
+      raise ModelDirError(f"{file}: not a readable safetensors file ({reason})") from None
   model = Model(path=path, name=os.path.basename(path.rstrip(os.sep)),
                 name_or_path=str(cfg.get("_name_or_path", "")), spec=spec, files=table,
                 special_ids=_special_ids(cfg))
