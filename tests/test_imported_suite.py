@@ -263,6 +263,9 @@ def test_import_pass_report_replay_identical_and_independent_models(tmp_path, ca
   rows = json.loads((work / "runs.json").read_text())
   assert [r["model"] for r in rows] == ["a-x21", "a-copy-x49", "b-x81"]
   assert [r["seed_label"] for r in rows] == ["x21", "x49", "x81"]
+  assert [family.seed_label(n, 4) for n in ("pythia-160m-data-seed3", "pythia-160m-weight-seed1", "pythia-160m",
+                                            "alias-gpt2-small-x343")] == ["data-seed3", "weight-seed1", "run4",
+                                                                          "x343"]
   report = (work / "report" / "index.md").read_text()
   assert "Run 0 against each other run" in report and "universal, all pairs" in report
 

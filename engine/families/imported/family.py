@@ -63,8 +63,9 @@ def cohort_name(row: Mapping[str, Any]) -> str:
 
 
 def seed_label(name: str, k: int) -> str:
-  """The seed in a model's directory name (``...-x21``, ``...-seed3``), else ``run<k>``."""
-  m = re.search(r"(?:^|[-_.])((?:seed|x)\d+)$", name)
+  """The seed in a model's directory name (``...-x21``, ``...-seed3``, PolyPythias' ``...-data-seed3`` and
+  ``...-weight-seed3``), else ``run<k>``."""
+  m = re.search(r"(?:^|[-_.])((?:(?:data|weight)[-_])?(?:seed|x)\d+)$", name)
   return m.group(1) if m else f"run{k}"
 
 
