@@ -38,12 +38,13 @@ _BATCH = flags.DEFINE_integer("batch_windows", None, "Windows per forward pass."
 _DROP = flags.DEFINE_string("drop", None, "Tokens left out of the statistics: bos,pad,newline or ''.")
 _MEMORY = flags.DEFINE_float("memory_gb", None, "Budget of the correlation's co-moment tiles.")
 _SCREEN = flags.DEFINE_string("screen", None, "Screened correlation: auto, on or off.")
+_FORWARD_DTYPE = flags.DEFINE_string("forward_dtype", None, "The forward's dtype: float32, bfloat16, float16.")
 
 
 def _settings() -> dict:
   names = {"corpus": _CORPUS, "tokenizer": _TOKENIZER, "dtype": _DTYPE, "tokens": _TOKENS,
            "context": _CONTEXT, "batch_windows": _BATCH, "drop": _DROP, "memory_gb": _MEMORY,
-           "screen": _SCREEN}
+           "screen": _SCREEN, "forward_dtype": _FORWARD_DTYPE}
   return {k: f.value for k, f in names.items() if f.value is not None}
 
 
@@ -72,6 +73,7 @@ def main(argv):
     cfg = suite.config_for(suite.open_suite(_MODELS.value), _LABELS.value)
     if analyze:  # the corpus and the pass's memory are checked before anything is written
       full = dict(family.ANALYSIS_SETTINGS, **settings)
+      analysis.check_settings(cfg, full)
       analysis.corpus_windows(cfg, full)
       need = sum(analysis.pass_bytes(models.spec_of(cfg.model.imported), cfg.seeds, full).values())
       import jax  # pylint: disable=import-outside-toplevel

@@ -138,6 +138,11 @@ def test_tokenizer_text_and_bin_give_the_same_statistics(tmp_path):
   for k in ("pre_mean", "pre_kurtosis", "var_token", "var_prev_token", "var_position"):
     np.testing.assert_array_equal(tables[0][k], tables[1][k])
     assert np.abs(tables[0][k]).max() > 0
+  half = analysis.neuron_table(params, windows, m.spec, jax.random.PRNGKey(0),
+                               dict(settings, forward_dtype="bfloat16"), drop)
+  for k in ("pre_mean", "pre_var", "var_token"):  # a bfloat16 forward: float32 statistics of rounder inputs
+    scale = np.abs(tables[0][k]).max()
+    assert np.abs(half[k] - tables[0][k]).max() < 0.05 * scale and not np.array_equal(half[k], tables[0][k])
   kept = analysis.neuron_table(params, windows, m.spec, jax.random.PRNGKey(0), settings, [])
   assert not np.array_equal(kept["pre_mean"], tables[0]["pre_mean"])  # the dropped tokens are left out
 
@@ -223,6 +228,10 @@ def test_bad_corpora_and_model_directories_one_line_exit_2_nothing_written(tmp_p
        "float32 values: token ids must be integers"),
       (["--models=" + good, f"--corpus={tmp_path / 'empty.bin'}"], "is empty"),
       (["--models=" + good, f"--corpus={tmp_path / 'obj.npy'}"], "not a plain .npy array"),
+      (["--models=" + good, f"--corpus={tmp_path / 'good.bin'}", "--forward_dtype=int8"],
+       "forward_dtype: must be one of float32, bfloat16, float16"),
+      (["--models=" + good, f"--corpus={tmp_path / 'good.bin'}", "--drop=bos,eos"], "'eos' is not one of"),
+      (["--models=" + good, f"--corpus={tmp_path / 'good.bin'}", "--context=64"], "context: must lie in"),
       (["--models=" + good, f"--corpus={tmp_path / 'good.bin'}", "--memory_gb=1000000"],
        "the pass needs about 1073.*GB, more than the"),
       ([f"--models={tmp_path / 'pickled'}"], r"pytorch_model.bin\), which are never unpickled here; convert"),
@@ -263,9 +272,8 @@ def test_import_pass_report_replay_identical_and_independent_models(tmp_path, ca
   rows = json.loads((work / "runs.json").read_text())
   assert [r["model"] for r in rows] == ["a-x21", "a-copy-x49", "b-x81"]
   assert [r["seed_label"] for r in rows] == ["x21", "x49", "x81"]
-  assert [family.seed_label(n, 4) for n in ("pythia-160m-data-seed3", "pythia-160m-weight-seed1", "pythia-160m",
-                                            "alias-gpt2-small-x343")] == ["data-seed3", "weight-seed1", "run4",
-                                                                          "x343"]
+  names = ("pythia-160m-data-seed3", "pythia-160m-weight-seed1", "pythia-160m", "alias-gpt2-small-x343")
+  assert [family.seed_label(n, 4) for n in names] == ["data-seed3", "weight-seed1", "run4", "x343"]
   report = (work / "report" / "index.md").read_text()
   assert "Run 0 against each other run" in report and "universal, all pairs" in report
 

@@ -29,9 +29,11 @@ forward pass runs ``batch_windows`` windows at a time; activations are never sto
   whose ablation (post-activation 0) on the first ``attn_windows`` windows lowers some later head's mean
   attention to the window's first token by more than ``attn_threshold`` (``attention_deactivation``).
 
-The correlation may be screened (``screen``: ``universality.kernels.screen``, on a sample of
-``screen_tokens`` tokens, the windows taken in a seeded random order so that the sample spans the text): the
-same maxima at a fraction of the products when T is large.
+The forward may run in bfloat16 or float16 (``forward_dtype``, for accelerators); the activations are cast
+to float32 and every statistic is accumulated in float32 as with a float32 forward. The correlation may be
+screened (``screen``: ``universality.kernels.screen``, on a sample of ``screen_tokens`` tokens, the windows
+taken in a seeded random order so that the sample spans the text): the same maxima at a fraction of the
+products when T is large.
 
 Per-neuron arrays ``[S, L, N]`` (and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file;
 summary.json holds per-layer fractions for both comparisons and the property contrasts.
@@ -101,6 +103,21 @@ def corpus_windows(cfg, settings: dict) -> tuple[np.ndarray, tokens_lib.Tokens]:
   return corpus.ids[:n * c].reshape(n, c), corpus
 
 
+def check_settings(cfg, settings: dict) -> None:
+  """Refuses, in one line, settings the pass cannot run with (before an import writes anything)."""
+  if settings["forward_dtype"] not in FORWARD_DTYPES:
+    raise ValueError(f"analysis.forward_dtype: must be one of {', '.join(FORWARD_DTYPES)}, got "
+                     f"{settings['forward_dtype']!r}")
+  bad = [k for k in str(settings["drop"]).split(",") if k.strip() and k.strip() not in tokens_lib.DROP_KINDS]
+  if bad:
+    raise ValueError(f"analysis.drop: {bad[0]!r} is not one of {', '.join(tokens_lib.DROP_KINDS)}")
+  for name in ("tokens", "batch_windows", "unigram_classes"):
+    if int(settings[name]) < 1:
+      raise ValueError(f"analysis.{name}: must be >= 1, got {settings[name]}")
+  context_of(models.spec_of(cfg.model.imported), settings)
+  screen_lib.settings(settings["screen"], settings["screen_tokens"], settings["screen_z"], settings["screen_k"])
+
+
 def token_classes(windows_WxT: np.ndarray, vocab: int, k: int) -> np.ndarray:
   """int32 ``[V]``: the class of every id, its rank among the ``k`` most frequent ids of the windows (ties:
   smaller id first), ``k`` for every other id."""
@@ -114,13 +131,19 @@ def token_classes(windows_WxT: np.ndarray, vocab: int, k: int) -> np.ndarray:
   return out
 
 
+FORWARD_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @functools.lru_cache(maxsize=8)
-def _forward(spec: models.Spec):
-  """Jitted ``(params_S, ids_BxT) -> (pre, post)``, each ``[S, B·C, L·N]``."""
+def _forward(spec: models.Spec, dtype: str = "float32"):
+  """Jitted ``(params_S, ids_BxT) -> (pre, post)``, each ``[S, B·T, L·N]`` float32; the model runs in
+  ``dtype`` (its weights cast to it), the activations it returns are float32 again."""
   def one(params, ids_BxT):
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
     _, acts = models.apply(params, ids_BxT, spec)
-    b, c, l, n = acts["mlp_pre"].shape
-    return acts["mlp_pre"].reshape(b * c, l * n), acts["mlp_post"].reshape(b * c, l * n)
+    b, t, l, n = acts["mlp_pre"].shape
+    flat = lambda x: x.reshape(b * t, l * n).astype(jnp.float32)
+    return flat(acts["mlp_pre"]), flat(acts["mlp_post"])
   return jax.jit(jax.vmap(one, in_axes=(0, None)))
 
 
@@ -155,8 +178,10 @@ class _Stream:
   (``universality.kernels.correlation``). The first iteration that runs to its end also fills ``stats``;
   later ones only yield."""
 
-  def __init__(self, params_S, windows_WxT, spec, batch_windows: int, classes_V, drop_ids, letters_V=None):
+  def __init__(self, params_S, windows_WxT, spec, batch_windows: int, classes_V, drop_ids, letters_V=None,
+               dtype: str = "float32"):
     self.params, self.windows, self.bw, self.spec = params_S, windows_WxT, batch_windows, spec
+    self.dtype = dtype
     self.classes, self.drop, self.letters = classes_V, np.asarray(drop_ids, np.int64), letters_V
     s = jax.tree.leaves(params_S)[0].shape[0]
     c = windows_WxT.shape[1]
@@ -187,7 +212,7 @@ class _Stream:
   def __call__(self):
     collect = self.stats is None
     stats, kept = self.empty, 0
-    forward = _forward(self.spec)
+    forward = _forward(self.spec, self.dtype)
     buf, fill = None, 0
     self.passes += 1
     bar = tqdm.tqdm(total=-(-len(self.windows) // self.bw), unit="batch", leave=False, disable=None,
@@ -309,7 +334,7 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
   if screen.may_screen():  # the screen's sample is the stream's start: spread it over the text
     windows_WxT = windows_WxT[np.random.default_rng(0).permutation(len(windows_WxT))]
   stream = _Stream(params_S, windows_WxT, spec, int(batch_windows or settings["batch_windows"]), classes,
-                   drop_ids, letters_V)
+                   drop_ids, letters_V, str(settings["forward_dtype"]))
   corr = None
   if s >= 2:
     corr = cross_seed.neuron_correlations(stream, key=key,
@@ -393,6 +418,7 @@ def _frac(mask, live) -> float:
 def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | None = None) -> dict:
   """One cohort: ``{"task", "aggregate", "runs", "arrays"}`` (see the module docstring)."""
   cfg = view.config
+  check_settings(cfg, settings)
   spec = models.spec_of(cfg.model.imported)
   step = max(params_by_step)
   params = jax.tree.map(jnp.asarray, params_by_step[step])

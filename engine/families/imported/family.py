@@ -38,6 +38,7 @@ ANALYSIS_SETTINGS = {
     "tokens": 1 << 17,            # tokens every run reads (rounded down to whole windows)
     "context": 0,                 # tokens per window; 0: the model's context, at most 512 (Gurnee et al.)
     "batch_windows": 4,           # windows per forward pass
+    "forward_dtype": "float32",   # the forward's dtype: float32 | bfloat16 | float16 (statistics in float32)
     "drop": "bos,pad,newline",    # tokens left out of every statistic (Gurnee et al. dropped these)
     "universal_threshold": 0.5,   # mean excess correlation above which a neuron is universal
     "kurtosis_threshold": 10.0,   # W_U kurtosis above which a neuron predicts or suppresses
