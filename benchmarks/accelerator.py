@@ -78,9 +78,10 @@ def kernel_vs_matmul(s: int, m: int, t: int, layers: int, repeats: int) -> dict:
           "kernel_products": 2.0 * t * m * m * (s * (s - 1) / 2 + s)}
 
 
-def forward_rate(spec: models.Spec, s: int, batch: int, context: int, repeats: int) -> float:
+def forward_rate(spec: models.Spec, s: int, batch: int, context: int, repeats: int,
+                 dtype: str = "float32") -> float:
   """Tokens per second per model of the stacked forward (activations of every layer returned)."""
-  params = jax.tree.map(jnp.asarray, random_params(spec, s))
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), random_params(spec, s))
   ids = jnp.asarray(np.random.default_rng(0).integers(0, spec.vocab, (batch, context)), jnp.int32)
   fwd = jax.jit(lambda p, x: models.apply_stacked(p, x, spec)[1]["mlp_post"])
   return batch * context / _best_of(lambda: fwd(params, ids), repeats)
@@ -168,6 +169,9 @@ def main(argv=None):
         f"({k['kernel_s'] / k['bare_s']:.2f}x the bare XᵀX; "
         f"{k['kernel_products'] / k['kernel_s'] / 1e12:.2f} TFLOP/s of the products it needs)")
   rate = forward_rate(spec, s, batch, context, args.repeats)
+  if not tiny:  # the pass's forward_dtype=bfloat16
+    print(f"forward in bfloat16: {forward_rate(spec, s, batch, context, args.repeats, 'bfloat16'):,.0f} "
+          "tokens/s per model")
   line = f"forward of {s} stacked models, {batch} x {context} tokens: {rate:,.0f} tokens/s per model"
   if torch_rate:
     line += f"; PyTorch model by model {torch_rate:,.0f} tokens/s per model ({rate / torch_rate:.2f}x)"
