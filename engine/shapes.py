@@ -17,4 +17,5 @@
   F  neurons whose correlations with every neuron are computed in full
   Z  pairs of runs (a, b) compared by a convergent-learning pass
   O  values of the L1 penalty λ in a sparse-prediction sweep
+  Y  units of run b solved together in one block of a sparse-prediction sweep
 """

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from universality.engine import plots
+from universality.engine.analysis import convergent
 from universality.engine.families.group.passes import records
 from universality.engine.markdown import file_prefix, markdown_table
 
@@ -246,6 +247,20 @@ def redundancy_lines(aggregate: records.Aggregate, runs: Sequence[records.Summar
   return md
 
 
+def convergent_lines(aggregate: records.Aggregate) -> list[str]:
+  """The Convergent Learning sections of a cohort (analysis setting ``convergent``): per layer, the
+  one-to-one table, held-out loss and units used against λ, and the spectral clusters; none when off."""
+  conv = aggregate.convergent
+  if not conv:
+    return []
+  md = []
+  for layer, entry in conv.items():
+    md += [f"Convergent learning on the {layer} layer: {entry.get('inputs', '?')} input pairs sampled from "
+           "the group's |G|² pairs at the last checkpoint.", "",
+           convergent.sections(convergent.from_json(entry), layer=layer)]
+  return md
+
+
 def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
   return (f"- Analysis: key irreps have final logit similarity > {settings['key_threshold']:g} and an irrep "
           f"is learned at the first checkpoint with similarity > {settings['order_threshold']:g} (the "
@@ -257,7 +272,7 @@ def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
           f"loss rise of {settings['merge_tolerance']:g}; "
           f"a run has generalised when its test accuracy is ≥ {threshold:g}, and only generalised runs enter "
           "the key-irrep and learning-order tables; cross-seed numbers compare the runs of one cohort (same "
-          "group, lr, weight decay and train fraction; different seeds)")
+          "group, lr, weight decay and train fraction; different seeds)" + convergent.settings_text(settings))
 
 
 def generalised_records(runs: Sequence[records.SummaryRun]) -> list[records.SummaryRun]:
@@ -331,5 +346,6 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
     md += redundancy_lines(agg, runs, summary.get("settings", {}).get("merge_tolerance"))
     if agg.connectivity:
       md += connectivity_lines(agg, save, sub.plot.connectivity(spec), prefix + "_connectivity.png")
+    md += convergent_lines(agg)
     md += ["<details><summary>Runs</summary>", "", runs_table(runs), "</details>", ""]
   return md
