@@ -37,6 +37,7 @@ def _strip(text, workdir):
   """A report without its Convergent Learning parts and with its run directory named DIR."""
   text = text.replace(str(workdir), "DIR")
   text = re.sub(r"; Convergent Learning passes on [^\n]*?spectral clusters", "", text)
+  text = re.sub(r"!\[sparse prediction against λ\]\([^)]*\)\n\n", "", text)
   text = re.sub(r"Convergent learning on the \w+ layer:[^\n]*\n\n", "", text)
   text = re.sub(r"### Convergent learning \(\w+\): .*?\n\n(?=<details><summary>Runs)", "", text, flags=re.S)
   return re.sub(r"\n### Convergent learning\n.*?(?=\n## |\Z)", "", text, flags=re.S)
@@ -145,6 +146,9 @@ def test_group_summary_report_and_view(group_on):
   for head in ("one-to-one matching", "sparse prediction", "spectral clusters"):
     assert text.count(f"### Convergent learning (hidden): {head}") == 2
   assert "Convergent Learning passes on 32 sampled inputs, 2 pairs" in text
+  for ci, spec in enumerate(("C7", "S3")):
+    png = os.path.join(on, "report", f"c{ci}_{spec}_lr0.01_wd1_frac0.6_convergent.png")
+    assert f"]({os.path.basename(png)})" in text and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   # With the setting off the report is the one written without it.
   assert _strip(text, on) == open(os.path.join(study, "report", "index.md")).read().replace(study, "DIR")
   with replay.open(on) as run:
@@ -190,6 +194,8 @@ def test_lm_summary_report_and_view(tmp_path):
   text = open(out["report"]).read()
   assert "### Convergent learning" in text and "| layer0 | 2 |" in text and "| layer1 | 2 |" in text
   assert text.count("#### Convergent learning (layer1): sparse prediction") == 1
+  assert "](c0_lm_lr0.003_wd0.1_convergent.png)" in text
+  assert (on_dir / "report" / "c0_lm_lr0.003_wd0.1_convergent.png").stat().st_size > 5000
   off_report = open(off_dir / "report" / "index.md").read()
   assert "onvergent" not in off_report
   assert _strip(text, on_dir) == off_report.replace(str(off_dir), "DIR")

@@ -459,6 +459,14 @@ class Plots:
                                   {k: v.mean_loss_path for k, v in conn.alignments.items()},
                                   title=f"{cs.spec}: loss between seeds")
 
+  def convergent(self, group: str | None = None):
+    """The Convergent Learning sparse prediction of one cohort against λ: held-out loss and units used,
+    means over the pairs compared (summary.json; analysis setting ``convergent``)."""
+    sub = self._run.one_group(group)
+    conv = sub.convergent()
+    return plots.sparse_prediction_curves({layer: r["means"] for layer, r in conv.items()},
+                                          title=f"{sub.groups[0]}: sparse prediction between seeds")
+
   def cka(self, group: str | None = None, measure: str = "cka"):
     """The S×S matrix of ``measure`` (``cka``, ``procrustes``, ``mutual_knn`` or ``matching``) between
     the selected runs' hidden representations at the final step (summary.json)."""

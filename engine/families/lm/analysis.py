@@ -271,7 +271,8 @@ def convergent_of(params_S, windows_WxC1, model_cfg, key, settings: dict, batch_
   The runs read the windows ``convergent_windows`` picks (their bytes are ``convergent_text``) and each
   layer's activations ``[S, T, N]`` go to ``convergent.analyse`` with the layer's key
   (``convergent.key_of``); the sparse prediction's solver stays within ``convergent_memory_gb`` (b's units
-  in blocks). The activations of all layers on those T bytes are held at once: S·T·L·N floats."""
+  in blocks). One layer's activations are held at a time, S·T·N floats: the model reads the T bytes once
+  per layer (T is small beside the analysis' tokens)."""
   conv = convergent.settings_of(settings)
   s = jax.tree.leaves(params_S)[0].shape[0]
   if not conv.enabled or s < 2:
@@ -279,14 +280,15 @@ def convergent_of(params_S, windows_WxC1, model_cfg, key, settings: dict, batch_
   l, n = int(model_cfg.n_layers), int(model_cfg.d_mlp)
   sel = windows_WxC1[convergent_windows(windows_WxC1, key, conv.max_inputs)]
   forward = _forward(model_cfg)
-  post = [np.asarray(forward(params_S, jnp.asarray(sel[a:a + batch_windows, 1:], jnp.int32))[1])
-          for a in range(0, len(sel), batch_windows)]
-  acts_SxTxLxN = np.concatenate(post, axis=1).reshape(s, -1, l, n)
   pairs = convergent.pairs_of(settings, s)
   out = {}
   for j in range(l):
-    res = convergent.analyse(acts_SxTxLxN[:, :, j], pairs, key=convergent.key_of(key, j), settings=conv)
-    out[f"layer{j}"] = dict(convergent.to_json(res), inputs=int(min(acts_SxTxLxN.shape[1], conv.max_inputs)))
+    cols = slice(j * n, (j + 1) * n)
+    parts = [forward(params_S, jnp.asarray(sel[a:a + batch_windows, 1:], jnp.int32))[1][:, :, cols]
+             for a in range(0, len(sel), batch_windows)]
+    acts_SxTxN = np.concatenate([np.asarray(p) for p in parts], axis=1)
+    res = convergent.analyse(acts_SxTxN, pairs, key=convergent.key_of(key, j), settings=conv)
+    out[f"layer{j}"] = dict(convergent.to_json(res), inputs=int(min(acts_SxTxN.shape[1], conv.max_inputs)))
   return out
 
 

@@ -6,6 +6,7 @@ Images (``<c>`` is a cohort's position and a filename-safe name)::
   <c>_universal.png          universal fraction per layer (cohort, runs) beside Gurnee et al.'s figures
   <c>_excess.png             excess correlation of every live neuron, per layer
   <c>_properties.png         within-layer percentiles of each property, universal vs other neurons
+  <c>_convergent.png         sparse prediction against λ per layer (analysis setting ``convergent``)
 """
 
 from __future__ import annotations
@@ -124,13 +125,15 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
              "The first seed's most universal neurons, the neuron each other seed matches best (layer.index, "
              "correlation), and the held-out text where each fires hardest; ⟦ ⟧ marks the byte at which it "
              "fires (⏎ newline, ⇥ tab).", ""] + top_neurons_md(top)
-    md += convergent_md(agg.get("convergent"))
+    if agg.get("convergent"):
+      md += convergent_md(agg["convergent"], save(sub.plot.convergent(), prefix + "_convergent.png"))
   return md
 
 
-def convergent_md(conv: Mapping | None) -> list[str]:
+def convergent_md(conv: Mapping | None, figure: str | None = None) -> list[str]:
   """The Convergent Learning section of a cohort (analysis setting ``convergent``): Li et al.'s table with
-  one row per MLP layer, then each layer's one-to-one, sparse-prediction and cluster tables; none when off."""
+  one row per MLP layer, the saved figure ``figure`` (sparse prediction against λ), then each layer's
+  one-to-one, sparse-prediction and cluster tables; none when off."""
   if not conv:
     return []
   by_layer = {layer: convergent.from_json(entry) for layer, entry in conv.items()}
@@ -140,6 +143,8 @@ def convergent_md(conv: Mapping | None) -> list[str]:
         "pairs of seeds compared as in *Convergent Learning* (Li et al. 2016; AlexNet conv1 greedy / max "
         "matching 0.703 / 0.663, conv5 0.416 / 0.385). Means over the pairs:", "",
         convergent.layer_table(by_layer)]
+  if figure:
+    md += [f"![sparse prediction against λ]({figure})", ""]
   for layer, res in by_layer.items():
     md += [f"<details><summary>Convergent learning, {layer}</summary>", "",
            convergent.sections(res, layer=layer, heading="####"), "</details>", ""]

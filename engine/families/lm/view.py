@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from universality.engine import plots as plots_lib
 from universality.engine import view as view_lib
 from universality.engine.analysis import convergent
 from universality.engine.analysis import driver
@@ -152,6 +153,13 @@ class Plots:
     entry = self._run.cohort_summary(**filters)
     return plots.universal_by_layer(entry["aggregate"]["universal_by_layer"],
                                     [r["universal_by_layer"] for r in entry["records"]], entry["cohort"])
+
+  def convergent(self, **filters):
+    """The Convergent Learning sparse prediction against λ, one line per layer: held-out loss and units
+    used, means over the pairs compared (summary.json; analysis setting ``convergent``)."""
+    conv = self._run.convergent(**filters)
+    return plots_lib.sparse_prediction_curves({layer: r["means"] for layer, r in conv.items()},
+                                              title="sparse prediction between seeds, per layer")
 
   def excess(self, **filters):
     table = self._run.neurons(**filters)
