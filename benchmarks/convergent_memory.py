@@ -2,8 +2,8 @@
 one jitted call, the same sweep under a memory bound (run b's units in blocks), and scikit-learn's ``Lasso``
 fitted unit by unit and λ by λ (the sequential reference), side by side in one run.
 
-  python benchmarks/convergent_memory.py                     # 2 runs × 2,048 inputs × 256 units, 5 λ
-  python benchmarks/convergent_memory.py --units=512 --memory_mb=32
+  python benchmarks/convergent_memory.py                     # 2 runs × 2,048 inputs × 512 units, 5 λ
+  python benchmarks/convergent_memory.py --runs=3 --units=256 --memory_mb=1   # 3 pairs, one at a time
 
 Prints the seconds of each, their ratios, the solver's working set (pairs × λ × N × Y floats, five arrays
 of them, Y the units of b per block) and the largest difference of the held-out losses.
@@ -32,9 +32,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=2)
   parser.add_argument("--inputs", type=int, default=2048)
-  parser.add_argument("--units", type=int, default=256)
+  parser.add_argument("--units", type=int, default=512)
   parser.add_argument("--iterations", type=int, default=300)
-  parser.add_argument("--memory_mb", type=float, default=8.0)
+  parser.add_argument("--memory_mb", type=float, default=4.0)
   parser.add_argument("--sklearn_units", type=int, default=32, help="units of b fitted by scikit-learn")
   args = parser.parse_args()
   acts = _acts(args.runs, args.inputs, args.units)
