@@ -48,6 +48,11 @@ records go to summary.json as ``to_json`` (with ``layer_means``) and come back t
 ``layer_table`` is the paper's table with one row per layer. The sparse prediction's solver holds
 pairs × λ × N × N weights and as many iterates: ``Settings.memory_bytes`` bounds it by solving b's units in
 blocks (``sparse_prediction(memory_bytes=...)``), and ``analyse`` keeps no weights.
+
+Local shape letters:
+
+  W  the coordinates of the points k-means clusters
+  J  units of run b solved together in one block of a sparse-prediction sweep
 """
 
 from __future__ import annotations
@@ -199,12 +204,12 @@ def _stats(x_TxN: np.ndarray):
   return mean, std, live
 
 
-def cross_correlation(a_TxN: np.ndarray, b_TxM: np.ndarray) -> np.ndarray:
+def cross_correlation(a_TxN: np.ndarray, b_TxN: np.ndarray) -> np.ndarray:
   """float64 Pearson correlation ``[N, M]`` of the units of two runs; 0 where either unit is dead."""
   ma, sa, la = _stats(a_TxN)
-  mb, sb, lb = _stats(b_TxM)
+  mb, sb, lb = _stats(b_TxN)
   za = np.where(la, (np.asarray(a_TxN, np.float64) - ma) / np.where(la, sa, 1.0), 0.0)
-  zb = np.where(lb, (np.asarray(b_TxM, np.float64) - mb) / np.where(lb, sb, 1.0), 0.0)
+  zb = np.where(lb, (np.asarray(b_TxN, np.float64) - mb) / np.where(lb, sb, 1.0), 0.0)
   return za.T @ zb / za.shape[0]
 
 
@@ -351,17 +356,17 @@ def _lasso_sweep(fit_SxTxN, held_SxTxN, ia_Z, ib_Z, lambdas_O, *, iterations):
                 jnp.mean(hb * hb, axis=1), lambdas_O, iterations)
 
 
-def _fista(gram_ZxNxN, cross_ZxNxY, yy_ZxY, step_Z, held_gram_ZxNxN, held_cross_ZxNxY, held_yy_ZxY, lambdas_O,
+def _fista(gram_ZxNxN, cross_ZxNxJ, yy_ZxJ, step_Z, held_gram_ZxNxN, held_cross_ZxNxJ, held_yy_ZxJ, lambdas_O,
            iterations):
   """FISTA for the Y units of run b (columns of the cross moments) of every pair and λ: the weights
   ``[Z, O, N, Y]`` and the training and held-out mean squared errors ``[Z, O, Y]``."""
   q, n = gram_ZxNxN.shape[0], gram_ZxNxN.shape[1]
-  nb = cross_ZxNxY.shape[2]
+  nb = cross_ZxNxJ.shape[2]
   thresh_ZxO = step_Z[:, None] * lambdas_O[None, :]
 
   def body(_, carry):
     w, z, t = carry
-    grad = jnp.einsum("qij,qljb->qlib", gram_ZxNxN, z) - cross_ZxNxY[:, None]
+    grad = jnp.einsum("qij,qljb->qlib", gram_ZxNxN, z) - cross_ZxNxJ[:, None]
     u = z - step_Z[:, None, None, None] * grad
     w_new = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh_ZxO[:, :, None, None], 0.0)
     t_new = (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)) / 2.0
@@ -377,7 +382,7 @@ def _fista(gram_ZxNxN, cross_ZxNxY, yy_ZxY, step_Z, held_gram_ZxNxN, held_cross_
     quad = jnp.einsum("qlib,qij,qljb->qlb", w, gram, w)
     return yy[:, None, :] - 2.0 * fit_term + quad
 
-  return w, loss(gram_ZxNxN, cross_ZxNxY, yy_ZxY), loss(held_gram_ZxNxN, held_cross_ZxNxY, held_yy_ZxY)
+  return w, loss(gram_ZxNxN, cross_ZxNxJ, yy_ZxJ), loss(held_gram_ZxNxN, held_cross_ZxNxJ, held_yy_ZxJ)
 
 
 # Floats the solver holds per unit of b, pair and λ (weights, FISTA iterate, gradient, step, new weights),
@@ -401,13 +406,13 @@ def _sweep_blocks(pairs: int, lambdas: int, n: int, memory_bytes: int | None):
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
-def _lasso_block(xa_ZxTxN, xb_ZxTxY, ha_ZxTxN, hb_ZxTxY, step_Z, gram_ZxNxN, held_gram_ZxNxN, lambdas_O, *,
+def _lasso_block(xa_ZxTxN, xb_ZxTxJ, ha_ZxTxN, hb_ZxTxJ, step_Z, gram_ZxNxN, held_gram_ZxNxN, lambdas_O, *,
                  iterations):
   n_fit, n_held = xa_ZxTxN.shape[1], ha_ZxTxN.shape[1]
-  w, train, held = _fista(gram_ZxNxN, jnp.einsum("qti,qtj->qij", xa_ZxTxN, xb_ZxTxY) / n_fit,
-                          jnp.mean(xb_ZxTxY * xb_ZxTxY, axis=1), step_Z, held_gram_ZxNxN,
-                          jnp.einsum("qti,qtj->qij", ha_ZxTxN, hb_ZxTxY) / n_held,
-                          jnp.mean(hb_ZxTxY * hb_ZxTxY, axis=1), lambdas_O, iterations)
+  w, train, held = _fista(gram_ZxNxN, jnp.einsum("qti,qtj->qij", xa_ZxTxN, xb_ZxTxJ) / n_fit,
+                          jnp.mean(xb_ZxTxJ * xb_ZxTxJ, axis=1), step_Z, held_gram_ZxNxN,
+                          jnp.einsum("qti,qtj->qij", ha_ZxTxN, hb_ZxTxJ) / n_held,
+                          jnp.mean(hb_ZxTxJ * hb_ZxTxJ, axis=1), lambdas_O, iterations)
   return w, jnp.sum(jnp.abs(w) > USED_TOL, axis=2), train, held
 
 
@@ -502,10 +507,10 @@ def spectral_labels(affinity: np.ndarray, clusters: int, *, seed: int = 0, n_ini
   return kmeans(emb, clusters, seed=seed, n_init=n_init)
 
 
-def kmeans(x_TxD: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
+def kmeans(x_TxW: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
            iterations: int = 300) -> np.ndarray:
   """Lloyd's k-means with k-means++ seeding; the labels of the start with the least inertia."""
-  x = np.asarray(x_TxD, np.float64)
+  x = np.asarray(x_TxW, np.float64)
   rng = np.random.default_rng(seed)
   best, best_inertia = None, np.inf
   for _ in range(max(n_init, 1)):
@@ -550,11 +555,11 @@ def _cluster_record(a, b, xa_TxN, xb_TxN, corr, labels, n, svcca_keep) -> Cluste
   return Clusters(run_a=a, run_b=b, clusters=out, mixed_share=float(np.mean(mixed)) if out else None)
 
 
-def svcca(x_TxN: np.ndarray, y_TxM: np.ndarray, *, keep: float = DEFAULT_SVCCA_KEEP) -> float | None:
+def svcca(x_TxN: np.ndarray, y_TxN: np.ndarray, *, keep: float = DEFAULT_SVCCA_KEEP) -> float | None:
   """Mean canonical correlation of two sets of units after keeping, on each side, the top singular
   directions that hold ``keep`` of its variance (Raghu et al. 2017); None if either side is constant."""
   bases = []
-  for z in (x_TxN, y_TxM):
+  for z in (x_TxN, y_TxN):
     z = np.asarray(z, np.float64)
     z = z - z.mean(axis=0)
     u, sv, _ = np.linalg.svd(z, full_matrices=False)
