@@ -34,12 +34,10 @@ Local shape letters:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from universality.engine.analysis import convergent
@@ -72,17 +70,8 @@ def analysis_windows(cfg, tokens: int) -> np.ndarray:
 
 
 def _forward(model_cfg):
-  """Jitted ``(params_S, tokens_BxT) -> (pre, post)``, each ``[S, B·T, L·N]``."""
-  return _forward_frozen(ml_collections.FrozenConfigDict(model_cfg))
-
-
-@functools.lru_cache(maxsize=8)
-def _forward_frozen(model_cfg):
-  def one(params, tokens_BxT):
-    _, acts = models.apply(params, tokens_BxT, model_cfg)
-    b, t, l, n = acts["mlp_pre"].shape
-    return acts["mlp_pre"].reshape(b * t, l * n), acts["mlp_post"].reshape(b * t, l * n)
-  return jax.jit(jax.vmap(one, in_axes=(0, None)))
+  """Jitted ``(params_S, tokens_BxT) -> (pre, post)``, each ``[S, B·T, L·N]`` (``models.stacked``)."""
+  return models.stacked(model_cfg).activations
 
 
 @jax.jit

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from universality.engine.analysis import convergent
-from universality.engine.families.lm import plots
 from universality.engine.markdown import file_prefix, markdown_table
 
 _PROPERTY_TEXT = {

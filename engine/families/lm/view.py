@@ -13,7 +13,6 @@ Per-cohort accessors need the selection to hold one cohort (``select(lr=...)`` n
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from universality.engine import plots as plots_lib
@@ -38,11 +37,11 @@ class View(view_lib.Run):
     """The study's corpus (``universality.engine.families.lm.corpus.Corpus``), checked against config.json's fingerprint."""
     return family_lib.corpus_of(self.config)
 
-  def _forward(self):
-    """The model over the selected runs' stacked parameters on one token window, jitted once per directory."""
+  @property
+  def model(self) -> models.Stacked:
+    """The model over stacked runs (``models.stacked``): the forward the analysis and training evaluate."""
     if self._shared.forward is None:
-      gpt = self.config.model.gpt
-      self._shared.forward = jax.jit(jax.vmap(lambda p, t: models.apply(p, t, gpt), in_axes=(0, None)))
+      self._shared.forward = models.stacked(self.config.model.gpt)
     return self._shared.forward
 
   def apply(self, text: str | bytes, step: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -55,7 +54,7 @@ class View(view_lib.Run):
     tokens = np.frombuffer(data, np.uint8)
     pad = -len(tokens) % c
     windows = np.concatenate([tokens, np.zeros(pad, np.uint8)]).reshape(-1, c).astype(np.int32)
-    logits, acts = self._forward()(self.params(step), windows)
+    logits, acts = self.model.apply(self.params(step), windows)
     flat = lambda x: np.asarray(x).reshape((x.shape[0], -1) + x.shape[3:])[:, :len(tokens)]
     return flat(logits), {k: flat(v) for k, v in acts.items()}
 
