@@ -1,0 +1,109 @@
+"""The grokking phase diagram of Tian (2025) ("Li2"): the transition fit on synthetic outcomes drawn from a
+known logistic boundary, the scaling fit on known laws, and the per-neuron irrep features against
+brute-force references."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+
+from universality.engine.families.group import phase
+
+
+def _draw(n_star, slope, seeds, rng, span=1.2, sizes=9):
+  """Outcomes of ``seeds`` seeds at ``sizes`` sizes around ``n_star``, P(gen) = σ(slope·ln(n/n*))."""
+  n_grid = np.round(n_star * np.exp(np.linspace(-span, span, sizes))).astype(int)
+  n_S = np.repeat(n_grid[None], seeds, 0).ravel()
+  seed_S = np.repeat(np.arange(seeds)[:, None], sizes, 1).ravel()
+  p_S = 1 / (1 + np.exp(-slope * (np.log(n_S) - math.log(n_star))))
+  return n_S, rng.random(n_S.size) < p_S, seed_S
+
+
+def test_logistic_fit_without_ridge_is_the_maximum_likelihood():
+  rng = np.random.default_rng(11)
+  x = rng.normal(2.0, 0.7, 300)
+  y = rng.random(300) < 1 / (1 + np.exp(-(1.5 * x - 3.1)))
+
+  def nll(t):
+    z = t[0] + t[1] * x
+    return np.sum(np.logaddexp(0, z) - y * z)
+
+  ref = scipy.optimize.minimize(nll, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
+  a, b = phase.logistic_fit(x, y, ridge=0.0)
+  np.testing.assert_allclose([a, b], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_star,slope,draw", [(700.0, 4.0, 0), (2500.0, 8.0, 1), (150.0, 3.0, 2)])
+def test_transition_recovers_a_known_boundary_within_its_bootstrap_interval(n_star, slope, draw):
+  rng = np.random.default_rng(100 + draw)
+  n_S, gen_S, seed_S = _draw(n_star, slope, 40, rng)
+  tr = phase.transition(n_S, gen_S, seed_S, n_boot=400, seed=draw)
+  assert tr.where == "fit" and tr.runs == n_S.size and tr.seeds == 40
+  assert tr.low <= n_star <= tr.high, tr
+  assert tr.low < tr.n_star < tr.high
+  # a wrong boundary (25% off) lies outside: the interval is informative, not merely wide
+  assert not tr.low <= 1.25 * n_star <= tr.high and not tr.low <= n_star / 1.25 <= tr.high
+  assert abs(math.log(tr.slope / slope)) < math.log(2)
+
+
+def test_transition_of_separated_and_one_sided_outcomes():
+  n_S = np.array([100, 200, 400, 800] * 5)
+  seed_S = np.repeat(np.arange(5), 4)
+  tr = phase.transition(n_S, n_S >= 400, seed_S, n_boot=50)
+  assert tr.where == "fit" and 200 < tr.n_star < 400 and 200 <= tr.low <= tr.high <= 400
+  below = phase.transition(n_S, np.ones(20, bool), seed_S, n_boot=20)
+  above = phase.transition(n_S, np.zeros(20, bool), seed_S, n_boot=20)
+  assert (below.where, below.n_star, below.low) == ("below", None, 0.0)
+  assert (above.where, above.n_star, above.high) == ("above", None, math.inf)
+  with pytest.raises(ValueError, match="equal non-empty"):
+    phase.transition(n_S, n_S[:3] > 0, seed_S)
+
+
+def test_transition_is_deterministic_given_its_seed():
+  n_S, gen_S, seed_S = _draw(500.0, 5.0, 12, np.random.default_rng(4))
+  a = phase.transition(n_S, gen_S, seed_S, n_boot=100, seed=3)
+  assert a == phase.transition(n_S, gen_S, seed_S, n_boot=100, seed=3)
+  assert a != phase.transition(n_S, gen_S, seed_S, n_boot=100, seed=4)
+
+
+def test_scaling_fit_recovers_m_log_m_and_tells_it_from_m_squared():
+  orders = [23, 41, 59, 83, 113, 127]
+  s = {23: 1.0, 41: 1.0, 59: 1.0, 83: 1.5, 113: 1.0, 127: 2.0}
+  rng = np.random.default_rng(0)
+  noise = np.exp(rng.normal(0, 1e-3, len(orders)))
+  law = [(f"G{m}", m, s[m], 2.7 * s[m] * m * math.log(m) * e) for m, e in zip(orders, noise)]
+  fit = phase.scaling_fit(law)
+  assert fit.groups == tuple(f"G{m}" for m in orders)
+  np.testing.assert_allclose([fit.coefficients["ln M"], fit.coefficients["ln ln M"], fit.coefficients["1"]],
+                             [1.0, 1.0, math.log(2.7)], atol=0.05)
+  np.testing.assert_allclose(fit.slope_m_log_m, 1.0, atol=0.01)
+  np.testing.assert_allclose(list(fit.ratio.values()), 2.7, rtol=0.01)
+  square = phase.scaling_fit([(g, m, sg, 0.1 * sg * m * m) for g, m, sg, _ in law])
+  assert abs(square.slope_m_log_m - 1.0) > 0.5  # n ∝ M² is not M ln M: its slope in ln M is ≈ 2 − ln ln M'
+  assert phase.scaling_fit(law[:1]).slope_m_log_m is None
+
+
+def test_cells_pairs_and_first_step():
+  rng = np.random.default_rng(5)
+  outs = []
+  for opt, shift in (("adam", 1.0), ("muon", 0.5)):
+    for m in (23, 47):
+      unit = 2.7482 * m * math.log(m)
+      for mult in (0.25, 0.5, 1.0, 2.0, 4.0):
+        for k in range(10):
+          gen = bool(rng.random() < 1 / (1 + np.exp(-4 * math.log(mult / shift))))
+          outs.append(phase.Outcome(f"C{m}", m, opt, int(round(mult * unit)), mult, 1.0, k, gen,
+                                    100 * k if gen else None))
+  summ = phase.summary(outs, n_boot=50)
+  cells = {(c["group"], c["optimiser"]): c for c in summ["cells"]}
+  assert len(cells) == 4 and cells[("C23", "adam")]["mults"] == [0.25, 0.5, 1.0, 2.0, 4.0]
+  for c in summ["cells"]:
+    at = [o for o in outs if o.group == c["group"] and o.optimiser == c["optimiser"] and o.mult == 1.0]
+    assert c["generalised_share"][2] == pytest.approx(np.mean([o.generalised for o in at]))
+  assert cells[("C47", "muon")]["mult_star"] < cells[("C47", "adam")]["mult_star"]
+  pairs = summ["pairs"]["adam vs muon"]
+  assert len(pairs) == 10 and {p["group"] for p in pairs} == {"C23", "C47"}
+  steps_E = np.array([0, 10, 20, 30])
+  acc_ExS = np.array([[0.1, 0.1, np.nan], [0.5, 0.995, np.nan], [0.99, 0.2, np.nan], [1.0, 1.0, np.nan]])
+  assert phase.first_step(steps_E, acc_ExS, 0.99) == [20, 10, None]
