@@ -8,9 +8,9 @@ step it generalised), this module fits, per (group, optimiser), the logistic
   P(generalised | n) = σ(slope · (ln n − ln n*))
 
 by maximum likelihood (a weak ridge on the slope keeps perfectly separated outcomes finite: n* then lies
-between the largest size that failed and the smallest that generalised), so that n* is the size at which
-half the seeds generalise, with a percentile bootstrap interval that resamples *seeds* (each seed's runs at
-every size travel together). Across the groups of one optimiser it fits ln(n*/s) against ln M and ln ln M,
+between the largest size that failed and the smallest that generalised, and its interval spans that
+bracket), so that n* is the size at which half the seeds generalise, with a percentile bootstrap interval
+that resamples *seeds* (each seed's runs at every size travel together). Across the groups of one optimiser it fits ln(n*/s) against ln M and ln ln M,
 beside the predicted form n*/s = C · M ln M (s: the law's group factor, ``task.law_s``).
 
 Everything here is numpy on plain arrays, deterministic given its ``seed``.
@@ -172,6 +172,10 @@ def transition(n_S, generalised_S, seed_S, *, n_boot: int = DEFAULT_BOOTSTRAP, l
     q_lo, q_hi = np.quantile(boot, [alpha, 1 - alpha], method="inverted_cdf")
   else:
     q_lo, q_hi = (-np.inf, np.inf)
+  if x is not None and log_n_S[~gen_S].max() < log_n_S[gen_S].min():
+    # Perfectly separated: the likelihood is flat between the largest size that failed and the smallest
+    # that generalised, so the interval spans at least that bracket (bootstrap samples agree on the fit).
+    q_lo, q_hi = min(q_lo, log_n_S[~gen_S].max()), max(q_hi, log_n_S[gen_S].min())
   return Transition(n_star=None if x is None else float(np.exp(x)), low=float(np.exp(q_lo)),
                     high=float(np.exp(q_hi)), slope=None if b is None else float(b), where=where,
                     runs=int(n_S.size), seeds=int(seeds.size), boot_outside=int(outside))
@@ -325,9 +329,11 @@ def first_step(steps_E: np.ndarray, value_ExS: np.ndarray, threshold: float) -> 
   return out
 
 
-def summary(outcomes: Sequence[Outcome], *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
-  """The diagram as JSON: cells, the scaling fit per optimiser, and every optimiser pair at equal n."""
-  cs = cells(outcomes, n_boot=n_boot, seed=seed)
+def summary(outcomes: Sequence[Outcome], *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+            cells_: Sequence[Cell] | None = None) -> dict:
+  """The diagram as JSON: cells (``cells_`` if given, else fitted here), the scaling fit per optimiser, and
+  every optimiser pair at equal n."""
+  cs = cells(outcomes, n_boot=n_boot, seed=seed) if cells_ is None else cells_
   opts = list(dict.fromkeys(o.optimiser for o in outcomes))
   pairs = {f"{a} vs {b}": paired_shares(outcomes, a, b) for i, a in enumerate(opts) for b in opts[i + 1:]}
   return {"cells": [c.to_json() for c in cs],
