@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from universality.engine.families.group import phase
+from universality.engine import groups, irreps as irreps_lib
+from universality.engine.families.group import family as family_lib, phase
 
 
 def _draw(n_star, slope, seeds, rng, span=1.2, sizes=9):
@@ -126,7 +127,6 @@ def _brute_power(f_G, irreps):
 
 @pytest.mark.parametrize("spec", ["C12", "S4", "D5"])
 def test_neuron_features_against_brute_force_projection(spec):
-  from universality.engine import groups, irreps as irreps_lib
   from universality.engine.families.group.passes import emergence
   group = groups.get(spec)
   reps = irreps_lib.real_irreps(group)
@@ -169,8 +169,62 @@ def test_neuron_features_against_brute_force_projection(spec):
 
 
 def test_neuron_features_refuse_mismatched_weights():
-  from universality.engine import groups, irreps as irreps_lib
   from universality.engine.families.group.passes import emergence
   reps = irreps_lib.real_irreps(groups.get("C5"))
   with pytest.raises(ValueError, match="6 rows, the group 5"):
     emergence.neuron_features(np.ones((1, 6, 2)), np.ones((1, 6, 2)), reps)
+
+
+# --- the study -----------------------------------------------------------------------------------------
+
+
+def test_the_study_config_sizes_and_buckets():
+  from universality.engine import families
+  from universality.experiments.configs import li2_phase
+  family = families.get("group")
+  cpu, full = li2_phase.get_config(), li2_phase.get_config("full")
+  runs = [sum(family.n_runs(c) for _, c in families.buckets(cfg)) for cfg in (cpu, full)]
+  assert runs[0] >= 500 and runs[1] >= 5000
+  for cfg in (cpu, full):
+    names = [name for name, _ in families.buckets(cfg)]
+    assert {n.split("-")[0] for n in names} == {"adam", "muon"} and len(names) % 2 == 0 and len(names) >= 6
+    for spec in cfg.task.groups.split(","):  # every size of the sweep leaves a test set
+      order = groups.order_of(spec)
+      assert all(n < order * order for _, n in family_lib.law_pairs(cfg, spec))
+  with pytest.raises(ValueError, match="size must be one of"):
+    li2_phase.get_config("huge")
+
+
+def test_the_study_end_to_end_launch_analysis_report(tmp_path):
+  import json
+  import os
+  from universality.engine import launch, replay
+  from universality.experiments.configs import li2_phase
+  cfg = li2_phase.get_config()
+  cfg.task.groups, cfg.task.size_mult = "C7", "0.45,0.8"
+  cfg.seeds, cfg.steps, cfg.eval_every, cfg.num_checkpoints = 2, 40, 10, 2
+  cfg.model.li2.hidden = 8
+  workdir = str(tmp_path / "study")
+  launch.run_study(cfg, workdir, progress=False)
+  report_dir = os.path.join(workdir, "report")
+  text = open(os.path.join(report_dir, "index.md")).read()
+  assert "## Phase diagram" in text and "### The transition n*(M)" in text and "muon against adam" in text
+  for name in ("phase_share.png", "phase_heatmap.png", "phase_n_star.png", "phase_steps.png",
+               "phase_features.png"):
+    assert os.path.getsize(os.path.join(report_dir, name)) > 1000
+  with open(os.path.join(report_dir, "phase.json")) as f:
+    summ = json.load(f)
+  cells = {(c["group"], c["optimiser"]): c for c in summ["cells"]}
+  assert sorted(cells) == [("C7", "adam"), ("C7", "muon")]
+  with replay.open(workdir) as study:
+    for (spec, opt), c in cells.items():
+      assert c["n"] == [n for _, n in family_lib.law_pairs(cfg, spec)] and c["transition"]["runs"] == 4
+      view = study.select(group=spec, bucket=[b for b in study.buckets if b.startswith(opt)])
+      acc = view.metrics()["test_acc"][-1]
+      for mult, share in zip(c["mults"], c["generalised_share"]):
+        at = [i for i, r in enumerate(view.runs) if r["size_mult"] == mult]
+        assert share == pytest.approx(np.mean(acc[at] >= 0.99))
+  feats = summ["features"]
+  assert len(feats) == 8 and all(0 < f["live"] <= 8 for f in feats)
+  assert all(0 <= f["mean_entropy"] <= math.log(len(irreps_lib.real_irreps(groups.get(f["group"])))) + 1e-6
+             for f in feats)

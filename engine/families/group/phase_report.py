@@ -165,7 +165,8 @@ def n_star_figure(cells: list[phase.Cell]) -> Figure:
   ax.set_xlabel("group order M")
   ax.set_ylabel("n* / (s · M ln M)")
   ax.set_title("transition (half the seeds generalise); flat if n* ∼ M ln M", fontsize=9)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
   return fig
 
 
@@ -183,7 +184,7 @@ def steps_figure(outcomes: list[phase.Outcome]) -> Figure:
     ax.set_xlabel("n / (s · M ln M)")
     ax.set_ylabel("first step at the generalisation bar")
     ax.set_title(opt, fontsize=9)
-    if groups:
+    if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=6)
   return fig
 
@@ -208,7 +209,8 @@ def features_figure(outcomes: list[phase.Outcome], features: list[dict | None]) 
     ax.set_xscale("log")
     ax.set_xlabel("size multiplier")
     ax.set_ylabel(what)
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=6)
   return fig
 
 
