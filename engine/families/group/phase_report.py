@@ -270,15 +270,19 @@ def _feature_lines(outcomes: list[phase.Outcome], features: list[dict | None], c
   for cell in cells:
     per = [(o, f) for o, f in zip(outcomes, features)
            if f and f["live"] and o.group == cell.group and o.optimiser == cell.optimiser]
-    above = [f for o, f in per if cell.transition.n_star is not None and o.n > cell.transition.n_star
-             and o.generalised]
+    t = cell.transition
+    bar = t.n_star if t.n_star is not None else (0.0 if t.where == "below" else math.inf)
+    above = [f for o, f in per if o.n > bar and o.generalised]
     below = [f for o, f in per if not o.generalised]
     counts: dict[str, int] = {}
     for f in above:
       for name, c in f["single_irreps"].items():
         counts[name] = counts.get(name, 0) + 1
-    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:6]
     n_irreps = len(irreps_lib.real_irreps(groups_lib.get(cell.group)))
+    every = [k for k, v in counts.items() if v == len(above)]
+    rest = sorted(((k, v) for k, v in counts.items() if v < len(above)), key=lambda kv: (-kv[1], kv[0]))
+    used = (f"{len(every)} of {n_irreps - 1} in every run" if above else "–") + "".join(
+        f"; {k} ({v})" for k, v in rest[:6]) + ("; …" if len(rest) > 6 else "")
 
     def mean(fs, key):
       vals = [f[key] for f in fs if f[key] is not None]
@@ -286,12 +290,11 @@ def _feature_lines(outcomes: list[phase.Outcome], features: list[dict | None], c
 
     rows.append([cell.group, cell.optimiser, len(above), _fmt(mean(above, "single_fraction")),
                  _fmt(mean(above, "mean_entropy")), len(below), _fmt(mean(below, "single_fraction")),
-                 _fmt(mean(below, "mean_entropy")), f"{math.log(n_irreps):.2f}",
-                 ", ".join(f"{k} ({v})" for k, v in top) or "–"])
+                 _fmt(mean(below, "mean_entropy")), f"{math.log(n_irreps):.2f}", used])
   return [markdown.markdown_table(
       ["group", "optimiser", "generalised runs above n*", "single-irrep share", "mean entropy",
        "runs not generalised", "single-irrep share", "mean entropy", "max entropy (log R)",
-       "irreps of single-irrep neurons (runs above n* using each)"], rows)]
+       "non-trivial irreps some single-irrep neuron uses, in every run above n*; others (runs)"], rows)]
 
 
 def study_sections(study, save: Callable[[Any, str], str], *, n_boot: int = phase.DEFAULT_BOOTSTRAP
