@@ -154,7 +154,8 @@ def test_neuron_features_against_brute_force_projection(spec):
       np.testing.assert_allclose(feats.entropy_SxN[s, k], ent, atol=1e-4)
   r_last = len(reps) - 1
   assert feats.single_SxN[0, 0] and feats.top_SxN[0, 0] == r_last
-  np.testing.assert_allclose([feats.share_SxNxR[0, 0, r_last], feats.entropy_SxN[0, 0]], [1.0, 0.0], atol=1e-5)
+  np.testing.assert_allclose([feats.share_SxNxR[0, 0, r_last], feats.entropy_SxN[0, 0]], [1.0, 0.0],
+                             atol=1e-5)
   assert feats.single_SxN[0, 1] and feats.top_SxN[0, 1] == r_last and feats.entropy_SxN[0, 1] > 0.1
   assert not feats.live_SxN[0, 2] and not feats.single_SxN[0, 2] and feats.share_SxNxR[0, 2].sum() == 0
   np.testing.assert_allclose(feats.entropy_SxN[0, 3], np.log(2), atol=1e-4)

@@ -10,8 +10,8 @@ step it generalised), this module fits, per (group, optimiser), the logistic
 by maximum likelihood (a weak ridge on the slope keeps perfectly separated outcomes finite: n* then lies
 between the largest size that failed and the smallest that generalised, and its interval spans that
 bracket), so that n* is the size at which half the seeds generalise, with a percentile bootstrap interval
-that resamples *seeds* (each seed's runs at every size travel together). Across the groups of one optimiser it fits ln(n*/s) against ln M and ln ln M,
-beside the predicted form n*/s = C · M ln M (s: the law's group factor, ``task.law_s``).
+that resamples *seeds* (each seed's runs at every size travel together). Across the groups of one
+optimiser it fits ln(n*/s) against ln M and ln ln M, beside the predicted form n*/s = C · M ln M (s: the law's group factor, ``task.law_s``).
 
 Everything here is numpy on plain arrays, deterministic given its ``seed``.
 """
@@ -65,7 +65,8 @@ def logistic_fit(x_S: np.ndarray, y_S: np.ndarray, ridge: float = RIDGE, iters: 
   x_S = np.asarray(x_S, np.float64)
   y_S = np.asarray(y_S, np.float64)
   if x_S.shape != y_S.shape or x_S.ndim != 1 or not x_S.size:
-    raise ValueError(f"logistic_fit: x and y must be equal non-empty 1-D arrays, got {x_S.shape}, {y_S.shape}")
+    raise ValueError(f"logistic_fit: x and y must be equal non-empty 1-D arrays, got {x_S.shape}, "
+                     f"{y_S.shape}")
   mu, sd = float(x_S.mean()), float(x_S.std())
   sd = sd if sd > 0 else 1.0
   z_S = (x_S - mu) / sd
@@ -286,8 +287,8 @@ def cells(outcomes: Sequence[Outcome], *, n_boot: int = DEFAULT_BOOTSTRAP, seed:
     tr = transition([o.n for o in rows], [o.generalised for o in rows], [o.seed for o in rows], n_boot=n_boot,
                     seed=seed)
     out.append(Cell(group=group, order=rows[0].order, optimiser=opt, s=rows[0].s,
-                    mults=tuple(m for _, m in sizes), n=tuple(n for n, _ in sizes), generalised_share=tuple(share),
-                    runs_per_size=tuple(count), median_steps=tuple(med), transition=tr))
+                    mults=tuple(m for _, m in sizes), n=tuple(n for n, _ in sizes),
+                    generalised_share=tuple(share), runs_per_size=tuple(count), median_steps=tuple(med), transition=tr))
   return out
 
 
@@ -295,7 +296,8 @@ def scaling_by_optimiser(cells_: Sequence[Cell]) -> dict[str, ScalingFit]:
   """``scaling_fit`` of the cells of each optimiser."""
   out = {}
   for opt in dict.fromkeys(c.optimiser for c in cells_):
-    out[opt] = scaling_fit([(c.group, c.order, c.s, c.transition.n_star) for c in cells_ if c.optimiser == opt])
+    points = [(c.group, c.order, c.s, c.transition.n_star) for c in cells_ if c.optimiser == opt]
+    out[opt] = scaling_fit(points)
   return out
 
 

@@ -89,7 +89,8 @@ def collect(study, *, threshold: float = emergence.DEFAULT_THRESHOLD
         n = int(round(r["train_frac"] * group.order ** 2))
         if n >= group.order ** 2:
           continue
-        mult = float(r.get("size_mult", n / (float(cfg.task.size_c) * s * group.order * math.log(group.order))))
+        unit = float(cfg.task.size_c) * s * group.order * math.log(group.order)
+        mult = float(r.get("size_mult", n / unit))
         outcomes.append(phase.Outcome(group=spec, order=group.order, optimiser=_label(opt, r, varies), n=n,
                                       mult=mult, s=s, seed=int(r["seed"]), generalised=bool(gen_S[i]),
                                       steps=first[i] if gen_S[i] else None))
@@ -111,7 +112,8 @@ def share_figure(cells: list[phase.Cell], c: float) -> Figure:
   fig, axes = _panels(len(opts))
   for ax, opt in zip(axes, opts):
     for cell in sorted((x for x in cells if x.optimiser == opt), key=lambda x: x.order):
-      ax.plot([_x(cell, n) for n in cell.n], cell.generalised_share, "o-", ms=3, label=f"{cell.group} (M={cell.order})")
+      ax.plot([_x(cell, n) for n in cell.n], cell.generalised_share, "o-", ms=3,
+              label=f"{cell.group} (M={cell.order})")
     ax.axvline(c, color="k", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_ylim(-0.03, 1.03)
@@ -159,7 +161,8 @@ def n_star_figure(cells: list[phase.Cell]) -> Figure:
     lo = np.asarray([_x(x, x.transition.low) if x.transition.low > 0 else 0.0 for x in pts])
     hi = np.asarray([_x(x, x.transition.high) if np.isfinite(x.transition.high) else np.nan for x in pts])
     hi = np.where(np.isfinite(hi), hi, 2 * y)
-    ax.errorbar(m, y, yerr=[np.maximum(y - lo, 0), np.maximum(hi - y, 0)], fmt="o", ms=4, capsize=2, label=opt)
+    yerr = [np.maximum(y - lo, 0), np.maximum(hi - y, 0)]
+    ax.errorbar(m, y, yerr=yerr, fmt="o", ms=4, capsize=2, label=opt)
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("group order M")
@@ -178,7 +181,8 @@ def steps_figure(outcomes: list[phase.Outcome]) -> Figure:
     for k, (_, g) in enumerate(groups):
       pts = [o for o in outcomes if o.optimiser == opt and o.group == g and o.generalised and o.steps]
       if pts:
-        ax.scatter([_x(o, o.n) for o in pts], [o.steps for o in pts], s=8, alpha=0.6, color=f"C{k % 10}", label=g)
+        ax.scatter([_x(o, o.n) for o in pts], [o.steps for o in pts], s=8, alpha=0.6, color=f"C{k % 10}",
+                   label=g)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("n / (s · M ln M)")
@@ -314,11 +318,12 @@ def study_sections(study, save: Callable[[Any, str], str], *, n_boot: int = phas
   c = float(cfg.task.size_c)
   summ["features"] = [dict(group=o.group, optimiser=o.optimiser, n=o.n, seed=o.seed, **(f or {}))
                       for o, f in zip(outcomes, features)]
-  data = save(json.dumps(summ, indent=1, sort_keys=True, allow_nan=False, default=_json_default), "phase.json")
+  text = json.dumps(summ, indent=1, sort_keys=True, allow_nan=False, default=_json_default)
+  data = save(text, "phase.json")
   md = ["## Phase diagram", "",
         f"Tian (2025) predicts generalisation above n ∼ M ln M training pairs (its code trains on "
-        f"c · s · M ln M with c = {c:g}). Each run counts as generalised when its final test accuracy reaches "
-        f"{study.family.generalised_threshold:g}; {len(outcomes)} runs with a test set, in "
+        f"c · s · M ln M with c = {c:g}). Each run counts as generalised when its final test accuracy "
+        f"reaches {study.family.generalised_threshold:g}; {len(outcomes)} runs with a test set, in "
         f"{len(cells)} (group, optimiser) cells. n* is the size at which the logistic fit in ln n crosses "
         f"one half, with a {phase.DEFAULT_LEVEL:.0%} bootstrap interval over seeds ({n_boot} samples); "
         f"every number is in [{data}]({data}).", "",
@@ -328,8 +333,8 @@ def study_sections(study, save: Callable[[Any, str], str], *, n_boot: int = phas
   rows = [[x.group, x.order, f"{x.s:g}", x.optimiser, x.transition.runs, _interval(x), _fmt(x.mult_star),
            _fmt(None if x.transition.n_star is None else _x(x, x.transition.n_star)),
            _fmt(x.transition.slope)] for x in sorted(cells, key=lambda x: (x.optimiser, x.order, x.group))]
-  md += [markdown.markdown_table(["group", "M", "s", "optimiser", "runs", "n* [interval]", "n* / (c·s·M ln M)",
-                                  "n* / (s·M ln M)", "slope in ln n"], rows)]
+  md += [markdown.markdown_table(["group", "M", "s", "optimiser", "runs", "n* [interval]",
+                                  "n* / (c·s·M ln M)", "n* / (s·M ln M)", "slope in ln n"], rows)]
   md += _scaling_lines(fits)
   md += ["", f"![n* against M]({save(n_star_figure(cells), 'phase_n_star.png')})", "",
          "### Steps to generalise", "",

@@ -78,8 +78,8 @@ def neuron_features(w_a_SxGxN, w_b_SxGxN, irreps: Sequence[irreps_lib.Irrep], *,
   rest_SxNxR = power_SxNxR[..., 1:]
   top_SxN = np.argmax(rest_SxNxR, axis=-1) + 1
   rest_total_SxN = rest_SxNxR.sum(-1)
-  top_share_SxN = np.where(rest_total_SxN > 0, np.max(rest_SxNxR, axis=-1) / np.maximum(rest_total_SxN, 1e-300),
-                           0.0)
+  top_power_SxN = np.max(rest_SxNxR, axis=-1)
+  top_share_SxN = np.where(rest_total_SxN > 0, top_power_SxN / np.maximum(rest_total_SxN, 1e-300), 0.0)
   return NeuronFeatures(share_SxNxR=share_SxNxR, entropy_SxN=np.where(live_SxN, entropy_SxN, 0.0),
                         entropy_complex_SxN=np.where(live_SxN, entropy_complex_SxN, 0.0), top_SxN=top_SxN,
                         top_share_SxN=top_share_SxN, live_SxN=live_SxN,
