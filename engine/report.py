@@ -5,9 +5,9 @@
 weights, the final Orbax checkpoint (nothing is executed or unpickled), and writes ``report/index.md`` — the
 study header, then the task family's sections (``Family.report_module``: ``sections``) with their images.
 
-A study of several buckets (universality.engine.rundir) has a report per bucket, in the bucket's run directory, and at
-the top ``report/index.md`` (``write_study_report``): the study header and one row per bucket (its runs,
-task, share of runs generalised at the last logged step) linked to the bucket's report.
+A study of several buckets (universality.engine.rundir) has a report per bucket, in the bucket's run
+directory, and at the top ``report/index.md`` (``write_study_report``): the study header and one row per
+bucket (its runs, task, share of runs generalised at the last logged step) linked to the bucket's report.
 
 The output is a function of the run directory alone: no timestamps, PNGs without version metadata, files
 replaced atomically; stale files of an earlier report are removed. Only process 0 writes.

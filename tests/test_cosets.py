@@ -130,7 +130,7 @@ def test_coset_shares_match_explicit_projection(spec):
   res = cosets.coset_neurons(f, g, irreps)
   subs = groups.subgroups(g)
   ref = _share_reference(f, g, subs.masks)
-  np.testing.assert_allclose(np.asarray(res["share_SxIxKxHxN"]), ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(res["share_SxIxYxHxN"]), ref, atol=1e-5)
   np.testing.assert_allclose(ref[:, :, :, 0], 1.0, atol=1e-9)     # the trivial subgroup explains all
   np.testing.assert_allclose(ref[:, :, :, -1], 0.0, atol=1e-9)    # the whole group nothing
 

@@ -40,6 +40,10 @@ report's markdown::
 
     res = convergent.analyse(acts_SxTxN, pairs, key=key, settings=convergent.Settings())
     text = convergent.sections(res, layer="conv3")
+
+Local shape letters:
+
+  W  the coordinates of the points k-means clusters
 """
 
 from __future__ import annotations
@@ -188,12 +192,12 @@ def _stats(x_TxN: np.ndarray):
   return mean, std, live
 
 
-def cross_correlation(a_TxN: np.ndarray, b_TxM: np.ndarray) -> np.ndarray:
+def cross_correlation(a_TxN: np.ndarray, b_TxN: np.ndarray) -> np.ndarray:
   """float64 Pearson correlation ``[N, M]`` of the units of two runs; 0 where either unit is dead."""
   ma, sa, la = _stats(a_TxN)
-  mb, sb, lb = _stats(b_TxM)
+  mb, sb, lb = _stats(b_TxN)
   za = np.where(la, (np.asarray(a_TxN, np.float64) - ma) / np.where(la, sa, 1.0), 0.0)
-  zb = np.where(lb, (np.asarray(b_TxM, np.float64) - mb) / np.where(lb, sb, 1.0), 0.0)
+  zb = np.where(lb, (np.asarray(b_TxN, np.float64) - mb) / np.where(lb, sb, 1.0), 0.0)
   return za.T @ zb / za.shape[0]
 
 
@@ -398,10 +402,10 @@ def spectral_labels(affinity: np.ndarray, clusters: int, *, seed: int = 0, n_ini
   return kmeans(emb, clusters, seed=seed, n_init=n_init)
 
 
-def kmeans(x_TxD: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
+def kmeans(x_TxW: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
            iterations: int = 300) -> np.ndarray:
   """Lloyd's k-means with k-means++ seeding; the labels of the start with the least inertia."""
-  x = np.asarray(x_TxD, np.float64)
+  x = np.asarray(x_TxW, np.float64)
   rng = np.random.default_rng(seed)
   best, best_inertia = None, np.inf
   for _ in range(max(n_init, 1)):
@@ -446,11 +450,11 @@ def _cluster_record(a, b, xa_TxN, xb_TxN, corr, labels, n, svcca_keep) -> Cluste
   return Clusters(run_a=a, run_b=b, clusters=out, mixed_share=float(np.mean(mixed)) if out else None)
 
 
-def svcca(x_TxN: np.ndarray, y_TxM: np.ndarray, *, keep: float = DEFAULT_SVCCA_KEEP) -> float | None:
+def svcca(x_TxN: np.ndarray, y_TxN: np.ndarray, *, keep: float = DEFAULT_SVCCA_KEEP) -> float | None:
   """Mean canonical correlation of two sets of units after keeping, on each side, the top singular
   directions that hold ``keep`` of its variance (Raghu et al. 2017); None if either side is constant."""
   bases = []
-  for z in (x_TxN, y_TxM):
+  for z in (x_TxN, y_TxN):
     z = np.asarray(z, np.float64)
     z = z - z.mean(axis=0)
     u, sv, _ = np.linalg.svd(z, full_matrices=False)

@@ -372,8 +372,8 @@ class GroupFamily(families.Family):
     def evaluate(params, d, shared):
       train_loss, train_acc = loss(params, d.train_a_SxP, d.train_b_SxP, d.train_c_SxP, d.train_w_SxP,
                                    d.order_S)
-      test_loss, test_acc = loss(params, d.test_a_SxQ, d.test_b_SxQ, d.test_c_SxQ, d.test_w_SxQ, d.order_S)
-      no_test = jnp.sum(d.test_w_SxQ) == 0  # train_frac = 1: the test metrics are undefined
+      test_loss, test_acc = loss(params, d.test_a_SxP, d.test_b_SxP, d.test_c_SxP, d.test_w_SxP, d.order_S)
+      no_test = jnp.sum(d.test_w_SxP) == 0  # train_frac = 1: the test metrics are undefined
       nan = jnp.float32(jnp.nan)
       return dict(train_loss=train_loss, train_acc=train_acc, test_loss=jnp.where(no_test, nan, test_loss),
                   test_acc=jnp.where(no_test, nan, test_acc))

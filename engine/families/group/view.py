@@ -200,7 +200,7 @@ class View(view_lib.Run):
     computes them: per run, input side (a, b) and neuron, the share of each subgroup's left / right cosets,
     the best subgroup, its coset kind, share, adjusted share and induced share.
 
-    Returns numpy ``share_SxIxKxHxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
+    Returns numpy ``share_SxIxYxHxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
     ``best_adjusted_SxIxN``, ``coset_SxIxN``, ``induced_share_SxIxN``, ``source``, ``subgroups``
     (``universality.engine.groups.Subgroups``) and ``labels`` (each subgroup's class label).
     """
@@ -222,8 +222,8 @@ class View(view_lib.Run):
   def connectivity(self, step: int | None = None, group: str | None = None, *, points: int | None = None
                    ) -> dict:
     """Linear mode connectivity between every pair of the selected runs of one group (MLP), raw and after
-    activation and weight matching (``universality.engine.families.group.passes.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
-    alignment ``perm_PxN``, ``loss_PxL``, ``accuracy_PxL``, ``barrier_P``."""
+    activation and weight matching (``universality.engine.families.group.passes.connectivity``): ``pairs_Zx2``, ``lambda_O`` and per
+    alignment ``perm_ZxN``, ``loss_ZxO``, ``accuracy_ZxO``, ``barrier_Z``."""
     sub = self.one_group(group)
     if len(sub) < 2:
       raise ValueError("connectivity needs at least two runs of the group")
@@ -261,10 +261,10 @@ class View(view_lib.Run):
     ``seed_a``/``seed_b`` are seed numbers k; ``filters`` (e.g. ``lr=1e-3``) narrow a sweep to one run each.
 
     Returns:
-      dict: ``corr_NxM`` (float64 Pearson correlation of run A's neuron n with run B's neuron m; NaN for a
+      dict: ``corr_NxN`` (float64 Pearson correlation of run A's neuron n with run B's neuron m; NaN for a
       dead neuron), ``perm_N`` (B's partner of A's neuron n in the maximum-weight one-to-one matching,
-      ``universality.engine.analysis.match_neurons``), ``matched_corr_N``, ``dominant_a_N`` / ``dominant_b_M`` (irrep
-      indices), ``share_a_NxR`` / ``share_b_MxR``, ``live_a_N`` / ``live_b_M``, ``irreps`` (names),
+      ``universality.engine.analysis.match_neurons``), ``matched_corr_N``, ``dominant_a_N`` / ``dominant_b_N`` (irrep
+      indices), ``share_a_NxR`` / ``share_b_NxR``, ``live_a_N`` / ``live_b_N``, ``irreps`` (names),
       ``runs`` (the two runs.json rows), ``mean_matched_corr`` and ``same_dominant`` (share of matched
       live pairs with the same dominant irrep).
     """
@@ -280,18 +280,18 @@ class View(view_lib.Run):
     x = x - x.mean(axis=1, keepdims=True)
     norm_2xN = np.sqrt(np.sum(x * x, axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
-      corr_NxM = (x[0].T @ x[1]) / (norm_2xN[0][:, None] * norm_2xN[1][None, :])
-    corr_NxM = np.where(live_2xN[0][:, None] & live_2xN[1][None, :], corr_NxM, np.nan)
+      corr_NxN = (x[0].T @ x[1]) / (norm_2xN[0][:, None] * norm_2xN[1][None, :])
+    corr_NxN = np.where(live_2xN[0][:, None] & live_2xN[1][None, :], corr_NxN, np.nan)
     neurons = pair.neuron_irreps(step)
     perm_N = np.asarray(match["perm_SxSxN"][0, 1])
     dom = neurons["dominant_SxN"]
     both = live_2xN[0] & live_2xN[1][perm_N]
     matched = np.asarray(match["matched_corr_SxSxN"][0, 1])
     return {
-        "corr_NxM": corr_NxM, "perm_N": perm_N, "matched_corr_N": matched,
-        "dominant_a_N": dom[0], "dominant_b_M": dom[1],
-        "share_a_NxR": neurons["share_SxNxR"][0], "share_b_MxR": neurons["share_SxNxR"][1],
-        "live_a_N": live_2xN[0], "live_b_M": live_2xN[1], "irreps": neurons["irreps"], "runs": pair.runs,
+        "corr_NxN": corr_NxN, "perm_N": perm_N, "matched_corr_N": matched,
+        "dominant_a_N": dom[0], "dominant_b_N": dom[1],
+        "share_a_NxR": neurons["share_SxNxR"][0], "share_b_NxR": neurons["share_SxNxR"][1],
+        "live_a_N": live_2xN[0], "live_b_N": live_2xN[1], "irreps": neurons["irreps"], "runs": pair.runs,
         "mean_matched_corr": float(np.nanmean(matched)) if np.isfinite(matched).any() else None,
         "same_dominant": float(np.mean(dom[0][both] == dom[1][perm_N][both])) if both.any() else None,
     }
@@ -443,7 +443,7 @@ class Plots:
     if labels[0] == labels[1]:
       labels = (f"{labels[0]} (A)", f"{labels[1]} (B)")
     return group_plots.neuron_comparison(
-        cmp["corr_NxM"], cmp["dominant_a_N"], cmp["dominant_b_M"], cmp["perm_N"], cmp["irreps"],
-        cmp["live_a_N"], cmp["live_b_M"], labels=labels,
+        cmp["corr_NxN"], cmp["dominant_a_N"], cmp["dominant_b_N"], cmp["perm_N"], cmp["irreps"],
+        cmp["live_a_N"], cmp["live_b_N"], labels=labels,
         title=f"{cmp['runs'][0]['group']}: hidden neurons of {labels[0]} vs {labels[1]} at step "
               f"{self._run.resolve_step(step)}")

@@ -23,6 +23,10 @@ context windows. The MLP activations of every layer are computed batch by batch 
 Only the last checkpoint is analysed (``LAST_STEP_ONLY``): universality is a property of trained models.
 Per-neuron arrays (``[S, L, N]`` and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file
 (``universality.engine.rundir``); summary.json holds per-layer fractions, property contrasts and the top neurons.
+
+Local shape letters:
+
+  J  the neurons whose top-activating windows are collected
 """
 
 from __future__ import annotations
@@ -78,16 +82,16 @@ def _forward_frozen(model_cfg):
 
 
 @jax.jit
-def _update_stats(stats, pre_SxBxM, post_SxBxM, byte_B, prev_B, pos_B):
+def _update_stats(stats, pre_SxBxN, post_SxBxN, byte_B, prev_B, pos_B):
   """One batch into the moment and category accumulators (neurons flattened as S·M)."""
-  s, b, m = pre_SxBxM.shape
-  pre_BxK = jnp.moveaxis(pre_SxBxM, 1, 0).reshape(b, s * m)
-  post_BxK = jnp.moveaxis(post_SxBxM, 1, 0).reshape(b, s * m)
+  s, b, m = pre_SxBxN.shape
+  pre_BxM = jnp.moveaxis(pre_SxBxN, 1, 0).reshape(b, s * m)
+  post_BxM = jnp.moveaxis(post_SxBxN, 1, 0).reshape(b, s * m)
   moments, by_byte, by_prev, by_pos = stats
-  return (neuron_stats.moments_update(moments, pre_BxK),
-          neuron_stats.categories_update(by_byte, post_BxK, byte_B),
-          neuron_stats.categories_update(by_prev, post_BxK, prev_B),
-          neuron_stats.categories_update(by_pos, post_BxK, pos_B))
+  return (neuron_stats.moments_update(moments, pre_BxM),
+          neuron_stats.categories_update(by_byte, post_BxM, byte_B),
+          neuron_stats.categories_update(by_prev, post_BxM, prev_B),
+          neuron_stats.categories_update(by_pos, post_BxM, pos_B))
 
 
 class _Stream:
@@ -137,19 +141,19 @@ def weight_properties(params_S, model_cfg) -> dict[str, np.ndarray]:
           "vocab_kurtosis": np.asarray(vocab["kurtosis"]).reshape(s, l, n)}
 
 
-def top_windows(params_one, windows_WxC1, model_cfg, flat_K, k: int, batch_windows: int):
-  """For neurons ``flat_K`` (indices into L·N) of one run: the ``k`` (value, window, position) of their
+def top_windows(params_one, windows_WxC1, model_cfg, flat_J, k: int, batch_windows: int):
+  """For neurons ``flat_J`` (indices into L·N) of one run: the ``k`` (value, window, position) of their
   largest post-activations over the windows, as arrays ``[K, k]``."""
   forward = _forward(model_cfg)
   params = jax.tree.map(lambda x: x[None], params_one)
   c = windows_WxC1.shape[1] - 1
-  best_v = np.full((len(flat_K), 0), -np.inf)
-  best_i = np.zeros((len(flat_K), 0), np.int64)
+  best_v = np.full((len(flat_J), 0), -np.inf)
+  best_i = np.zeros((len(flat_J), 0), np.int64)
   for a in range(0, len(windows_WxC1), batch_windows):
     _, post = forward(params, jnp.asarray(windows_WxC1[a:a + batch_windows, 1:], jnp.int32))
-    sel_KxB = np.asarray(post[0][:, np.asarray(flat_K)]).T
-    best_v = np.concatenate([best_v, sel_KxB], axis=1)
-    best_i = np.concatenate([best_i, np.broadcast_to(a * c + np.arange(sel_KxB.shape[1]), sel_KxB.shape)],
+    sel_JxB = np.asarray(post[0][:, np.asarray(flat_J)]).T
+    best_v = np.concatenate([best_v, sel_JxB], axis=1)
+    best_i = np.concatenate([best_i, np.broadcast_to(a * c + np.arange(sel_JxB.shape[1]), sel_JxB.shape)],
                             axis=1)
     order = np.argsort(-best_v, axis=1, kind="stable")[:, :k]
     best_v, best_i = np.take_along_axis(best_v, order, 1), np.take_along_axis(best_i, order, 1)

@@ -13,6 +13,10 @@ zero-filling and copying the per-layer residuals of the backward pass (benchmark
 
 Initialisation follows GPT-2: normal(0, 0.02) weights, the two projections into the residual stream
 (attention output, MLP output) scaled by 1/√(2L), zero biases, unit LayerNorm gains.
+
+Local shape letters:
+
+  A  attention heads
 """
 
 from __future__ import annotations
@@ -134,8 +138,8 @@ def _affine_fwd(x, w, b):
 def _affine_bwd(res, g):
   x, w = res
   g = jax.lax.optimization_barrier(g)
-  g_MxN = _flat(g)
-  return g @ w.T, _flat(x).T @ g_MxN, jnp.sum(g_MxN, axis=0)
+  g_TxN = _flat(g)
+  return g @ w.T, _flat(x).T @ g_TxN, jnp.sum(g_TxN, axis=0)
 
 
 _affine.defvjp(_affine_fwd, _affine_bwd)
@@ -146,10 +150,10 @@ def _attention(x_BxTxD, w, n_heads: int):
   h = n_heads
   qkv = _affine(x_BxTxD, w["w_qkv"], w["b_qkv"])
   q, k, v = (z.reshape(b, t, h, d // h) for z in jnp.split(qkv, 3, axis=-1))
-  scores_BxHxTxT = jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // h)
+  scores_BxAxTxT = jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // h)
   causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-  scores_BxHxTxT = jnp.where(causal_TxT[None, None], scores_BxHxTxT, -jnp.inf)
-  out = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores_BxHxTxT, axis=-1), v).reshape(b, t, d)
+  scores_BxAxTxT = jnp.where(causal_TxT[None, None], scores_BxAxTxT, -jnp.inf)
+  out = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores_BxAxTxT, axis=-1), v).reshape(b, t, d)
   return _affine(out, w["w_o"], w["b_o"])
 
 

@@ -26,6 +26,10 @@ orthogonal projection of h onto the functions of a alone.
 All subgroups × both kinds × neurons × runs in one jitted pass: coset indicator matrices ``[Q, G]`` (Q = the
 number of cosets of all subgroups) contract with the centred functions, a one-hot ``[Q, H]`` sums the
 squared coset sums per subgroup.
+
+Local shape letters:
+
+  Q  the cosets of every subgroup, concatenated (one kind of coset)
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class CosetTables:
 
   Attributes:
     subgroups: ``universality.engine.groups.Subgroups``.
-    indicator_KxQxG: float32, row q of kind k (left, right) is the indicator of one coset; the cosets of
+    indicator_YxQxG: float32, row q of kind k (left, right) is the indicator of one coset; the cosets of
       subgroup ``subgroup_Q[q]`` partition G for each kind (left and right cosets are counted alike).
     subgroup_Q: int, the subgroup of each coset row.
     character_HxG: float64 permutation character of G on G/H (fixed cosets).
@@ -61,7 +65,7 @@ class CosetTables:
   """
 
   subgroups: groups_lib.Subgroups
-  indicator_KxQxG: np.ndarray
+  indicator_YxQxG: np.ndarray
   subgroup_Q: np.ndarray
   character_HxG: np.ndarray
   induced_HxR: np.ndarray
@@ -111,7 +115,7 @@ def coset_tables(group: groups_lib.Group, irreps, subgroups: groups_lib.Subgroup
   character = permutation_character(group, subs.masks)
   k_R = np.asarray([{1: 1, 0: 2, -1: 4}[int(f)] for f in tables.frobenius_schur], np.float64)
   mult = character @ tables.character_RxG.T / group.order / k_R[None, :]
-  return CosetTables(subgroups=subs, indicator_KxQxG=np.stack(indicators), subgroup_Q=owner,
+  return CosetTables(subgroups=subs, indicator_YxQxG=np.stack(indicators), subgroup_Q=owner,
                      character_HxG=character, induced_HxR=np.rint(mult).astype(np.int64),
                      irrep_names=tables.names)
 
@@ -127,7 +131,7 @@ def coset_neurons(f_SxIxGxN, group: groups_lib.Group, irreps, coset: CosetTables
     threshold: a neuron side is a coset side when its best subgroup's share reaches this.
 
   Returns:
-    dict of arrays: ``share_SxIxKxHxN`` (K: left, right), ``best_SxIxN`` (subgroup index; -1 when the
+    dict of arrays: ``share_SxIxYxHxN`` (K: left, right), ``best_SxIxN`` (subgroup index; -1 when the
     group has no proper non-trivial subgroup or the function is constant), ``best_kind_SxIxN`` (0 left,
     1 right), ``best_share_SxIxN``, ``best_adjusted_SxIxN``, ``coset_SxIxN`` (bool) and
     ``induced_share_SxIxN``.
@@ -146,16 +150,16 @@ def coset_neurons(f_SxIxGxN, group: groups_lib.Group, irreps, coset: CosetTables
   index_H = (group.order // subs.orders).astype(np.float32)
   induced_HxR = (coset.induced_HxR > 0).astype(np.float32)
   induced_HxR[:, 0] = 0.0  # the constant part is not part of the variance
-  return _coset_pass(f_SxIxGxN, jnp.asarray(coset.indicator_KxQxG), jnp.asarray(onehot_QxH),
+  return _coset_pass(f_SxIxGxN, jnp.asarray(coset.indicator_YxQxG), jnp.asarray(onehot_QxH),
                      jnp.asarray(subs.orders, jnp.float32), jnp.asarray(index_H),
                      jnp.asarray(subs.proper_nontrivial), jnp.asarray(induced_HxR),
-                     jnp.asarray(tables.basis_GxM, jnp.float32), jnp.asarray(tables.basis_member_MxR, jnp.float32),
+                     jnp.asarray(tables.basis_GxF, jnp.float32), jnp.asarray(tables.basis_member_FxR, jnp.float32),
                      jnp.float32(threshold))
 
 
 @jax.jit
-def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, induced_HxR, basis_GxM,
-                member_MxR, threshold):
+def _coset_pass(f_SxIxGxN, ind_YxQxG, onehot_QxH, order_H, index_H, proper_H, induced_HxR, basis_GxF,
+                member_FxR, threshold):
   g = f_SxIxGxN.shape[2]
 
   def one_run(f_IxGxN):
@@ -163,10 +167,10 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
     x = x - x.mean(axis=1, keepdims=True)
     total_IxN = jnp.sum(x * x, axis=1)
     # Projection on coset-constant functions: Σ over cosets of (coset sum)² / |H| is its squared norm.
-    sums_IxKxQxN = jnp.einsum("kqg,ign->ikqn", ind_KxQxG, x)
-    energy_IxKxHxN = jnp.einsum("ikqn,qh->ikhn", sums_IxKxQxN ** 2, onehot_QxH) / order_H[None, None, :, None]
+    sums_IxYxQxN = jnp.einsum("kqg,ign->ikqn", ind_YxQxG, x)
+    energy_IxYxHxN = jnp.einsum("ikqn,qh->ikhn", sums_IxYxQxN ** 2, onehot_QxH) / order_H[None, None, :, None]
     live_IxN = total_IxN > _EPS * jnp.maximum(jnp.max(total_IxN), 1.0)
-    share = jnp.where(live_IxN[:, None, None, :], energy_IxKxHxN / jnp.maximum(total_IxN, _EPS)[:, None, None, :],
+    share = jnp.where(live_IxN[:, None, None, :], energy_IxYxHxN / jnp.maximum(total_IxN, _EPS)[:, None, None, :],
                       0.0)
     share = jnp.clip(share, 0.0, 1.0)
     dof_H = jnp.where(proper_H, (g - 1) / jnp.maximum(g - index_H, 1.0), 0.0)
@@ -176,8 +180,8 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
     flat_IxKHxN = adjusted.reshape(i, k * h, n)
     top_IxN = flat_IxKHxN.max(axis=1)
     near = flat_IxKHxN >= top_IxN[:, None, :] - _TIE
-    size_KH = jnp.tile(order_H, k)
-    pick_IxN = jnp.argmax(jnp.where(near, size_KH[None, :, None], -1.0), axis=1)
+    size_YH = jnp.tile(order_H, k)
+    pick_IxN = jnp.argmax(jnp.where(near, size_YH[None, :, None], -1.0), axis=1)
     best_IxN = pick_IxN % h
     kind_IxN = pick_IxN // h
     has_sub = jnp.any(proper_H)
@@ -185,13 +189,13 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
     best_share_IxN = jnp.take_along_axis(share.reshape(i, k * h, n), pick_IxN[:, None, :], axis=1)[:, 0]
     best_adj_IxN = jnp.take_along_axis(flat_IxKHxN, pick_IxN[:, None, :], axis=1)[:, 0]
     # Irrep energies of each side's function; the induced share of the best subgroup's Ind_H^G 1.
-    coef_IxMxN = jnp.einsum("gm,ign->imn", basis_GxM, x)
-    e_IxNxR = jnp.einsum("imn,mr->inr", coef_IxMxN ** 2, member_MxR)
+    coef_IxFxN = jnp.einsum("gm,ign->imn", basis_GxF, x)
+    e_IxNxR = jnp.einsum("imn,mr->inr", coef_IxFxN ** 2, member_FxR)
     in_IxNxR = induced_HxR[best_IxN]
     nontrivial_IxN = e_IxNxR[..., 1:].sum(-1)
     induced_IxN = jnp.where(nontrivial_IxN > _EPS, jnp.sum(e_IxNxR * in_IxNxR, -1) / jnp.maximum(nontrivial_IxN,
                                                                                                _EPS), 0.0)
-    return {"share_IxKxHxN": share,
+    return {"share_IxYxHxN": share,
             "best_IxN": jnp.where(valid_IxN, best_IxN, -1).astype(jnp.int32),
             "best_kind_IxN": jnp.where(valid_IxN, kind_IxN, -1).astype(jnp.int32),
             "best_share_IxN": jnp.where(valid_IxN, best_share_IxN, 0.0),
@@ -208,17 +212,17 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
 # JSON-ready records (universality.engine.families.group.passes.pipeline).
 
 
-def input_functions(pre_a_SxGxN, pre_b_SxGxN, hidden_SxAxBxN=None, *,
+def input_functions(pre_a_SxGxN, pre_b_SxGxN, hidden_SxGxGxN=None, *,
                     marginals=None) -> tuple[np.ndarray, str]:
   """``(f_SxIxGxN, source)``: P_a and P_b when the model has additive pre-activations (``"pre_activation"``),
   else the marginals of the hidden activations over the other input (``"hidden"``): from
-  ``hidden_SxAxBxN``, or given as ``marginals`` = (mean over b ``[S, A, N]``, mean over a ``[S, B, N]``)
+  ``hidden_SxGxGxN``, or given as ``marginals`` = (mean over b ``[S, A, N]``, mean over a ``[S, B, N]``)
   by a pass that streams the pairs."""
   if pre_a_SxGxN is not None and pre_b_SxGxN is not None:
     return np.stack([np.asarray(pre_a_SxGxN), np.asarray(pre_b_SxGxN)], axis=1), "pre_activation"
   if marginals is not None:
     return np.stack([np.asarray(m, np.float32) for m in marginals], axis=1), "hidden"
-  h = np.asarray(hidden_SxAxBxN, np.float32)
+  h = np.asarray(hidden_SxGxGxN, np.float32)
   return np.stack([h.mean(axis=2), h.mean(axis=1)], axis=1), "hidden"
 
 

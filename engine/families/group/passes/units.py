@@ -77,7 +77,7 @@ class Irreps:
             if m.ndim == 3 and m.shape[0] == ctx.n_runs and m.shape[1] >= g}
     t = ctx.tables
     hidden = np.asarray(rep.fibre_fve(*(np.asarray(x, np.float32) for x in (
-        ctx.streamed.fibre_SxGxN, ctx.streamed.sq_S, t.basis_GxM, t.basis_member_MxR))))
+        ctx.streamed.fibre_SxGxN, ctx.streamed.sq_S, t.basis_GxF, t.basis_member_FxR))))
     return fves, hidden
 
   @staticmethod
