@@ -14,6 +14,11 @@ that resamples *seeds* (each seed's runs at every size travel together). Across 
 optimiser it fits ln(n*/s) against ln M and ln ln M, beside the predicted form n*/s = C · M ln M (s: the law's group factor, ``task.law_s``).
 
 Everything here is numpy on plain arrays, deterministic given its ``seed``.
+
+Local shape letters:
+
+  Q  the groups (their transitions) a scaling law is fitted to
+  W  the coefficients of a fitted law
 """
 
 from __future__ import annotations
@@ -206,13 +211,13 @@ class ScalingFit:
     return dict(dataclasses.asdict(self), groups=list(self.groups))
 
 
-def _ols(design_GxP: np.ndarray, y_G: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-  coef, *_ = np.linalg.lstsq(design_GxP, y_G, rcond=None)
-  dof = len(y_G) - design_GxP.shape[1]
+def _ols(design_QxW: np.ndarray, y_Q: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+  coef, *_ = np.linalg.lstsq(design_QxW, y_Q, rcond=None)
+  dof = len(y_Q) - design_QxW.shape[1]
   if dof <= 0:
     return coef, None
-  resid = y_G - design_GxP @ coef
-  cov = np.linalg.pinv(design_GxP.T @ design_GxP) * float(resid @ resid) / dof
+  resid = y_Q - design_QxW @ coef
+  cov = np.linalg.pinv(design_QxW.T @ design_QxW) * float(resid @ resid) / dof
   return coef, np.sqrt(np.maximum(np.diag(cov), 0.0))
 
 
@@ -220,20 +225,20 @@ def scaling_fit(points: Sequence[tuple[str, int, float, float]]) -> ScalingFit:
   """Fits ln(n*/s) against ln M and ln ln M; ``points`` are ``(group, M, s, n*)`` with n* > 0, M ≥ 3."""
   points = [p for p in points if p[3] is not None and p[3] > 0 and p[1] >= 3]
   groups = tuple(p[0] for p in points)
-  m_G = np.asarray([p[1] for p in points], np.float64)
-  y_G = np.log(np.asarray([p[3] / p[2] for p in points], np.float64)) if points else np.zeros(0)
+  m_Q = np.asarray([p[1] for p in points], np.float64)
+  y_Q = np.log(np.asarray([p[3] / p[2] for p in points], np.float64)) if points else np.zeros(0)
   ratio = {p[0]: p[3] / (p[2] * p[1] * math.log(p[1])) for p in points}
   coefficients = stderr = None
-  if len(points) >= 4 and len(np.unique(m_G)) >= 3:
-    design = np.stack([np.log(m_G), np.log(np.log(m_G)), np.ones_like(m_G)], axis=1)
-    coef, se = _ols(design, y_G)
+  if len(points) >= 4 and len(np.unique(m_Q)) >= 3:
+    design = np.stack([np.log(m_Q), np.log(np.log(m_Q)), np.ones_like(m_Q)], axis=1)
+    coef, se = _ols(design, y_Q)
     names = ("ln M", "ln ln M", "1")
     coefficients = dict(zip(names, map(float, coef)))
     stderr = None if se is None else dict(zip(names, map(float, se)))
   slope = slope_se = None
-  if len(np.unique(m_G)) >= 2:
-    design = np.stack([np.log(m_G), np.ones_like(m_G)], axis=1)
-    coef, se = _ols(design, y_G - np.log(np.log(m_G)))
+  if len(np.unique(m_Q)) >= 2:
+    design = np.stack([np.log(m_Q), np.ones_like(m_Q)], axis=1)
+    coef, se = _ols(design, y_Q - np.log(np.log(m_Q)))
     slope = float(coef[0])
     slope_se = None if se is None else float(se[0])
   return ScalingFit(groups=groups, coefficients=coefficients, stderr=stderr, slope_m_log_m=slope,
