@@ -2,15 +2,20 @@
 
 ``analyze_cohort`` is the family's hook for ``universality.engine.analysis.driver``: it builds the cohort's
 context once (``passes.context``) and runs the units ``passes_of(settings)`` lists (``passes.units``); every
-field it writes is documented on its record type (``passes.records``).
+field it writes is documented on its record type (``passes.records``). With the setting ``convergent`` it
+also runs the Convergent Learning passes on the hidden layer (``convergent_of``; ``Aggregate.convergent``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
+from universality.engine import fields
 from universality.engine import groups as groups_lib
 from universality.engine import irreps as irreps_lib
+from universality.engine.analysis import convergent
 from universality.engine.analysis import cross_seed
 from universality.engine.families.group import models
 from universality.engine.families.group.passes import connectivity
@@ -31,7 +36,9 @@ SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
             "merge_tolerance": redundancy.DEFAULT_TOLERANCE,
             # Working memory of one block of pairs (all runs' logits and hidden layer on it): the analysis
             # streams the |G|² pairs in such blocks and never holds S·|G|³ logits.
-            "memory_budget_gb": representation.DEFAULT_MEMORY_BYTES / 1e9}
+            "memory_budget_gb": representation.DEFAULT_MEMORY_BYTES / 1e9,
+            # Convergent Learning (one-to-one, sparse prediction, spectral clusters) on the hidden layer.
+            **fields.CONVERGENT}
 
 
 def passes_of(settings: dict) -> units.Passes:
@@ -73,4 +80,23 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
                       key_threshold=settings["key_threshold"], universal_threshold=settings["universal_threshold"],
                       memory_bytes=int(float(settings["memory_budget_gb"]) * 1e9), batch_size=batch_size)
   out = units.run(ctx, passes_of(settings)).to_json()
+  conv = convergent_of(ctx.hidden_on, ctx.order, ctx.n_runs, key, settings)
+  if conv is not None:  # only when asked for: summaries without it stay as they were
+    out["aggregate"]["convergent"] = conv
   return {"task": out["task"], "aggregate": out["aggregate"], "runs": out["runs"]}
+
+
+def convergent_of(hidden_on, order: int, n_runs: int, key, settings: dict) -> dict | None:
+  """The Convergent Learning passes on the hidden layer, ``{"hidden": convergent.to_json(...)}`` plus the
+  inputs read, or None when the setting is off or the cohort has one run. ``hidden_on(pairs_P)`` gives
+  the final hidden layer ``[S, P, N]`` on pairs ``a·|G| + b``; only the subsample the passes keep of all
+  |G|² pairs is evaluated, and the records equal ``convergent.analyse`` on all of them."""
+  conv = convergent.settings_of(settings)
+  if not conv.enabled or n_runs < 2:
+    return None
+  k = convergent.key_of(key, 0)
+  t = order * order
+  keep = convergent.subsample(k, t, conv.max_inputs)
+  acts_SxTxN = hidden_on(np.arange(t) if keep is None else keep)
+  res = convergent.analyse(acts_SxTxN, convergent.pairs_of(settings, n_runs), key=k, settings=conv)
+  return {"hidden": dict(convergent.to_json(res), inputs=int(acts_SxTxN.shape[1]))}
