@@ -355,3 +355,9 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
       md += convergent_lines(agg, save, sub.plot.convergent(spec), prefix + "_convergent.png")
     md += ["<details><summary>Runs</summary>", "", runs_table(runs), "</details>", ""]
   return md
+
+
+def study_sections(study, save: Callable[[Any, str], str]) -> list[str]:
+  """The phase diagram of a study sweeping task.size_mult, across its buckets (``phase_report``)."""
+  from universality.engine.families.group import phase_report  # its figures only where a study has them
+  return phase_report.study_sections(study, save)
