@@ -60,7 +60,7 @@ def default_config(family: str | families.Family = "group") -> ml_collections.Co
   cfg[EXECUTION].run_chunk = 0   # runs vmapped together on each device; 0: auto (1 on CPU, all on GPU/TPU;
                                  # benchmarks/README.md)
   cfg[EXECUTION].analyze = True  # run the analysis and write the report when training ends
-  cfg[ANALYSIS] = ml_collections.ConfigDict()  # filled by the family (none for group composition)
+  cfg[ANALYSIS] = ml_collections.ConfigDict()  # filled by the family (its analysis settings)
   cfg[EXECUTION].memory_budget_gb = 0.0  # memory a launch may use (universality.engine.budget): per device on accelerators,
                                          # host RAM on the CPU; 0: what the machine reports
   # The rolling resume checkpoint (checkpoints_resume/, the whole train state, only the newest kept), so that a

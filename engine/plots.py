@@ -117,3 +117,24 @@ def save(fig: Figure, path, dpi: int = 100):
   local path or a binary file object (``universality.engine.paths.write_png`` renders into memory for gs://)."""
   fig.savefig(path, format="png", dpi=dpi, metadata={"Software": None})
   return path
+
+
+def sparse_prediction_curves(by_layer: Mapping[str, Mapping], title: str = "") -> Figure:
+  """The Convergent Learning sparse prediction against λ (log-x), one line per layer: held-out loss of
+  run b's units predicted from run a's, and the units of a each uses; means over the pairs compared
+  (``universality.engine.analysis.convergent.layer_means``: ``lambdas``, ``heldout_loss``,
+  ``mean_units_used``)."""
+  fig = Figure(figsize=(9.2, 3.4), layout="constrained")
+  ax_loss, ax_used = fig.subplots(1, 2)
+  for layer, m in by_layer.items():
+    lam = np.asarray(m["lambdas"], float)
+    for ax, key in ((ax_loss, "heldout_loss"), (ax_used, "mean_units_used")):
+      ax.plot(lam, np.asarray([np.nan if v is None else v for v in m[key]], float), marker="o", ms=3,
+              label=layer)
+  for ax, label in ((ax_loss, "held-out loss (≈ 1 − R²)"), (ax_used, "units of run a used per unit of b")):
+    ax.set_xscale("log")
+    ax.set_xlabel("L1 penalty λ")
+    ax.set_ylabel(label)
+  ax_loss.legend(fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  return fig

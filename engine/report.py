@@ -120,8 +120,27 @@ def write_study_report_of(study) -> str:
   rows = [r if len(r) == len(header) else r + [""] * (len(header) - len(r)) for r in rows]
   lines.append(markdown.markdown_table(header, rows))
   paths.makedirs(out_dir)
+  lines += _study_sections(study, out_dir)
   rundir.atomic_write(index_path, "\n".join(lines).rstrip("\n") + "\n")
   return index_path
+
+
+def _study_sections(study, out_dir: str) -> list[str]:
+  """The family's sections across buckets (its report module's ``study_sections(study, save)``, if any);
+  ``save(obj, name)`` writes a figure as PNG or a string as text into ``out_dir`` and returns the name."""
+  hook = getattr(importlib.import_module(study.family.report_module), "study_sections", None)
+  if hook is None:
+    return []
+
+  def save(obj, name: str) -> str:
+    path = paths.join(out_dir, name)
+    if isinstance(obj, str):
+      rundir.atomic_write(path, obj)
+    else:
+      _write_png(obj, path)
+    return name
+
+  return [""] + hook(study, save)
 
 
 def write_report_of(run) -> str:

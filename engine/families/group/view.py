@@ -5,6 +5,7 @@
   logits, hidden = s4.apply(step=run.steps[3])    # on all |G|² pairs of the group
   logits, hidden = s4.apply(None, (a_B, b_B))     # on chosen pairs, the same for every selected run
   s4.neuron_irreps(); s4.neuron_correlations(); run.compare_neurons(0, 1, group="S4")
+  s4.convergent()["hidden"]["one_to_one"]         # Convergent Learning records (analysis.convergent=True)
   s4.plot.learning_order(seed=0)                  # matplotlib figures (the report draws the same ones)
 
 Per-cohort accessors (``group_summary``, the plots) need the selection to hold one cohort: a group swept over
@@ -16,6 +17,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from universality.engine import fields
 from universality.engine import groups as groups_lib
 from universality.engine import irreps as irreps_lib
 from universality.engine import plots
@@ -23,6 +25,7 @@ from universality.engine.families.group import plots as group_plots
 from universality.engine import view as view_lib
 from universality.engine.families.group.passes import connectivity
 from universality.engine.families.group.passes import cosets
+from universality.engine.analysis import convergent
 from universality.engine.analysis import cross_seed
 from universality.engine.analysis import driver
 from universality.engine.families.group.passes import neuron_split
@@ -309,6 +312,32 @@ class View(view_lib.Run):
             "aggregate": cs["aggregate"], "records": cs["records"], "positions": cs["positions"]}
 
 
+  def convergent(self, group: str | None = None, **filters) -> dict:
+    """The summary's Convergent Learning records of the one cohort of ``group`` in the selection (analysis
+    setting ``convergent``): ``{layer: {"one_to_one": [convergent.OneToOne], "sparse_prediction":
+    [convergent.SparsePrediction], "clusters": [convergent.Clusters], "means": {...}}}``, layer "hidden"."""
+    cs = self.one_group(group).cohort_summary(**filters)
+    conv = cs["aggregate"].get("convergent")
+    if not conv:
+      raise ValueError(f"summary.json has no Convergent Learning records for {cs['cohort']}: analyse with "
+                       "--config.analysis.convergent=True (or run.analyze(convergent=True))")
+    return {layer: convergent.from_json(v) for layer, v in conv.items()}
+
+  def compute_convergent(self, step: int | None = None, group: str | None = None, *, seed: int = 0,
+                         **settings) -> dict:
+    """The Convergent Learning passes recomputed on the hidden layer of the one cohort of ``group`` at
+    ``step`` (``hidden``), with the analysis' key for ``seed`` and its settings (the summary's, else the
+    defaults; ``settings`` override them, e.g. ``convergent_lambdas="0.01,0.1"``): ``{"hidden": analyse's
+    records}``. On all runs of a cohort at its last checkpoint these are the summary's (``convergent``)."""
+    sub = self.one_group(group).one_cohort()
+    if len(sub) < 2:
+      raise ValueError("the Convergent Learning passes compare two or more runs of a cohort")
+    named = _convergent_settings(self, settings)
+    conv = convergent.settings_of(named)
+    key = convergent.key_of(driver.cohort_key(seed, sub.cohorts[0]), 0)
+    res = convergent.analyse(sub.hidden(step), convergent.pairs_of(named, len(sub)), key=key, settings=conv)
+    return {"hidden": res}
+
   def cohort_records(self, group: str | None = None, **filters) -> records.CohortSummary:
     """``group_summary`` as typed records (``passes.records``), for code that reads fields, not keys."""
     gs = self.group_summary(group, **filters)
@@ -316,6 +345,23 @@ class View(view_lib.Run):
         spec=gs["spec"], cohort=gs["cohort"], task=records.Task.from_json(gs["group"]),
         aggregate=records.Aggregate.from_json(gs["aggregate"]),
         runs=[records.SummaryRun.of(r) for r in gs["records"]], positions=list(gs["positions"]))
+
+
+def _convergent_settings(run, overrides: dict) -> dict:
+  """The named Convergent Learning settings: the defaults, the summary's (when there is one), then
+  ``overrides``; switched on."""
+  unknown = sorted(set(overrides) - set(fields.CONVERGENT))
+  if unknown:
+    raise ValueError(f"unknown Convergent Learning setting {unknown[0]!r}; settings: "
+                     f"{', '.join(fields.CONVERGENT)}")
+  named = dict(fields.CONVERGENT)
+  try:
+    named.update({k: v for k, v in run.summary()["settings"].items() if k in fields.CONVERGENT})
+  except FileNotFoundError:
+    pass
+  named.update(overrides)
+  named["convergent"] = True
+  return named
 
 
 def _labels(runs) -> list[str]:
@@ -412,6 +458,14 @@ class Plots:
     return group_plots.loss_paths(np.linspace(0, 1, conn.points),
                                   {k: v.mean_loss_path for k, v in conn.alignments.items()},
                                   title=f"{cs.spec}: loss between seeds")
+
+  def convergent(self, group: str | None = None):
+    """The Convergent Learning sparse prediction of one cohort against λ: held-out loss and units used,
+    means over the pairs compared (summary.json; analysis setting ``convergent``)."""
+    sub = self._run.one_group(group)
+    conv = sub.convergent()
+    return plots.sparse_prediction_curves({layer: r["means"] for layer, r in conv.items()},
+                                          title=f"{sub.groups[0]}: sparse prediction between seeds")
 
   def cka(self, group: str | None = None, measure: str = "cka"):
     """The S×S matrix of ``measure`` (``cka``, ``procrustes``, ``mutual_knn`` or ``matching``) between

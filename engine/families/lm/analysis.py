@@ -19,6 +19,9 @@ context windows. The MLP activations of every layer are computed batch by batch 
   ``kurtosis_threshold`` with positive skew marks a prediction neuron, with negative skew a suppression one.
 * a second pass over the same text for the first run: the windows that drive its ``top_neurons`` most
   universal neurons hardest, as text snippets.
+* with the setting ``convergent``: the Convergent Learning passes
+  (``universality.engine.analysis.convergent``) on every MLP layer, over a sample of the same windows
+  (``convergent_of``).
 
 Only the last checkpoint is analysed (``LAST_STEP_ONLY``): universality is a property of trained models.
 Per-neuron arrays (``[S, L, N]`` and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file
@@ -31,14 +34,13 @@ Local shape letters:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from universality.engine.analysis import convergent
 from universality.engine.analysis import cross_seed
 from universality.engine.analysis import neuron_stats
 from universality.engine.families.lm import family as family_lib
@@ -68,17 +70,8 @@ def analysis_windows(cfg, tokens: int) -> np.ndarray:
 
 
 def _forward(model_cfg):
-  """Jitted ``(params_S, tokens_BxT) -> (pre, post)``, each ``[S, B·T, L·N]``."""
-  return _forward_frozen(ml_collections.FrozenConfigDict(model_cfg))
-
-
-@functools.lru_cache(maxsize=8)
-def _forward_frozen(model_cfg):
-  def one(params, tokens_BxT):
-    _, acts = models.apply(params, tokens_BxT, model_cfg)
-    b, t, l, n = acts["mlp_pre"].shape
-    return acts["mlp_pre"].reshape(b * t, l * n), acts["mlp_post"].reshape(b * t, l * n)
-  return jax.jit(jax.vmap(one, in_axes=(0, None)))
+  """Jitted ``(params_S, tokens_BxT) -> (pre, post)``, each ``[S, B·T, L·N]`` (``models.stacked``)."""
+  return models.stacked(model_cfg).activations
 
 
 @jax.jit
@@ -240,6 +233,9 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
   aggregate = _aggregate(props, vocab_class, universal, dead, arrays, have_corr)
   if have_corr and universal[0].any():
     aggregate["top_neurons"] = _top_neurons(params, windows, gpt, arrays, settings, bw, view.runs)
+  conv = convergent_of(params, windows, gpt, key, settings, bw)
+  if conv is not None:  # only when asked for: summaries without it stay as they were
+    aggregate["convergent"] = conv
   runs = []
   for i in range(s):
     live = ~dead[i]
@@ -249,6 +245,49 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
                  "suppression_by_layer": [int((vocab_class[i, j] == -1).sum()) for j in range(l)],
                  "dead": int(dead[i].sum())})
   return {"task": task, "aggregate": aggregate, "runs": runs, "arrays": arrays}
+
+
+def convergent_windows(windows_WxC1: np.ndarray, key, max_inputs: int) -> np.ndarray:
+  """The indices (ascending) of the analysis windows the Convergent Learning passes read: enough whole
+  windows for ``max_inputs`` bytes, drawn from ``key`` over the held-out text (all of them if fewer)."""
+  c = windows_WxC1.shape[1] - 1
+  n = min(len(windows_WxC1), -(-int(max_inputs) // c))
+  if n == len(windows_WxC1):
+    return np.arange(n)
+  return np.sort(np.asarray(jax.random.permutation(jax.random.fold_in(key, 0x57D0), len(windows_WxC1)))[:n])
+
+
+def convergent_of(params_S, windows_WxC1, model_cfg, key, settings: dict, batch_windows: int) -> dict | None:
+  """The Convergent Learning passes on every MLP layer (post-GELU): ``{"layer<j>": convergent.to_json(...)
+  plus "inputs"}``, or None when the setting is off or the cohort has one run.
+
+  The runs read the windows ``convergent_windows`` picks (their bytes are ``convergent_text``) and each
+  layer's activations ``[S, T, N]`` go to ``convergent.analyse`` with the layer's key
+  (``convergent.key_of``); the sparse prediction's solver stays within ``convergent_memory_gb`` (b's units
+  in blocks). One layer's activations are held at a time, S·T·N floats: the model reads the T bytes once
+  per layer (T is small beside the analysis' tokens)."""
+  conv = convergent.settings_of(settings)
+  s = jax.tree.leaves(params_S)[0].shape[0]
+  if not conv.enabled or s < 2:
+    return None
+  l, n = int(model_cfg.n_layers), int(model_cfg.d_mlp)
+  sel = windows_WxC1[convergent_windows(windows_WxC1, key, conv.max_inputs)]
+  forward = _forward(model_cfg)
+  pairs = convergent.pairs_of(settings, s)
+  out = {}
+  for j in range(l):
+    cols = slice(j * n, (j + 1) * n)
+    parts = [forward(params_S, jnp.asarray(sel[a:a + batch_windows, 1:], jnp.int32))[1][:, :, cols]
+             for a in range(0, len(sel), batch_windows)]
+    acts_SxTxN = np.concatenate([np.asarray(p) for p in parts], axis=1)
+    res = convergent.analyse(acts_SxTxN, pairs, key=convergent.key_of(key, j), settings=conv)
+    out[f"layer{j}"] = dict(convergent.to_json(res), inputs=int(min(acts_SxTxN.shape[1], conv.max_inputs)))
+  return out
+
+
+def convergent_text(windows_WxC1: np.ndarray, key, max_inputs: int) -> bytes:
+  """The held-out bytes the Convergent Learning passes read (``convergent_windows``, in order)."""
+  return windows_WxC1[convergent_windows(windows_WxC1, key, max_inputs), 1:].tobytes()
 
 
 def _frac(mask, live) -> float:

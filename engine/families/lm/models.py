@@ -22,8 +22,9 @@ Local shape letters:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,34 @@ def apply(params, tokens_BxT: jax.Array, cfg) -> tuple[jax.Array, dict[str, jax.
   logits = _project(layer_norm(x, params["lnf_g"], params["lnf_b"]), params["unembed"])
   acts = {"mlp_pre": jnp.stack(pres, axis=2), "mlp_post": jnp.stack(posts, axis=2)}
   return logits, acts
+
+
+class Stacked(NamedTuple):
+  """The model over a stack of runs (leading axis S of the parameters), jitted once per architecture: what
+  training's ``Task.apply``, the analysis and the notebook view evaluate.
+
+  ``apply(params_S, tokens_BxT) -> (logits_SxBxTxV, {"mlp_pre", "mlp_post"}: [S, B, T, L, N])``;
+  ``activations(params_S, tokens_BxT) -> (pre, post)``, each ``[S, B·T, L·N]`` (the logits are never formed).
+  """
+  apply: Callable
+  activations: Callable
+
+
+def _activations(params, tokens_BxT, spec: GptSpec):
+  _, acts = apply(params, tokens_BxT, spec)
+  b, t, l, n = acts["mlp_pre"].shape
+  return acts["mlp_pre"].reshape(b * t, l * n), acts["mlp_post"].reshape(b * t, l * n)
+
+
+@functools.lru_cache(maxsize=8)
+def _stacked(spec: GptSpec) -> Stacked:
+  return Stacked(apply=jax.jit(jax.vmap(lambda p, t: apply(p, t, spec), in_axes=(0, None))),
+                 activations=jax.jit(jax.vmap(lambda p, t: _activations(p, t, spec), in_axes=(0, None))))
+
+
+def stacked(gpt) -> Stacked:
+  """``Stacked`` for the config's ``model.gpt`` section or a ``GptSpec`` (one per architecture)."""
+  return _stacked(spec_of(gpt))
 
 
 def activation_floats_per_token(cfg) -> int:
