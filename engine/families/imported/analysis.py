@@ -40,7 +40,7 @@ summary.json holds per-layer fractions for both comparisons and the property con
 
 Local shape letters:
 
-  W  windows of the token corpus
+  J  windows of the token corpus
   A  attention heads of a layer
 """
 
@@ -118,12 +118,12 @@ def check_settings(cfg, settings: dict) -> None:
   screen_lib.settings(settings["screen"], settings["screen_tokens"], settings["screen_z"], settings["screen_k"])
 
 
-def token_classes(windows_WxT: np.ndarray, vocab: int, k: int) -> np.ndarray:
+def token_classes(windows_JxT: np.ndarray, vocab: int, k: int) -> np.ndarray:
   """int32 ``[V]``: the class of every id, its rank among the ``k`` most frequent ids of the windows (ties:
   smaller id first), ``k`` for every other id."""
   counts = np.zeros(vocab, np.int64)
-  for a in range(0, len(windows_WxT), 4096):
-    counts += np.bincount(np.asarray(windows_WxT[a:a + 4096]).reshape(-1).astype(np.int64), minlength=vocab)
+  for a in range(0, len(windows_JxT), 4096):
+    counts += np.bincount(np.asarray(windows_JxT[a:a + 4096]).reshape(-1).astype(np.int64), minlength=vocab)
   top = np.argsort(-counts, kind="stable")[:k]
   top = top[counts[top] > 0]
   out = np.full(vocab, len(top), np.int32)
@@ -178,13 +178,13 @@ class _Stream:
   (``universality.kernels.correlation``). The first iteration that runs to its end also fills ``stats``;
   later ones only yield."""
 
-  def __init__(self, params_S, windows_WxT, spec, batch_windows: int, classes_V, drop_ids, letters_V=None,
+  def __init__(self, params_S, windows_JxT, spec, batch_windows: int, classes_V, drop_ids, letters_V=None,
                dtype: str = "float32"):
-    self.params, self.windows, self.bw, self.spec = params_S, windows_WxT, batch_windows, spec
+    self.params, self.windows, self.bw, self.spec = params_S, windows_JxT, batch_windows, spec
     self.dtype = dtype
     self.classes, self.drop, self.letters = classes_V, np.asarray(drop_ids, np.int64), letters_V
     s = jax.tree.leaves(params_S)[0].shape[0]
-    c = windows_WxT.shape[1]
+    c = windows_JxT.shape[1]
     self.k, self.rows = s * spec.n_layers * spec.d_mlp, batch_windows * c
     n_cls = int(classes_V.max()) + 1
     self.empty = (neuron_stats.moments_init(self.k), neuron_stats.categories_init(n_cls, self.k),
@@ -322,18 +322,18 @@ def excess_against(max_SxNxS, base_SxNxS, dead_SxN, others) -> np.ndarray:
   return np.where(dead_SxN, np.nan, out)
 
 
-def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, drop_ids,
+def neuron_table(params_S, windows_JxT, spec: models.Spec, key, settings: dict, drop_ids,
                  batch_windows: int | None = None, letters_V=None) -> dict[str, np.ndarray]:
   """Every per-neuron statistic of S stacked runs on the same windows (module docstring): arrays
   ``[S, L, N]`` and, with S >= 2, the match tables ``[S, L·N, S]``."""
   l, n = spec.n_layers, spec.d_mlp
   s = jax.tree.leaves(params_S)[0].shape[0]
-  classes = token_classes(windows_WxT, spec.vocab, int(settings["unigram_classes"]))
+  classes = token_classes(windows_JxT, spec.vocab, int(settings["unigram_classes"]))
   screen = screen_lib.settings(settings["screen"], settings["screen_tokens"], settings["screen_z"],
-                               settings["screen_k"], inputs=windows_WxT.size)
+                               settings["screen_k"], inputs=windows_JxT.size)
   if screen.may_screen():  # the screen's sample is the stream's start: spread it over the text
-    windows_WxT = windows_WxT[np.random.default_rng(0).permutation(len(windows_WxT))]
-  stream = _Stream(params_S, windows_WxT, spec, int(batch_windows or settings["batch_windows"]), classes,
+    windows_JxT = windows_JxT[np.random.default_rng(0).permutation(len(windows_JxT))]
+  stream = _Stream(params_S, windows_JxT, spec, int(batch_windows or settings["batch_windows"]), classes,
                    drop_ids, letters_V, str(settings["forward_dtype"]))
   corr = None
   if s >= 2:
@@ -363,7 +363,7 @@ def neuron_table(params_S, windows_WxT, spec: models.Spec, key, settings: dict, 
                            keepdims=True)
   out["entropy"] = ((props["null_share"] > float(settings["entropy_null_share"]))
                     & (props["w_out_norm"] > norm_bar))
-  sample = windows_WxT[:max(1, int(settings["attn_windows"]))]
+  sample = windows_JxT[:max(1, int(settings["attn_windows"]))]
   out["attn_deactivation"] = attention_deactivation(params_S, np.asarray(sample), spec,
                                                     int(settings["attn_candidates"])).astype(np.float32)
   if corr is None:
