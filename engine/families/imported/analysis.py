@@ -90,7 +90,7 @@ def tokenizer_of(cfg, settings: dict) -> str:
 
 
 def corpus_windows(cfg, settings: dict) -> tuple[np.ndarray, tokens_lib.Tokens]:
-  """``(ids [W, T], corpus)``: consecutive windows of the corpus's first ``tokens`` ids (a memory-map
+  """``(ids [J, T], corpus)``: consecutive windows of the corpus's first ``tokens`` ids (a memory-map
   view)."""
   spec = models.spec_of(cfg.model.imported)
   c = context_of(spec, settings)
