@@ -35,7 +35,7 @@ import numpy as np
 
 from universality.engine import optim
 
-NAMES = ("group", "lm")
+NAMES = ("group", "lm", "vision")
 
 
 class Task(NamedTuple):

@@ -1,0 +1,172 @@
+"""The vision family: conv nets against float64 loops, training on the seam, resume, data readers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from universality.engine import checkpoint, config as config_lib, launch, rundir, train
+from universality.engine.families.vision import data as data_lib
+from universality.engine.families.vision import family, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def vision_config(**fields):
+  cfg = config_lib.default_config("vision")
+  cfg.seeds = 2
+  cfg.steps = 20
+  cfg.eval_every = 5
+  cfg.batch_size = 16
+  cfg.num_checkpoints = 4
+  cfg.task.max_train = 256
+  cfg.task.max_test = 64
+  cfg.model.conv.widths = "8,16"
+  cfg.model.conv.dense = "16"
+  cfg.exec.analyze = False
+  cfg.update_from_flattened_dict(fields)
+  return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# The net against float64 loops.
+
+
+def _conv_ref(x_BxHxWxC, w_3x3xCxD, b_D):
+  """A 3×3 'same' convolution by direct loops over images, positions, taps and channels (float64)."""
+  b, h, w, c = x_BxHxWxC.shape
+  d = w_3x3xCxD.shape[-1]
+  out = np.zeros((b, h, w, d))
+  for n in range(b):
+    for i in range(h):
+      for j in range(w):
+        for di in range(3):
+          for dj in range(3):
+            y, x = i + di - 1, j + dj - 1
+            if 0 <= y < h and 0 <= x < w:
+              for ci in range(c):
+                out[n, i, j] += x_BxHxWxC[n, y, x, ci] * w_3x3xCxD[di, dj, ci]
+        out[n, i, j] += b_D
+  return out
+
+
+def _net_ref(params, images, spec):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(images, np.float64)
+  acts = {}
+  for i in range(len(spec.widths)):
+    q = p[f"conv{i + 1}"]
+    x = _conv_ref(x, q["w"], q["b"])
+    if spec.norm != "none":
+      g = spec.norm_groups if spec.norm == "group" else 1
+      b, h, w, c = x.shape
+      out = np.zeros_like(x)
+      for n in range(b):
+        for k in range(g):
+          sl = x[n, :, :, k * c // g:(k + 1) * c // g]
+          out[n, :, :, k * c // g:(k + 1) * c // g] = (sl - sl.mean()) / np.sqrt(sl.var() + 1e-5)
+      x = out * q["g"] + q["beta"]
+    x = np.maximum(x, 0)
+    acts[f"conv{i + 1}"] = x
+    if spec.pools_after(i):
+      b, h, w, c = x.shape
+      pooled = np.zeros((b, h // 2, w // 2, c))
+      for r in range(h // 2):
+        for s in range(w // 2):
+          win = x[:, 2 * r:2 * r + 2, 2 * s:2 * s + 2]
+          pooled[:, r, s] = win.max(axis=(1, 2)) if spec.pool == "max" else win.mean(axis=(1, 2))
+      x = pooled
+  x = x.reshape(len(x), -1)
+  for i in range(len(spec.dense)):
+    x = np.maximum(x @ p[f"fc{i + 1}"]["w"] + p[f"fc{i + 1}"]["b"], 0)
+    acts[f"fc{i + 1}"] = x
+  return x @ p["head"]["w"] + p["head"]["b"], acts
+
+
+def test_conv_layer_matches_direct_loops():
+  rng = np.random.default_rng(0)
+  x, w, b = rng.standard_normal((2, 5, 6, 3)), rng.standard_normal((3, 3, 3, 4)), rng.standard_normal(4)
+  got = models.conv3x3(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32))
+  np.testing.assert_allclose(got, _conv_ref(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm,pool,pool_every", [("none", "max", 1), ("group", "avg", 1), ("layer", "max", 2)])
+def test_whole_net_matches_float64_loops(norm, pool, pool_every):
+  spec = models.ConvSpec(height=7, width=6, channels=2, classes=5, widths=(4, 6), dense=(5,),
+                         pool_every=pool_every, pool=pool, norm=norm, norm_groups=2)
+  models.check_spec(spec)
+  params = models.init(jax.random.key(1), spec)
+  # Random biases and gains, so every term of the reference is exercised.
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape), params)
+  images = np.random.default_rng(2).standard_normal((3, 7, 6, 2))
+  logits, acts = models.apply(params, jnp.asarray(images, jnp.float32), spec)
+  ref_logits, ref_acts = _net_ref(params, images, spec)
+  assert list(acts) == list(spec.layers) == ["conv1", "conv2", "fc1"]
+  for name in spec.layers:
+    np.testing.assert_allclose(acts[name], ref_acts[name], rtol=1e-4, atol=1e-4, err_msg=name)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_augmentation_crops_padded_images_and_flips():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((6, 5, 5, 2)).astype(np.float32)
+  out = np.asarray(models.augment(jax.random.key(3), jnp.asarray(x), 2, True))
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  flipped = 0
+  for n in range(6):  # every output is one crop of the padded image, flipped or not
+    hits = [(oy, ox, f) for oy in range(5) for ox in range(5) for f in (False, True)
+            if np.array_equal(out[n], (lambda c: c[:, ::-1] if f else c)(padded[n, oy:oy + 5, ox:ox + 5]))]
+    assert hits, n
+    flipped += all(f for _, _, f in hits)
+  assert 0 < flipped < 6
+  np.testing.assert_array_equal(models.augment(jax.random.key(3), jnp.asarray(x), 0, False), x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training on the seam.
+
+
+def test_vmapped_seed_equals_solo_run_and_digits_are_learned():
+  # SGD with momentum here (the optimiser seam); the resume test below trains with AdamW.
+  cfg = vision_config(steps=60, eval_every=20, seeds=3, **{"opt.name": "sgd"})
+  cfg.opt.lr = "2e-2"
+  state, metrics = train.make_train(cfg).train()
+  solo = vision_config(steps=60, eval_every=20, seeds=1, seed_offset=2, **{"opt.name": "sgd"})
+  solo.opt.lr = cfg.opt.lr
+  solo_state, _ = train.make_train(solo).train()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a)[2], np.asarray(b)[0], rtol=2e-5, atol=2e-6),
+               state.params, solo_state.params)
+  assert not np.allclose(np.asarray(state.params["conv1"]["w"][0]), np.asarray(state.params["conv1"]["w"][1]))
+  assert (metrics["test_acc"][-1] > 0.3).all(), metrics["test_acc"][-1]  # chance: 0.1
+  assert (metrics["train_loss"][-1] < metrics["train_loss"][0]).all()
+
+
+def test_relaunch_after_a_lost_checkpoint_resumes_bit_identically_with_augmentation(tmp_path):
+  cfg = vision_config(steps=30, eval_every=5, num_checkpoints=6, **{"task.augment_pad": 1,
+                                                                    "task.augment_flip": True})
+  whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+  launch.run_study(cfg, str(whole), progress=False)
+  shutil.copytree(whole, resumed)
+  ckdir = resumed / "checkpoints"
+  steps = sorted(int(p) for p in os.listdir(ckdir) if p.isdigit())
+  for s in steps[-2:]:  # as if the launch had died after the third-newest checkpoint
+    shutil.rmtree(ckdir / str(s))
+  assert launch.run_study(cfg, str(resumed), progress=False)["step"] == 30
+  trainer = train.make_train(family.FAMILY.resolve(cfg))
+  spec = train.host_state_spec(trainer)
+  with checkpoint.Checkpointer(str(whole / "checkpoints"), read_only=True) as a, \
+       checkpoint.Checkpointer(str(ckdir), read_only=True) as b:
+    assert a.steps() == b.steps()
+    (_, sa), (_, sb) = a.restore(spec), b.restore(spec)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), sa, sb)
+  ma, mb = rundir.read_metrics(str(whole)), rundir.read_metrics(str(resumed))
+  np.testing.assert_array_equal(ma["test_acc"], mb["test_acc"])
+  written = json.loads((whole / "config.json").read_text())["config"]["task"]["fingerprint"]
+  assert written == family.dataset_of(cfg).fingerprint
