@@ -170,3 +170,142 @@ def test_relaunch_after_a_lost_checkpoint_resumes_bit_identically_with_augmentat
   np.testing.assert_array_equal(ma["test_acc"], mb["test_acc"])
   written = json.loads((whole / "config.json").read_text())["config"]["task"]["fingerprint"]
   assert written == family.dataset_of(cfg).fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data readers (files written here, a few hundred records each).
+
+
+def _images(n, h, w, c, seed):
+  return np.random.default_rng(seed).integers(0, 256, (n, h, w, c)).astype(np.uint8)
+
+
+def _write_mnist(root, n_train=300, n_test=100, gz=False, labels=None):
+  os.makedirs(root, exist_ok=True)
+  rng = np.random.default_rng(1)
+  out = {"train": (_images(n_train, 28, 28, 1, 2)[..., 0], rng.integers(0, 10, n_train).astype(np.uint8)),
+         "test": (_images(n_test, 28, 28, 1, 3)[..., 0], rng.integers(0, 10, n_test).astype(np.uint8))}
+  if labels is not None:
+    out["train"][1][7] = labels
+  ext = ".gz" if gz else ""
+  for split, (img, lab) in out.items():
+    prefix = "train" if split == "train" else "t10k"
+    data_lib.write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}"), img)
+    data_lib.write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}"), lab)
+  return str(root), out
+
+
+def test_idx_reader_reads_mnist_files_plain_and_gzipped(tmp_path):
+  for gz in (False, True):
+    root, arrays = _write_mnist(tmp_path / f"m{gz}", gz=gz)
+    d = data_lib.load(root)
+    assert d.format == "idx" and d.classes == 10 and d.image_shape == (28, 28, 1)
+    np.testing.assert_array_equal(d.train_images[..., 0], arrays["train"][0])
+    np.testing.assert_array_equal(d.test_labels, arrays["test"][1])
+
+
+def test_cifar_readers_read_both_versions(tmp_path):
+  rng = np.random.default_rng(0)
+  c10 = tmp_path / "cifar10" / "cifar-10-batches-bin"
+  os.makedirs(c10)
+  parts = []
+  for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+    img, lab = _images(40, 32, 32, 3, len(parts)), rng.integers(0, 10, 40)
+    data_lib.write_cifar(str(c10 / name), img, lab)
+    parts.append((img, lab))
+  d = data_lib.load(str(tmp_path / "cifar10"))
+  assert d.format == "cifar10" and d.classes == 10 and d.image_shape == (32, 32, 3)
+  np.testing.assert_array_equal(d.train_images, np.concatenate([p[0] for p in parts[:5]]))
+  np.testing.assert_array_equal(d.train_labels, np.concatenate([p[1] for p in parts[:5]]))
+  np.testing.assert_array_equal(d.test_images, parts[5][0])
+  # The red plane of the record is the first 1,024 pixel bytes.
+  raw = np.frombuffer((c10 / "test_batch.bin").read_bytes(), np.uint8).reshape(40, 3073)
+  np.testing.assert_array_equal(raw[:, 1:1025].reshape(40, 32, 32), d.test_images[..., 0])
+  c100 = tmp_path / "cifar100"
+  os.makedirs(c100)
+  fine = rng.integers(0, 100, 50)
+  data_lib.write_cifar(str(c100 / "train.bin"), _images(50, 32, 32, 3, 9), fine, coarse_N=fine // 5)
+  data_lib.write_cifar(str(c100 / "test.bin"), _images(30, 32, 32, 3, 8), rng.integers(0, 100, 30),
+                       coarse_N=np.zeros(30))
+  d = data_lib.load(str(c100))
+  assert d.format == "cifar100" and d.classes == 100
+  np.testing.assert_array_equal(d.train_labels, fine)
+
+
+def test_npz_is_split_by_a_seeded_permutation_and_fingerprinted(tmp_path):
+  images, labels = _images(200, 6, 5, 1, 0)[..., 0], np.arange(200) % 7
+  path = str(tmp_path / "d.npz")
+  np.savez(path, images=images, labels=labels)
+  a = data_lib.load(path, test_frac=0.25, split_seed=3)
+  assert a.classes == 7 and len(a.test_images) == 50 and len(a.train_images) == 150
+  # Every image lands in exactly one split, with its label.
+  both = np.concatenate([a.train_images[..., 0], a.test_images[..., 0]]).reshape(200, -1)
+  order = np.lexsort(both.T[::-1])
+  np.testing.assert_array_equal(both[order], images.reshape(200, -1)[np.lexsort(images.reshape(200, -1).T[::-1])])
+  assert a.fingerprint != data_lib.load(path, test_frac=0.25, split_seed=4).fingerprint
+  images[0, 0, 0] ^= 1
+  other = str(tmp_path / "e.npz")
+  np.savez(other, images=images, labels=labels)
+  assert data_lib.load(other, test_frac=0.25, split_seed=3).fingerprint != a.fingerprint
+
+
+def _truncated_idx(p):
+  root, _ = _write_mnist(p / "m")
+  f = os.path.join(root, "train-images-idx3-ubyte")
+  with open(f, "r+b") as fh:
+    fh.truncate(os.path.getsize(f) - 100)
+  return root
+
+
+def _wrong_magic(p):
+  root, _ = _write_mnist(p / "m")
+  f = os.path.join(root, "t10k-labels-idx1-ubyte")
+  raw = bytearray(open(f, "rb").read())
+  raw[0] = 7
+  open(f, "wb").write(bytes(raw))
+  return root
+
+
+def _pickled_npz(p):
+  path = str(p / "x.npz")
+  np.savez(path, images=np.zeros((4, 3, 3), np.uint8), labels=np.array([0, 1, "a", None], dtype=object))
+  return path
+
+
+def _truncated_cifar(p):
+  root = p / "c"
+  os.makedirs(root)
+  for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+    data_lib.write_cifar(str(root / name), _images(3, 32, 32, 3, 0), [1, 2, 3])
+  with open(root / "data_batch_3.bin", "r+b") as fh:
+    fh.truncate(3073 * 2 + 1000)
+  return str(root)
+
+
+BAD_DATA = [(_truncated_idx, "truncated"), (_wrong_magic, "not an IDX file"),
+            (lambda p: _write_mnist(p / "m", labels=12)[0], r"label 12 out of range \[0, 10\)"),
+            (_pickled_npz, "pickled"), (_truncated_cifar, "not a whole number of 3073-byte CIFAR records")]
+
+
+@pytest.mark.parametrize("make,needle", BAD_DATA)
+def test_bad_data_is_one_line_and_a_launch_writes_nothing(tmp_path, make, needle):
+  source = make(tmp_path)
+  with pytest.raises(data_lib.DataError, match=needle) as e:
+    data_lib.load(source)
+  assert "\n" not in str(e.value)
+  work = tmp_path / "w"
+  with pytest.raises(ValueError, match=needle):
+    launch.run_study(vision_config(**{"task.data": source}), str(work), progress=False)
+  assert not work.exists() or not os.listdir(work)
+
+
+def test_cli_refuses_bad_data_with_exit_status_2_and_writes_nothing(tmp_path):
+  work = tmp_path / "w"
+  res = subprocess.run([sys.executable, "-m", "universality.experiments.vision_universality",
+                        f"--workdir={work}", "--noprogress", f"--config.task.data={_pickled_npz(tmp_path)}"],
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=120)
+  assert res.returncode == 2
+  lines = [l for l in res.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "pickled" in lines[0], res.stderr
+  assert not work.exists() or not os.listdir(work)
