@@ -8,13 +8,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from universality.engine import checkpoint, config as config_lib, launch, rundir, train
+from universality.engine import checkpoint, config as config_lib, launch, replay, rundir, train
+from universality.engine.analysis import convergent, cross_seed
 from universality.engine.families.vision import data as data_lib
-from universality.engine.families.vision import family, models
+from universality.engine.families.vision import analysis, family, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -309,3 +309,90 @@ def test_cli_refuses_bad_data_with_exit_status_2_and_writes_nothing(tmp_path):
   lines = [l for l in res.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and "pickled" in lines[0], res.stderr
   assert not work.exists() or not os.listdir(work)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The analysis.
+
+SPEC = models.ConvSpec(height=8, width=8, channels=1, classes=10, widths=(6, 8), dense=(7,))
+
+
+def _params(seed):
+  p = models.init(jax.random.key(seed), SPEC)
+  return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(seed + 50), a.shape), p)
+
+
+def _stack(*trees):
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+@pytest.mark.parametrize("mode", ["positions", "mean"])
+def test_layer_samples_are_images_by_positions_or_spatial_means(mode):
+  params = _stack(_params(0), _params(1))
+  images = np.random.default_rng(0).integers(0, 17, (10, 8, 8, 1)).astype(np.uint8)
+  mean, std = np.float32([5.0]), np.float32([4.0])
+  got = analysis.layer_samples(params, images, SPEC, mean, std, mode=mode, max_samples=10**6, batch=3,
+                               key=jax.random.key(0))
+  x = (images.astype(np.float64) - 5.0) / 4.0
+  for s in range(2):
+    _, ref = _net_ref(jax.tree.map(lambda a: a[s], params), x, SPEC)
+    conv1 = ref["conv1"].reshape(-1, 6) if mode == "positions" else ref["conv1"].mean(axis=(1, 2))
+    np.testing.assert_allclose(got["conv1"][s], conv1, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["fc1"][s], ref["fc1"], rtol=1e-4, atol=1e-4)
+  assert got["conv2"].shape == ((2, 10 * 16, 8) if mode == "positions" else (2, 10, 8))
+  sub = analysis.layer_samples(params, images, SPEC, mean, std, mode=mode, max_samples=7, batch=4,
+                               key=jax.random.key(1))
+  assert sub["conv1"].shape == (2, 7, 6)
+  rows = {tuple(np.round(r, 4)) for r in got["conv1"][0]}
+  assert all(tuple(np.round(r, 4)) in rows for r in sub["conv1"][0])  # a subset of the samples
+
+
+def test_layer_pass_finds_identical_seeds_identical_and_agrees_with_the_generic_passes():
+  rng = np.random.default_rng(0)
+  base = rng.standard_normal((600, 12))
+  acts = np.stack([base, base[:, rng.permutation(12)], rng.standard_normal((600, 12))]).astype(np.float32)
+  settings = dict(family.ANALYSIS_SETTINGS, convergent_pairs=2, convergent_inputs=512, fista_iterations=100)
+  rec, arrays, runs = analysis.analyse_layer(acts, jax.random.key(0), settings, "conv1")
+  assert rec["units"] == 12 and rec["samples"] == 600 and rec["dead_fraction"] == 0
+  # Run 1 is run 0 with its units permuted: every unit finds its copy (correlation 1), found by both matchings.
+  o2o = [convergent.OneToOne.from_json(r) for r in rec["convergent"]["one_to_one"]]
+  assert o2o[0].run_b == 1 and abs(o2o[0].greedy_mean - 1) < 1e-5 and abs(o2o[0].max_mean - 1) < 1e-5
+  assert o2o[0].same_partner_share == 1.0 and o2o[1].greedy_mean < 0.3
+  np.testing.assert_allclose(arrays["max_corr"][0, :, 1], 1.0, atol=1e-5)
+  assert arrays["universal"][0].all() is not None and runs[2]["mean_max_corr"] < 0.3
+  ref = cross_seed.neuron_correlations(jnp.asarray(acts), key=jax.random.split(jax.random.key(0), 3)[0])
+  np.testing.assert_allclose(arrays["excess"], np.asarray(ref["excess_SxN"]), atol=1e-5)
+  corr = np.corrcoef(acts[0].T.astype(np.float64), acts[2].T.astype(np.float64))[:12, 12:]
+  np.testing.assert_allclose(arrays["max_corr"][0, :, 2], corr.max(axis=1), atol=1e-4)
+
+
+def test_launch_analysis_report_and_notebook_view(tmp_path):
+  cfg = vision_config(steps=20, eval_every=10, num_checkpoints=3, seeds=3)
+  cfg.exec.analyze = True
+  cfg.analysis.images = 32
+  cfg.analysis.fista_iterations = 50
+  work = tmp_path / "w"
+  out = launch.run_study(cfg, str(work), progress=False)
+  text = open(out["report"]).read()
+  assert "### One-to-one matching, beside Li et al. (2016)" in text and "| conv3 | – |" in text
+  assert "0.703" in text and "#### Convergent learning (conv2): sparse prediction" in text
+  with replay.open(str(work)) as run:
+    assert type(run).__module__ == "universality.engine.families.vision.view"
+    layers = run.layers()
+    assert [r["layer"] for r in layers] == ["conv1", "conv2", "fc1"]
+    assert layers[0]["samples"] == 32 * 64 and layers[1]["samples"] == 32 * 16
+    units = run.units("conv2")
+    assert units["excess"].shape == (3, 16) and units["max_corr"].shape == (3, 16, 3)
+    assert len(run.convergent("conv1")["one_to_one"]) == 2
+    images, labels = run.test_images(5)
+    logits, acts = run.apply(images, step=run.steps[1])
+    assert logits.shape == (3, 5, 10) and acts["conv1"].shape == (3, 5, 8, 8, 8) and acts["fc1"].shape == (3, 5, 16)
+    # The replayed forward pass is the trainer's: same logits as Trainer.apply on the last checkpoint.
+    trainer = run.trainer()
+    t_logits, _ = trainer.apply(run.params(), np.broadcast_to(images, (3,) + images.shape))
+    np.testing.assert_allclose(run.apply(images)[0], np.asarray(t_logits), rtol=1e-5, atol=1e-5)
+    summary = run.summary()
+    assert summary["family"] == "vision" and "layers" in summary["runs"][0]
+    # Re-analysing the last checkpoint reproduces the summary.
+    again = run.analyze(images=32, fista_iterations=50)[run.cohorts[0]]["aggregate"]["layers"]
+    assert again[0]["greedy_mean"] == pytest.approx(layers[0]["greedy_mean"], abs=1e-6)
