@@ -396,3 +396,55 @@ def test_launch_analysis_report_and_notebook_view(tmp_path):
     # Re-analysing the last checkpoint reproduces the summary.
     again = run.analyze(images=32, fista_iterations=50)[run.cohorts[0]]["aggregate"]["layers"]
     assert again[0]["greedy_mean"] == pytest.approx(layers[0]["greedy_mean"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Symmetries: weight matching for mode connectivity, feature merging on conv channels.
+
+from universality.engine.families.vision import symmetry  # noqa: E402
+
+SYM = models.ConvSpec(height=8, width=8, channels=1, classes=10, widths=(6, 8), dense=(7,), norm="layer")
+
+
+def _confident_net(spec, seed):
+  """A random net with a scaled-up head, so its own argmax labels are predicted with low loss."""
+  p = models.init(jax.random.key(seed), spec)
+  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(seed + 7), a.shape), p)
+  return dict(p, head={"w": 8.0 * p["head"]["w"], "b": p["head"]["b"]})
+
+
+def test_permuted_copy_has_zero_barrier_after_weight_matching_and_a_positive_one_before():
+  rng = np.random.default_rng(0)
+  params = _confident_net(SYM, 1)
+  images = rng.standard_normal((128, 8, 8, 1)).astype(np.float32)
+  logits, _ = models.apply(params, jnp.asarray(images), SYM)
+  labels = np.asarray(jnp.argmax(logits, axis=-1))
+  perms = {layer: rng.permutation(n) for layer, n in zip(SYM.layers, (6, 8, 7))}
+  copy = symmetry.permute(params, perms, SYM)
+  np.testing.assert_allclose(models.apply(copy, jnp.asarray(images), SYM)[0], logits, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(copy["conv2"]["w"], params["conv2"]["w"])
+  before = symmetry.path_losses(params, copy, SYM, images, labels, points=9)
+  found = symmetry.weight_matching(params, copy, SYM)
+  for layer in SYM.layers:  # the copy's unit perm^-1[n] is the original's unit n
+    np.testing.assert_array_equal(found[layer], np.argsort(perms[layer]))
+  after = symmetry.path_losses(params, symmetry.permute(copy, found, SYM), SYM, images, labels, points=9)
+  assert abs(after["barrier"]) < 1e-4 and before["barrier"] > 0.1, (before["barrier"], after["barrier"])
+  with pytest.raises(ValueError, match="groups"):
+    symmetry.weight_matching(params, copy, models.ConvSpec(**dict(SYM.__dict__, norm="group", norm_groups=2)))
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_feature_merging_removes_exactly_the_duplicated_channels(layer):
+  spec = models.ConvSpec(height=8, width=8, channels=1, classes=10, widths=(6, 6), dense=(5,))
+  p = jax.tree.map(np.array, _confident_net(spec, 3))
+  scales = np.array([2.0, 0.5, 1.5])
+  p[layer]["w"][..., 3:] = p[layer]["w"][..., :3] * scales  # channels 3-5: positive multiples of 0-2
+  p[layer]["b"][3:] = p[layer]["b"][:3] * scales
+  images = np.random.default_rng(1).standard_normal((64, 8, 8, 1)).astype(np.float32)
+  logits, _ = models.apply(p, jnp.asarray(images), spec)
+  labels = np.asarray(jnp.argmax(logits, axis=-1))
+  res = symmetry.merge_channels(p, spec, layer, images, labels, tolerance=1e-3, max_distance=1e-5)
+  assert res["width"] == 3 and res["merges"] == 3 and res["merged_loss"] == pytest.approx(res["loss"], abs=1e-5)
+  assert all(res["alive"][k] != res["alive"][k + 3] for k in range(3))  # one of each pair is left
+  merged_logits, _ = models.apply(res["params"], jnp.asarray(images), spec)
+  np.testing.assert_allclose(merged_logits, logits, rtol=1e-4, atol=1e-4)  # the same function
