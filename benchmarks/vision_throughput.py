@@ -1,4 +1,5 @@
-"""Training throughput of the vision family's conv net: universality.engine.train over S seeds vs a PyTorch loop.
+"""Training throughput of the vision family's conv net: universality.engine.train over S seeds vs a PyTorch
+loop.
 
 usage: python benchmarks/vision_throughput.py [--seeds 1,16] [--steps 400] [--eval-every 200] [--no-torch]
                                              [--widths 16,32,32] [--dense 64] [--batch 64]

@@ -2,7 +2,8 @@ r"""Train many seeds of a conv net on images, then ask whether they learned the 
 
   python -m universality.experiments.vision_universality --workdir=runs/vision
   python -m universality.experiments.vision_universality --workdir=runs/v --config.seeds=4 --config.steps=500
-  python -m universality.experiments.vision_universality --workdir=runs/mnist --config.task.data=/path/to/mnist
+  python -m universality.experiments.vision_universality --workdir=runs/mnist \
+      --config.task.data=/path/to/mnist
   python -m universality.experiments.vision_universality --workdir=runs/c10 \
       --config=experiments/configs/vision_cifar10.py --config.task.data=/path/to/cifar-10-batches-bin
 

@@ -15,7 +15,13 @@ activations after the ReLU (``models.apply``'s named activations) become samples
 * linear CKA and the orthogonal Procrustes distance between every pair of runs (``cross_seed``);
 * the three Convergent Learning passes (``universality.engine.analysis.convergent``: one-to-one greedy and
   bipartite matching, sparse prediction over the ``lambdas``, spectral clusters) on run 0 against runs
-  1 .. ``convergent_pairs``, on at most ``convergent_inputs`` samples.
+  1 .. ``convergent_pairs``, on at most ``convergent_inputs`` samples;
+* mode connectivity (``connectivity``): the loss barrier on the straight path from run 0 to each of those
+  runs, on ``images`` training images, with run j's units as they are (raw), reordered by activation
+  matching (per layer, the bipartite matching of the units' correlations on the test images) and by weight
+  matching (``universality.engine.families.vision.symmetry``); not for GroupNorm with several groups;
+* iterative feature merging (``merging``) of every hidden layer of every run on the same training images,
+  within ``merge_tolerance`` of the loss (``symmetry.merge_channels``); nets without normalisation only.
 
 Only the last checkpoint is analysed (``LAST_STEP_ONLY``). summary.json holds per cohort ``aggregate.layers``:
 one record per layer (``LAYER_FIELDS``, with the Convergent Learning records under ``convergent``), and per
@@ -31,28 +37,33 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import optimize as scipy_optimize
 
 from universality.engine.analysis import convergent
 from universality.engine.analysis import cross_seed
 from universality.engine.families.vision import family as family_lib
 from universality.engine.families.vision import models
+from universality.engine.families.vision import symmetry
 
 LAST_STEP_ONLY = True
 SETTINGS = family_lib.ANALYSIS_SETTINGS
 SAMPLES = ("positions", "mean")
-# Li et al. 2016, Net1 vs Net2 (AlexNet on ImageNet), mean correlation of matched units: (greedy, max matching).
+# Li et al. 2016, Net1 vs Net2 (AlexNet on ImageNet), mean correlation of matched units:
+# (greedy, max matching).
 PAPER_ONE_TO_ONE = {"conv1": (0.703, 0.663), "conv2": (0.556, 0.507), "conv3": (0.478, 0.446),
                     "conv4": (0.369, 0.342), "conv5": (0.416, 0.385)}
 LAYER_FIELDS = ("layer", "units", "samples", "dead_fraction", "mean_max_corr", "mean_baseline_max_corr",
                 "mean_excess", "universal_fraction", "cka", "procrustes", "greedy_mean", "max_mean",
-                "same_partner_share", "lambdas", "heldout_loss", "mean_units_used", "mixed_share", "svcca")
+                "same_partner_share", "lambdas", "heldout_loss", "mean_units_used", "mixed_share", "svcca",
+                "mean_feature_width")
 ARRAYS = ("excess", "universal", "dead", "max_corr", "baseline_max_corr", "argmax", "cka")
 
 
 def check_settings(settings: dict) -> None:
   if settings["conv_samples"] not in SAMPLES:
     raise ValueError(f"analysis.conv_samples: must be one of {SAMPLES}, got {settings['conv_samples']!r}")
-  for name in ("images", "batch_images", "max_samples", "convergent_inputs", "clusters", "fista_iterations"):
+  for name in ("images", "batch_images", "max_samples", "convergent_inputs", "clusters", "fista_iterations",
+               "path_points"):
     if int(settings[name]) < 1:
       raise ValueError(f"analysis.{name}: must be >= 1, got {settings[name]}")
   lambdas(settings)
@@ -133,7 +144,8 @@ def analyse_layer(acts_SxTxN: np.ndarray, key, settings: dict, layer: str) -> tu
     return rec, arrays, runs
   corr = cross_seed.neuron_correlations(jnp.asarray(acts_SxTxN), key=k_corr,
                                         universal_threshold=float(settings["universal_threshold"]),
-                                        memory_bytes=int(float(settings["memory_gb"]) * (1 << 30)), within=False)
+                                        memory_bytes=int(float(settings["memory_gb"]) * (1 << 30)),
+                                        within=False)
   mx, base = np.asarray(corr["max_SxNxS"], np.float64), np.asarray(corr["baseline_max_SxNxS"], np.float64)
   excess, universal = np.asarray(corr["excess_SxN"], np.float64), np.asarray(corr["universal_SxN"])
   other = ~np.eye(s, dtype=bool)
@@ -143,7 +155,8 @@ def analyse_layer(acts_SxTxN: np.ndarray, key, settings: dict, layer: str) -> tu
                                              knn_inputs=min(1024, t), key=k_sim)
   cka, procrustes = np.asarray(sim["cka"], np.float64), np.asarray(sim["procrustes"], np.float64)
   rec.update(mean_max_corr=_mean(mx_other), mean_baseline_max_corr=_mean(base_other),
-             mean_excess=_mean(excess[live]), universal_fraction=float(universal[live].mean()) if live.any() else None,
+             mean_excess=_mean(excess[live]),
+             universal_fraction=float(universal[live].mean()) if live.any() else None,
              cka=_mean(cka[other]), procrustes=_mean(procrustes[other]))
   arrays.update(excess=excess.astype(np.float32), universal=universal, max_corr=mx.astype(np.float32),
                 baseline_max_corr=base.astype(np.float32), argmax=np.asarray(corr["argmax_SxNxS"], np.int32),
@@ -160,13 +173,14 @@ def analyse_layer(acts_SxTxN: np.ndarray, key, settings: dict, layer: str) -> tu
   svcca = [c.svcca for r in sc for c in r.clusters if c.svcca is not None]
   rec.update(greedy_mean=_mean([r.greedy_mean for r in o2o if r.greedy_mean is not None]),
              max_mean=_mean([r.max_mean for r in o2o if r.max_mean is not None]),
-             same_partner_share=_mean([r.same_partner_share for r in o2o if r.same_partner_share is not None]),
+             same_partner_share=_mean([r.same_partner_share for r in o2o
+                                       if r.same_partner_share is not None]),
              lambdas=list(conv_settings.lambdas), heldout_loss=_mean_lists([r.heldout_loss for r in sp]),
              mean_units_used=_mean_lists([r.mean_units_used for r in sp]),
              mixed_share=_mean([r.mixed_share for r in sc if r.mixed_share is not None]),
              svcca=_mean(svcca) if svcca else None)
-  rec["convergent"] = {"one_to_one": [r.to_json() for r in o2o], "sparse_prediction": [r.to_json() for r in sp],
-                       "clusters": [r.to_json() for r in sc]}
+  rec["convergent"] = {"one_to_one": [r.to_json() for r in o2o],
+                       "sparse_prediction": [r.to_json() for r in sp], "clusters": [r.to_json() for r in sc]}
   return rec, arrays, runs
 
 
@@ -197,6 +211,58 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
     arrays.update({f"{layer}__{k}": v for k, v in arr.items()})
     for r, pr in zip(runs, per_run):
       r["layers"][layer] = pr
-  task = {"images": int(len(images)), "step": int(step), "layers": list(spec.layers),
-          "conv_samples": settings["conv_samples"]}
-  return {"task": task, "aggregate": {"layers": layers}, "runs": runs, "arrays": arrays}
+  aggregate: dict[str, Any] = {"layers": layers}
+  train_x = family_lib.standardise(jnp.asarray(d.train_images[:int(settings["images"])]), mean, std)
+  train_y = d.train_labels[:int(settings["images"])]
+  if settings["merging"] and spec.norm == "none":
+    widths = merging(params, spec, train_x, train_y, float(settings["merge_tolerance"]))
+    for r, w in zip(runs, widths):
+      r["feature_widths"] = w
+    for rec in layers:
+      rec["mean_feature_width"] = _mean([w[rec["layer"]] for w in widths])
+  if settings["connectivity"] and s >= 2 and not (spec.norm == "group" and spec.norm_groups > 1):
+    pairs = [(0, j) for j in range(1, min(int(settings["convergent_pairs"]), s - 1) + 1)]
+    aggregate["connectivity"] = connectivity(params, spec, acts, pairs, train_x, train_y,
+                                             int(settings["path_points"]))
+  task = {"images": int(len(images)), "train_images": int(len(train_y)), "step": int(step),
+          "layers": list(spec.layers), "conv_samples": settings["conv_samples"]}
+  return {"task": task, "aggregate": aggregate, "runs": runs, "arrays": arrays}
+
+
+ALIGNMENTS = ("raw", "activation", "weight")
+
+
+def connectivity(params_S, spec, acts: dict[str, np.ndarray], pairs, images, labels, points: int) -> dict:
+  """Barriers of the paths from run a to run b per alignment (module docstring), JSON-ready."""
+  one = lambda i: jax.tree.map(lambda x: np.asarray(x)[i], params_S)
+  out: dict[str, Any] = {"pairs": [list(p) for p in pairs], "points": points}
+  paths = {name: [] for name in ALIGNMENTS}
+  for a, b in pairs:
+    pa, pb = one(a), one(b)
+    perms = {"raw": {}, "weight": symmetry.weight_matching(pa, pb, spec)}
+    matched = {}
+    for layer in spec.layers:
+      corr = convergent.cross_correlation(acts[layer][a], acts[layer][b])
+      _, cols = scipy_optimize.linear_sum_assignment(corr, maximize=True)
+      matched[layer] = cols
+    perms["activation"] = matched
+    for name in ALIGNMENTS:
+      aligned = symmetry.permute(pb, perms[name], spec)
+      paths[name].append(symmetry.path_losses(pa, aligned, spec, images, labels, points=points))
+  for name in ALIGNMENTS:
+    barriers = [p["barrier"] for p in paths[name]]
+    out[name] = {"barrier": barriers, "mean_barrier": _mean(barriers),
+                 "mean_loss_path": np.mean([p["loss_L"] for p in paths[name]], axis=0).tolist(),
+                 "min_accuracy": [float(np.min(p["accuracy_L"])) for p in paths[name]]}
+  return out
+
+
+def merging(params_S, spec, images, labels, tolerance: float) -> list[dict[str, int]]:
+  """Per run, the width each hidden layer keeps under iterative feature merging (module docstring)."""
+  s = jax.tree.leaves(params_S)[0].shape[0]
+  out = []
+  for i in range(s):
+    p = jax.tree.map(lambda x: np.asarray(x)[i], params_S)
+    out.append({layer: symmetry.merge_channels(p, spec, layer, images, labels, tolerance=tolerance)["width"]
+                for layer in spec.layers})
+  return out

@@ -131,7 +131,7 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def read_cifar(path: str, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-  """Images ``[N, 32, 32, 3]`` uint8 and labels of a CIFAR binary file (the last label byte of each record)."""
+  """Images ``[N, 32, 32, 3]`` uint8 and labels of a CIFAR binary file (each record's last label byte)."""
   data = _read_bytes(path)
   record = label_bytes + 3072
   if not data or len(data) % record:
@@ -348,7 +348,8 @@ def write_idx(path: str, array: np.ndarray) -> None:
 
 def write_cifar(path: str, images_Nx32x32x3: np.ndarray, labels_N: np.ndarray, coarse_N=None) -> None:
   """Writes CIFAR binary records (CIFAR-100's when ``coarse_N`` is given)."""
-  images = np.ascontiguousarray(np.asarray(images_Nx32x32x3, np.uint8).transpose(0, 3, 1, 2)).reshape(-1, 3072)
+  planes = np.asarray(images_Nx32x32x3, np.uint8).transpose(0, 3, 1, 2)
+  images = np.ascontiguousarray(planes).reshape(-1, 3072)
   cols = ([np.asarray(coarse_N, np.uint8)[:, None]] if coarse_N is not None else [])
   rec = np.concatenate(cols + [np.asarray(labels_N, np.uint8)[:, None], images], axis=1)
   with io.open(path, "wb") as f:

@@ -18,7 +18,8 @@ Config sections::
   task.eval_examples     training and test images evaluated at every evaluation (0: all of each split)
   task.eval_batch        images per chunk of an evaluation (bounds its memory)
   model.name             "conv"
-  model.conv.widths, .dense, .pool_every, .pool, .norm, .norm_groups   (universality.engine.families.vision.models)
+  model.conv.widths, .dense, .pool_every, .pool, .norm, .norm_groups
+                         (universality.engine.families.vision.models)
 
 The sweep is ``lr × weight_decay × seeds`` (seeds innermost). Each step draws ``batch_size`` training images
 uniformly (with replacement) from ``fold_in(data_key, step)`` and augments them inside the compiled step from
@@ -45,7 +46,8 @@ from universality.engine.families.vision import data as data_lib
 from universality.engine.families.vision import models
 
 MODELS = ("conv",)
-# The analysis settings and their defaults (config section ``analysis``; universality.engine.families.vision.analysis).
+# The analysis settings and their defaults (config section ``analysis``;
+# universality.engine.families.vision.analysis).
 ANALYSIS_SETTINGS = {
     "images": 512,                # test images every run reads (the first ones of the test split)
     "batch_images": 256,          # images per forward pass
@@ -58,6 +60,10 @@ ANALYSIS_SETTINGS = {
     "fista_iterations": 300,
     "clusters": 8,                # spectral clusters per pair of runs
     "memory_gb": 1.0,             # budget of the correlation kernel's co-moment tiles
+    "connectivity": True,         # loss barriers between run 0 and runs 1 .. convergent_pairs (raw, matched)
+    "path_points": 13,            # values of λ along each path, ends included
+    "merging": True,              # iterative feature merging of every conv and dense layer of every run
+    "merge_tolerance": 0.01,      # the loss rise a merge may cause (on the analysis' training images)
 }
 
 
@@ -268,14 +274,15 @@ class VisionFamily(families.Family):
     d = dataset_of(cfg)
     spec = spec_of(cfg, d)
     h, w, ch = d.image_shape
-    source = ("scikit-learn's handwritten digits" if t.data == data_lib.DIGITS else f"`{t.data}` ({d.format})")
+    source = ("scikit-learn's handwritten digits" if t.data == data_lib.DIGITS
+              else f"`{t.data}` ({d.format})")
     aug = ", ".join(([f"random crops (padding {t.augment_pad})"] if t.augment_pad else [])
                     + (["horizontal flips"] if t.augment_flip else [])) or "none"
     order = "its own" if t.vary_data_order else "the same"
     pools = f"{c.pool} pooling 2×2 after every {c.pool_every} conv layer(s)" if c.pool_every else "no pooling"
     norm = {"none": "no normalisation", "layer": "LayerNorm", "group": f"GroupNorm ({c.norm_groups} groups)"}
-    return [f"- Task: {d.classes}-class image classification on {source}: {len(d.train_images):,} training and "
-            f"{len(d.test_images):,} test images of {h}×{w}×{ch} (fingerprint {d.fingerprint})",
+    return [f"- Task: {d.classes}-class image classification on {source}: {len(d.train_images):,} training "
+            f"and {len(d.test_images):,} test images of {h}×{w}×{ch} (fingerprint {d.fingerprint})",
             f"- Model: conv net, 3×3 conv widths {list(spec.widths)} with ReLU, {norm[c.norm]}, {pools}; "
             f"dense {list(spec.dense)}; head onto {d.classes} classes",
             f"- Augmentation: {aug}; every seed sees {order} sequence of minibatches"]

@@ -141,8 +141,8 @@ def init(key: jax.Array, spec: ConvSpec) -> dict[str, Any]:
     params[f"fc{i + 1}"] = {"w": math.sqrt(2.0 / n_in) * jax.random.normal(k, (n_in, n), jnp.float32),
                             "b": jnp.zeros((n,), jnp.float32)}
     n_in = n
-  params["head"] = {"w": math.sqrt(1.0 / n_in) * jax.random.normal(keys[-1], (n_in, spec.classes), jnp.float32),
-                    "b": jnp.zeros((spec.classes,), jnp.float32)}
+  head = math.sqrt(1.0 / n_in) * jax.random.normal(keys[-1], (n_in, spec.classes), jnp.float32)
+  params["head"] = {"w": head, "b": jnp.zeros((spec.classes,), jnp.float32)}
   return params
 
 

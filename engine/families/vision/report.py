@@ -54,7 +54,8 @@ def one_to_one_table(layers: Sequence[Mapping]) -> str:
   for i, r in enumerate(layers):
     paper = analysis.PAPER_ONE_TO_ONE.get(r["layer"])
     rows.append([r["layer"], r["units"], _f(r.get("greedy_mean")), _f(r.get("max_mean")),
-                 _f(r.get("same_partner_share"), 2), _f(paper[0]) if paper else "–", _f(paper[1]) if paper else "–"])
+                 _f(r.get("same_partner_share"), 2), _f(paper[0]) if paper else "–",
+                 _f(paper[1]) if paper else "–"])
     if i == last_conv:
       rows += [[name, "–", "–", "–", "–", _f(g), _f(m)] for name, (g, m) in analysis.PAPER_ONE_TO_ONE.items()
                if name not in ours]
@@ -63,18 +64,37 @@ def one_to_one_table(layers: Sequence[Mapping]) -> str:
 
 
 def cross_seed_table(layers: Sequence[Mapping]) -> str:
-  rows = [[r["layer"], r["units"], f"{r['samples']:,}", _pct(r.get("dead_fraction")), _f(r.get("mean_max_corr")),
-           _f(r.get("mean_baseline_max_corr")), _f(r.get("mean_excess")), _pct(r.get("universal_fraction")),
+  rows = [[r["layer"], r["units"], f"{r['samples']:,}", _pct(r.get("dead_fraction")),
+           _f(r.get("mean_max_corr")), _f(r.get("mean_baseline_max_corr")), _f(r.get("mean_excess")),
+           _pct(r.get("universal_fraction")),
            _f(r.get("cka")), _f(r.get("svcca")), _f(r.get("mixed_share"), 2)] for r in layers]
-  return markdown_table(["layer", "units", "samples", "dead", "mean max corr.", "rotation baseline", "mean excess",
-                         "universal", "CKA", "SVCCA (mixed clusters)", "mixed clusters"], rows)
+  return markdown_table(["layer", "units", "samples", "dead", "mean max corr.", "rotation baseline",
+                         "mean excess", "universal", "CKA", "SVCCA (mixed clusters)", "mixed clusters"], rows)
+
+
+def connectivity_table(conn: Mapping) -> str:
+  pairs = [f"{a}–{b}" for a, b in conn["pairs"]]
+  rows = [[name, _f(conn[name]["mean_barrier"])] + [_f(v) for v in conn[name]["barrier"]]
+          + [_f(min(conn[name]["min_accuracy"]), 2)] for name in analysis.ALIGNMENTS if name in conn]
+  header = ["alignment", "mean barrier"] + [f"barrier {p}" for p in pairs] + ["min. accuracy on paths"]
+  return markdown_table(header, rows)
+
+
+def widths_table(layers: Sequence[Mapping], records: Sequence[Mapping]) -> str:
+  rows = []
+  for r in layers:
+    w = [rec["feature_widths"][r["layer"]] for rec in records if rec.get("feature_widths")]
+    rows.append([r["layer"], r["units"], _f(r.get("mean_feature_width"), 1),
+                 f"{min(w)}–{max(w)}" if w else "–"])
+  return markdown_table(["layer", "units", "mean width after merging", "range over runs"], rows)
 
 
 def convergent_records(rec: Mapping) -> dict:
   """The typed Convergent Learning records of one layer's summary record."""
   c = rec.get("convergent") or {}
   return {"one_to_one": [convergent.OneToOne.from_json(r) for r in c.get("one_to_one", [])],
-          "sparse_prediction": [convergent.SparsePrediction.from_json(r) for r in c.get("sparse_prediction", [])],
+          "sparse_prediction": [convergent.SparsePrediction.from_json(r)
+                                for r in c.get("sparse_prediction", [])],
           "clusters": [convergent.Clusters.from_json(r) for r in c.get("clusters", [])]}
 
 
@@ -99,10 +119,23 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
            "sit beside ours by depth only).", "", one_to_one_table(layers),
            f"![one-to-one]({save(sub.plot.one_to_one(), prefix + '_one_to_one.png')})", "",
            "### Cross-seed correlation per layer", "",
-           "For each unit, its maximum correlation with the units of every other run, beside the same maximum "
-           "over that run's units mixed by a random rotation; excess = mean over the other runs of the "
-           "difference; CKA and SVCCA compare whole layers.", "", cross_seed_table(layers),
+           "For each unit, its maximum correlation with the units of every other run, beside the same "
+           "maximum over that run's units mixed by a random rotation; excess = mean over the other runs of "
+           "the difference; CKA and SVCCA compare whole layers.", "", cross_seed_table(layers),
            f"![sparse prediction]({save(sub.plot.sparse_prediction(), prefix + '_sparse.png')})", ""]
+    conn = ce["aggregate"].get("connectivity")
+    if conn:
+      md += ["### Mode connectivity", "",
+             f"Loss barrier on the straight path from run 0 to another run ({conn['points']} points, on "
+             f"{task.get('train_images', 0):,} training images): max over λ of the loss minus the line "
+             "between the ends; the other run's units as they are (raw), reordered by activation matching or "
+             "by weight matching (Git Re-Basin's coordinate descent over every conv and dense layer).", "",
+             connectivity_table(conn)]
+    if any(r.get("mean_feature_width") is not None for r in layers):
+      md += ["### Feature complexity", "",
+             "Units left in each layer of each run after iterative feature merging (the most similar units "
+             "by incoming weights merged, the outgoing weights folded, while the loss rises by at most the "
+             "tolerance).", "", widths_table(layers, records)]
     for rec in layers:
       text = convergent.sections(convergent_records(rec), layer=rec["layer"], heading="####")
       if text:

@@ -105,9 +105,10 @@ def weight_matching(params_a, params_b, spec: models.ConvSpec, *, max_sweeps: in
                     seed: int = 0) -> dict[str, np.ndarray]:
   """``{layer: perm}``: b's units reordered by ``permute(params_b, perms)`` to match a's (module docstring).
 
-  Coordinate descent: each layer's permutation maximises Σ_n ⟨in_a[n], in_b'[π(n)]⟩ + ⟨out_a[n], out_b'[π(n)]⟩,
-  where b' is b with every other layer's current permutation applied; layers are visited in a random order
-  (``seed``) per sweep, until a sweep changes nothing or ``max_sweeps``.
+  Coordinate descent: each layer's permutation maximises
+  Σ_n ⟨in_a[n], in_b'[π(n)]⟩ + ⟨out_a[n], out_b'[π(n)]⟩, where b' is b with every other layer's current
+  permutation applied; layers are visited in a random order (``seed``) per sweep, until a sweep changes
+  nothing or ``max_sweeps``.
   """
   _check_permutable(spec)
   layers = list(spec.layers)

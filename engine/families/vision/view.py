@@ -1,4 +1,5 @@
-"""The notebook view of a vision run directory: ``universality.engine.view.Run`` plus image and layer accessors.
+"""The notebook view of a vision run directory: ``universality.engine.view.Run`` plus image and layer
+accessors.
 
   run = universality.engine.replay.open("runs/vision")     # a View
   images, labels = run.test_images(16)               # the study's test images (raw) and labels
@@ -7,6 +8,8 @@
   run.layers()                                       # the cohort's per-layer records (summary.json)
   run.units("conv2")                                 # per-unit arrays: excess, max_corr, argmax, dead, ...
   run.convergent("conv1")                            # typed one-to-one, sparse-prediction and cluster records
+  run.connectivity()                                 # loss barriers run 0 -> others: raw, activation, weight
+  run.feature_widths()                               # {layer: [S] units left after feature merging}
   run.plot.one_to_one(); run.plot.sparse_prediction(); run.plot.learning_curves()
 
 Per-cohort accessors need the selection to hold one cohort (``select(lr=...)`` narrows a sweep).
@@ -52,7 +55,8 @@ class View(view_lib.Run):
     if x.ndim == 3:
       x = x[..., None]
     if x.ndim != 4 or x.shape[1:] != d.train_images.shape[1:]:
-      raise ValueError(f"apply: images must be [B, {', '.join(map(str, d.image_shape))}], got {np.shape(images)}")
+      shape = ", ".join(map(str, d.image_shape))
+      raise ValueError(f"apply: images must be [B, {shape}], got {np.shape(images)}")
     mean, std = d.channel_stats()
     logits, acts = analysis.forward(self.spec())(self.params(step), x.astype(np.float32), mean, std)
     return np.asarray(logits), {k: np.asarray(v) for k, v in acts.items()}
@@ -84,6 +88,18 @@ class View(view_lib.Run):
       if rec["layer"] == layer:
         return report.convergent_records(rec)
     raise ValueError(f"convergent: no layer {layer!r}")
+
+  def connectivity(self, **filters) -> dict | None:
+    """The cohort's loss barriers per alignment (``analysis.connectivity``); None when not computed."""
+    return self.cohort_summary(**filters)["aggregate"].get("connectivity")
+
+  def feature_widths(self, **filters) -> dict[str, np.ndarray]:
+    """``{layer: int [S]}``: units each selected run keeps per layer after iterative feature merging."""
+    records = self.cohort_summary(**filters)["records"]
+    if not all(r.get("feature_widths") for r in records):
+      return {}
+    return {layer: np.asarray([r["feature_widths"][layer] for r in records])
+            for layer in records[0]["feature_widths"]}
 
 
 class Plots:
