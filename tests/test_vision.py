@@ -459,3 +459,14 @@ def test_feature_merging_removes_exactly_the_duplicated_channels(layer):
   assert all(res["alive"][k] != res["alive"][k + 3] for k in range(3))  # one of each pair is left
   merged_logits, _ = models.apply(res["params"], jnp.asarray(images), spec)
   np.testing.assert_allclose(merged_logits, logits, rtol=1e-4, atol=1e-4)  # the same function
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("analysis.conv_samples", "pixels", "conv_samples: must be one of"),
+    ("analysis.lambdas", "0.1,-1", "lambdas: expected positive numbers"),
+    ("model.conv.widths", "16,x", "cannot read '16,x'"),
+    ("model.conv.norm", "batch", "norm: must be one of")])
+def test_bad_config_fields_are_refused_before_anything_is_built(field, value, needle):
+  with pytest.raises(ValueError, match=needle) as e:
+    config_lib.validate(vision_config(**{field: value}))
+  assert "\n" not in str(e.value) and str(e.value).startswith(f"config.{field}")

@@ -47,7 +47,6 @@ from universality.engine.families.vision import symmetry
 
 LAST_STEP_ONLY = True
 SETTINGS = family_lib.ANALYSIS_SETTINGS
-SAMPLES = ("positions", "mean")
 # Li et al. 2016, Net1 vs Net2 (AlexNet on ImageNet), mean correlation of matched units:
 # (greedy, max matching).
 PAPER_ONE_TO_ONE = {"conv1": (0.703, 0.663), "conv2": (0.556, 0.507), "conv3": (0.478, 0.446),
@@ -57,27 +56,6 @@ LAYER_FIELDS = ("layer", "units", "samples", "dead_fraction", "mean_max_corr", "
                 "same_partner_share", "lambdas", "heldout_loss", "mean_units_used", "mixed_share", "svcca",
                 "mean_feature_width")
 ARRAYS = ("excess", "universal", "dead", "max_corr", "baseline_max_corr", "argmax", "cka")
-
-
-def check_settings(settings: dict) -> None:
-  if settings["conv_samples"] not in SAMPLES:
-    raise ValueError(f"analysis.conv_samples: must be one of {SAMPLES}, got {settings['conv_samples']!r}")
-  for name in ("images", "batch_images", "max_samples", "convergent_inputs", "clusters", "fista_iterations",
-               "path_points"):
-    if int(settings[name]) < 1:
-      raise ValueError(f"analysis.{name}: must be >= 1, got {settings[name]}")
-  lambdas(settings)
-
-
-def lambdas(settings: dict) -> tuple[float, ...]:
-  text = settings["lambdas"]
-  try:
-    out = tuple(float(v) for v in str(text).split(",") if v.strip())
-  except ValueError:
-    raise ValueError(f"analysis.lambdas: cannot read {text!r} as comma-separated numbers") from None
-  if not out or not all(np.isfinite(v) and v > 0 for v in out):
-    raise ValueError(f"analysis.lambdas: expected positive numbers, got {text!r}")
-  return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,7 +144,7 @@ def analyse_layer(acts_SxTxN: np.ndarray, key, settings: dict, layer: str) -> tu
                "universal_fraction": float(universal[i][live[i]].mean()) if live[i].any() else None}
   pairs = [(0, j) for j in range(1, min(int(settings["convergent_pairs"]), s - 1) + 1)]
   conv_settings = convergent.Settings(max_inputs=max(4, int(settings["convergent_inputs"])),
-                                      lambdas=lambdas(settings), iterations=int(settings["fista_iterations"]),
+                                      lambdas=family_lib.lambdas(settings), iterations=int(settings["fista_iterations"]),
                                       clusters=min(int(settings["clusters"]), 2 * n))
   res = convergent.analyse(acts_SxTxN, pairs, key=k_conv, settings=conv_settings)
   o2o, sp, sc = res["one_to_one"], res["sparse_prediction"], res["clusters"]
@@ -191,7 +169,7 @@ def analysis_images(cfg, n: int) -> np.ndarray:
 
 def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | None = None) -> dict:
   """One cohort: ``{"task", "aggregate", "runs", "arrays"}`` (see the module docstring)."""
-  check_settings(settings)
+  family_lib.check_analysis(settings)
   cfg = view.config
   d = family_lib.dataset_of(cfg)
   spec = family_lib.spec_of(cfg, d)

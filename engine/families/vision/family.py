@@ -67,6 +67,32 @@ ANALYSIS_SETTINGS = {
 }
 
 
+SAMPLES = ("positions", "mean")
+
+
+def check_analysis(settings) -> None:
+  """A one-line ValueError naming the first bad analysis setting (checked before a launch trains)."""
+  if settings["conv_samples"] not in SAMPLES:
+    raise ValueError(f"config.analysis.conv_samples: must be one of {SAMPLES}, got "
+                     f"{settings['conv_samples']!r}")
+  for name, least in (("images", 1), ("batch_images", 1), ("max_samples", 4), ("convergent_inputs", 4),
+                      ("clusters", 1), ("fista_iterations", 1), ("path_points", 2), ("convergent_pairs", 0)):
+    fields.int_field(settings, name, least, "analysis.")
+  lambdas(settings)
+
+
+def lambdas(settings) -> tuple[float, ...]:
+  """The sparse prediction's L1 penalties, from ``analysis.lambdas``."""
+  text = settings["lambdas"]
+  try:
+    out = tuple(float(v) for v in str(text).split(",") if v.strip())
+  except ValueError:
+    raise ValueError(f"config.analysis.lambdas: cannot read {text!r} as comma-separated numbers") from None
+  if not out or not all(np.isfinite(v) and v > 0 for v in out):
+    raise ValueError(f"config.analysis.lambdas: expected positive numbers, got {text!r}")
+  return out
+
+
 def cohort_name(row: Mapping[str, Any]) -> str:
   return f"vision/lr{row['lr']:g}/wd{row['weight_decay']:g}"
 
@@ -184,6 +210,7 @@ class VisionFamily(families.Family):
       raise ValueError(f"config.model.conv.pool: must be one of {models.POOLS}, got {m.conv.pool!r}")
     if m.conv.norm not in models.NORMS:
       raise ValueError(f"config.model.conv.norm: must be one of {models.NORMS}, got {m.conv.norm!r}")
+    check_analysis(cfg.analysis)
     if cfg.batch_size < 1:
       raise ValueError("config.batch_size: the vision family trains on minibatches of images; must be >= 1, "
                        f"got {cfg.batch_size}")
