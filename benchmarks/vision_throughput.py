@@ -2,14 +2,15 @@
 loop.
 
 usage: python benchmarks/vision_throughput.py [--seeds 1,16] [--steps 400] [--eval-every 200] [--no-torch]
-                                             [--widths 16,32,32] [--dense 64] [--batch 64]
+                                             [--widths 16,32,32] [--dense 64] [--batch 64] [--run-chunk 0]
 
 The net is the default vision study's (experiments/configs/vision_default.py): 3×3 convs of the given widths
 with ReLU and 2×2 max pooling after each, a dense ReLU layer and the head, on scikit-learn's 8×8 digits,
 minibatches of ``--batch`` images drawn uniformly, AdamW (lr 3e-3, weight decay 1e-4, betas 0.9/0.999).
 For each seed count S the engine compiles one ``trainer.run`` of ``--steps`` steps (evaluation every
 ``--eval-every`` steps, as a launch does), runs it once to warm up, then reports the best of two timed calls
-as model-steps per second (S × steps / seconds). Beside it, in the same process, a plain sequential PyTorch
+as model-steps per second (S × steps / seconds); ``--run-chunk`` lists ``exec.run_chunk`` values (runs
+vmapped together per ``lax.map`` step; 0 = the automatic default, one at a time on the CPU), each timed. Beside it, in the same process, a plain sequential PyTorch
 loop trains the same net with the same optimiser and batch (torch is optional: the ``torch`` extra): its
 model-steps per second are those of S models trained one after another. Torch gets its best of 1 thread
 and all cores. The ratio column is engine / torch.
@@ -32,8 +33,9 @@ from universality.engine import config, train  # noqa: E402
 from universality.engine.families.vision import family  # noqa: E402
 
 
-def study(seeds: int, steps: int, eval_every: int, widths: str, dense: str, batch: int):
+def study(seeds: int, steps: int, eval_every: int, widths: str, dense: str, batch: int, chunk: int = 0):
   cfg = config.default_config("vision")
+  cfg.exec.run_chunk = chunk
   cfg.seeds, cfg.steps, cfg.eval_every, cfg.batch_size = seeds, steps, eval_every, batch
   cfg.model.conv.widths, cfg.model.conv.dense = widths, dense
   cfg.opt.lr, cfg.opt.weight_decay, cfg.opt.b2 = "3e-3", "1e-4", 0.999
@@ -110,6 +112,7 @@ def main(argv=None):
   p.add_argument("--widths", default="16,32,32")
   p.add_argument("--dense", default="64")
   p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--run-chunk", default="0")
   p.add_argument("--no-torch", action="store_true")
   args = p.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -127,11 +130,12 @@ def main(argv=None):
       import torch
       print(f"torch {torch.__version__} sequential AdamW loop (best of 1 and {os.cpu_count()} threads): "
             f"{torch_rate:.1f} model-steps/s")
-  print(f"{'seeds':>6} {'model-steps/s':>14} {'ms/model-step':>14} {'vs torch':>9}")
+  print(f"{'seeds':>6} {'chunk':>5} {'model-steps/s':>14} {'ms/model-step':>14} {'vs torch':>9}")
   for s in seeds:
-    rate = bench_engine(study(s, args.steps, args.eval_every, args.widths, args.dense, args.batch))
-    ratio = f"{rate / torch_rate:8.2f}x" if torch_rate else f"{'-':>9}"
-    print(f"{s:>6} {rate:>14.1f} {1e3 / rate:>14.2f} {ratio}", flush=True)
+    for chunk in sorted({min(int(c), s) for c in args.run_chunk.split(",")}):
+      rate = bench_engine(study(s, args.steps, args.eval_every, args.widths, args.dense, args.batch, chunk))
+      ratio = f"{rate / torch_rate:8.2f}x" if torch_rate else f"{'-':>9}"
+      print(f"{s:>6} {chunk or 'auto':>5} {rate:>14.1f} {1e3 / rate:>14.2f} {ratio}", flush=True)
 
 
 if __name__ == "__main__":
