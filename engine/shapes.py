@@ -17,4 +17,7 @@
   F  neurons whose correlations with every neuron are computed in full
   Z  pairs of runs (a, b) compared by a convergent-learning pass
   O  values of the L1 penalty λ in a sparse-prediction sweep
+  Y  rows of an image or of a conv layer's feature map (its height)
+  X  columns of an image or of a conv layer's feature map (its width)
+  E  channels of an image, or the input channels of a conv layer (its output channels are its units, N)
 """

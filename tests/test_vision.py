@@ -39,10 +39,10 @@ def vision_config(**fields):
 # The net against float64 loops.
 
 
-def _conv_ref(x_BxHxWxC, w_3x3xCxD, b_D):
+def _conv_ref(x_BxYxXxE, w_3x3xExN, b_N):
   """A 3×3 'same' convolution by direct loops over images, positions, taps and channels (float64)."""
-  b, h, w, c = x_BxHxWxC.shape
-  d = w_3x3xCxD.shape[-1]
+  b, h, w, c = x_BxYxXxE.shape
+  d = w_3x3xExN.shape[-1]
   out = np.zeros((b, h, w, d))
   for n in range(b):
     for i in range(h):
@@ -52,8 +52,8 @@ def _conv_ref(x_BxHxWxC, w_3x3xCxD, b_D):
             y, x = i + di - 1, j + dj - 1
             if 0 <= y < h and 0 <= x < w:
               for ci in range(c):
-                out[n, i, j] += x_BxHxWxC[n, y, x, ci] * w_3x3xCxD[di, dj, ci]
-        out[n, i, j] += b_D
+                out[n, i, j] += x_BxYxXxE[n, y, x, ci] * w_3x3xExN[di, dj, ci]
+        out[n, i, j] += b_N
   return out
 
 
@@ -226,9 +226,9 @@ def test_cifar_readers_read_both_versions(tmp_path):
   c100 = tmp_path / "cifar100"
   os.makedirs(c100)
   fine = rng.integers(0, 100, 50)
-  data_lib.write_cifar(str(c100 / "train.bin"), _images(50, 32, 32, 3, 9), fine, coarse_N=fine // 5)
+  data_lib.write_cifar(str(c100 / "train.bin"), _images(50, 32, 32, 3, 9), fine, coarse_T=fine // 5)
   data_lib.write_cifar(str(c100 / "test.bin"), _images(30, 32, 32, 3, 8), rng.integers(0, 100, 30),
-                       coarse_N=np.zeros(30))
+                       coarse_T=np.zeros(30))
   d = data_lib.load(str(c100))
   assert d.format == "cifar100" and d.classes == 100
   np.testing.assert_array_equal(d.train_labels, fine)

@@ -346,11 +346,11 @@ def write_idx(path: str, array: np.ndarray) -> None:
     f.write(buf)
 
 
-def write_cifar(path: str, images_Nx32x32x3: np.ndarray, labels_N: np.ndarray, coarse_N=None) -> None:
-  """Writes CIFAR binary records (CIFAR-100's when ``coarse_N`` is given)."""
-  planes = np.asarray(images_Nx32x32x3, np.uint8).transpose(0, 3, 1, 2)
+def write_cifar(path: str, images_Tx32x32x3: np.ndarray, labels_T: np.ndarray, coarse_T=None) -> None:
+  """Writes CIFAR binary records (CIFAR-100's when ``coarse_T`` is given)."""
+  planes = np.asarray(images_Tx32x32x3, np.uint8).transpose(0, 3, 1, 2)
   images = np.ascontiguousarray(planes).reshape(-1, 3072)
-  cols = ([np.asarray(coarse_N, np.uint8)[:, None]] if coarse_N is not None else [])
-  rec = np.concatenate(cols + [np.asarray(labels_N, np.uint8)[:, None], images], axis=1)
+  cols = ([np.asarray(coarse_T, np.uint8)[:, None]] if coarse_T is not None else [])
+  rec = np.concatenate(cols + [np.asarray(labels_T, np.uint8)[:, None], images], axis=1)
   with io.open(path, "wb") as f:
     f.write(rec.tobytes())
