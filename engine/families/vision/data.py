@@ -31,6 +31,7 @@ import functools
 import gzip
 import hashlib
 import io
+import math
 import os
 import zipfile
 
@@ -121,7 +122,7 @@ def read_idx(path: str) -> np.ndarray:
     raise DataError(f"{path}: truncated IDX header")
   shape = tuple(int(v) for v in np.frombuffer(data, ">u4", ndim, 4))
   dtype = np.dtype(_IDX_DTYPES[data[2]])
-  need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  need = math.prod(shape) * dtype.itemsize  # Python integers: a forged header cannot overflow the check
   have = len(data) - 4 - 4 * ndim
   if have < need:
     raise DataError(f"{path}: truncated ({have:,} data bytes, the header declares {need:,} for {shape})")
