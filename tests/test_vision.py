@@ -439,8 +439,18 @@ def test_permuted_copy_has_zero_barrier_after_weight_matching_and_a_positive_one
     np.testing.assert_array_equal(found[layer], np.argsort(perms[layer]))
   after = symmetry.path_losses(params, symmetry.permute(copy, found, SYM), SYM, images, labels, points=9)
   assert abs(after["barrier"]) < 1e-4 and before["barrier"] > 0.1, (before["barrier"], after["barrier"])
-  with pytest.raises(ValueError, match="groups"):
-    symmetry.weight_matching(params, copy, models.ConvSpec(**dict(SYM.__dict__, norm="group", norm_groups=2)))
+  # GroupNorm: only permutations within groups keep the function; the matching stays within them.
+  grouped = models.ConvSpec(**dict(SYM.__dict__, norm="group", norm_groups=2))
+  with pytest.raises(ValueError, match="across GroupNorm groups"):
+    symmetry.permute(params, {"conv1": np.array([3, 1, 2, 0, 4, 5])}, grouped)
+  within = {"conv1": np.array([2, 0, 1, 4, 5, 3]), "conv2": np.array([1, 3, 0, 2, 7, 4, 6, 5]),
+            "fc1": perms["fc1"]}
+  copy = symmetry.permute(params, within, grouped)
+  np.testing.assert_allclose(models.apply(copy, jnp.asarray(images), grouped)[0],
+                             models.apply(params, jnp.asarray(images), grouped)[0], rtol=1e-4, atol=1e-4)
+  found = symmetry.weight_matching(params, copy, grouped)
+  for layer in SYM.layers:
+    np.testing.assert_array_equal(found[layer], np.argsort(within[layer]))
 
 
 @pytest.mark.parametrize("layer", ["conv1", "conv2"])

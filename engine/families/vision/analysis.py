@@ -19,7 +19,7 @@ activations after the ReLU (``models.apply``'s named activations) become samples
 * mode connectivity (``connectivity``): the loss barrier on the straight path from run 0 to each of those
   runs, on ``images`` training images, with run j's units as they are (raw), reordered by activation
   matching (per layer, the bipartite matching of the units' correlations on the test images) and by weight
-  matching (``universality.engine.families.vision.symmetry``); not for GroupNorm with several groups;
+  matching (``universality.engine.families.vision.symmetry``; with GroupNorm, within groups);
 * iterative feature merging (``merging``) of every hidden layer of every run on the same training images,
   within ``merge_tolerance`` of the loss (``symmetry.merge_channels``); nets without normalisation only.
 
@@ -38,7 +38,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import optimize as scipy_optimize
 
 from universality.engine.analysis import convergent
 from universality.engine.analysis import cross_seed
@@ -203,7 +202,7 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
       r["feature_widths"] = w
     for rec in layers:
       rec["mean_feature_width"] = _mean([w[rec["layer"]] for w in widths])
-  if settings["connectivity"] and s >= 2 and not (spec.norm == "group" and spec.norm_groups > 1):
+  if settings["connectivity"] and s >= 2:
     pairs = [(0, j) for j in range(1, min(int(settings["convergent_pairs"]), s - 1) + 1)]
     aggregate["connectivity"] = connectivity(params, spec, acts, pairs, train_x, train_y,
                                              int(settings["path_points"]))
@@ -226,8 +225,7 @@ def connectivity(params_S, spec, acts: dict[str, np.ndarray], pairs, images, lab
     matched = {}
     for layer in spec.layers:
       corr = convergent.cross_correlation(acts[layer][a], acts[layer][b])
-      _, cols = scipy_optimize.linear_sum_assignment(corr, maximize=True)
-      matched[layer] = cols
+      matched[layer] = symmetry.match(corr, symmetry.allowed(spec, layer))
     perms["activation"] = matched
     for name in ALIGNMENTS:
       aligned = symmetry.permute(pb, perms[name], spec)

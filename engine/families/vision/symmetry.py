@@ -7,8 +7,8 @@ permutation π without changing the function, if everything that reads them is r
 kernel columns, bias and (with normalisation) gain and bias; the next conv layer's input channels; and, for
 the last conv layer, the rows of the first dense layer (or of the head) that read each channel at every
 position of the flattened map. ``permute`` does that for every hidden layer at once. GroupNorm with several
-groups only allows permutations within groups, so it is refused; LayerNorm over all channels of an image is
-invariant to any.
+groups allows only permutations that keep every channel in its group (``allowed``: the matchings here are
+solved within groups); LayerNorm over all channels of an image is invariant to any.
 
 * ``weight_matching(params_a, params_b, spec)``: the permutations of b's hidden layers that maximise the
   summed inner products of the two nets' weights, Git Re-Basin's coordinate descent (each step one linear
@@ -39,10 +39,30 @@ from universality.engine.families.vision import models
 DEFAULT_POINTS = 25
 
 
-def _check_permutable(spec: models.ConvSpec) -> None:
-  if spec.norm == "group" and spec.norm_groups > 1:
-    raise ValueError("permutations of GroupNorm channels must keep their groups; weight matching supports "
-                     "norm 'none' and 'layer'")
+def allowed(spec: models.ConvSpec, layer: str) -> np.ndarray | None:
+  """bool ``[N, N]``: which unit of b may take the place of which unit of a in ``layer`` (GroupNorm: the same
+  group); None when any permutation is allowed."""
+  if not (layer.startswith("conv") and spec.norm == "group" and spec.norm_groups > 1):
+    return None
+  n = spec.widths[int(layer[4:]) - 1]
+  group = np.arange(n) // (n // spec.norm_groups)
+  return group[:, None] == group[None, :]
+
+
+def match(sim_NxN: np.ndarray, allowed_NxN: np.ndarray | None = None) -> np.ndarray:
+  """The permutation maximising the summed similarity (a linear assignment), within the allowed pairs."""
+  sim = np.asarray(sim_NxN, np.float64)
+  if allowed_NxN is not None:
+    sim = np.where(allowed_NxN, sim, sim.min() - 1.0 - np.abs(sim).sum())  # never worth a forbidden pair
+  _, cols = scipy.optimize.linear_sum_assignment(sim, maximize=True)
+  return cols
+
+
+def _check_permutable(spec: models.ConvSpec, perms: dict[str, np.ndarray]) -> None:
+  for layer, perm in perms.items():
+    ok = allowed(spec, layer)
+    if ok is not None and not ok[np.arange(len(perm)), np.asarray(perm)].all():
+      raise ValueError(f"permute: {layer}'s permutation moves channels across GroupNorm groups")
 
 
 def _next_reader(spec: models.ConvSpec, layer: str) -> str:
@@ -58,7 +78,7 @@ def _flat_positions(spec: models.ConvSpec) -> int:
 def permute(params, perms: dict[str, np.ndarray], spec: models.ConvSpec):
   """``params`` with the units of each hidden layer named in ``perms`` reordered: new unit n is old unit
   ``perms[layer][n]``; the function is unchanged (module docstring)."""
-  _check_permutable(spec)
+  _check_permutable(spec, perms)
   p = jax.tree.map(np.asarray, params)
   p = {k: dict(v) for k, v in p.items()}
   for layer, perm in perms.items():
@@ -110,7 +130,6 @@ def weight_matching(params_a, params_b, spec: models.ConvSpec, *, max_sweeps: in
   permutation applied; layers are visited in a random order (``seed``) per sweep, until a sweep changes
   nothing or ``max_sweeps``.
   """
-  _check_permutable(spec)
   layers = list(spec.layers)
   perms = {layer: np.arange(np.asarray(params_b[layer]["b"]).shape[0]) for layer in layers}
   rng = np.random.default_rng(seed)
@@ -121,7 +140,7 @@ def weight_matching(params_a, params_b, spec: models.ConvSpec, *, max_sweeps: in
       pb = permute(params_b, others, spec)
       sim = _incoming(params_a, layer) @ _incoming(pb, layer).T + _outgoing(params_a, spec, layer) @ \
           _outgoing(pb, spec, layer).T
-      _, cols = scipy.optimize.linear_sum_assignment(sim, maximize=True)
+      cols = match(sim, allowed(spec, layer))
       if not np.array_equal(cols, perms[layer]):
         old = sim[np.arange(len(cols)), perms[layer]].sum()
         if sim[np.arange(len(cols)), cols].sum() > old + 1e-9 * max(abs(old), 1.0):
