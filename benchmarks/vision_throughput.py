@@ -9,11 +9,11 @@ with ReLU and 2×2 max pooling after each, a dense ReLU layer and the head, on s
 minibatches of ``--batch`` images drawn uniformly, AdamW (lr 3e-3, weight decay 1e-4, betas 0.9/0.999).
 For each seed count S the engine compiles one ``trainer.run`` of ``--steps`` steps (evaluation every
 ``--eval-every`` steps, as a launch does), runs it once to warm up, then reports the best of two timed calls
-as model-steps per second (S × steps / seconds); ``--run-chunk`` lists ``exec.run_chunk`` values (runs
-vmapped together per ``lax.map`` step; 0 = the automatic default, one at a time on the CPU), each timed. Beside it, in the same process, a plain sequential PyTorch
-loop trains the same net with the same optimiser and batch (torch is optional: the ``torch`` extra): its
-model-steps per second are those of S models trained one after another. Torch gets its best of 1 thread
-and all cores. The ratio column is engine / torch.
+as model-steps per second (S × steps / seconds); ``--run-chunk`` lists ``exec.run_chunk`` values (runs vmapped
+together per ``lax.map`` step; 0 = the automatic default, one at a time on the CPU), each timed. Beside it, in
+the same process, a plain sequential PyTorch loop trains the same net with the same optimiser and batch (torch
+is optional: the ``torch`` extra): its model-steps per second are those of S models trained one after another.
+Torch gets its best of 1 thread and all cores. The ratio column is engine / torch.
 """
 
 from __future__ import annotations

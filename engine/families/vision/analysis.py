@@ -148,7 +148,8 @@ def analyse_layer(acts_SxTxN: np.ndarray, key, settings: dict, layer: str) -> tu
                "universal_fraction": float(universal[i][live[i]].mean()) if live[i].any() else None}
   pairs = [(0, j) for j in range(1, min(int(settings["convergent_pairs"]), s - 1) + 1)]
   conv_settings = convergent.Settings(max_inputs=max(4, int(settings["convergent_inputs"])),
-                                      lambdas=family_lib.lambdas(settings), iterations=int(settings["fista_iterations"]),
+                                      lambdas=family_lib.lambdas(settings),
+                                      iterations=int(settings["fista_iterations"]),
                                       clusters=min(int(settings["clusters"]), 2 * n))
   res = convergent.analyse(acts_SxTxN, pairs, key=k_conv, settings=conv_settings)
   o2o, sp, sc = res["one_to_one"], res["sparse_prediction"], res["clusters"]
