@@ -5,9 +5,9 @@ usage: python -m benchmarks.checkpoint_stall [--seeds 64] [--group S5] [--eval-e
 
 The trainer is the paper's MLP (experiments/configs/chughtai_mlp.py: embed 256, hidden 128, AdamW, so the
 state is the parameters and two moments: 109 MB at 64 seeds of S5). One *episode* trains ``--checkpoints``
-eval intervals of ``--eval-every`` steps and checkpoints after each, as ``universality.engine.launch`` does, into a fresh
-directory under ``--dir``, then closes the checkpointer (as a launch does at its end). Three kinds of episode
-run in turn, in a rotating order, ``--reps`` times:
+eval intervals of ``--eval-every`` steps and checkpoints after each, as ``universality.engine.launch`` does,
+into a fresh directory under ``--dir``, then closes the checkpointer (as a launch does at its end). Three
+kinds of episode run in turn, in a rotating order, ``--reps`` times:
 
   old   the save path before this change (``LegacyCheckpointer`` below, a copy of it): a host numpy copy of
         the state (``Trainer.unpad``), Orbax's default handler (zstd), and at the next save and at close a

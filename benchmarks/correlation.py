@@ -21,6 +21,11 @@ raw sums Σx and Σx²; correlation from raw sums at the end), written here in P
 reduced to the same per-neuron maxima. Both are timed best of ``--repeats`` in the same process, and both
 are checked against float64 on the same data, plain and offset by 1e3 (raw sums lose the correlation to
 cancellation there; Chan's merge does not). Needs ``pip install torch``.
+
+Local shape letters:
+
+  Q  the dimension of the latent signal the planted neurons share
+  J  rows of the reference matmul
 """
 
 from __future__ import annotations
@@ -63,9 +68,9 @@ def _best_of(fn, repeats):
 
 def _planted(rng, s, t, n, k=32):
   """Shared latent features (k of them) mixed differently into every model, plus private noise."""
-  latent_TxK = rng.standard_normal((t, k), dtype=np.float32)
-  mix_SxKxN = rng.standard_normal((s, k, n), dtype=np.float32) * (rng.random((s, k, n)) < 0.1)
-  acts = np.einsum("tk,skn->stn", latent_TxK, mix_SxKxN)
+  latent_TxQ = rng.standard_normal((t, k), dtype=np.float32)
+  mix_SxQxN = rng.standard_normal((s, k, n), dtype=np.float32) * (rng.random((s, k, n)) < 0.1)
+  acts = np.einsum("tk,skn->stn", latent_TxQ, mix_SxQxN)
   acts += rng.standard_normal(acts.shape, dtype=np.float32)
   return acts
 
@@ -122,12 +127,12 @@ def large(args):
   # Batches are made on the fly: a fixed noise pool (one batch, so memory does not grow with T) plus
   # fresh shared latent features per batch mixed into the models; the source can be read many times.
   noise_BxM = jax.device_put(rng.standard_normal((batch, m), dtype=np.float32))
-  mix_KxM = jax.device_put(rng.standard_normal((k, m), dtype=np.float32) * (rng.random((k, m)) < 0.1))
+  mix_QxM = jax.device_put(rng.standard_normal((k, m), dtype=np.float32) * (rng.random((k, m)) < 0.1))
 
   @jax.jit
   def make(i):
-    latent_BxK = jax.random.normal(jax.random.fold_in(jax.random.key(2), i), (batch, k), jnp.float32)
-    x_BxM = jnp.roll(noise_BxM, i, axis=0) + latent_BxK @ mix_KxM
+    latent_BxQ = jax.random.normal(jax.random.fold_in(jax.random.key(2), i), (batch, k), jnp.float32)
+    x_BxM = jnp.roll(noise_BxM, i, axis=0) + latent_BxQ @ mix_QxM
     return x_BxM.reshape(batch, s, n).transpose(1, 0, 2)
 
   def source():
@@ -147,12 +152,12 @@ def large(args):
 
   # Bare reference: a plain 1024-row block of XᵀX for one batch (1024×B by B×S·N), times the number of
   # such products in the full XᵀX. Timed before and after max_correlation, in this process.
-  rows_RxB = jax.device_put(rng.standard_normal((1024, batch), dtype=np.float32))
+  rows_JxB = jax.device_put(rng.standard_normal((1024, batch), dtype=np.float32))
   x_BxM = make(0).transpose(1, 0, 2).reshape(batch, m)
   prod = jax.jit(lambda a, b: a @ b)
 
   def bare():
-    return _best_of(lambda: prod(rows_RxB, x_BxM), 2) * (m / 1024) * (t // batch)
+    return _best_of(lambda: prod(rows_JxB, x_BxM), 2) * (m / 1024) * (t // batch)
 
   t_bare = [bare()]
   t_gen = _best_of(lambda: [make(i) for i in range(t // batch)][-1], 1) * passes
@@ -164,7 +169,7 @@ def large(args):
   jax.block_until_ready(res)
   t_ours = time.perf_counter() - t0
   t_bare.append(bare())
-  del rows_RxB, x_BxM
+  del rows_JxB, x_BxM
   print(f"  fp32 matmul rate at end:   {_matmul_rate():.0f} GFLOP/s")
   for when, tb in zip(("before", "after"), t_bare):
     print(f"  bare fp32 XᵀX row-block products, {when:6s}  {tb:8.1f} s  {flops / tb / 1e9:7.1f} GFLOP/s")

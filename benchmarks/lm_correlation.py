@@ -4,13 +4,13 @@
   python -m benchmarks.lm_correlation --workdir=runs/lm   # the trained models of a run directory
   python -m benchmarks.lm_correlation --memory             # peak RSS of the whole pass at T = 2^15 and 2^17
 
-In one process: the post-GELU activations of every layer of S models on the same T held-out bytes are
-computed once and kept in memory as batches; then, on those same batches, (1) a bare float32 XᵀX of the
-(T, S·L·N) activation matrix (the floor named by the issue: every product of every pair of neurons), (2)
-the products the statistic needs, XᵢᵀXⱼ for i < j plus each model's own XᵢᵀXᵢ for the rotation baseline's
-variances, as plain XLA matmuls, and (3) ``universality.kernels.correlation.max_correlation`` with the rotation baseline
-on the cross-model blocks (``within=False``), as the pass runs it. ``--memory`` runs the whole pass
-(forward, statistics, correlation: ``universality.engine.families.lm.analysis.neuron_table``) at two values of T, each
+In one process: the post-GELU activations of every layer of S models on the same T held-out bytes are computed
+once and kept in memory as batches; then, on those same batches, (1) a bare float32 XᵀX of the (T, S·L·N)
+activation matrix (the floor named by the issue: every product of every pair of neurons), (2) the products the
+statistic needs, XᵢᵀXⱼ for i < j plus each model's own XᵢᵀXᵢ for the rotation baseline's variances, as plain
+XLA matmuls, and (3) ``universality.kernels.correlation.max_correlation`` with the rotation baseline on the
+cross-model blocks (``within=False``), as the pass runs it. ``--memory`` runs the whole pass (forward,
+statistics, correlation: ``universality.engine.families.lm.analysis.neuron_table``) at two values of T, each
 in its own process, and prints its peak resident memory (VmHWM): it must not grow with T.
 """
 

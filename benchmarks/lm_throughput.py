@@ -15,10 +15,10 @@ is compiled and warmed up; model-steps/s is S × steps / seconds.
 Beside it, in the same process, a plain sequential PyTorch loop trains exactly the same function: GPT-2 init,
 pre-LN blocks of causal multi-head attention and a GELU (tanh) MLP, learned positions, final LN, unembedding
 without bias, on windows sampled from the same training bytes, with ``torch.optim.AdamW`` (same betas, decay,
-eps), ``clip_grad_norm_`` and the same warm-up + cosine multiplier (``LambdaLR``). Torch runs with 1 thread and
-with all cores, attention both as ``scaled_dot_product_attention(is_causal=True)`` and as an explicit masked
-softmax; the baseline of the ratio is the fastest of the four. Torch's loop does no evaluation; the engine's
-lines include it.
+eps), ``clip_grad_norm_`` and the same warm-up + cosine multiplier (``LambdaLR``). Torch runs with 1 thread
+and with all cores, attention both as ``scaled_dot_product_attention(is_causal=True)`` and as an explicit
+masked softmax; the baseline of the ratio is the fastest of the four. Torch's loop does no evaluation; the
+engine's lines include it.
 
 The machine is shared, so every timed call of every configuration is repeated ``--reps`` times in an
 interleaved order (engine S=1, engine S=8, torch ...; then again), the best of each is reported, and each line

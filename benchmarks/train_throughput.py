@@ -3,16 +3,17 @@
 usage: python benchmarks/train_throughput.py [--seeds 1,8,64,256] [--work 600] [--eval-every 100]
                                             [--run-chunk 0] [--quick] [--no-torch]
 
-Each configuration trains the paper's MLP (E=256, N=128) on S5 with train fraction 0.4 (5,760 training
-pairs, full batch, AdamW lr 1e-3, wd 1, betas 0.9/0.98). For each seed count S it compiles one
-``trainer.run`` of about ``work / S`` steps, rounded up to a whole number of eval intervals (``--eval-every``,
-default 100 as in a launch; the same interval in every configuration, so evaluation is the same share of
-every line), runs it once to warm up, then reports the best of three timed calls as model-steps per second
-(S × steps / seconds). ``--run-chunk`` takes a comma-separated list of ``cfg.exec.run_chunk`` values (runs vmapped
-together per ``lax.map`` step; 0 = the automatic default) and times each at every seed count. Beside it, in the same process, it times plain sequential PyTorch loops of the same model and
-optimiser (torch is optional: ``pip install torch``): the literal concat-then-multiply model (the baseline
-of the "vs torch" column), and the factorised form the engine uses ("vs t.fact"), to separate the gain of
-the algebra from the gain of the compiled loop. Torch gets its best of 1 thread and all cores.
+Each configuration trains the paper's MLP (E=256, N=128) on S5 with train fraction 0.4 (5,760 training pairs,
+full batch, AdamW lr 1e-3, wd 1, betas 0.9/0.98). For each seed count S it compiles one ``trainer.run`` of
+about ``work / S`` steps, rounded up to a whole number of eval intervals (``--eval-every``, default 100 as in
+a launch; the same interval in every configuration, so evaluation is the same share of every line), runs it
+once to warm up, then reports the best of three timed calls as model-steps per second (S × steps / seconds).
+``--run-chunk`` takes a comma-separated list of ``cfg.exec.run_chunk`` values (runs vmapped together per
+``lax.map`` step; 0 = the automatic default) and times each at every seed count. Beside it, in the same
+process, it times plain sequential PyTorch loops of the same model and optimiser (torch is optional: ``pip
+install torch``): the literal concat-then-multiply model (the baseline of the "vs torch" column), and the
+factorised form the engine uses ("vs t.fact"), to separate the gain of the algebra from the gain of the
+compiled loop. Torch gets its best of 1 thread and all cores.
 
 The machine's fp32 matmul rate is measured first (best of several 2048² XLA matmuls) and each line prints
 the fraction of it achieved, counting the step's matrix-product FLOPs (forward and backward of the unembedding

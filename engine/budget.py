@@ -81,33 +81,35 @@ def device_memory_limit(devices: Sequence) -> int | None:
   return min(limits) if limits else None
 
 
-def state_bytes(cfg, params) -> int:
-  """One run's train state: its parameters (shapes) and its optimiser's state (``jax.eval_shape``)."""
+def state_bytes(cfg, params, family: families.Family | None = None) -> int:
+  """One run's train state: its parameters (shapes) and its optimiser's state (``jax.eval_shape``).
+  ``family``: the study's family when the caller has it (default: looked up from ``cfg.family``)."""
+  family = family or families.get(cfg.family)
   param_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
-  return param_bytes + optim.state_bytes(cfg.opt, cfg.steps, params, families.get(cfg.family).param_roles)
+  return param_bytes + optim.state_bytes(cfg.opt, cfg.steps, params, family.param_roles)
 
 
-def estimate(cfg, n_devices: int, on_cpu: bool) -> Estimate | None:
+def estimate(cfg, n_devices: int, on_cpu: bool, family: families.Family | None = None) -> Estimate | None:
   """The memory a launch of ``cfg`` on ``n_devices`` devices needs; None when its family gives no footprint."""
-  family = families.get(cfg.family)
+  family = family or families.get(cfg.family)
   footprint = family.footprint(cfg)
   if footprint is None:
     return None
   n_runs = family.n_runs(cfg)
   per_device = math.ceil(n_runs / n_devices)
   chunk = min(per_device, cfg[config_lib.EXECUTION].run_chunk or (1 if on_cpu else per_device))
-  state = state_bytes(cfg, footprint.params)
+  state = state_bytes(cfg, footprint.params, family)
   # The update of the runs in flight holds the old and the new state besides their activations.
   device = per_device * (state + footprint.data) + chunk * (2 * state + footprint.step) + footprint.shared
   host = n_runs * (state + footprint.data + ROW_BYTES) + footprint.shared
   return Estimate(n_runs, per_device, state, footprint.data, footprint.step, device, host)
 
 
-def check(cfg, devices: Sequence) -> Estimate | None:
+def check(cfg, devices: Sequence, family: families.Family | None = None) -> Estimate | None:
   """Raises ``BudgetError`` when ``cfg`` does not fit on ``devices`` (every device of the launch, over which
   its runs are spread); returns the estimate (None: the family gives no footprint)."""
   on_cpu = all(d.platform == "cpu" for d in devices)
-  est = estimate(cfg, len(devices), on_cpu)
+  est = estimate(cfg, len(devices), on_cpu, family)
   if est is None:
     return None
   local = [d for d in devices if d.process_index == jax.process_index()]

@@ -13,13 +13,13 @@ each array's metadata). A restore target without shardings comes back as host nu
 devices and processes that wrote the checkpoint.
 
 A save blocks only while Orbax takes the arrays (device buffers of their own: ``Trainer.checkpoint_view``);
-writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread
-of this class writes the sha256 of every file of the step into it on process 0
-(``universality.engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait for it. A
-restore first verifies them, so a flipped byte that Orbax would read without complaint is caught. A step
-without checksums — written by an older engine, or a step of a launch killed between its commit and its
-checksums (the next launch seals such steps once it has restored: ``seal_committed``) — is
-verified only by restoring it (noted in the log).
+writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread of
+this class writes the sha256 of every file of the step into it on process 0
+(``universality.engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait
+for it. A restore first verifies them, so a flipped byte that Orbax would read without complaint is caught. A
+step without checksums — written by an older engine, or a step of a launch killed between its commit and its
+checksums (the next launch seals such steps once it has restored: ``seal_committed``) — is verified only by
+restoring it (noted in the log).
 
 Once the launch has been asked to stop (SIGTERM), a save still waiting for its commit after ``SEAL_GRACE_S``
 is given up (``SaveAbandoned``): a storage server that died would otherwise hold the launch for ever.
@@ -28,10 +28,10 @@ Restoring picks the newest checkpoint that verifies and restores cleanly: a trun
 reported with a one-line warning, moved aside to ``corrupt_checkpoints/<step>-<time>`` beside
 ``checkpoints/`` (never deleted; a read-only reader only skips it), and the previous one is used.
 
-The directory may be a ``gs://`` URL (``universality.engine.paths``): Orbax then writes through TensorStore and marks a
-committed step with a ``commit_success.txt`` object instead of renaming a temporary directory; the
-checksums, their verification and the move aside go through ``universality.engine.paths`` (a move on an object store is
-a copy and a delete, not atomic).
+The directory may be a ``gs://`` URL (``universality.engine.paths``): Orbax then writes through TensorStore
+and marks a committed step with a ``commit_success.txt`` object instead of renaming a temporary directory; the
+checksums, their verification and the move aside go through ``universality.engine.paths`` (a move on an object
+store is a copy and a delete, not atomic).
 """
 
 from __future__ import annotations
@@ -260,9 +260,8 @@ class Checkpointer:
     """Restores the checkpoint at ``step`` (default: the newest) into the layout of ``abstract_state``:
     host numpy arrays for ``jax.ShapeDtypeStruct`` leaves without a sharding, jax arrays for those with one.
 
-    With ``fallback``, a checkpoint that fails its checksums or fails to restore is moved aside and the previous
-    one is tried; without, it raises CheckpointError.
-    Raises CheckpointError when none restores.
+    With ``fallback``, a checkpoint that fails its checksums or fails to restore is moved aside and the
+    previous one is tried; without, it raises CheckpointError. Raises CheckpointError when none restores.
     """
     candidates = self.steps() if step is None else [int(step)]
     if step is not None and int(step) not in self.steps():

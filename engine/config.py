@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -39,11 +40,14 @@ EXECUTION = "exec"          # how to run: not part of a study's identity
 ANALYSIS = "analysis"       # the family's analysis settings: not part of a study's identity either
 
 
-def default_config(family: str = "group") -> ml_collections.ConfigDict:
-  """The defaults of ``family`` (for "group": the Chughtai et al. (2023) MLP on S5, full-batch AdamW; for
-  "lm": a 2-layer byte transformer on the Python standard library, minibatch AdamW with a cosine schedule)."""
+def default_config(family: str | families.Family = "group") -> ml_collections.ConfigDict:
+  """The defaults of ``family`` (a name or the family itself; for "group": the Chughtai et al. (2023) MLP on
+  S5, full-batch AdamW; for "lm": a 2-layer byte transformer on the Python standard library, minibatch AdamW
+  with a cosine schedule)."""
+  if isinstance(family, str):
+    family = families.get(family)
   cfg = ml_collections.ConfigDict()
-  cfg.family = family
+  cfg.family = family.name
   cfg.seeds = 1              # seeds per grid point (the innermost sweep axis)
   cfg.seed = 0               # base seed: every random choice derives from it
   cfg.seed_offset = 0        # seed numbers are seed_offset .. seed_offset + seeds - 1 (pick one seed of a sweep)
@@ -56,7 +60,7 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
   cfg[EXECUTION].run_chunk = 0   # runs vmapped together on each device; 0: auto (1 on CPU, all on GPU/TPU;
                                  # benchmarks/README.md)
   cfg[EXECUTION].analyze = True  # run the analysis and write the report when training ends
-  cfg[ANALYSIS] = ml_collections.ConfigDict()  # filled by the family (none for group composition)
+  cfg[ANALYSIS] = ml_collections.ConfigDict()  # filled by the family (its analysis settings)
   cfg[EXECUTION].memory_budget_gb = 0.0  # memory a launch may use (universality.engine.budget): per device on accelerators,
                                          # host RAM on the CPU; 0: what the machine reports
   # The rolling resume checkpoint (checkpoints_resume/, the whole train state, only the newest kept), so that a
@@ -65,8 +69,9 @@ def default_config(family: str = "group") -> ml_collections.ConfigDict:
   # either kind; 0 turns a trigger off. SIGTERM and SIGINT always write one.
   cfg[EXECUTION].resume_every_steps = 0
   cfg[EXECUTION].resume_every_minutes = 10.0
-  cfg[EXECUTION].tensorboard = False  # also write every run's metrics as TensorBoard scalars (universality.engine.events)
-  families.get(family).add_config(cfg)
+  cfg[EXECUTION].tensorboard = False  # also write every run's metrics as TensorBoard scalars
+                                      # (universality.engine.events)
+  family.add_config(cfg)
   return cfg
 
 
@@ -81,11 +86,12 @@ def _check_fields(cfg, reference, prefix: str = "") -> None:
       _check_fields(cfg[k], v, f"{prefix}{k}.")
 
 
-def validate(cfg) -> None:
-  """Raises ``ValueError`` with a one-line message naming the first bad field of ``cfg``."""
+def validate(cfg) -> families.Family:
+  """Raises ``ValueError`` with a one-line message naming the first bad field of ``cfg``; returns its family."""
   if "family" not in cfg or cfg.family not in families.NAMES:
     raise ValueError(f"config.family: must be one of {families.NAMES}, got {cfg.get('family')!r}")
-  _check_fields(cfg, default_config(cfg.family))
+  family = families.get(cfg.family)
+  _check_fields(cfg, default_config(family))
   int_field(cfg, "seeds", 1)
   int_field(cfg, "seed", 0)
   int_field(cfg, "seed_offset", 0)
@@ -117,7 +123,8 @@ def validate(cfg) -> None:
     raise ValueError(f"config.{EXECUTION}.resume_every_minutes: expected a finite number of minutes >= 0 (0: "
                      f"off), got {minutes!r}")
   _check_bounds(cfg)
-  families.get(cfg.family).validate(cfg)
+  family.validate(cfg)
+  return family
 
 
 # Upper bounds of the schedule, checked before anything is sized from it: more checkpoints than this is no
@@ -139,8 +146,38 @@ def runs(cfg) -> list[dict]:
   Every row holds ``seed`` (the seed number k), ``base_seed``, ``lr``, ``weight_decay``, the family's task
   fields, ``cohort`` (the name of the run's cohort: every field but the seed) and ``name``.
   """
-  validate(cfg)
-  return families.get(cfg.family).runs(cfg)
+  return validate(cfg).runs(cfg)
+
+
+class Study(NamedTuple):
+  """A study checked once: its config, its family and the programs it trains (``families.buckets``).
+
+  A launch builds it once (``study``) and passes it along, so that nothing below the launcher validates the
+  config again or looks its family up by name.
+  """
+  cfg: Any
+  family: families.Family
+  programs: tuple[tuple[str, Any], ...]
+
+  def n_runs(self) -> int:
+    return sum(self.family.n_runs(cfg_b) for _, cfg_b in self.programs)
+
+  def resolved(self) -> Study:
+    """The study with the fields its family derives from the outside world filled in (``Family.resolve``:
+    e.g. a corpus' fingerprint), its programs split again from the resolved config when it changed."""
+    cfg = self.family.resolve(self.cfg)
+    if cfg is self.cfg:
+      return self
+    return Study(cfg, self.family, tuple(families.buckets(cfg, self.family)))
+
+
+def study(cfg) -> Study:
+  """``cfg`` validated (``validate``: a one-line ``ValueError`` naming the first bad field), as a ``Study``;
+  a ``Study`` is returned as it is."""
+  if isinstance(cfg, Study):
+    return cfg
+  family = validate(cfg)
+  return Study(cfg, family, tuple(families.buckets(cfg, family)))
 
 
 def identity(cfg) -> dict:

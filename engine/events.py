@@ -1,8 +1,8 @@
 """TensorBoard scalars of every run, beside metrics.jsonl (``exec.tensorboard``).
 
 ``tensorboard --logdir runs/`` then shows a sweep: one TensorBoard run per run of the study,
-``<workdir>/tensorboard/<run name>/``, its tags the metric names of metrics.jsonl (``train_loss``, ``test_acc``,
-..., ``diverged``). metrics.jsonl stays the source of truth; these files are a view of it.
+``<workdir>/tensorboard/<run name>/``, its tags the metric names of metrics.jsonl (``train_loss``,
+``test_acc``, ..., ``diverged``). metrics.jsonl stays the source of truth; these files are a view of it.
 
 The events are TensorBoard's protocol buffers from tensorboardX (no TensorFlow), framed as TFRecords here
 rather than through tensorboardX's writers: those keep a file and a thread open per run and fsync on flush,

@@ -34,3 +34,43 @@ def int_field(section, name: str, minimum: int, prefix: str = "") -> int:
 
 def seed_numbers(cfg) -> range:
   return range(int(cfg.seed_offset), int(cfg.seed_offset) + int(cfg.seeds))
+
+
+# The Convergent Learning passes (universality.engine.analysis.convergent) as analysis settings of a family's
+# ``analysis`` section: off by default; the λ grid, FISTA steps, inputs sampled, clusters, pairs of runs
+# compared per cohort (the first ones: run 0 against each other run first; 0: every pair) and the memory
+# bound of the sparse prediction's solver.
+CONVERGENT = {
+    "convergent": False,
+    "convergent_lambdas": "0.003,0.01,0.03,0.1,0.3",
+    "convergent_iterations": 300,
+    "convergent_inputs": 2048,
+    "convergent_clusters": 8,
+    "convergent_pairs": 3,
+    "convergent_memory_gb": 1.0,
+}
+
+
+def convergent_values(section, prefix: str = "analysis.") -> dict:
+  """The ``CONVERGENT`` settings of ``section`` (a config section or a dict) parsed and checked: a bool, a
+  tuple of positive λ, positive integers (pairs >= 0) and a positive number of GB; a ``ValueError`` naming
+  the first bad one."""
+  get = lambda name: section[name] if name in section else CONVERGENT[name]  # noqa: E731
+  on = get("convergent")
+  if not isinstance(on, bool):
+    raise ValueError(f"config.{prefix}convergent: expected True or False, got {on!r}")
+  lambdas = get("convergent_lambdas")
+  if isinstance(lambdas, (list, tuple)):  # as a notebook may pass them
+    lambdas = ",".join(repr(v) if isinstance(v, (int, float)) else str(v) for v in lambdas)
+  lambdas = parse_floats(lambdas, prefix + "convergent_lambdas")
+  if not all(0 < v < float("inf") for v in lambdas):
+    raise ValueError(f"config.{prefix}convergent_lambdas: every λ must be finite and > 0, got {lambdas}")
+  values = {"convergent": on, "convergent_lambdas": lambdas}
+  for name, low in (("convergent_iterations", 1), ("convergent_inputs", 4), ("convergent_clusters", 1),
+                    ("convergent_pairs", 0)):
+    values[name] = int_field({name: get(name)}, name, low, prefix)
+  gb = get("convergent_memory_gb")
+  if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not 0 < gb < float("inf"):
+    raise ValueError(f"config.{prefix}convergent_memory_gb: expected a finite number of GB > 0, got {gb!r}")
+  values["convergent_memory_gb"] = float(gb)
+  return values

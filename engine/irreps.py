@@ -2,7 +2,7 @@
 Fourier transform in JAX.
 
 ``real_irreps(group)`` returns every irreducible representation of ``group`` over the reals, as orthogonal
-matrices ``rho_GxDxD`` with ``rho[a] @ rho[b] == rho[table[a, b]]``, the trivial one first. Nothing is
+matrices ``rho_GxQxQ`` with ``rho[a] @ rho[b] == rho[table[a, b]]``, the trivial one first. Nothing is
 looked up: the method works for any ``universality.engine.groups.Group``.
 
 Method (two stages, both on the regular representation, all randomness from fixed seeds):
@@ -44,6 +44,10 @@ complex or quaternionic real irrep containing its complex constituent twice):
 and w_ρ ‖f̂(ρ)‖_F² is ‖f projected onto W_ρ‖², the power of f in ρ (``fourier_power``).
 
 ``python -m universality.engine.irreps S5 D4 Q8`` prints character tables.
+
+Local shape letters:
+
+  Q  the dimension of one irrep
 """
 
 from __future__ import annotations

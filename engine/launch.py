@@ -1,10 +1,10 @@
 """Run a study into a work directory: train all runs in one program, checkpoint, log metrics, analyse.
 
 ``run_study(cfg, workdir)`` is the importable body of ``experiments/group_universality.py``; a notebook can
-call it too. The work directory's format belongs to ``universality.engine.rundir``. Relaunching the same command resumes
-from the newest restorable checkpoint; the final state equals an uninterrupted run's bit for bit on CPU. A
-relaunch with a different study config is refused; execution settings (``config.exec``) may differ. Only
-process 0 writes files other than checkpoints.
+call it too. The work directory's format belongs to ``universality.engine.rundir``. Relaunching the same
+command resumes from the newest restorable checkpoint; the final state equals an uninterrupted run's bit for
+bit on CPU. A relaunch with a different study config is refused; execution settings (``config.exec``) may
+differ. Only process 0 writes files other than checkpoints.
 
 Beside the log-spaced analysis checkpoints, the whole state is written as the rolling resume checkpoint
 (``checkpoints_resume/``, only the newest kept) every ``exec.resume_every_steps`` steps or
@@ -15,14 +15,14 @@ point exits with ``PREEMPTED_EXIT``). A relaunch resumes from the newest step of
 
 A study its family splits into buckets (``Family.buckets``; e.g. groups of very different orders) is trained
 bucket after bucket, each one program compiled once and spread over every device, into the bucket's own run
-directory (universality.engine.rundir: ``buckets/<name>/``), which is exactly what a launch of the bucket's config alone
-writes; the study's config.json and report index sit above them. A relaunch skips the finished buckets
-(final checkpoint, and report when analysing) and resumes the one in progress; ``Preempted`` stops the
+directory (universality.engine.rundir: ``buckets/<name>/``), which is exactly what a launch of the bucket's
+config alone writes; the study's config.json and report index sit above them. A relaunch skips the finished
+buckets (final checkpoint, and report when analysing) and resumes the one in progress; ``Preempted`` stops the
 bucket in progress like a one-program launch. The memory check covers every bucket before any is built.
 
-A launch is checked against the memory it may use (``universality.engine.budget``) before anything is built, and writes
-config.json only once its state exists (initialised or restored): a refused or crashed start leaves no
-config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
+A launch is checked against the memory it may use (``universality.engine.budget``) before anything is built,
+and writes config.json only once its state exists (initialised or restored): a refused or crashed start leaves
+no config.json behind, and an existing one is never rewritten. A relaunch whose metrics log lost the line of
 the step it resumes from recomputes that line from the checkpoint.
 
 A run directory is a contract: a work directory holding checkpoints but no config.json is refused (nothing
@@ -121,53 +121,53 @@ class _Progress:
       self.bar.close()
 
 
-def run_study(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+def run_study(cfg: ml_collections.ConfigDict | config_lib.Study, workdir: str, *, progress: bool = True,
               analyze: bool | None = None) -> dict[str, Any]:
   """Trains every run of ``cfg`` into ``workdir`` (resuming if possible), then analyses and reports.
 
-  A study its family splits into several buckets (``Family.buckets``) trains them one after another, each
-  one program on every device, into ``buckets/<name>/`` (universality.engine.rundir); a relaunch skips the finished
-  ones and resumes the one in progress.
+  ``cfg``: a study config, or the ``Study`` a caller already built from it (``config.study``: validated
+  once, its family resolved once, passed along from here). A study its family splits into several buckets
+  (``Family.buckets``) trains them one after another, each one program on every device, into
+  ``buckets/<name>/`` (universality.engine.rundir); a relaunch skips the finished ones and resumes the one
+  in progress.
 
   Returns a dict with the workdir, the final step, the final metrics per run and the paths written (for
   several buckets: ``buckets``, that dict per bucket, and ``report``, the study's report index).
   """
-  config_lib.validate(cfg)
-  family = families.get(cfg.family)
+  study = config_lib.study(cfg)
   workdir = rundir.resolve(workdir)  # an absolute local path or a gs:// URL; another scheme is refused
   # One program: a study of one bucket, or a run directory written before its study was split.
-  programs = families.buckets(cfg)
-  if len(programs) > 1 and _agreed(rundir.has_runs(workdir)):
+  if len(study.programs) > 1 and _agreed(rundir.has_runs(workdir)):
     if jax.process_index() == 0:
       print(f"{workdir} is one run directory (written before buckets existed): trained as one program",
             flush=True)
-    programs = [(family.name, cfg)]
-  _check_budget(programs, jax.devices())  # before anything is built or written
-  if cfg.exec.tensorboard:
+    study = study._replace(programs=((study.family.name, study.cfg),))
+  _check_budget(study, jax.devices())  # before anything is built or written
+  if study.cfg.exec.tensorboard:
     events.check_available()
-  cfg = family.resolve(cfg)
-  if len(programs) == 1:
-    return _run_one(cfg, workdir, progress=progress, analyze=analyze)
-  return _run_buckets(cfg, families.buckets(cfg), workdir, progress=progress, analyze=analyze)
+  if len(study.programs) == 1:
+    study = study._replace(cfg=study.family.resolve(study.cfg))
+    return _run_one(study.cfg, study.family, workdir, progress=progress, analyze=analyze)
+  return _run_buckets(study.resolved(), workdir, progress=progress, analyze=analyze)
 
 
-def check_size(cfg: ml_collections.ConfigDict) -> None:
-  """The config's validation and memory check (``run_study`` repeats both), for a caller that describes the
-  study first: describing may read its data (a corpus), which must not happen before the check refuses."""
-  config_lib.validate(cfg)
-  _check_budget(families.buckets(cfg), jax.devices())
+def check_size(cfg: ml_collections.ConfigDict | config_lib.Study) -> config_lib.Study:
+  """The config's validation and memory check (``run_study`` repeats the check), for a caller that describes
+  the study first: describing may read its data (a corpus), which must not happen before the check refuses.
+  Returns the ``Study``, to hand to ``describe`` and ``run_study``."""
+  study = config_lib.study(cfg)
+  _check_budget(study, jax.devices())
+  return study
 
 
-def describe(cfg: ml_collections.ConfigDict) -> list[str]:
+def describe(cfg: ml_collections.ConfigDict | config_lib.Study) -> list[str]:
   """Lines naming the buckets of ``cfg`` (``Family.buckets``), their runs and task (printed at launch)."""
-  config_lib.validate(cfg)
-  family = families.get(cfg.family)
-  programs = families.buckets(cfg)
-  out = [f"{len(programs)} buckets, trained one after another, each one program compiled once:"
-         if len(programs) > 1 else "One program, compiled once:"]
-  for name, cfg_b in programs:
-    task = family.describe(cfg_b)[0].lstrip("- ")
-    out.append(f"  {name}: {family.n_runs(cfg_b)} runs; {task}")
+  study = config_lib.study(cfg)
+  out = [f"{len(study.programs)} buckets, trained one after another, each one program compiled once:"
+         if len(study.programs) > 1 else "One program, compiled once:"]
+  for name, cfg_b in study.programs:
+    task = study.family.describe(cfg_b)[0].lstrip("- ")
+    out.append(f"  {name}: {study.family.n_runs(cfg_b)} runs; {task}")
   return out
 
 
@@ -178,13 +178,13 @@ def _agreed(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag if jax.process_index() == 0 else 0)))
 
 
-def _check_budget(programs, devices) -> None:
+def _check_budget(study: config_lib.Study, devices) -> None:
   """The memory check of every program of a launch (the largest bucket decides), named when several."""
-  for name, cfg_b in programs:
+  for name, cfg_b in study.programs:
     try:
-      budget.check(cfg_b, devices)
+      budget.check(cfg_b, devices, study.family)
     except budget.BudgetError as e:
-      if len(programs) == 1:
+      if len(study.programs) == 1:
         raise
       raise budget.BudgetError(f"bucket {name}: {e}") from None
 
@@ -219,9 +219,10 @@ def _claimed(cfg, workdir: str):
     yield config_lib.identity(cfg), written
 
 
-def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool | None) -> dict[str, Any]:
+def _run_buckets(study: config_lib.Study, workdir: str, *, progress: bool, analyze: bool | None
+                 ) -> dict[str, Any]:
   """``run_study`` of a study of several buckets (universality.engine.rundir), one after another."""
-  family = families.get(cfg.family)
+  cfg, family, programs = study
   is_main = jax.process_index() == 0
   do_analyze = cfg.exec.analyze if analyze is None else analyze
   with _claimed(cfg, workdir) as (identity, written):
@@ -246,7 +247,7 @@ def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool |
         continue
       if is_main:
         print(f"{head}: {family.describe(cfg_b)[0].lstrip('- ')}", flush=True)
-      results[name] = _run_one(cfg_b, bucket, progress=progress, analyze=analyze, on_start=started)
+      results[name] = _run_one(cfg_b, family, bucket, progress=progress, analyze=analyze, on_start=started)
     out = {"workdir": workdir, "step": cfg.steps, "buckets": results}
     if do_analyze and is_main:  # under the lock, as each bucket's own report
       ran = not all(r.get("skipped") for r in results.values())
@@ -259,11 +260,12 @@ def _run_buckets(cfg, programs, workdir: str, *, progress: bool, analyze: bool |
   return out
 
 
-def _run_one(cfg, workdir: str, *, progress: bool, analyze: bool | None, on_start=None) -> dict[str, Any]:
+def _run_one(cfg, family, workdir: str, *, progress: bool, analyze: bool | None, on_start=None
+             ) -> dict[str, Any]:
   """``run_study`` of one program into one run directory; ``on_start()`` runs once its state exists."""
   is_main = jax.process_index() == 0
   with _claimed(cfg, workdir) as (identity, resuming):
-    trainer = train_lib.make_train(cfg, mesh=make_mesh())
+    trainer = train_lib.make_train(cfg, mesh=make_mesh(), family=family)
     rows = _runs_rows(trainer)
 
     def started():  # the state exists (initialised or restored): the run directory may now name the study

@@ -58,28 +58,28 @@ def run_labels(runs: Sequence[Mapping]) -> list[str]:
 # Neurons and representations.
 
 
-def correlation_distribution(max_M, baseline_M, excess_L, universal_threshold: float,
+def correlation_distribution(max_flat, baseline_flat, excess_flat, universal_threshold: float,
                              title: str = "") -> Figure:
   """Left: max correlation of each (neuron, other run) against its rotation baseline. Right: the excess
   correlation per neuron, with the universality threshold."""
-  max_M, baseline_M = np.asarray(max_M, float), np.asarray(baseline_M, float)
-  excess_L = np.asarray(excess_L, float)
-  max_M, baseline_M, excess_L = (x[np.isfinite(x)] for x in (max_M, baseline_M, excess_L))
+  max_flat, baseline_flat = np.asarray(max_flat, float), np.asarray(baseline_flat, float)
+  excess_flat = np.asarray(excess_flat, float)
+  max_flat, baseline_flat, excess_flat = (x[np.isfinite(x)] for x in (max_flat, baseline_flat, excess_flat))
   fig = Figure(figsize=(9.0, 3.2), layout="constrained")
   ax1, ax2 = fig.subplots(1, 2)
-  lo = min(0.0, float(np.floor(10 * min(max_M.min(initial=0.0), baseline_M.min(initial=0.0))) / 10))
+  lo = min(0.0, float(np.floor(10 * min(max_flat.min(initial=0.0), baseline_flat.min(initial=0.0))) / 10))
   bins = np.linspace(lo, 1.0, int(round((1.0 - lo) * 40)) + 1)
-  ax1.hist(max_M, bins=bins, histtype="stepfilled", alpha=0.5, color="C0",
-           label=f"max corr (mean {max_M.mean():.2f})" if max_M.size else "max corr")
-  ax1.hist(baseline_M, bins=bins, histtype="step", lw=1.5, color="C3",
-           label=f"rotation baseline (mean {baseline_M.mean():.2f})" if baseline_M.size else "baseline")
+  ax1.hist(max_flat, bins=bins, histtype="stepfilled", alpha=0.5, color="C0",
+           label=f"max corr (mean {max_flat.mean():.2f})" if max_flat.size else "max corr")
+  ax1.hist(baseline_flat, bins=bins, histtype="step", lw=1.5, color="C3",
+           label=f"rotation baseline (mean {baseline_flat.mean():.2f})" if baseline_flat.size else "baseline")
   ax1.set_xlabel("max correlation with the other run's neurons")
   ax1.set_ylabel("neuron × other run")
   ax1.legend(fontsize=7)
   ebins = np.linspace(-0.5, 1.0, 31)
-  ax2.hist(np.clip(excess_L, -0.5, 1.0), bins=ebins, color="C2", alpha=0.75)
+  ax2.hist(np.clip(excess_flat, -0.5, 1.0), bins=ebins, color="C2", alpha=0.75)
   ax2.axvline(universal_threshold, color="k", ls=":", lw=1)
-  frac = float(np.mean(excess_L > universal_threshold)) if excess_L.size else float("nan")
+  frac = float(np.mean(excess_flat > universal_threshold)) if excess_flat.size else float("nan")
   ax2.set_xlabel("excess correlation (mean over other runs)")
   ax2.set_ylabel("live neurons")
   ax2.set_title(f"universal (> {universal_threshold:g}): {frac:.1%}", fontsize=8)
@@ -117,3 +117,24 @@ def save(fig: Figure, path, dpi: int = 100):
   local path or a binary file object (``universality.engine.paths.write_png`` renders into memory for gs://)."""
   fig.savefig(path, format="png", dpi=dpi, metadata={"Software": None})
   return path
+
+
+def sparse_prediction_curves(by_layer: Mapping[str, Mapping], title: str = "") -> Figure:
+  """The Convergent Learning sparse prediction against λ (log-x), one line per layer: held-out loss of
+  run b's units predicted from run a's, and the units of a each uses; means over the pairs compared
+  (``universality.engine.analysis.convergent.layer_means``: ``lambdas``, ``heldout_loss``,
+  ``mean_units_used``)."""
+  fig = Figure(figsize=(9.2, 3.4), layout="constrained")
+  ax_loss, ax_used = fig.subplots(1, 2)
+  for layer, m in by_layer.items():
+    lam = np.asarray(m["lambdas"], float)
+    for ax, key in ((ax_loss, "heldout_loss"), (ax_used, "mean_units_used")):
+      ax.plot(lam, np.asarray([np.nan if v is None else v for v in m[key]], float), marker="o", ms=3,
+              label=layer)
+  for ax, label in ((ax_loss, "held-out loss (≈ 1 − R²)"), (ax_used, "units of run a used per unit of b")):
+    ax.set_xscale("log")
+    ax.set_xlabel("L1 penalty λ")
+    ax.set_ylabel(label)
+  ax_loss.legend(fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  return fig

@@ -14,7 +14,8 @@ Selection fields: every field of a runs.json row (for group composition: ``group
 run directory). A value may be a list of accepted values; floats compare with a relative tolerance of 1e-9.
 The family's view adds its own accessors (group composition: ``universality.engine.families.group.view``).
 
-A study trained in several buckets (universality.engine.rundir: ``buckets/<name>/``, one run directory each) opens as a
+A study trained in several buckets (universality.engine.rundir: ``buckets/<name>/``, one run directory each)
+opens as a
 ``Study``, a view across them::
 
   study = universality.engine.replay.open("runs/chughtai_mlp")
@@ -27,10 +28,10 @@ A study trained in several buckets (universality.engine.rundir: ``buckets/<name>
 Its ``select`` takes the fields above and ``bucket``; ``index`` there is a run's index in its bucket's run
 directory. Buckets not started yet are listed in ``missing``.
 
-Everything is read from JSON files and Orbax checkpoints; nothing in a run directory is executed or
-unpickled, and nothing it says is trusted before it is checked: a config.json whose run count disagrees with
-runs.json, whose shapes disagree with a checkpoint's own (Orbax metadata), or whose sweep would not fit in
-memory (universality.engine.budget) is refused with a one-line ``RunDirError`` / ``BudgetError`` before anything is
+Everything is read from JSON files and Orbax checkpoints; nothing in a run directory is executed or unpickled,
+and nothing it says is trusted before it is checked: a config.json whose run count disagrees with runs.json,
+whose shapes disagree with a checkpoint's own (Orbax metadata), or whose sweep would not fit in memory
+(universality.engine.budget) is refused with a one-line ``RunDirError`` / ``BudgetError`` before anything is
 allocated. Checkpoints hold the unpadded stacked state as numpy arrays (``train.host_state_spec``), so they
 restore onto the local host whatever device layout (devices, processes) wrote them.
 """

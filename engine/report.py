@@ -5,9 +5,9 @@
 weights, the final Orbax checkpoint (nothing is executed or unpickled), and writes ``report/index.md`` — the
 study header, then the task family's sections (``Family.report_module``: ``sections``) with their images.
 
-A study of several buckets (universality.engine.rundir) has a report per bucket, in the bucket's run directory, and at
-the top ``report/index.md`` (``write_study_report``): the study header and one row per bucket (its runs,
-task, share of runs generalised at the last logged step) linked to the bucket's report.
+A study of several buckets (universality.engine.rundir) has a report per bucket, in the bucket's run
+directory, and at the top ``report/index.md`` (``write_study_report``): the study header and one row per
+bucket (its runs, task, share of runs generalised at the last logged step) linked to the bucket's report.
 
 The output is a function of the run directory alone: no timestamps, PNGs without version metadata, files
 replaced atomically; stale files of an earlier report are removed. Only process 0 writes.
@@ -116,8 +116,27 @@ def write_study_report_of(study) -> str:
   rows = [r if len(r) == len(header) else r + [""] * (len(header) - len(r)) for r in rows]
   lines.append(markdown.markdown_table(header, rows))
   paths.makedirs(out_dir)
+  lines += _study_sections(study, out_dir)
   rundir.atomic_write(index_path, "\n".join(lines).rstrip("\n") + "\n")
   return index_path
+
+
+def _study_sections(study, out_dir: str) -> list[str]:
+  """The family's sections across buckets (its report module's ``study_sections(study, save)``, if any);
+  ``save(obj, name)`` writes a figure as PNG or a string as text into ``out_dir`` and returns the name."""
+  hook = getattr(importlib.import_module(study.family.report_module), "study_sections", None)
+  if hook is None:
+    return []
+
+  def save(obj, name: str) -> str:
+    path = paths.join(out_dir, name)
+    if isinstance(obj, str):
+      rundir.atomic_write(path, obj)
+    else:
+      _write_png(obj, path)
+    return name
+
+  return [""] + hook(study, save)
 
 
 def write_report_of(run) -> str:

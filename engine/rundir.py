@@ -9,17 +9,18 @@ Nothing in it is executed, evaluated or unpickled.
                      "newly_diverged" (run names); a line that does not read as such a record is damaged:
                      readers skip it, and a relaunch keeps the file as it was in
                      metrics.jsonl.damaged-<time> before rewriting it without the damaged lines
-  checkpoints/       Orbax checkpoints (universality.engine.checkpoint); corrupt ones are moved to corrupt_checkpoints/;
-                     a step holding anything but plain files and folders (a FIFO, a device, a symbolic
-                     link) is refused and never opened;
+  checkpoints/       Orbax checkpoints (universality.engine.checkpoint); corrupt ones are moved to
+                     corrupt_checkpoints/; a step holding anything but plain files and folders (a FIFO,
+                     a device, a symbolic link) is refused and never opened;
                      checkpoints/<step>/sha256.json: the checksum of every file of the step, written once
                      Orbax has committed it (``write_checksums``, ``verify_checksums``)
-  checkpoints_resume/   the rolling resume checkpoint (universality.engine.checkpoint; only the newest step is kept, with
-                     its sha256.json): the whole train state at a step that need not be an analysis step,
-                     written on preemption and every exec.resume_every_* so a crash loses bounded work.
+  checkpoints_resume/   the rolling resume checkpoint (universality.engine.checkpoint; only the newest
+                     step is kept, with its sha256.json): the whole train state at a step that need not
+                     be an analysis step, written on preemption and every exec.resume_every_* so a crash
+                     loses bounded work.
                      Analyses never read it; a relaunch resumes from the newest step of either directory
-  tensorboard/<run>/ TensorBoard event files of every run's metrics (universality.engine.events; exec.tensorboard), a view of
-                     metrics.jsonl, one file per run and launch
+  tensorboard/<run>/ TensorBoard event files of every run's metrics (universality.engine.events;
+                     exec.tensorboard), a view of metrics.jsonl, one file per run and launch
   analysis/summary.json   written by universality.engine.analysis.driver
   analysis/cohorts/<cohort>.npz   per-cohort arrays of a family's analysis (e.g. one row per neuron), plain
                      numeric arrays read with allow_pickle=False
@@ -28,10 +29,11 @@ Nothing in it is executed, evaluated or unpickled.
                      gs:// (universality.engine.paths.lease)
 
 The workdir is a local path or a ``gs://bucket/prefix`` URL (``resolve``; every read and write goes through
-``universality.engine.paths``). On an object store the format is the same, one object per file under the prefix:
-folders are name prefixes, atomic writes are single uploads, metrics.jsonl grows by server-side compose of
-each appended line (readers see whole lines, as locally), setting a file or checkpoint aside is a copy and a
-delete, and ``.lock`` holds the lease record (JSON: host, boot id, pid, process start time, a token).
+``universality.engine.paths``). On an object store the format is the same, one object per file under the
+prefix: folders are name prefixes, atomic writes are single uploads, metrics.jsonl grows by server-side
+compose of each appended line (readers see whole lines, as locally), setting a file or checkpoint aside is a
+copy and a delete, and ``.lock`` holds the lease record (JSON: host, boot id, pid, process start time, a
+token).
 
 A study its family splits into several buckets (``Family.buckets``: e.g. groups of very different orders,
 each bucket one program) is a directory of run directories instead::
@@ -43,8 +45,8 @@ each bucket one program) is a directory of run directories instead::
   .lock              held by the launch, besides each bucket's own
 
 It has no runs.json at the top (``has_runs``). A study of one bucket is one run directory, as it was before
-buckets existed; so is a directory whose config.json lacks a field that now splits its study (written
-before the field existed): a relaunch resumes it as one program and universality.engine.replay opens it as one.
+buckets existed; so is a directory whose config.json lacks a field that now splits its study (written before
+the field existed): a relaunch resumes it as one program and universality.engine.replay opens it as one.
 
 Format versions: 2 (current) nests the config by concern (``task``, ``model``, ``opt``) and names a run's
 seed number ``seed`` and the config's base seed ``base_seed`` in runs.json. Version 1 (a flat config.json,

@@ -8,9 +8,9 @@
   state, metrics = trainer.train()             # init + all cfg.steps steps
   logits, acts = trainer.apply(state.params, *inputs_S)   # the family's model on inputs stacked over S
 
-The family (``universality.engine.families``) supplies the runs' data and the per-run functions (initialisation, the loss
-and gradients of a step, evaluation, apply); this module supplies everything else. The step is written for
-one run and vmapped over the run axis; learning rate and weight decay live in each
+The family (``universality.engine.families``) supplies the runs' data and the per-run functions
+(initialisation, the loss and gradients of a step, evaluation, apply); this module supplies everything else.
+The step is written for one run and vmapped over the run axis; learning rate and weight decay live in each
 run's optimiser state (``optax.inject_hyperparams``), so one program covers the whole grid. The run axis is
 sharded over a 1-D device mesh (axis ``'runs'``) with ``shard_map``: runs never talk to each other, so the
 program needs no communication and a run's numbers do not depend on which device holds it. ``S`` is padded up
@@ -250,17 +250,20 @@ class Trainer:
     return np.asarray(x)
 
 
-def make_train(cfg, mesh: Mesh | None = None) -> Trainer:
-  """Builds the trainer of the sweep ``cfg`` on ``mesh`` (default: every device, axis ``'runs'``)."""
-  config_lib.validate(cfg)
+def make_train(cfg, mesh: Mesh | None = None, family: families.Family | None = None) -> Trainer:
+  """Builds the trainer of the sweep ``cfg`` on ``mesh`` (default: every device, axis ``'runs'``).
+
+  ``family``: given by a launcher that validated ``cfg`` already (``config.study``); without it ``cfg`` is
+  validated here and its family looked up.
+  """
+  family = family or config_lib.validate(cfg)
   cfg = cfg.copy_and_resolve_references()  # the trainer keeps its own frozen copy
   cfg.lock()
   if mesh is None:
     mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
   if mesh.axis_names != (AXIS,):
     raise ValueError(f"mesh must be 1-D with axis name {AXIS!r}, got axes {mesh.axis_names}")
-  family = families.get(cfg.family)
-  runs = config_lib.runs(cfg)
+  runs = family.runs(cfg)
   n_dev = mesh.devices.size
   n_padded = -(-len(runs) // n_dev) * n_dev
   padded = runs + [runs[0]] * (n_padded - len(runs))

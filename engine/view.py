@@ -292,8 +292,8 @@ class Run:
               **settings) -> dict[str, dict]:
     """Re-runs the analysis on the selected runs as if ``step`` were the last checkpoint; writes nothing.
 
-    ``settings`` override the family's analysis settings (``Family.analysis_settings``). Returns
-    ``{cohort: {"task": ..., "aggregate": ..., "runs": [record, ...]}}`` (universality.engine.analysis.driver); with all
+    ``settings`` override the family's analysis settings (``Family.analysis_settings``). Returns ``{cohort:
+    {"task": ..., "aggregate": ..., "runs": [record, ...]}}`` (universality.engine.analysis.driver); with all
     runs of a cohort selected and ``step`` the last checkpoint this equals the cohort's summary entry.
     """
     return driver.analyze_cohorts(self, step, seed=seed, progress=progress, **settings)

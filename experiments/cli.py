@@ -3,11 +3,11 @@
   cli.define("default.py")                      # at import of a launch script: its default config file
   app.run(cli.main, flags_parser=cli.parse_flags)
 
-The study's buckets are printed first (``universality.engine.launch.describe``: groups of very different orders train one
-bucket after another, each one program). Relaunching the same command resumes from the newest checkpoint.
-On a TPU pod or a multi-GPU cluster add ``--distributed`` (every process runs the same command; see
-BUILD.md). Bad flags, config files and configs
-end with one line ``error: ...`` on stderr and exit status 2.
+The study's buckets are printed first (``universality.engine.launch.describe``: groups of very different
+orders train one bucket after another, each one program). Relaunching the same command resumes from the newest
+checkpoint. On a TPU pod or a multi-GPU cluster add ``--distributed`` (every process runs the same command;
+see BUILD.md). Bad flags, config files and configs end with one line ``error: ...`` on stderr and exit status
+2.
 """
 
 import difflib
@@ -146,10 +146,10 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from universality.engine import checkpoint, launch
   try:
-    launch.check_size(_CONFIG.value)
+    study = launch.check_size(_CONFIG.value)  # validated once: the family and buckets are passed along
     if jax.process_index() == 0:
-      print("\n".join(launch.describe(_CONFIG.value)), flush=True)
-    launch.run_study(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value, analyze=_ANALYZE.value)
+      print("\n".join(launch.describe(study)), flush=True)
+    launch.run_study(study, _WORKDIR.value, progress=_PROGRESS.value, analyze=_ANALYZE.value)
   except checkpoint.SaveAbandoned as e:  # Orbax's threads still wait on the storage: exit without them
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()

@@ -220,21 +220,21 @@ def _reduce_rows(cov_RxSxN, rowinv_R, colinv_SxN, row_start, *, exclude_self):
   return _max_argmax(corr, -1)
 
 
-def _reduce_cols(cov_GxNxC, inv_GxN, colinv_C, col_start, *, exclude_self):
+def _reduce_cols(cov_AxNxC, inv_AxN, colinv_C, col_start, *, exclude_self):
   """The column reading of a co-moment block: for every column, (max, argmax) over each row model's N
   neurons, each ``C×G``. Reducing over the major axis keeps the columns contiguous (vector lanes).
 
   ``col_start`` (may be traced) is the flattened index of column 0 relative to row 0.
   """
-  g, n, c = cov_GxNxC.shape
+  g, n, c = cov_AxNxC.shape
   # The column's own inverse std is a positive factor common to the whole reduction: applied afterwards.
-  x = cov_GxNxC * inv_GxN[:, :, None]
+  x = cov_AxNxC * inv_AxN[:, :, None]
   if exclude_self:
     row = lax.broadcasted_iota(jnp.int32, x.shape, 0) * n + lax.broadcasted_iota(jnp.int32, x.shape, 1)
     x = jnp.where(row == col_start + lax.broadcasted_iota(jnp.int32, x.shape, 2), -jnp.inf, x)
-  best_GxC, arg_GxC = _max_argmax(x, 1)
-  best_GxC = jnp.clip(best_GxC * colinv_C[None, :], -1.0, 1.0)
-  return best_GxC.T, arg_GxC.T
+  best_AxC, arg_AxC = _max_argmax(x, 1)
+  best_AxC = jnp.clip(best_AxC * colinv_C[None, :], -1.0, 1.0)
+  return best_AxC.T, arg_AxC.T
 
 
 def _moments(acts_SxTxN):
@@ -512,11 +512,11 @@ _TILE_TARGET = 512  # neurons per tile side: a W×K×W product per tile runs nea
 class _TilePlan:
   """How the S·N × S·N co-moment of a source is cut into tiles and passes.
 
-  Tiles are ``W×W`` with ``W = G·N`` (G whole models, so each tile reduces to complete per-model maxima);
-  models are padded to ``Sp = NC·G``. Only tiles (i, j) with j >= i + skip are accumulated: the co-moment
+  Tiles are ``W×W`` with ``W = A·N`` (A whole models, so each tile reduces to complete per-model maxima);
+  models are padded to ``Sp = NC·A``. Only tiles (i, j) with j >= i + skip are accumulated: the co-moment
   is symmetric, and tile (i, j) read along its columns gives chunk j's neurons against chunk i's models.
   ``skip`` is 1 when the blocks of a model with itself are not wanted and every tile holds one model
-  (G = 1): the diagonal tiles are then exactly those blocks and are never computed. A pass holds the tiles
+  (A = 1): the diagonal tiles are then exactly those blocks and are never computed. A pass holds the tiles
   of row chunks ``c0 .. c1`` (row chunk i needs ``NC - i - skip`` tiles, so later passes take more rows
   within the same budget) in a pool of ``n_tiles`` tiles.
   """
@@ -574,7 +574,7 @@ def _plan_tiles(s: int, n: int, memory_bytes: int, block_rows: int | None, withi
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["count", "mean_SxN", "m2_SxN", "pool_PxWxW", "within_SxNxN", "finite"],
+                   data_fields=["count", "mean_SxN", "m2_SxN", "pool_QxWxW", "within_SxNxN", "finite"],
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class _Tiles:
@@ -583,17 +583,17 @@ class _Tiles:
   count: jax.Array
   mean_SxN: jax.Array
   m2_SxN: jax.Array
-  pool_PxWxW: jax.Array
+  pool_QxWxW: jax.Array
   within_SxNxN: jax.Array | None
   finite: jax.Array
 
 
-def _tiles_init(plan: _TilePlan, within: bool, pool_PxWxW=None) -> _Tiles:
+def _tiles_init(plan: _TilePlan, within: bool, pool_QxWxW=None) -> _Tiles:
   s, n, w = plan.s, plan.n, plan.w
   # A pool from an earlier pass is reused as it is: the first batch of a pass overwrites its tiles.
-  pool = jnp.zeros((plan.n_tiles, w, w), jnp.float32) if pool_PxWxW is None else pool_PxWxW
+  pool = jnp.zeros((plan.n_tiles, w, w), jnp.float32) if pool_QxWxW is None else pool_QxWxW
   return _Tiles(count=jnp.zeros((), jnp.int32), mean_SxN=jnp.zeros((s, n), jnp.float32),
-                m2_SxN=jnp.zeros((s, n), jnp.float32), pool_PxWxW=pool,
+                m2_SxN=jnp.zeros((s, n), jnp.float32), pool_QxWxW=pool,
                 within_SxNxN=jnp.zeros((s, n, n), jnp.float32) if within else None,
                 finite=jnp.ones((), bool))
 
@@ -624,11 +624,11 @@ def _tiles_update(st: _Tiles, x_SxBxN, b, c0, c1, *, g, nc, skip):
 
     return lax.fori_loop(i + skip, nc, tile, pool)
 
-  pool = lax.fori_loop(c0, c1, row_chunk, st.pool_PxWxW)
+  pool = lax.fori_loop(c0, c1, row_chunk, st.pool_QxWxW)
   within = st.within_SxNxN
   if within is not None:
     within = within + jnp.einsum("snk,smk->snm", aug_SxNxK, aug_SxNxK, precision=_HIGHEST)
-  return _Tiles(count=count, mean_SxN=mean_SxN, m2_SxN=m2_SxN, pool_PxWxW=pool, within_SxNxN=within,
+  return _Tiles(count=count, mean_SxN=mean_SxN, m2_SxN=m2_SxN, pool_QxWxW=pool, within_SxNxN=within,
                 finite=st.finite & finite)
 
 
@@ -661,25 +661,25 @@ def _tiles_finalize(outs, st: _Tiles, q_SpxNxN, rotinv_SpxN, c0, c1, *, nc, skip
     return tuple(o.reshape(g, n, g) for o in outs_)
 
   def row_reading(cov_WxW, i, j):
-    """Chunk i's neurons against chunk j's models (``W×G`` each, as ``G×N×G``)."""
-    cov_WxGxN = cov_WxW.reshape(w, g, n)
+    """Chunk i's neurons against chunk j's models (``W×A`` each, as ``A×N×A``)."""
+    cov_WxAxN = cov_WxW.reshape(w, g, n)
     rowinv_W = rows_of(inv_Mp, i)
-    outs_ = _reduce_rows(cov_WxGxN, rowinv_W, models_of(inv_SpxN, j), jnp.where(i == j, 0, -w - 1),
+    outs_ = _reduce_rows(cov_WxAxN, rowinv_W, models_of(inv_SpxN, j), jnp.where(i == j, 0, -w - 1),
                          exclude_self=True)
     if q_SpxNxN is not None:
-      rot_WxGxN = jnp.einsum("rgk,gkn->rgn", cov_WxGxN, models_of(q_SpxNxN, j), precision=_HIGHEST)
-      outs_ += _reduce_rows(rot_WxGxN, rowinv_W, models_of(rotinv_SpxN, j), 0, exclude_self=False)
+      rot_WxAxN = jnp.einsum("rgk,gkn->rgn", cov_WxAxN, models_of(q_SpxNxN, j), precision=_HIGHEST)
+      outs_ += _reduce_rows(rot_WxAxN, rowinv_W, models_of(rotinv_SpxN, j), 0, exclude_self=False)
     return finish(outs_, rows_of(dead_Mp, i))
 
   def col_reading(cov_WxW, i, j):
     """Chunk j's neurons against chunk i's models, read down the columns of tile (i, j)."""
-    cov_GxNxW = cov_WxW.reshape(g, n, w)
+    cov_AxNxW = cov_WxW.reshape(g, n, w)
     colinv_W = rows_of(inv_Mp, j)
-    outs_ = _reduce_cols(cov_GxNxW, models_of(inv_SpxN, i), colinv_W, jnp.where(i == j, 0, -w - 1),
+    outs_ = _reduce_cols(cov_AxNxW, models_of(inv_SpxN, i), colinv_W, jnp.where(i == j, 0, -w - 1),
                          exclude_self=True)
     if q_SpxNxN is not None:
-      rot_GxNxW = jnp.einsum("gkc,gkn->gnc", cov_GxNxW, models_of(q_SpxNxN, i), precision=_HIGHEST)
-      outs_ += _reduce_cols(rot_GxNxW, models_of(rotinv_SpxN, i), colinv_W, 0, exclude_self=False)
+      rot_AxNxW = jnp.einsum("gkc,gkn->gnc", cov_AxNxW, models_of(q_SpxNxN, i), precision=_HIGHEST)
+      outs_ += _reduce_cols(rot_AxNxW, models_of(rotinv_SpxN, i), colinv_W, 0, exclude_self=False)
     return finish(outs_, rows_of(dead_Mp, j))
 
   def write(outs, values, r, c):
@@ -689,7 +689,7 @@ def _tiles_finalize(outs, st: _Tiles, q_SpxNxN, rotinv_SpxN, c0, c1, *, nc, skip
     base = _tile_base(i, c0, nc, skip) - i - skip
 
     def tile(j, outs):
-      cov_WxW = lax.dynamic_index_in_dim(st.pool_PxWxW, base + j, keepdims=False)
+      cov_WxW = lax.dynamic_index_in_dim(st.pool_QxWxW, base + j, keepdims=False)
       # Column reading first: on a diagonal tile the row reading below overwrites it.
       outs = write(outs, col_reading(cov_WxW, i, j), j, i)
       return write(outs, row_reading(cov_WxW, i, j), i, j)
@@ -739,7 +739,7 @@ def _stream(source: Source, q_fn, *, memory_bytes, block_rows, dead_rtol, within
                for dtype in (jnp.float32, jnp.int32) * (2 if rotation else 1))
   q = rotinv = dead = count = pool = None
   for p, (c0, c1) in enumerate(plan.passes):
-    st = _tiles_init(plan, within=rotation and p == 0 and not own_from_tiles, pool_PxWxW=pool)
+    st = _tiles_init(plan, within=rotation and p == 0 and not own_from_tiles, pool_QxWxW=pool)
     c0_, c1_ = jnp.int32(c0), jnp.int32(c1)
     for x, b in _batches(source, bmax):
       if x.shape[0] != s or x.shape[2] != n:
@@ -759,7 +759,7 @@ def _stream(source: Source, q_fn, *, memory_bytes, block_rows, dead_rtol, within
         st = _own_from_tiles(st, g=plan.g, nc=nc, s=s)
       q, rotinv = _padded_rotation(q_fn(s, n), st, sp, dead_rtol)
     outs, dead = _tiles_finalize(outs, st, q, rotinv, c0_, c1_, nc=nc, skip=plan.skip, dead_rtol=dead_rtol)
-    pool = st.pool_PxWxW
+    pool = st.pool_QxWxW
     del st
   del pool
   if sp != s:
@@ -775,7 +775,7 @@ def _own_from_tiles(st: _Tiles, *, g, nc, s) -> _Tiles:
 
   def own(m):
     o = (m % g) * n
-    return lax.dynamic_slice(st.pool_PxWxW, (bases[m // g], o, o), (1, n, n))[0]
+    return lax.dynamic_slice(st.pool_QxWxW, (bases[m // g], o, o), (1, n, n))[0]
 
   return dataclasses.replace(st, within_SxNxN=jax.vmap(own)(jnp.arange(s)))
 

@@ -6,10 +6,10 @@ usage: python tests/distributed_worker.py PORT PROCESS_ID NUM_PROCESSES LOCAL_DE
 Joins a ``jax.distributed`` job coordinated on 127.0.0.1:PORT (gloo collectives), trains the sweep of
 CONFIG_JSON on the global mesh of every process's devices — first one eval interval, then the rest, as a
 launcher resuming from a checkpoint would — and writes the gathered metrics and parameters to
-OUT_DIR/process_<id>.npz, so the test can check that every process holds the same, correct numbers.
-With CKPT_DIR, every process also takes part in saving the final state there as a launch does
-(``Trainer.checkpoint_view``, ``universality.engine.checkpoint``), then trains one more interval (which donates the state)
-before the checkpointer closes.
+OUT_DIR/process_<id>.npz, so the test can check that every process holds the same, correct numbers. With
+CKPT_DIR, every process also takes part in saving the final state there as a launch does
+(``Trainer.checkpoint_view``, ``universality.engine.checkpoint``), then trains one more interval (which
+donates the state) before the checkpointer closes.
 """
 
 import json

@@ -1,7 +1,7 @@
 """A local GCS JSON API server for tests: gcp-storage-emulator on 127.0.0.1, plus what it lacks.
 
-The emulator ignores write preconditions, has no permissions and sends no generation header. Three small additions at its handler level
-make the tests mean something:
+The emulator ignores write preconditions, has no permissions and sends no generation header. Three small
+additions at its handler level make the tests mean something:
 
   - ``ifGenerationMatch`` on object uploads (media, multipart, resumable) and deletes: 412 when the object's
     generation differs (0: the object must not exist), as GCS answers. The workdir lease depends on it.

@@ -69,9 +69,9 @@ def _entries(ir):
 # Logit similarity.
 
 
-def _similarity_reference(logits_SxAxBxC, g, irreps):
+def _similarity_reference(logits_SxGxGxV, g, irreps):
   idx = _abcinv(g)
-  s, n = logits_SxAxBxC.shape[0], g.order
+  s, n = logits_SxGxGxV.shape[0], g.order
   out = np.zeros((s, len(irreps)))
   for si in range(s):
     for r, ir in enumerate(irreps):
@@ -79,7 +79,7 @@ def _similarity_reference(logits_SxAxBxC, g, irreps):
       total = 0.0
       for a in range(n):
         for b in range(n):
-          x = logits_SxAxBxC[si, a, b] - logits_SxAxBxC[si, a, b].mean()
+          x = logits_SxGxGxV[si, a, b] - logits_SxGxGxV[si, a, b].mean()
           t = chi[idx[a, b]] - chi[idx[a, b]].mean()
           den = np.linalg.norm(x) * np.linalg.norm(t)
           total += x @ t / den if den > 1e-12 else 0.0

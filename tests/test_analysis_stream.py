@@ -72,8 +72,8 @@ def test_hidden_sums_match_all_activations(streamed):
   np.testing.assert_allclose(sums["by_a_SxGxN"], h.sum(2), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(sums["by_b_SxGxN"], h.sum(1), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(sums["sq_S"], (h ** 2).sum(axis=(1, 2, 3)), rtol=1e-5)
-  fve = rep.fibre_fve(sums["fibre_SxGxN"] / n, sums["sq_S"], np.asarray(tables.basis_GxM, np.float32),
-                      np.asarray(tables.basis_member_MxR, np.float32))
+  fve = rep.fibre_fve(sums["fibre_SxGxN"] / n, sums["sq_S"], np.asarray(tables.basis_GxF, np.float32),
+                      np.asarray(tables.basis_member_FxR, np.float32))
   np.testing.assert_allclose(fve, passes.hidden_fve(hidden, g, irreps), atol=1e-5)
   acts = h.reshape(h.shape[0], n * n, -1)
   assert int(state.count) == n * n
@@ -163,7 +163,7 @@ def test_weight_losses_in_blocks_match_float64(memory_bytes):
                                   memory_bytes=memory_bytes)
   mid = [0.5 * (x[pairs[:, 0]] + x[pairs[:, 1]]) for x in (u, v, w)]
   mid_loss, _ = _mlp_loss_reference(*mid, g.table)
-  np.testing.assert_allclose(np.asarray(path["loss_PxL"])[:, 1], mid_loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(path["loss_ZxO"])[:, 1], mid_loss, rtol=1e-5)
   norm = margins.normalise(np.ones(3, np.float32), u, v, w)["norm_S"]
   np.testing.assert_allclose(norm, sum((x.astype(np.float64) ** 2).sum((1, 2)) for x in (u, v, w)), rtol=1e-5)
 

@@ -147,7 +147,7 @@ def test_memory_check_covers_every_bucket_and_names_the_one_that_does_not_fit():
   with pytest.raises(budget.BudgetError, match=r"^bucket order120: launch needs about"):
     launch.run_study(cfg, "/nonexistent/never/written", progress=False)
   cfg.exec.memory_budget_gb = need["order120"] / 1e9 * 1.001
-  launch._check_budget(buckets, devices)  # the largest bucket fits: so does the launch, padded or not
+  launch.check_size(cfg)  # the largest bucket fits: so does the launch, padded or not
   with pytest.raises(budget.BudgetError):
     budget.check(cfg, devices)
 

@@ -46,10 +46,10 @@ def test_path_losses_match_explicit_interpolation():
       mix = lambda x: (1 - lam) * x[i] + lam * x[j][:, perm[p]]  # noqa: E731
       ref.append(_reference_loss(mix(pa), mix(pb), mix(u), g))
     ref = np.asarray(ref)
-    np.testing.assert_allclose(res["loss_PxL"][p], ref[:, 0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(res["accuracy_PxL"][p], ref[:, 1], atol=1e-6)
+    np.testing.assert_allclose(res["loss_ZxO"][p], ref[:, 0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res["accuracy_ZxO"][p], ref[:, 1], atol=1e-6)
     line = ref[0, 0] + np.linspace(0, 1, 5) * (ref[-1, 0] - ref[0, 0])
-    np.testing.assert_allclose(res["barrier_P"][p], np.max(ref[:, 0] - line), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res["barrier_Z"][p], np.max(ref[:, 0] - line), rtol=1e-4, atol=1e-5)
 
 
 def test_permuted_copy_has_zero_barrier_once_aligned_and_both_matchings_recover_the_permutation():
@@ -65,11 +65,11 @@ def test_permuted_copy_has_zero_barrier_once_aligned_and_both_matchings_recover_
   match = cross_seed.match_neurons(hidden)
   np.testing.assert_array_equal(match["perm_SxSxN"][0, 1], want)
   res = connectivity.connectivity(pa2, pb2, u2, g.table, match["perm_SxSxN"], points=25)
-  assert res["raw"]["barrier_P"][0] > 1.0      # the unaligned midpoint forgets the table: loss ≈ log |G|
+  assert res["raw"]["barrier_Z"][0] > 1.0      # the unaligned midpoint forgets the table: loss ≈ log |G|
   for name in ("activation", "weight"):
-    assert abs(res[name]["barrier_P"][0]) < 1e-5
-    np.testing.assert_allclose(res[name]["loss_PxL"][0], res[name]["loss_PxL"][0, 0], atol=1e-5)
-    assert (res[name]["accuracy_PxL"][0] == 1.0).all()
+    assert abs(res[name]["barrier_Z"][0]) < 1e-5
+    np.testing.assert_allclose(res[name]["loss_ZxO"][0], res[name]["loss_ZxO"][0, 0], atol=1e-5)
+    assert (res[name]["accuracy_ZxO"][0] == 1.0).all()
   rec = connectivity.cohort_record(res, [["sign", "standard"], ["standard"]], [True, True])
   assert rec["alignments"]["weight"]["mean_barrier_different_key_irreps"] < 1e-5
   assert rec["key_irrep_jaccard"][0, 1] == 0.5 and rec["points"] == 25

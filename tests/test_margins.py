@@ -63,10 +63,10 @@ def test_single_irrep_neurons_and_coverage_on_planted_neurons():
   for n in range(6):
     ir = irreps[n % (r - 1) + 1]
     cols.append(ir.basis @ rng.normal(size=ir.basis.shape[1]))
-  cols.append(tables.basis_GxM[:, 1:] @ rng.normal(size=g.order - 1))
+  cols.append(tables.basis_GxF[:, 1:] @ rng.normal(size=g.order - 1))
   pa = np.stack(cols, axis=1)[None].astype(np.float32)
   pb = np.stack([irreps[n % (r - 1) + 1].basis @ rng.normal(size=irreps[n % (r - 1) + 1].basis.shape[1])
-                 for n in range(6)] + [tables.basis_GxM[:, 1:] @ rng.normal(size=g.order - 1)], 1)[None]
+                 for n in range(6)] + [tables.basis_GxF[:, 1:] @ rng.normal(size=g.order - 1)], 1)[None]
   share = rep.neuron_irreps(pa, pb.astype(np.float32), g, irreps)["share_SxNxR"]
   live = np.ones((1, 7), bool)
   live[0, 5] = False

@@ -157,7 +157,7 @@ def test_variance_explained_matches_brute_force_per_byte_and_per_class():
                                       (0, 700, 1024, 1024, 300) + (1000,) * 8 + (952,), bmax, seed=7):
     batch_cat = np.where(valid, np.nan_to_num(batch[:, -1], nan=0.0), 0).astype(np.int32)
     state = update(state, batch[:, :-1], batch_cat, valid)
-  assert int(state.count) == keep.sum() == int(np.asarray(state.count_C).sum())
+  assert int(state.count) == keep.sum() == int(np.asarray(state.count_Q).sum())
 
   ve = np.asarray(ns.variance_explained(state))
   ve_cls = np.asarray(ns.variance_explained(state, cls))

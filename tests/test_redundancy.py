@@ -39,7 +39,7 @@ def test_duplicated_and_rescaled_neurons_merge_exactly():
   alive = res["alive_SxN"][0]
   assert alive[[0, 2, 4, 5]].all() and alive[[1, 6, 8]].sum() == 1 and alive[[3, 7]].sum() == 1
   assert not alive[9]
-  np.testing.assert_allclose(_logits(pa, pb, res["unembed_SxCxN"][0].astype(np.float64), alive),
+  np.testing.assert_allclose(_logits(pa, pb, res["unembed_SxVxN"][0].astype(np.float64), alive),
                              _logits(pa, pb, u, np.ones(pa.shape[1])), atol=1e-4)
   np.testing.assert_allclose(res["merged_loss_S"], res["loss_S"], atol=1e-5)
   assert res["width_S"][1] == 5 and res["merges_S"][1] == 5 and not res["never_active_S"][1]

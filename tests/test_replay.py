@@ -229,19 +229,19 @@ def test_compare_neurons_against_float64_reference(study, run):
        for i in (ia, ib)]
   live = [x.std(axis=0) > 1e-6 for x in h]
   ref = np.corrcoef(h[0][:, live[0]].T, h[1][:, live[1]].T)[:live[0].sum(), live[0].sum():]
-  np.testing.assert_allclose(cmp["corr_NxM"][np.ix_(live[0], live[1])], ref, atol=1e-4)
-  assert np.isnan(cmp["corr_NxM"][~live[0]]).all()
+  np.testing.assert_allclose(cmp["corr_NxN"][np.ix_(live[0], live[1])], ref, atol=1e-4)
+  assert np.isnan(cmp["corr_NxN"][~live[0]]).all()
   perm = cmp["perm_N"]
   assert sorted(perm.tolist()) == list(range(16))  # one-to-one
   both = live[0] & live[1][perm]
-  np.testing.assert_allclose(cmp["matched_corr_N"][both], cmp["corr_NxM"][both, perm[both]], atol=1e-5)
+  np.testing.assert_allclose(cmp["matched_corr_N"][both], cmp["corr_NxN"][both, perm[both]], atol=1e-5)
   # The matching beats the identity and random permutations on total correlation.
-  total = lambda p: np.nansum(np.nan_to_num(cmp["corr_NxM"])[np.arange(16), p])
+  total = lambda p: np.nansum(np.nan_to_num(cmp["corr_NxN"])[np.arange(16), p])
   rng = np.random.default_rng(1)
   assert all(total(perm) >= total(rng.permutation(16)) - 1e-9 for _ in range(50))
   # Dominant irreps agree with the per-run counts saved in the summary.
   saved = run.summary()["runs"]
-  for dom, live_n, i in ((cmp["dominant_a_N"], cmp["live_a_N"], ia), (cmp["dominant_b_M"], cmp["live_b_M"], ib)):
+  for dom, live_n, i in ((cmp["dominant_a_N"], cmp["live_a_N"], ia), (cmp["dominant_b_N"], cmp["live_b_N"], ib)):
     counts = {n: int(np.sum(dom[live_n] == r)) for r, n in enumerate(cmp["irreps"])}
     assert counts == saved[i]["neurons"]["dominant_counts"]
 
@@ -292,11 +292,11 @@ def test_connectivity_view_reproduces_summary(run):
   res = run.select(group=spec).connectivity()
   entry = next(e for c, e in summary["cohorts"].items() if c.startswith(spec))
   conn = entry["aggregate"]["connectivity"]
-  assert conn["points"] == len(res["lambda_L"]) == 25
+  assert conn["points"] == len(res["lambda_O"]) == 25
   for name in ("raw", "activation", "weight"):
     saved = np.asarray(conn["alignments"][name]["barrier"], float)
-    for p, (i, j) in enumerate(res["pairs_Px2"]):
-      assert saved[i, j] == pytest.approx(float(res[name]["barrier_P"][p]), abs=1e-5)
+    for p, (i, j) in enumerate(res["pairs_Zx2"]):
+      assert saved[i, j] == pytest.approx(float(res[name]["barrier_Z"][p]), abs=1e-5)
   text = open(os.path.join(run.workdir, "report", "index.md")).read()
   assert text.count("### Mode connectivity") == 2
 

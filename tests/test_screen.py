@@ -50,12 +50,12 @@ def _mixture(seed, s, t, n, *, dead=2):
   per-input scale drawn from two Gaussians' variances, sparse ReLU-like neurons, and dead ones."""
   rng = np.random.default_rng(seed)
   k = max(4, n // 3)
-  latent_TxK = rng.standard_t(3, (t, k)) * np.where(rng.random((t, 1)) < 0.2, 3.0, 1.0)
+  latent_TxQ = rng.standard_t(3, (t, k)) * np.where(rng.random((t, 1)) < 0.2, 3.0, 1.0)
   acts = np.empty((s, t, n))
   for i in range(s):
     mix_KxN = rng.standard_normal((k, n)) * (rng.random((k, n)) < 0.15)
     mix_KxN[rng.integers(0, k, n), np.arange(n)] += 2.0  # each neuron follows one latent most
-    x = latent_TxK @ mix_KxN + rng.standard_t(4, (t, n)) * rng.uniform(0.3, 1.5, n)
+    x = latent_TxQ @ mix_KxN + rng.standard_t(4, (t, n)) * rng.uniform(0.3, 1.5, n)
     sparse = rng.random(n) < 0.3
     x[:, sparse] = np.maximum(x[:, sparse] - 1.0, 0.0)
     x[:, rng.choice(n, dead, replace=False)] = rng.uniform(-3, 3)

@@ -251,6 +251,27 @@ def test_execution_settings_do_not_change_a_studys_identity(tmp_path):
     launch.run_study(_small(lr="2e-2"), str(tmp_path), progress=False)
 
 
+def test_a_launch_validates_once_and_resolves_its_family_once(tmp_path, monkeypatch):
+  from universality.engine import families
+  calls = {"validate": 0, "get": 0}
+
+  def counted(name, real):
+    def wrapper(*args, **kwargs):
+      calls[name] += 1
+      return real(*args, **kwargs)
+    return wrapper
+
+  cfg = _small(lr="1e-2")
+  cfg.opt.name = "adamw,sgd"  # two buckets, trained one after another
+  monkeypatch.setattr(config_lib, "validate", counted("validate", config_lib.validate))
+  monkeypatch.setattr(families, "get", counted("get", families.get))
+  study = launch.check_size(cfg)  # as the command line launches: check, describe, train
+  lines = launch.describe(study)
+  out = launch.run_study(study, str(tmp_path), progress=False, analyze=False)
+  assert lines[0].startswith("2 buckets") and sorted(out["buckets"]) == ["adamw-order5", "sgd-order5"]
+  assert calls == {"validate": 1, "get": 1}
+
+
 def test_format_1_run_directory_is_read_and_unknown_formats_refused(tmp_path):
   cfg = _small(lr="1e-2")
   new = tmp_path / "new"

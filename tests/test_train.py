@@ -92,11 +92,11 @@ def test_split_partitions_every_pair_and_is_seeded():
 def test_stack_pads_train_and_test_separately():
   sps = [tasks.split(groups.get("C5"), 0.5, 0, 0), tasks.split(groups.get("S3"), 0.25, 0, 0)]
   d = tasks.stack(sps)
-  assert d.vocab == 6 and d.train_a_SxP.shape == (2, 12) and d.test_a_SxQ.shape == (2, 27)
+  assert d.vocab == 6 and d.train_a_SxP.shape == (2, 12) and d.test_a_SxP.shape == (2, 27)
   np.testing.assert_allclose(d.train_w_SxP.sum(1), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(d.test_w_SxQ.sum(1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(d.test_w_SxP.sum(1), 1.0, rtol=1e-6)
   assert (d.train_w_SxP[1, 9:] == 0).all() and (d.train_w_SxP[1, :9] > 0).all()
-  np.testing.assert_array_equal(d.test_c_SxQ[1, :27], sps[1].test_Px3[:, 2])
+  np.testing.assert_array_equal(d.test_c_SxP[1, :27], sps[1].test_Px3[:, 2])
 
 
 def test_masked_xent_matches_float64():

@@ -39,10 +39,10 @@ def vision_config(**fields):
 # The net against float64 loops.
 
 
-def _conv_ref(x_BxYxXxE, w_3x3xExN, b_N):
+def _conv_ref(x_BxHxWxC, w_3x3xCxN, b_N):
   """A 3×3 'same' convolution by direct loops over images, positions, taps and channels (float64)."""
-  b, h, w, c = x_BxYxXxE.shape
-  d = w_3x3xExN.shape[-1]
+  b, h, w, c = x_BxHxWxC.shape
+  d = w_3x3xCxN.shape[-1]
   out = np.zeros((b, h, w, d))
   for n in range(b):
     for i in range(h):
@@ -52,7 +52,7 @@ def _conv_ref(x_BxYxXxE, w_3x3xExN, b_N):
             y, x = i + di - 1, j + dj - 1
             if 0 <= y < h and 0 <= x < w:
               for ci in range(c):
-                out[n, i, j] += x_BxYxXxE[n, y, x, ci] * w_3x3xExN[di, dj, ci]
+                out[n, i, j] += x_BxHxWxC[n, y, x, ci] * w_3x3xCxN[di, dj, ci]
         out[n, i, j] += b_N
   return out
 

@@ -40,6 +40,19 @@ report's markdown::
 
     res = convergent.analyse(acts_SxTxN, pairs, key=key, settings=convergent.Settings())
     text = convergent.sections(res, layer="conv3")
+
+The families run them behind the analysis setting ``convergent`` (off by default) with the named settings of
+``universality.engine.fields.CONVERGENT`` (``settings_of``, ``pairs_of``; each layer's key ``key_of`` of the
+cohort's key): the group family on its hidden layer, the language-model family on every MLP layer. A layer's
+records go to summary.json as ``to_json`` (with ``layer_means``) and come back typed by ``from_json``;
+``layer_table`` is the paper's table with one row per layer. The sparse prediction's solver holds
+pairs × λ × N × N weights and as many iterates: ``Settings.memory_bytes`` bounds it by solving b's units in
+blocks (``sparse_prediction(memory_bytes=...)``), and ``analyse`` keeps no weights.
+
+Local shape letters:
+
+  Q  the coordinates of the points k-means clusters
+  J  units of run b solved together in one block of a sparse-prediction sweep
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from universality.engine import fields
 from universality.engine.analysis.jsonable import to_json as _jsonable
 from universality.engine.markdown import markdown_table
 
@@ -156,9 +170,11 @@ class Clusters(Record):
 # Inputs.
 
 
-def default_pairs(runs: int) -> list[tuple[int, int]]:
-  """Every pair ``(a, b)`` with ``a < b``."""
-  return [(a, b) for a in range(runs) for b in range(a + 1, runs)]
+def default_pairs(runs: int, limit: int | None = None) -> list[tuple[int, int]]:
+  """Every pair ``(a, b)`` with ``a < b`` (run 0 against each other run first); the first ``limit`` of
+  them when ``limit`` is a positive number (Li et al. compared Net1 with each of Net2–Net4)."""
+  out = [(a, b) for a in range(runs) for b in range(a + 1, runs)]
+  return out[:int(limit)] if limit else out
 
 
 def _check(acts_SxTxN, pairs) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -188,12 +204,12 @@ def _stats(x_TxN: np.ndarray):
   return mean, std, live
 
 
-def cross_correlation(a_TxN: np.ndarray, b_TxM: np.ndarray) -> np.ndarray:
+def cross_correlation(a_TxN: np.ndarray, b_TxN: np.ndarray) -> np.ndarray:
   """float64 Pearson correlation ``[N, M]`` of the units of two runs; 0 where either unit is dead."""
   ma, sa, la = _stats(a_TxN)
-  mb, sb, lb = _stats(b_TxM)
+  mb, sb, lb = _stats(b_TxN)
   za = np.where(la, (np.asarray(a_TxN, np.float64) - ma) / np.where(la, sa, 1.0), 0.0)
-  zb = np.where(lb, (np.asarray(b_TxM, np.float64) - mb) / np.where(lb, sb, 1.0), 0.0)
+  zb = np.where(lb, (np.asarray(b_TxN, np.float64) - mb) / np.where(lb, sb, 1.0), 0.0)
   return za.T @ zb / za.shape[0]
 
 
@@ -246,7 +262,8 @@ def _nanmean(x) -> float | None:
 
 def sparse_prediction(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None, *, key,
                       lambdas: Sequence[float] = DEFAULT_LAMBDAS, heldout: float = DEFAULT_HELDOUT,
-                      iterations: int = DEFAULT_ITERATIONS) -> dict:
+                      iterations: int = DEFAULT_ITERATIONS, memory_bytes: int | None = None,
+                      keep_weights: bool = True) -> dict:
   """Lasso prediction of every unit of run b from all units of run a, for each pair and λ.
 
   The inputs are split at random (``key``) into a fitted part and a held-out share ``heldout``; each unit is
@@ -254,8 +271,15 @@ def sparse_prediction(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None
   ``1/(2n) ‖y − Xw‖² + λ‖w‖₁`` (n fitted inputs, no intercept: the data are centred), scikit-learn's
   ``Lasso(alpha=λ, fit_intercept=False)``, by ``iterations`` FISTA steps.
 
+  The solver holds pairs × λ × N × N weights (and as many FISTA iterates and gradients). With
+  ``memory_bytes`` it solves b's units in blocks (and the pairs one at a time when all of them at once do
+  not fit) so that the solver's arrays stay within about that many bytes; each unit's solution is the same
+  (its Lasso does not depend on the other units). ``keep_weights=False`` returns no weights (``None``): the
+  losses and units used are all a caller of a large layer needs.
+
   Returns:
-    dict: ``weights_ZxOxNxN`` (weight of a's unit i in predicting b's unit j), ``heldout_loss_ZxOxN``,
+    dict: ``weights_ZxOxNxN`` (weight of a's unit i in predicting b's unit j; None unless
+    ``keep_weights``), ``heldout_loss_ZxOxN``,
     ``train_loss_ZxOxN`` (NaN for dead units of b), ``used_ZxOxN`` (a's units with |weight| > USED_TOL),
     ``fit_T`` and ``heldout_T`` (the input indices), ``lambdas``, ``pairs`` and ``records``
     (a ``SparsePrediction`` per pair).
@@ -277,14 +301,22 @@ def sparse_prediction(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None
   z_SxTxN, live_SxN = standardise(acts, fit_T)
   ia = np.asarray([a for a, _ in pairs])
   ib = np.asarray([b for _, b in pairs])
-  weights, train, held = _lasso_sweep(jnp.asarray(z_SxTxN[:, fit_T]), jnp.asarray(z_SxTxN[:, heldout_T]),
-                                      jnp.asarray(ia), jnp.asarray(ib), jnp.asarray(lambdas, jnp.float32),
-                                      iterations=int(iterations))
-  weights = np.asarray(weights)
+  if memory_bytes is not None and int(memory_bytes) < 1:
+    raise ValueError(f"memory_bytes must be a positive number of bytes or None, got {memory_bytes}")
+  blocks = _sweep_blocks(len(pairs), len(lambdas), n, memory_bytes)
+  if blocks is None:  # everything in one jitted call
+    weights, train, held = _lasso_sweep(jnp.asarray(z_SxTxN[:, fit_T]), jnp.asarray(z_SxTxN[:, heldout_T]),
+                                        jnp.asarray(ia), jnp.asarray(ib), jnp.asarray(lambdas, jnp.float32),
+                                        iterations=int(iterations))
+    weights = np.asarray(weights)
+    used = np.sum(np.abs(weights) > USED_TOL, axis=2)
+    weights = weights if keep_weights else None
+  else:
+    weights, used, train, held = _lasso_blocks(z_SxTxN[:, fit_T], z_SxTxN[:, heldout_T], ia, ib, lambdas,
+                                               int(iterations), blocks, keep_weights)
   live_ZxN = live_SxN[ib]
   train = np.where(live_ZxN[:, None, :], np.asarray(train, np.float64), np.nan)
   held = np.where(live_ZxN[:, None, :], np.asarray(held, np.float64), np.nan)
-  used = np.sum(np.abs(weights) > USED_TOL, axis=2)
   used_f = np.where(live_ZxN[:, None, :], used.astype(np.float64), np.nan)
   records = [SparsePrediction(run_a=a, run_b=b, lambdas=lambdas,
                               heldout_loss=[_nanmean(held[k, j]) for j in range(len(lambdas))],
@@ -317,13 +349,24 @@ def _lasso_sweep(fit_SxTxN, held_SxTxN, ia_Z, ib_Z, lambdas_O, *, iterations):
   # FISTA step 1/L with L the largest eigenvalue of the (scaled) Gram matrix: the gradient's Lipschitz bound.
   lip_Z = jnp.linalg.eigvalsh(gram_ZxNxN)[:, -1]
   step_Z = 1.0 / jnp.maximum(lip_Z, 1e-12)
+  ha, hb = held_SxTxN[ia_Z], held_SxTxN[ib_Z]
+  held_gram = jnp.einsum("qti,qtj->qij", ha, ha) / n_held
+  held_cross = jnp.einsum("qti,qtj->qij", ha, hb) / n_held
+  return _fista(gram_ZxNxN, cross_ZxNxN, jnp.mean(xb * xb, axis=1), step_Z, held_gram, held_cross,
+                jnp.mean(hb * hb, axis=1), lambdas_O, iterations)
+
+
+def _fista(gram_ZxNxN, cross_ZxNxJ, yy_ZxJ, step_Z, held_gram_ZxNxN, held_cross_ZxNxJ, held_yy_ZxJ, lambdas_O,
+           iterations):
+  """FISTA for the Y units of run b (columns of the cross moments) of every pair and λ: the weights
+  ``[Z, O, N, Y]`` and the training and held-out mean squared errors ``[Z, O, Y]``."""
   q, n = gram_ZxNxN.shape[0], gram_ZxNxN.shape[1]
-  nb = cross_ZxNxN.shape[2]
+  nb = cross_ZxNxJ.shape[2]
   thresh_ZxO = step_Z[:, None] * lambdas_O[None, :]
 
   def body(_, carry):
     w, z, t = carry
-    grad = jnp.einsum("qij,qljb->qlib", gram_ZxNxN, z) - cross_ZxNxN[:, None]
+    grad = jnp.einsum("qij,qljb->qlib", gram_ZxNxN, z) - cross_ZxNxJ[:, None]
     u = z - step_Z[:, None, None, None] * grad
     w_new = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh_ZxO[:, :, None, None], 0.0)
     t_new = (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)) / 2.0
@@ -339,11 +382,77 @@ def _lasso_sweep(fit_SxTxN, held_SxTxN, ia_Z, ib_Z, lambdas_O, *, iterations):
     quad = jnp.einsum("qlib,qij,qljb->qlb", w, gram, w)
     return yy[:, None, :] - 2.0 * fit_term + quad
 
-  train = loss(gram_ZxNxN, cross_ZxNxN, jnp.mean(xb * xb, axis=1))
-  ha, hb = held_SxTxN[ia_Z], held_SxTxN[ib_Z]
-  held = loss(jnp.einsum("qti,qtj->qij", ha, ha) / n_held, jnp.einsum("qti,qtj->qij", ha, hb) / n_held,
-              jnp.mean(hb * hb, axis=1))
-  return w, train, held
+  return w, loss(gram_ZxNxN, cross_ZxNxJ, yy_ZxJ), loss(held_gram_ZxNxN, held_cross_ZxNxJ, held_yy_ZxJ)
+
+
+# Floats the solver holds per unit of b, pair and λ (weights, FISTA iterate, gradient, step, new weights),
+# and per unit of b and pair (the cross moments of the fit and held-out inputs, the squared norms).
+_PER_UNIT_LAMBDA, _PER_UNIT = 5, 4
+
+
+def _sweep_blocks(pairs: int, lambdas: int, n: int, memory_bytes: int | None):
+  """None when the whole sweep fits ``memory_bytes`` (or no bound is set), else ``(pairs per call, units of
+  b per call)``: all pairs when one unit of each fits beside their Gram matrices, else one pair a call."""
+  if memory_bytes is None:
+    return None
+  fixed = 2 * n * n + 1  # the Gram matrices of the fit and held-out inputs, per pair
+  per_unit = _PER_UNIT_LAMBDA * lambdas * n + _PER_UNIT
+  budget = int(memory_bytes) // 4  # float32
+  if pairs * (fixed + n * per_unit) <= budget:
+    return None
+  q = pairs if pairs * (fixed + per_unit) <= budget else 1
+  units = max(1, min(n, (budget - q * fixed) // (q * per_unit)))
+  return q, int(units)
+
+
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def _lasso_block(xa_ZxTxN, xb_ZxTxJ, ha_ZxTxN, hb_ZxTxJ, step_Z, gram_ZxNxN, held_gram_ZxNxN, lambdas_O, *,
+                 iterations):
+  n_fit, n_held = xa_ZxTxN.shape[1], ha_ZxTxN.shape[1]
+  w, train, held = _fista(gram_ZxNxN, jnp.einsum("qti,qtj->qij", xa_ZxTxN, xb_ZxTxJ) / n_fit,
+                          jnp.mean(xb_ZxTxJ * xb_ZxTxJ, axis=1), step_Z, held_gram_ZxNxN,
+                          jnp.einsum("qti,qtj->qij", ha_ZxTxN, hb_ZxTxJ) / n_held,
+                          jnp.mean(hb_ZxTxJ * hb_ZxTxJ, axis=1), lambdas_O, iterations)
+  return w, jnp.sum(jnp.abs(w) > USED_TOL, axis=2), train, held
+
+
+@jax.jit
+def _grams(xa_ZxTxN, ha_ZxTxN):
+  gram = jnp.einsum("qti,qtj->qij", xa_ZxTxN, xa_ZxTxN) / xa_ZxTxN.shape[1]
+  held_gram = jnp.einsum("qti,qtj->qij", ha_ZxTxN, ha_ZxTxN) / ha_ZxTxN.shape[1]
+  step = 1.0 / jnp.maximum(jnp.linalg.eigvalsh(gram)[:, -1], 1e-12)
+  return gram, held_gram, step
+
+
+def _lasso_blocks(fit_SxTxN, held_SxTxN, ia, ib, lambdas, iterations: int, blocks, keep_weights: bool):
+  """The sweep of ``_lasso_sweep`` in blocks of ``blocks = (pairs, units of b)``; the last block of units
+  is padded with zero units (their weights stay 0), so every call has one shape and compiles once."""
+  q_all, n = len(ia), fit_SxTxN.shape[2]
+  o = len(lambdas)
+  per_pairs, per_units = blocks
+  lam = jnp.asarray(lambdas, jnp.float32)
+  weights = np.zeros((q_all, o, n, n), np.float32) if keep_weights else None
+  used = np.zeros((q_all, o, n), np.int64)
+  train = np.zeros((q_all, o, n), np.float32)
+  held = np.zeros((q_all, o, n), np.float32)
+  pad = -n % per_units
+  for z0 in range(0, q_all, per_pairs):
+    sel = np.arange(z0, min(z0 + per_pairs, q_all))
+    xa, ha = jnp.asarray(fit_SxTxN[ia[sel]]), jnp.asarray(held_SxTxN[ia[sel]])
+    xb = np.pad(fit_SxTxN[ib[sel]], ((0, 0), (0, 0), (0, pad)))
+    hb = np.pad(held_SxTxN[ib[sel]], ((0, 0), (0, 0), (0, pad)))
+    gram, held_gram, step = _grams(xa, ha)
+    for y0 in range(0, n, per_units):
+      y1 = min(y0 + per_units, n)
+      w, u, tr, he = _lasso_block(xa, jnp.asarray(xb[:, :, y0:y0 + per_units]), ha,
+                                  jnp.asarray(hb[:, :, y0:y0 + per_units]), step, gram, held_gram, lam,
+                                  iterations=iterations)
+      used[sel, :, y0:y1] = np.asarray(u)[:, :, :y1 - y0]
+      train[sel, :, y0:y1] = np.asarray(tr)[:, :, :y1 - y0]
+      held[sel, :, y0:y1] = np.asarray(he)[:, :, :y1 - y0]
+      if keep_weights:
+        weights[sel, :, :, y0:y1] = np.asarray(w)[:, :, :, :y1 - y0]
+  return weights, used, train, held
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,10 +507,10 @@ def spectral_labels(affinity: np.ndarray, clusters: int, *, seed: int = 0, n_ini
   return kmeans(emb, clusters, seed=seed, n_init=n_init)
 
 
-def kmeans(x_TxD: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
+def kmeans(x_TxQ: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
            iterations: int = 300) -> np.ndarray:
   """Lloyd's k-means with k-means++ seeding; the labels of the start with the least inertia."""
-  x = np.asarray(x_TxD, np.float64)
+  x = np.asarray(x_TxQ, np.float64)
   rng = np.random.default_rng(seed)
   best, best_inertia = None, np.inf
   for _ in range(max(n_init, 1)):
@@ -446,11 +555,11 @@ def _cluster_record(a, b, xa_TxN, xb_TxN, corr, labels, n, svcca_keep) -> Cluste
   return Clusters(run_a=a, run_b=b, clusters=out, mixed_share=float(np.mean(mixed)) if out else None)
 
 
-def svcca(x_TxN: np.ndarray, y_TxM: np.ndarray, *, keep: float = DEFAULT_SVCCA_KEEP) -> float | None:
+def svcca(x_TxN: np.ndarray, y_TxN: np.ndarray, *, keep: float = DEFAULT_SVCCA_KEEP) -> float | None:
   """Mean canonical correlation of two sets of units after keeping, on each side, the top singular
   directions that hold ``keep`` of its variance (Raghu et al. 2017); None if either side is constant."""
   bases = []
-  for z in (x_TxN, y_TxM):
+  for z in (x_TxN, y_TxN):
     z = np.asarray(z, np.float64)
     z = z - z.mean(axis=0)
     u, sv, _ = np.linalg.svd(z, full_matrices=False)
@@ -478,6 +587,36 @@ class Settings:
   heldout: float = DEFAULT_HELDOUT
   clusters: int = DEFAULT_CLUSTERS
   svcca_keep: float = DEFAULT_SVCCA_KEEP
+  memory_bytes: Optional[int] = None  # bound of the sparse prediction's solver (``sparse_prediction``)
+
+
+def settings_of(named: typing.Mapping[str, Any]) -> Settings:
+  """``Settings`` from a family's named analysis settings (``universality.engine.fields.CONVERGENT``:
+  ``convergent``, ``convergent_lambdas``, ...), checked (a one-line ``ValueError`` naming the bad one)."""
+  v = fields.convergent_values(named)
+  return Settings(enabled=v["convergent"], max_inputs=v["convergent_inputs"], lambdas=v["convergent_lambdas"],
+                  iterations=v["convergent_iterations"], clusters=v["convergent_clusters"],
+                  memory_bytes=int(v["convergent_memory_gb"] * (1 << 30)))
+
+
+def pairs_of(named: typing.Mapping[str, Any], runs: int) -> list[tuple[int, int]]:
+  """The pairs of a cohort of ``runs`` runs that the named setting ``convergent_pairs`` compares."""
+  return default_pairs(runs, fields.convergent_values(named)["convergent_pairs"])
+
+
+def key_of(cohort_key, layer: int = 0):
+  """The key of the passes on one layer of a cohort, from the cohort's analysis key (folded, so the
+  family's other draws from that key are unchanged)."""
+  return jax.random.fold_in(jax.random.fold_in(cohort_key, 0xC0417), int(layer))
+
+
+def subsample(key, inputs: int, max_inputs: int) -> np.ndarray | None:
+  """The sorted input indices ``analyse(acts, key=key, ...)`` keeps of ``inputs`` (None: all of them), so
+  that a caller may compute the activations of those inputs alone."""
+  if inputs <= max_inputs:
+    return None
+  k_sub, _ = jax.random.split(key)
+  return np.sort(np.asarray(jax.random.permutation(k_sub, inputs))[:max_inputs])
 
 
 def analyse(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None, *, key,
@@ -489,13 +628,14 @@ def analyse(acts_SxTxN, pairs: Sequence[tuple[int, int]] | None = None, *, key,
   if settings.max_inputs < 4:
     raise ValueError(f"max_inputs must be >= 4, got {settings.max_inputs}")
   acts = np.asarray(acts_SxTxN)
-  k_sub, k_split = jax.random.split(key)
-  if acts.ndim == 3 and acts.shape[1] > settings.max_inputs:
-    keep = np.sort(np.asarray(jax.random.permutation(k_sub, acts.shape[1]))[:settings.max_inputs])
+  _, k_split = jax.random.split(key)
+  keep = subsample(key, acts.shape[1], settings.max_inputs) if acts.ndim == 3 else None
+  if keep is not None:
     acts = acts[:, keep]
   o2o = one_to_one(acts, pairs)
   sp = sparse_prediction(acts, o2o["pairs"], key=k_split, lambdas=settings.lambdas,
-                         heldout=settings.heldout, iterations=settings.iterations)
+                         heldout=settings.heldout, iterations=settings.iterations,
+                         memory_bytes=settings.memory_bytes, keep_weights=False)
   sc = spectral_clusters(acts, o2o["pairs"], clusters=settings.clusters, svcca_keep=settings.svcca_keep)
   return {"one_to_one": o2o["records"], "sparse_prediction": sp["records"], "clusters": sc["records"]}
 
@@ -545,6 +685,73 @@ def sections(results: dict, *, layer: str | None = None, heading: str = "###") -
   return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Per layer: JSON, means over pairs and the table of every layer (the report of a family with several).
+
+KINDS = {"one_to_one": OneToOne, "sparse_prediction": SparsePrediction, "clusters": Clusters}
+
+
+def to_json(results: dict) -> dict:
+  """``analyse``'s records as plain JSON: ``{kind: [record, ...]}`` plus their ``means`` (``layer_means``)."""
+  out = {k: [r.to_json() for r in results.get(k) or []] for k in KINDS}
+  out["means"] = layer_means(results)
+  return _jsonable(out)
+
+
+def from_json(obj: typing.Mapping[str, Any]) -> dict:
+  """``to_json``'s output read back as typed records (``means`` as plain JSON)."""
+  out = {k: [cls.from_json(r) for r in obj.get(k) or []] for k, cls in KINDS.items()}
+  out["means"] = dict(obj.get("means") or {})
+  return out
+
+
+def layer_means(results: dict) -> dict:
+  """Means over the pairs of ``analyse``'s records: one-to-one (``greedy_mean``, ``max_mean``,
+  ``same_partner_share``), sparse prediction per λ (``lambdas``, ``heldout_loss``, ``mean_units_used``) and
+  clusters (``mixed_share``); None where no pair has a value."""
+  mean = lambda xs: _nanmean([np.nan if x is None else x for x in xs])  # noqa: E731
+  o2o = results.get("one_to_one") or []
+  sp = results.get("sparse_prediction") or []
+  sc = results.get("clusters") or []
+  lams = sp[0].lambdas if sp else []
+  return {"pairs": len(o2o),
+          "greedy_mean": mean([r.greedy_mean for r in o2o]), "max_mean": mean([r.max_mean for r in o2o]),
+          "same_partner_share": mean([r.same_partner_share for r in o2o]), "lambdas": list(lams),
+          "heldout_loss": [mean([r.heldout_loss[j] for r in sp]) for j in range(len(lams))],
+          "mean_units_used": [mean([r.mean_units_used[j] for r in sp]) for j in range(len(lams))],
+          "mixed_share": mean([r.mixed_share for r in sc])}
+
+
+def settings_text(named: typing.Mapping[str, Any]) -> str:
+  """A clause for a report's settings line naming the passes' settings (``settings_of``'s names); empty
+  when the passes are off."""
+  if not named.get("convergent"):
+    return ""
+  v = fields.convergent_values(named)
+  pairs = v["convergent_pairs"] or "all"
+  return (f"; Convergent Learning passes on {v['convergent_inputs']} sampled inputs, {pairs} pairs of runs "
+          f"per cohort, L1 penalties λ = {', '.join(f'{x:g}' for x in v['convergent_lambdas'])} "
+          f"({v['convergent_iterations']} FISTA steps), {v['convergent_clusters']} spectral clusters")
+
+
+def layer_table(by_layer: typing.Mapping[str, dict]) -> str:
+  """Markdown: one row per layer of the means over pairs (``layer_means``), Li et al.'s table for our
+  models: greedy and maximum-matching mean correlation, same partner, held-out loss and units used at the
+  smallest and largest λ, mixed clusters."""
+  rows = []
+  lams = []
+  for layer, results in by_layer.items():
+    m = layer_means(results)
+    lams = m["lambdas"] or lams
+    ends = (lambda xs, d=3: f"{_f(xs[0], d)} / {_f(xs[-1], d)}" if xs else "–")
+    rows.append([layer, m["pairs"], _f(m["greedy_mean"]), _f(m["max_mean"]), _f(m["same_partner_share"]),
+                 ends(m["heldout_loss"]), ends(m["mean_units_used"], 1), _f(m["mixed_share"])])
+  lam = f" (λ={lams[0]:g} / {lams[-1]:g})" if lams else ""
+  return markdown_table(["layer", "pairs", "greedy", "max matching", "same partner", f"held-out loss{lam}",
+                         f"units used{lam}", "mixed clusters"], rows)
+
+
 __all__ = ["Cluster", "Clusters", "OneToOne", "Settings", "SparsePrediction", "analyse", "cross_correlation",
-           "default_pairs", "kmeans", "one_to_one", "sections", "sparse_prediction", "spectral_clusters",
-           "spectral_labels", "standardise", "svcca"]
+           "default_pairs", "from_json", "key_of", "kmeans", "layer_means", "layer_table", "one_to_one",
+           "pairs_of", "sections", "settings_of", "settings_text", "sparse_prediction", "spectral_clusters",
+           "spectral_labels", "standardise", "subsample", "svcca", "to_json"]

@@ -20,12 +20,18 @@ all |G|² pairs), and compare every pair of runs at once.
   representations), for all pairs of runs in one jitted pass, as ``[S, S]`` matrices.
 
 Each pass also has a form that reads the inputs only through their co-moments (``*_from_comoments``: a
-``universality.kernels.correlation.CoMoments`` of all S·N neurons, accumulated over blocks of inputs by Chan's merge) and,
-for the k-NN alignment, the activations on its subsample of inputs (``knn_subset``), so that a caller can
-stream the inputs instead of holding ``acts_SxTxN`` (``universality.engine.families.group.passes.pipeline``).
+``universality.kernels.correlation.CoMoments`` of all S·N neurons, accumulated over blocks of inputs by Chan's
+merge) and, for the k-NN alignment, the activations on its subsample of inputs (``knn_subset``), so that a
+caller can stream the inputs instead of holding ``acts_SxTxN``
+(``universality.engine.families.group.passes.pipeline``).
 
 Dead neurons (constant over the inputs) have no correlation; they are excluded from every mean, and in the
 matching they count as correlation 0.
+
+Local shape letters:
+
+  Q  the classes neurons are sorted into (e.g. each neuron's dominant irrep)
+  J  the k nearest neighbours of a sample
 """
 
 from __future__ import annotations
@@ -188,10 +194,10 @@ def _irrep_agreement(argmax_SxNxS, dominant_SxN, dead_SxN, mask_SxN, *, n_classe
              & ~jnp.eye(s, dtype=bool)[:, None, :])
   agree = jnp.sum(counted & (partner_dom_SxNxS == dominant_SxN[:, :, None]))
   # Share of run j's live neurons whose dominant irrep equals that of neuron (i, n), from per-run histograms.
-  onehot_SxNxR = jax.nn.one_hot(dominant_SxN, n_classes, dtype=jnp.float32)
-  hist_SxR = jnp.sum(onehot_SxNxR * (~dead_SxN)[:, :, None], axis=1)
-  hist_SxR = hist_SxR / jnp.maximum(hist_SxR.sum(axis=1, keepdims=True), 1.0)
-  share_SxNxS = jnp.einsum("inr,jr->inj", onehot_SxNxR, hist_SxR)
+  onehot_SxNxQ = jax.nn.one_hot(dominant_SxN, n_classes, dtype=jnp.float32)
+  hist_SxQ = jnp.sum(onehot_SxNxQ * (~dead_SxN)[:, :, None], axis=1)
+  hist_SxQ = hist_SxQ / jnp.maximum(hist_SxQ.sum(axis=1, keepdims=True), 1.0)
+  share_SxNxS = jnp.einsum("inr,jr->inj", onehot_SxNxQ, hist_SxQ)
   chance = jnp.sum(jnp.where(counted, share_SxNxS, 0.0))
   return agree, chance, jnp.sum(counted)
 
@@ -329,8 +335,8 @@ def _mutual_knn(acts_SxUxN, k):
 
   def adjacency(x_UxN):  # one run at a time: one U×U similarity in memory, not S of them
     sim_UxU = jnp.where(jnp.eye(u, dtype=bool), -jnp.inf, x_UxN @ x_UxN.T)
-    _, nbrs_UxK = jax.lax.top_k(sim_UxU, k)
-    return jnp.zeros((u, u), jnp.float32).at[jnp.arange(u)[:, None], nbrs_UxK].set(1.0)
+    _, nbrs_UxJ = jax.lax.top_k(sim_UxU, k)
+    return jnp.zeros((u, u), jnp.float32).at[jnp.arange(u)[:, None], nbrs_UxJ].set(1.0)
 
   adj_SxUxU = jax.lax.map(adjacency, x)
   return jnp.einsum("iuv,juv->ij", adj_SxUxU, adj_SxUxU) / (u * k)

@@ -2,8 +2,8 @@
 
 A *cohort* is a set of runs that differ only in seed; cross-seed statistics (neuron correlations, matching,
 CKA, key-irrep counts, learning-order tables) are computed within a cohort, never across hyperparameters.
-``analyze(view)`` (run at the end of every launch, or by hand on ``universality.engine.replay.open(workdir)``) restores
-each checkpoint once, hands each cohort to its family's analysis (``Family.analysis_module``:
+``analyze(view)`` (run at the end of every launch, or by hand on ``universality.engine.replay.open(workdir)``)
+restores each checkpoint once, hands each cohort to its family's analysis (``Family.analysis_module``:
 ``analyze_cohort``) and writes::
 
   analysis/summary.json = {
@@ -16,8 +16,9 @@ each checkpoint once, hands each cohort to its family's analysis (``Family.analy
   }
 
 A family's ``analyze_cohort`` may also return ``"arrays"`` (numeric arrays too large for JSON, e.g. one row
-per neuron): they are written to the cohort's arrays file (``universality.engine.rundir.write_cohort_arrays``). A module
-with ``LAST_STEP_ONLY = True`` gets only the last checkpoint's parameters.
+per neuron): they are written to the cohort's arrays file
+(``universality.engine.rundir.write_cohort_arrays``). A module with ``LAST_STEP_ONLY = True`` gets only the
+last checkpoint's parameters.
 
 The family's per-run and aggregate fields are documented by its analysis module (group composition: the
 record types of ``engine/families/group/passes/records.py``). The view is duck-typed

@@ -21,10 +21,14 @@ each batch's central moments computed after shifting by the running mean; catego
 per-neuron shift fixed by the first batch's mean.
 
 Zero-variance convention (shared by every statistic): a neuron whose standard deviation is at most
-``DEFAULT_DEAD_RTOL · max(|mean|, 1)`` (the tolerance of ``universality.kernels.correlation``: below it, float32
-rounding of the mean is all that is left) is *dead*; its skew and kurtosis are 0 and the variance any
+``DEFAULT_DEAD_RTOL · max(|mean|, 1)`` (the tolerance of ``universality.kernels.correlation``: below it,
+float32 rounding of the mean is all that is left) is *dead*; its skew and kurtosis are 0 and the variance any
 feature explains is 0, never NaN. A real distribution has kurtosis >= 1, so ``kurtosis == 0`` marks a dead
 neuron unambiguously.
+
+Local shape letters:
+
+  Q  the categories of a token property (its byte, the previous byte, its position)
 """
 
 from __future__ import annotations
@@ -167,35 +171,35 @@ def moments_finalize(state: Moments, dead_rtol: float = DEFAULT_DEAD_RTOL) -> di
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["count_C", "sum_CxM", "sumsq_M", "count", "shift_M"], meta_fields=[])
+                   data_fields=["count_Q", "sum_QxM", "sumsq_M", "count", "shift_M"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class Categories:
   """Streaming per-category sums of M neurons, taken about a fixed shift.
 
   Attributes:
-    count_C: int32, inputs seen in each category.
-    sum_CxM: Σ (x - shift) over the inputs of each category.
+    count_Q: int32, inputs seen in each category.
+    sum_QxM: Σ (x - shift) over the inputs of each category.
     sumsq_M: Σ (x - shift)² over all inputs.
     count: int32 scalar, inputs seen (those with a valid row and a category in [0, C)).
     shift_M: the mean of the first batch that had a valid input; close enough to the mean that the sums
       hold (x - mean) to float32 accuracy even when the mean is large.
   """
 
-  count_C: jax.Array
-  sum_CxM: jax.Array
+  count_Q: jax.Array
+  sum_QxM: jax.Array
   sumsq_M: jax.Array
   count: jax.Array
   shift_M: jax.Array
 
   @property
   def n_categories(self) -> int:
-    return self.count_C.shape[0]
+    return self.count_Q.shape[0]
 
 
 def categories_init(n_categories: int, m: int) -> Categories:
   """Empty sums for ``n_categories`` categories and ``m`` neurons."""
   c, m = int(n_categories), int(m)
-  return Categories(count_C=jnp.zeros((c,), jnp.int32), sum_CxM=jnp.zeros((c, m), jnp.float32),
+  return Categories(count_Q=jnp.zeros((c,), jnp.int32), sum_QxM=jnp.zeros((c, m), jnp.float32),
                     sumsq_M=jnp.zeros((m,), jnp.float32), count=jnp.zeros((), jnp.int32),
                     shift_M=jnp.zeros((m,), jnp.float32))
 
@@ -203,7 +207,7 @@ def categories_init(n_categories: int, m: int) -> Categories:
 def categories_update(state: Categories, x_BxM, cat_B, valid_B=None) -> Categories:
   """Add a batch: ``x_BxM`` activations, ``cat_B`` integer category of each input.
 
-  Per-category sums are one matrix product ``onehot_BxCᵀ · (x - shift)_BxM`` (no loop over categories).
+  Per-category sums are one matrix product ``onehot_BxQᵀ · (x - shift)_BxM`` (no loop over categories).
   Inputs whose row is not valid, or whose category lies outside ``[0, C)``, are not counted at all (the
   one-hot row of an out-of-range category would be empty; counting it in the total only would charge its
   variance to "within"). Pure and jit-compatible.
@@ -224,37 +228,37 @@ def categories_update(state: Categories, x_BxM, cat_B, valid_B=None) -> Categori
   batch_mean_M = jnp.sum(x_BxM, axis=0) / jnp.maximum(n_b, 1).astype(jnp.float32)
   shift_M = jnp.where(state.count > 0, state.shift_M, batch_mean_M)
   d_BxM = jnp.where(valid_Bx1, x_BxM - shift_M[None, :], 0.0)
-  onehot_BxC = (cat_B[:, None] == jnp.arange(c, dtype=jnp.int32)[None, :]) & valid_Bx1
-  sum_CxM = state.sum_CxM + jnp.einsum("bc,bm->cm", onehot_BxC.astype(jnp.float32), d_BxM,
+  onehot_BxQ = (cat_B[:, None] == jnp.arange(c, dtype=jnp.int32)[None, :]) & valid_Bx1
+  sum_QxM = state.sum_QxM + jnp.einsum("bc,bm->cm", onehot_BxQ.astype(jnp.float32), d_BxM,
                                        precision=_HIGHEST)
-  return Categories(count_C=state.count_C + jnp.sum(onehot_BxC.astype(jnp.int32), axis=0),
-                    sum_CxM=sum_CxM, sumsq_M=state.sumsq_M + jnp.sum(jnp.square(d_BxM), axis=0),
+  return Categories(count_Q=state.count_Q + jnp.sum(onehot_BxQ.astype(jnp.int32), axis=0),
+                    sum_QxM=sum_QxM, sumsq_M=state.sumsq_M + jnp.sum(jnp.square(d_BxM), axis=0),
                     count=state.count + n_b, shift_M=shift_M)
 
 
-def variance_explained(state: Categories, groups_C=None, dead_rtol: float = DEFAULT_DEAD_RTOL) -> jax.Array:
+def variance_explained(state: Categories, groups_Q=None, dead_rtol: float = DEFAULT_DEAD_RTOL) -> jax.Array:
   """Share of each neuron's variance explained by the category, ``[M]`` in [0, 1].
 
-  Between-category sum of squares Σ_c n_c (mean_c - mean)² over the total Σ (x - mean)². ``groups_C``
+  Between-category sum of squares Σ_c n_c (mean_c - mean)² over the total Σ (x - mean)². ``groups_Q``
   (integer group id of each category, any values) merges categories first: each category is given its
   group's mean, since Σ_{c∈g} n_c (mean_g - mean)² = n_g (mean_g - mean)², which needs no static number
   of groups (one ``C×C`` same-group product), so it is jit-compatible with traced groups. Dead neurons
   (and an empty state) give 0.
   """
-  n_C = state.count_C.astype(jnp.float32)
+  n_Q = state.count_Q.astype(jnp.float32)
   n = state.count.astype(jnp.float32)
-  sum_CxM = state.sum_CxM
-  if groups_C is not None:
-    groups_C = jnp.asarray(groups_C)
-    chex.assert_shape(groups_C, (state.n_categories,))
-    same_CxC = (groups_C[:, None] == groups_C[None, :]).astype(jnp.float32)
-    sum_CxM = jnp.matmul(same_CxC, sum_CxM, precision=_HIGHEST)
-    n_group_C = jnp.matmul(same_CxC, n_C, precision=_HIGHEST)
+  sum_QxM = state.sum_QxM
+  if groups_Q is not None:
+    groups_Q = jnp.asarray(groups_Q)
+    chex.assert_shape(groups_Q, (state.n_categories,))
+    same_QxQ = (groups_Q[:, None] == groups_Q[None, :]).astype(jnp.float32)
+    sum_QxM = jnp.matmul(same_QxQ, sum_QxM, precision=_HIGHEST)
+    n_group_Q = jnp.matmul(same_QxQ, n_Q, precision=_HIGHEST)
   else:
-    n_group_C = n_C
-  grand_M = jnp.sum(state.sum_CxM, axis=0) / jnp.maximum(n, 1.0)
-  mean_CxM = sum_CxM / jnp.maximum(n_group_C, 1.0)[:, None]
-  between_M = jnp.sum(n_C[:, None] * jnp.square(mean_CxM - grand_M[None, :]), axis=0)
+    n_group_Q = n_Q
+  grand_M = jnp.sum(state.sum_QxM, axis=0) / jnp.maximum(n, 1.0)
+  mean_QxM = sum_QxM / jnp.maximum(n_group_Q, 1.0)[:, None]
+  between_M = jnp.sum(n_Q[:, None] * jnp.square(mean_QxM - grand_M[None, :]), axis=0)
   total_M = state.sumsq_M - n * jnp.square(grand_M)
   dead_M = _dead(n, state.shift_M + grand_M, total_M, dead_rtol)
   return jnp.where(dead_M, 0.0, jnp.clip(between_M / jnp.where(dead_M, 1.0, total_M), 0.0, 1.0))
@@ -266,7 +270,7 @@ BYTE_CLASS_NAMES = ("lowercase", "uppercase", "digit", "space", "newline", "tab"
 
 def byte_classes() -> tuple[tuple[str, ...], np.ndarray]:
   """A fixed partition of the 256 byte values, as ``(names, class_of_byte)`` (``int32[256]``, an index
-  into ``names``; usable as ``groups_C`` of :func:`variance_explained`).
+  into ``names``; usable as ``groups_Q`` of :func:`variance_explained`).
 
   lowercase a-z; uppercase A-Z; digit 0-9; space (0x20 only); newline (\\n and \\r); tab (\\t);
   punctuation: every other printable ASCII byte (0x21-0x7E, not alphanumeric); control: every other byte

@@ -163,15 +163,16 @@ class Family:
     raise NotImplementedError
 
 
-def buckets(cfg) -> list[tuple[str, Any]]:
+def buckets(cfg, family: Family | None = None) -> list[tuple[str, Any]]:
   """The programs of a study, ``[(name, cfg_b)]``, trained one after another.
 
   Optimisers differ in state structure, so a study naming several (``opt.name = "adamw,muon"``) trains one
   bucket per optimiser, each split further by its family (``Family.buckets``) and named
   ``<optimiser>-<family bucket>``; with one optimiser the family's buckets are the study's. Each ``cfg_b``
   names one optimiser, so launched alone it is one bucket again (its name then lacks the prefix).
+  ``family``: the study's family when the caller has it (default: looked up from ``cfg.family``).
   """
-  family = get(cfg.family)
+  family = family or get(cfg.family)
   names = optim.names(cfg.opt)
   if len(names) == 1:
     return family.buckets(cfg)

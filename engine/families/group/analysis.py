@@ -2,13 +2,17 @@
 
 ``analyze_cohort`` is the family's hook for ``universality.engine.analysis.driver``: it builds the cohort's
 context once (``passes.context``) and runs the units ``passes_of(settings)`` lists (``passes.units``); every
-field it writes is documented on its record type (``passes.records``).
+field it writes is documented on its record type (``passes.records``). With the setting ``convergent`` the
+units include the Convergent Learning passes on the hidden layer (``units.Convergent``;
+``Aggregate.convergent``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+
+from universality.engine import fields
 from universality.engine import groups as groups_lib
 from universality.engine import irreps as irreps_lib
 from universality.engine.analysis import cross_seed
@@ -31,17 +35,19 @@ SETTINGS = {"key_threshold": representation.DEFAULT_KEY_THRESHOLD,
             "merge_tolerance": redundancy.DEFAULT_TOLERANCE,
             # Working memory of one block of pairs (all runs' logits and hidden layer on it): the analysis
             # streams the |G|² pairs in such blocks and never holds S·|G|³ logits.
-            "memory_budget_gb": representation.DEFAULT_MEMORY_BYTES / 1e9}
+            "memory_budget_gb": representation.DEFAULT_MEMORY_BYTES / 1e9,
+            # Convergent Learning (one-to-one, sparse prediction, spectral clusters) on the hidden layer.
+            **fields.CONVERGENT}
 
 
 def passes_of(settings: dict) -> units.Passes:
-  """The units the family runs, with their settings."""
-  return units.Passes(irreps=units.Irreps(order_threshold=settings["order_threshold"]),
-                      similarity=units.Similarity(), neurons=units.Neurons(),
-                      cosets=units.Cosets(threshold=settings["coset_threshold"]),
-                      margins=units.Margins(single_threshold=settings["single_threshold"]),
-                      redundancy=units.Redundancy(tolerance=settings["merge_tolerance"]),
-                      connectivity=units.Connectivity(points=int(settings["connectivity_points"])))
+  """The units the family runs, in order, with their settings."""
+  return (units.Irreps(order_threshold=settings["order_threshold"]), units.Similarity(), units.Neurons(),
+          units.Cosets(threshold=settings["coset_threshold"]),
+          units.Margins(single_threshold=settings["single_threshold"]),
+          units.Redundancy(tolerance=settings["merge_tolerance"]),
+          units.Connectivity(points=int(settings["connectivity_points"])),
+          units.Convergent(settings={k: settings[k] for k in fields.CONVERGENT}))
 
 
 def matrices_fn_for(model_cfg) -> Callable[[Any], dict]:

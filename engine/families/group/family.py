@@ -23,6 +23,8 @@ Config sections::
   model.mlp.embed_dim, model.mlp.hidden
   model.li2.hidden, model.li2.activation ("square", "relu", "silu", "relu2")
   model.transformer.d_model, .n_heads, .d_mlp, .n_layers
+  analysis.convergent, analysis.convergent_*   the Convergent Learning passes on the hidden layer
+                            (``universality.engine.fields.CONVERGENT``; off by default)
 
 The sweep is ``groups × lr × weight_decay × train_frac × seeds``, flattened row-major (groups outermost,
 seeds innermost)::
@@ -215,6 +217,7 @@ class GroupFamily(families.Family):
     cfg.model.transformer.n_heads = 4     # attention heads; must divide d_model
     cfg.model.transformer.d_mlp = 512     # N: ReLU neurons of each MLP block
     cfg.model.transformer.n_layers = 1    # blocks (attention + MLP, no LayerNorm)
+    cfg.analysis.update(fields.CONVERGENT)  # Convergent Learning passes on the hidden layer (off by default)
 
   def validate(self, cfg) -> None:
     for spec in group_specs(cfg):
@@ -256,6 +259,7 @@ class GroupFamily(families.Family):
     if mults and (cfg.task.train_frac.strip() not in ("", TRAIN_FRAC_DEFAULT) or train_frac_by_group(cfg)):
       raise ValueError("config.task.size_mult: give either size_mult or train_frac/train_frac_by_group, not both "
                        "(set task.train_frac='' to sweep size_mult)")
+    fields.convergent_values(cfg.analysis)
     padding = cfg.task.bucket_padding
     if isinstance(padding, bool) or not isinstance(padding, (int, float)) or not 0 <= padding < math.inf:
       raise ValueError(f"config.task.bucket_padding: expected a finite number >= 0, got {padding!r}")
@@ -372,8 +376,8 @@ class GroupFamily(families.Family):
     def evaluate(params, d, shared):
       train_loss, train_acc = loss(params, d.train_a_SxP, d.train_b_SxP, d.train_c_SxP, d.train_w_SxP,
                                    d.order_S)
-      test_loss, test_acc = loss(params, d.test_a_SxQ, d.test_b_SxQ, d.test_c_SxQ, d.test_w_SxQ, d.order_S)
-      no_test = jnp.sum(d.test_w_SxQ) == 0  # train_frac = 1: the test metrics are undefined
+      test_loss, test_acc = loss(params, d.test_a_SxP, d.test_b_SxP, d.test_c_SxP, d.test_w_SxP, d.order_S)
+      no_test = jnp.sum(d.test_w_SxP) == 0  # train_frac = 1: the test metrics are undefined
       nan = jnp.float32(jnp.nan)
       return dict(train_loss=train_loss, train_acc=train_acc, test_loss=jnp.where(no_test, nan, test_loss),
                   test_acc=jnp.where(no_test, nan, test_acc))

@@ -258,16 +258,16 @@ def _li2(params, a_B, b_B, activation: str):
   return hidden_BxN @ params["unembed"], hidden_BxN
 
 
-def _attention(blk, x_BxLxD, q_BxQxD):
+def _attention(blk, x_BxTxD, q_BxTxD):
   """Causal multi-head attention of the last ``Q`` positions of ``x`` (queries ``q``) over all positions."""
-  n_pos, n_q = x_BxLxD.shape[1], q_BxQxD.shape[1]
+  n_pos, n_q = x_BxTxD.shape[1], q_BxTxD.shape[1]
   dh = blk["wq"].shape[-1]
-  q = jnp.einsum("bqd,hde->bhqe", q_BxQxD, blk["wq"])
-  k = jnp.einsum("bld,hde->bhle", x_BxLxD, blk["wk"])
-  v = jnp.einsum("bld,hde->bhle", x_BxLxD, blk["wv"])
+  q = jnp.einsum("bqd,hde->bhqe", q_BxTxD, blk["wq"])
+  k = jnp.einsum("bld,hde->bhle", x_BxTxD, blk["wk"])
+  v = jnp.einsum("bld,hde->bhle", x_BxTxD, blk["wv"])
   scores = jnp.einsum("bhqe,bhle->bhql", q, k) / jnp.sqrt(jnp.float32(dh))
-  causal_QxL = jnp.arange(n_pos)[None, :] <= jnp.arange(n_pos - n_q, n_pos)[:, None]
-  scores = jnp.where(causal_QxL[None, None], scores, -jnp.inf)
+  causal_TxT = jnp.arange(n_pos)[None, :] <= jnp.arange(n_pos - n_q, n_pos)[:, None]
+  scores = jnp.where(causal_TxT[None, None], scores, -jnp.inf)
   z = jnp.einsum("bhql,bhle->bhqe", jax.nn.softmax(scores, axis=-1), v)
   return jnp.einsum("bhqe,hed->bqd", z, blk["wo"])
 
@@ -275,18 +275,18 @@ def _attention(blk, x_BxLxD, q_BxQxD):
 def _transformer(params, a_B, b_B):
   d = params["pos"].shape[1]
   eq_BxD = jnp.broadcast_to(params["embed_eq"], (a_B.shape[0], d))
-  x_BxLxD = jnp.stack([params["embed"][a_B], params["embed"][b_B], eq_BxD], axis=1) + params["pos"][None]
+  x_BxTxD = jnp.stack([params["embed"][a_B], params["embed"][b_B], eq_BxD], axis=1) + params["pos"][None]
   hidden_BxN = None
   for l, blk in enumerate(params["blocks"]):
     last = l == len(params["blocks"]) - 1
     # Only the '=' position feeds the logits, so the last block computes queries and MLP there alone.
-    q_BxQxD = x_BxLxD[:, -1:] if last else x_BxLxD
-    r_BxQxD = q_BxQxD + _attention(blk, x_BxLxD, q_BxQxD)
-    hidden = jax.nn.relu(r_BxQxD @ blk["w_in"] + blk["b_in"][None, None])
-    r_BxQxD = r_BxQxD + hidden @ blk["w_out"] + blk["b_out"][None, None]
-    x_BxLxD = r_BxQxD
+    q_BxTxD = x_BxTxD[:, -1:] if last else x_BxTxD
+    r_BxTxD = q_BxTxD + _attention(blk, x_BxTxD, q_BxTxD)
+    hidden = jax.nn.relu(r_BxTxD @ blk["w_in"] + blk["b_in"][None, None])
+    r_BxTxD = r_BxTxD + hidden @ blk["w_out"] + blk["b_out"][None, None]
+    x_BxTxD = r_BxTxD
     hidden_BxN = hidden[:, -1]
-  return x_BxLxD[:, -1] @ params["unembed"], hidden_BxN
+  return x_BxTxD[:, -1] @ params["unembed"], hidden_BxN
 
 
 def apply(params, a_B, b_B, model_cfg):

@@ -167,12 +167,12 @@ def learning_order_group(records: Sequence, irrep_names: Sequence[str], steps_K,
   return fig
 
 
-def loss_paths(lambda_L, paths: Mapping[str, Sequence[float]], title: str = "") -> Figure:
+def loss_paths(lambda_O, paths: Mapping[str, Sequence[float]], title: str = "") -> Figure:
   """Mean loss over pairs of runs along the linear path between their weights, one line per alignment."""
   fig = Figure(figsize=(4.6, 3.4), layout="constrained")
   ax = fig.subplots()
   for name, path in paths.items():
-    ax.plot(lambda_L, path, marker=".", ms=3, label=name)
+    ax.plot(lambda_O, path, marker=".", ms=3, label=name)
   ax.set_xlabel("λ (run i → aligned run j)")
   ax.set_ylabel("loss on all pairs (mean over pairs)")
   ax.legend(fontsize=7)
@@ -180,8 +180,8 @@ def loss_paths(lambda_L, paths: Mapping[str, Sequence[float]], title: str = "") 
   return fig
 
 
-def neuron_comparison(corr_NxM, dominant_a_N, dominant_b_M, perm_N, irrep_names: Sequence[str],
-                      live_a_N=None, live_b_M=None, labels: tuple[str, str] = ("run A", "run B"),
+def neuron_comparison(corr_NxN, dominant_a_N, dominant_b_N, perm_N, irrep_names: Sequence[str],
+                      live_a_N=None, live_b_N=None, labels: tuple[str, str] = ("run A", "run B"),
                       title: str = "") -> Figure:
   """Two runs' hidden neurons side by side.
 
@@ -191,15 +191,15 @@ def neuron_comparison(corr_NxM, dominant_a_N, dominant_b_M, perm_N, irrep_names:
   correlations, coloured by whether the two neurons share their dominant irrep. Right: dominant irrep of
   each live A neuron against that of its partner.
   """
-  corr_NxM = np.asarray(corr_NxM, float)
-  n, m = corr_NxM.shape
-  dom_a, dom_b, perm = (np.asarray(x, int) for x in (dominant_a_N, dominant_b_M, perm_N))
+  corr_NxN = np.asarray(corr_NxN, float)
+  n, m = corr_NxN.shape
+  dom_a, dom_b, perm = (np.asarray(x, int) for x in (dominant_a_N, dominant_b_N, perm_N))
   if dom_a.shape != (n,) or dom_b.shape != (m,) or perm.shape != (n,):
-    raise ValueError(f"neuron_comparison: corr {corr_NxM.shape} does not match dominant {dom_a.shape}, "
+    raise ValueError(f"neuron_comparison: corr {corr_NxN.shape} does not match dominant {dom_a.shape}, "
                      f"{dom_b.shape} and perm {perm.shape}")
   live_a = np.ones(n, bool) if live_a_N is None else np.asarray(live_a_N, bool)
-  live_b = np.ones(m, bool) if live_b_M is None else np.asarray(live_b_M, bool)
-  matched = np.where(live_a & live_b[perm], corr_NxM[np.arange(n), perm], np.nan)
+  live_b = np.ones(m, bool) if live_b_N is None else np.asarray(live_b_N, bool)
+  matched = np.where(live_a & live_b[perm], corr_NxN[np.arange(n), perm], np.nan)
   # Live neurons first, grouped by dominant irrep, strongest matches first inside a group.
   order = np.lexsort((-np.nan_to_num(matched, nan=-2.0), dom_a, ~live_a))
   cols_b = perm[order]
@@ -216,7 +216,7 @@ def neuron_comparison(corr_NxM, dominant_a_N, dominant_b_M, perm_N, irrep_names:
   ax_top = fig.add_subplot(gs[0, 1])
   ax_left = fig.add_subplot(gs[1, 0])
   ax = fig.add_subplot(gs[1, 1])
-  im = ax.imshow(np.nan_to_num(corr_NxM[order][:, cols_b]), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto",
+  im = ax.imshow(np.nan_to_num(corr_NxN[order][:, cols_b]), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto",
                  interpolation="nearest")
   ax.set_xlabel(f"{labels[1]} neurons (matched order)")
   ax.set_yticks([])

@@ -10,6 +10,7 @@ Images (``<c>`` is a cohort's position and a filename-safe name, e.g. ``c0_S5_lr
   <c>_correlation.png           max cross-seed neuron correlation vs its rotation baseline; excess
   <c>_cka.png                   linear CKA between the runs' hidden representations
   <c>_connectivity.png          mean loss over seed pairs along the linear path between their weights
+  <c>_convergent.png            sparse prediction against λ (analysis setting ``convergent``)
 
 The figures come from the notebook view's ``plot`` (one plotting code path for notebooks and reports).
 """
@@ -21,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from universality.engine import plots
+from universality.engine.analysis import convergent
 from universality.engine.families.group.passes import records
 from universality.engine.markdown import file_prefix, markdown_table
 
@@ -246,6 +248,24 @@ def redundancy_lines(aggregate: records.Aggregate, runs: Sequence[records.Summar
   return md
 
 
+def convergent_lines(aggregate: records.Aggregate, save: Callable[[Any, str], str] | None = None, fig=None,
+                     name: str = "") -> list[str]:
+  """The Convergent Learning sections of a cohort (analysis setting ``convergent``): per layer, the
+  one-to-one table, held-out loss and units used against λ (a table, and the figure ``fig`` saved as
+  ``name``), and the spectral clusters; none when off."""
+  conv = aggregate.convergent
+  if not conv:
+    return []
+  md = []
+  if save is not None and fig is not None:
+    md += [f"![sparse prediction against λ]({save(fig, name)})", ""]
+  for layer, entry in conv.items():
+    md += [f"Convergent learning on the {layer} layer: {entry.get('inputs', '?')} input pairs sampled from "
+           "the group's |G|² pairs at the last checkpoint.", "",
+           convergent.sections(convergent.from_json(entry), layer=layer)]
+  return md
+
+
 def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
   return (f"- Analysis: key irreps have final logit similarity > {settings['key_threshold']:g} and an irrep "
           f"is learned at the first checkpoint with similarity > {settings['order_threshold']:g} (the "
@@ -257,7 +277,7 @@ def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
           f"loss rise of {settings['merge_tolerance']:g}; "
           f"a run has generalised when its test accuracy is ≥ {threshold:g}, and only generalised runs enter "
           "the key-irrep and learning-order tables; cross-seed numbers compare the runs of one cohort (same "
-          "group, lr, weight decay and train fraction; different seeds)")
+          "group, lr, weight decay and train fraction; different seeds)" + convergent.settings_text(settings))
 
 
 def generalised_records(runs: Sequence[records.SummaryRun]) -> list[records.SummaryRun]:
@@ -331,5 +351,13 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
     md += redundancy_lines(agg, runs, summary.get("settings", {}).get("merge_tolerance"))
     if agg.connectivity:
       md += connectivity_lines(agg, save, sub.plot.connectivity(spec), prefix + "_connectivity.png")
+    if agg.convergent:
+      md += convergent_lines(agg, save, sub.plot.convergent(spec), prefix + "_convergent.png")
     md += ["<details><summary>Runs</summary>", "", runs_table(runs), "</details>", ""]
   return md
+
+
+def study_sections(study, save: Callable[[Any, str], str]) -> list[str]:
+  """The phase diagram of a study sweeping task.size_mult, across its buckets (``phase_report``)."""
+  from universality.engine.families.group import phase_report  # its figures only where a study has them
+  return phase_report.study_sections(study, save)

@@ -103,10 +103,10 @@ class TaskData(NamedTuple):
   train_c_SxP: np.ndarray
   train_w_SxP: np.ndarray
   n_train_S: np.ndarray
-  test_a_SxQ: np.ndarray
-  test_b_SxQ: np.ndarray
-  test_c_SxQ: np.ndarray
-  test_w_SxQ: np.ndarray
+  test_a_SxP: np.ndarray
+  test_b_SxP: np.ndarray
+  test_c_SxP: np.ndarray
+  test_w_SxP: np.ndarray
   order_S: np.ndarray
 
   @property
@@ -137,7 +137,7 @@ def stack(splits: Sequence[Split]) -> TaskData:
   return TaskData(
       train_a_SxP=train[..., 0], train_b_SxP=train[..., 1], train_c_SxP=train[..., 2], train_w_SxP=train_w,
       n_train_S=np.asarray([s.n_train for s in splits], np.int32),
-      test_a_SxQ=test[..., 0], test_b_SxQ=test[..., 1], test_c_SxQ=test[..., 2], test_w_SxQ=test_w,
+      test_a_SxP=test[..., 0], test_b_SxP=test[..., 1], test_c_SxP=test[..., 2], test_w_SxP=test_w,
       order_S=np.asarray([s.group.order for s in splits], np.int32))
 
 

@@ -5,10 +5,16 @@
   logits, hidden = s4.apply(step=run.steps[3])    # on all |G|² pairs of the group
   logits, hidden = s4.apply(None, (a_B, b_B))     # on chosen pairs, the same for every selected run
   s4.neuron_irreps(); s4.neuron_correlations(); run.compare_neurons(0, 1, group="S4")
+  s4.convergent()["hidden"]["one_to_one"]         # Convergent Learning records (analysis.convergent=True)
   s4.plot.learning_order(seed=0)                  # matplotlib figures (the report draws the same ones)
 
 Per-cohort accessors (``group_summary``, the plots) need the selection to hold one cohort: a group swept over
 several learning rates is narrowed with ``select(lr=...)`` or the accessor's filters.
+
+Local shape letters:
+
+  A  the subgroups of a group (coset neurons)
+  Y  the two kinds of coset: left (aH) and right (Ha)
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from universality.engine import fields
 from universality.engine import groups as groups_lib
 from universality.engine import irreps as irreps_lib
 from universality.engine import plots
@@ -23,6 +30,7 @@ from universality.engine.families.group import plots as group_plots
 from universality.engine import view as view_lib
 from universality.engine.families.group.passes import connectivity
 from universality.engine.families.group.passes import cosets
+from universality.engine.analysis import convergent
 from universality.engine.analysis import cross_seed
 from universality.engine.analysis import driver
 from universality.engine.families.group.passes import neuron_split
@@ -200,7 +208,7 @@ class View(view_lib.Run):
     computes them: per run, input side (a, b) and neuron, the share of each subgroup's left / right cosets,
     the best subgroup, its coset kind, share, adjusted share and induced share.
 
-    Returns numpy ``share_SxIxKxHxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
+    Returns numpy ``share_SxIxYxAxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
     ``best_adjusted_SxIxN``, ``coset_SxIxN``, ``induced_share_SxIxN``, ``source``, ``subgroups``
     (``universality.engine.groups.Subgroups``) and ``labels`` (each subgroup's class label).
     """
@@ -222,8 +230,8 @@ class View(view_lib.Run):
   def connectivity(self, step: int | None = None, group: str | None = None, *, points: int | None = None
                    ) -> dict:
     """Linear mode connectivity between every pair of the selected runs of one group (MLP), raw and after
-    activation and weight matching (``universality.engine.families.group.passes.connectivity``): ``pairs_Px2``, ``lambda_L`` and per
-    alignment ``perm_PxN``, ``loss_PxL``, ``accuracy_PxL``, ``barrier_P``."""
+    activation and weight matching (``universality.engine.families.group.passes.connectivity``): ``pairs_Zx2``, ``lambda_O`` and per
+    alignment ``perm_ZxN``, ``loss_ZxO``, ``accuracy_ZxO``, ``barrier_Z``."""
     sub = self.one_group(group)
     if len(sub) < 2:
       raise ValueError("connectivity needs at least two runs of the group")
@@ -261,10 +269,10 @@ class View(view_lib.Run):
     ``seed_a``/``seed_b`` are seed numbers k; ``filters`` (e.g. ``lr=1e-3``) narrow a sweep to one run each.
 
     Returns:
-      dict: ``corr_NxM`` (float64 Pearson correlation of run A's neuron n with run B's neuron m; NaN for a
+      dict: ``corr_NxN`` (float64 Pearson correlation of run A's neuron n with run B's neuron m; NaN for a
       dead neuron), ``perm_N`` (B's partner of A's neuron n in the maximum-weight one-to-one matching,
-      ``universality.engine.analysis.match_neurons``), ``matched_corr_N``, ``dominant_a_N`` / ``dominant_b_M`` (irrep
-      indices), ``share_a_NxR`` / ``share_b_MxR``, ``live_a_N`` / ``live_b_M``, ``irreps`` (names),
+      ``universality.engine.analysis.match_neurons``), ``matched_corr_N``, ``dominant_a_N`` / ``dominant_b_N`` (irrep
+      indices), ``share_a_NxR`` / ``share_b_NxR``, ``live_a_N`` / ``live_b_N``, ``irreps`` (names),
       ``runs`` (the two runs.json rows), ``mean_matched_corr`` and ``same_dominant`` (share of matched
       live pairs with the same dominant irrep).
     """
@@ -280,18 +288,18 @@ class View(view_lib.Run):
     x = x - x.mean(axis=1, keepdims=True)
     norm_2xN = np.sqrt(np.sum(x * x, axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
-      corr_NxM = (x[0].T @ x[1]) / (norm_2xN[0][:, None] * norm_2xN[1][None, :])
-    corr_NxM = np.where(live_2xN[0][:, None] & live_2xN[1][None, :], corr_NxM, np.nan)
+      corr_NxN = (x[0].T @ x[1]) / (norm_2xN[0][:, None] * norm_2xN[1][None, :])
+    corr_NxN = np.where(live_2xN[0][:, None] & live_2xN[1][None, :], corr_NxN, np.nan)
     neurons = pair.neuron_irreps(step)
     perm_N = np.asarray(match["perm_SxSxN"][0, 1])
     dom = neurons["dominant_SxN"]
     both = live_2xN[0] & live_2xN[1][perm_N]
     matched = np.asarray(match["matched_corr_SxSxN"][0, 1])
     return {
-        "corr_NxM": corr_NxM, "perm_N": perm_N, "matched_corr_N": matched,
-        "dominant_a_N": dom[0], "dominant_b_M": dom[1],
-        "share_a_NxR": neurons["share_SxNxR"][0], "share_b_MxR": neurons["share_SxNxR"][1],
-        "live_a_N": live_2xN[0], "live_b_M": live_2xN[1], "irreps": neurons["irreps"], "runs": pair.runs,
+        "corr_NxN": corr_NxN, "perm_N": perm_N, "matched_corr_N": matched,
+        "dominant_a_N": dom[0], "dominant_b_N": dom[1],
+        "share_a_NxR": neurons["share_SxNxR"][0], "share_b_NxR": neurons["share_SxNxR"][1],
+        "live_a_N": live_2xN[0], "live_b_N": live_2xN[1], "irreps": neurons["irreps"], "runs": pair.runs,
         "mean_matched_corr": float(np.nanmean(matched)) if np.isfinite(matched).any() else None,
         "same_dominant": float(np.mean(dom[0][both] == dom[1][perm_N][both])) if both.any() else None,
     }
@@ -309,6 +317,32 @@ class View(view_lib.Run):
             "aggregate": cs["aggregate"], "records": cs["records"], "positions": cs["positions"]}
 
 
+  def convergent(self, group: str | None = None, **filters) -> dict:
+    """The summary's Convergent Learning records of the one cohort of ``group`` in the selection (analysis
+    setting ``convergent``): ``{layer: {"one_to_one": [convergent.OneToOne], "sparse_prediction":
+    [convergent.SparsePrediction], "clusters": [convergent.Clusters], "means": {...}}}``, layer "hidden"."""
+    cs = self.one_group(group).cohort_summary(**filters)
+    conv = cs["aggregate"].get("convergent")
+    if not conv:
+      raise ValueError(f"summary.json has no Convergent Learning records for {cs['cohort']}: analyse with "
+                       "--config.analysis.convergent=True (or run.analyze(convergent=True))")
+    return {layer: convergent.from_json(v) for layer, v in conv.items()}
+
+  def compute_convergent(self, step: int | None = None, group: str | None = None, *, seed: int = 0,
+                         **settings) -> dict:
+    """The Convergent Learning passes recomputed on the hidden layer of the one cohort of ``group`` at
+    ``step`` (``hidden``), with the analysis' key for ``seed`` and its settings (the summary's, else the
+    defaults; ``settings`` override them, e.g. ``convergent_lambdas="0.01,0.1"``): ``{"hidden": analyse's
+    records}``. On all runs of a cohort at its last checkpoint these are the summary's (``convergent``)."""
+    sub = self.one_group(group).one_cohort()
+    if len(sub) < 2:
+      raise ValueError("the Convergent Learning passes compare two or more runs of a cohort")
+    named = _convergent_settings(self, settings)
+    conv = convergent.settings_of(named)
+    key = convergent.key_of(driver.cohort_key(seed, sub.cohorts[0]), 0)
+    res = convergent.analyse(sub.hidden(step), convergent.pairs_of(named, len(sub)), key=key, settings=conv)
+    return {"hidden": res}
+
   def cohort_records(self, group: str | None = None, **filters) -> records.CohortSummary:
     """``group_summary`` as typed records (``passes.records``), for code that reads fields, not keys."""
     gs = self.group_summary(group, **filters)
@@ -316,6 +350,23 @@ class View(view_lib.Run):
         spec=gs["spec"], cohort=gs["cohort"], task=records.Task.from_json(gs["group"]),
         aggregate=records.Aggregate.from_json(gs["aggregate"]),
         runs=[records.SummaryRun.of(r) for r in gs["records"]], positions=list(gs["positions"]))
+
+
+def _convergent_settings(run, overrides: dict) -> dict:
+  """The named Convergent Learning settings: the defaults, the summary's (when there is one), then
+  ``overrides``; switched on."""
+  unknown = sorted(set(overrides) - set(fields.CONVERGENT))
+  if unknown:
+    raise ValueError(f"unknown Convergent Learning setting {unknown[0]!r}; settings: "
+                     f"{', '.join(fields.CONVERGENT)}")
+  named = dict(fields.CONVERGENT)
+  try:
+    named.update({k: v for k, v in run.summary()["settings"].items() if k in fields.CONVERGENT})
+  except FileNotFoundError:
+    pass
+  named.update(overrides)
+  named["convergent"] = True
+  return named
 
 
 def _labels(runs) -> list[str]:
@@ -413,6 +464,14 @@ class Plots:
                                   {k: v.mean_loss_path for k, v in conn.alignments.items()},
                                   title=f"{cs.spec}: loss between seeds")
 
+  def convergent(self, group: str | None = None):
+    """The Convergent Learning sparse prediction of one cohort against λ: held-out loss and units used,
+    means over the pairs compared (summary.json; analysis setting ``convergent``)."""
+    sub = self._run.one_group(group)
+    conv = sub.convergent()
+    return plots.sparse_prediction_curves({layer: r["means"] for layer, r in conv.items()},
+                                          title=f"{sub.groups[0]}: sparse prediction between seeds")
+
   def cka(self, group: str | None = None, measure: str = "cka"):
     """The S×S matrix of ``measure`` (``cka``, ``procrustes``, ``mutual_knn`` or ``matching``) between
     the selected runs' hidden representations at the final step (summary.json)."""
@@ -443,7 +502,7 @@ class Plots:
     if labels[0] == labels[1]:
       labels = (f"{labels[0]} (A)", f"{labels[1]} (B)")
     return group_plots.neuron_comparison(
-        cmp["corr_NxM"], cmp["dominant_a_N"], cmp["dominant_b_M"], cmp["perm_N"], cmp["irreps"],
-        cmp["live_a_N"], cmp["live_b_M"], labels=labels,
+        cmp["corr_NxN"], cmp["dominant_a_N"], cmp["dominant_b_N"], cmp["perm_N"], cmp["irreps"],
+        cmp["live_a_N"], cmp["live_b_N"], labels=labels,
         title=f"{cmp['runs'][0]['group']}: hidden neurons of {labels[0]} vs {labels[1]} at step "
               f"{self._run.resolve_step(step)}")

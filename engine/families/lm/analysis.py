@@ -19,22 +19,28 @@ context windows. The MLP activations of every layer are computed batch by batch 
   ``kurtosis_threshold`` with positive skew marks a prediction neuron, with negative skew a suppression one.
 * a second pass over the same text for the first run: the windows that drive its ``top_neurons`` most
   universal neurons hardest, as text snippets.
+* with the setting ``convergent``: the Convergent Learning passes
+  (``universality.engine.analysis.convergent``) on every MLP layer, over a sample of the same windows
+  (``convergent_of``).
 
 Only the last checkpoint is analysed (``LAST_STEP_ONLY``): universality is a property of trained models.
 Per-neuron arrays (``[S, L, N]`` and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file
 (``universality.engine.rundir``); summary.json holds per-layer fractions, property contrasts and the top neurons.
+
+Local shape letters:
+
+  J  the neurons whose top-activating windows are collected
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from universality.engine.analysis import convergent
 from universality.engine.analysis import cross_seed
 from universality.engine.analysis import neuron_stats
 from universality.engine.families.lm import family as family_lib
@@ -64,30 +70,21 @@ def analysis_windows(cfg, tokens: int) -> np.ndarray:
 
 
 def _forward(model_cfg):
-  """Jitted ``(params_S, tokens_BxT) -> (pre, post)``, each ``[S, B·T, L·N]``."""
-  return _forward_frozen(ml_collections.FrozenConfigDict(model_cfg))
-
-
-@functools.lru_cache(maxsize=8)
-def _forward_frozen(model_cfg):
-  def one(params, tokens_BxT):
-    _, acts = models.apply(params, tokens_BxT, model_cfg)
-    b, t, l, n = acts["mlp_pre"].shape
-    return acts["mlp_pre"].reshape(b * t, l * n), acts["mlp_post"].reshape(b * t, l * n)
-  return jax.jit(jax.vmap(one, in_axes=(0, None)))
+  """Jitted ``(params_S, tokens_BxT) -> (pre, post)``, each ``[S, B·T, L·N]`` (``models.stacked``)."""
+  return models.stacked(model_cfg).activations
 
 
 @jax.jit
-def _update_stats(stats, pre_SxBxM, post_SxBxM, byte_B, prev_B, pos_B):
+def _update_stats(stats, pre_SxBxN, post_SxBxN, byte_B, prev_B, pos_B):
   """One batch into the moment and category accumulators (neurons flattened as S·M)."""
-  s, b, m = pre_SxBxM.shape
-  pre_BxK = jnp.moveaxis(pre_SxBxM, 1, 0).reshape(b, s * m)
-  post_BxK = jnp.moveaxis(post_SxBxM, 1, 0).reshape(b, s * m)
+  s, b, m = pre_SxBxN.shape
+  pre_BxM = jnp.moveaxis(pre_SxBxN, 1, 0).reshape(b, s * m)
+  post_BxM = jnp.moveaxis(post_SxBxN, 1, 0).reshape(b, s * m)
   moments, by_byte, by_prev, by_pos = stats
-  return (neuron_stats.moments_update(moments, pre_BxK),
-          neuron_stats.categories_update(by_byte, post_BxK, byte_B),
-          neuron_stats.categories_update(by_prev, post_BxK, prev_B),
-          neuron_stats.categories_update(by_pos, post_BxK, pos_B))
+  return (neuron_stats.moments_update(moments, pre_BxM),
+          neuron_stats.categories_update(by_byte, post_BxM, byte_B),
+          neuron_stats.categories_update(by_prev, post_BxM, prev_B),
+          neuron_stats.categories_update(by_pos, post_BxM, pos_B))
 
 
 class _Stream:
@@ -137,19 +134,19 @@ def weight_properties(params_S, model_cfg) -> dict[str, np.ndarray]:
           "vocab_kurtosis": np.asarray(vocab["kurtosis"]).reshape(s, l, n)}
 
 
-def top_windows(params_one, windows_WxC1, model_cfg, flat_K, k: int, batch_windows: int):
-  """For neurons ``flat_K`` (indices into L·N) of one run: the ``k`` (value, window, position) of their
+def top_windows(params_one, windows_WxC1, model_cfg, flat_J, k: int, batch_windows: int):
+  """For neurons ``flat_J`` (indices into L·N) of one run: the ``k`` (value, window, position) of their
   largest post-activations over the windows, as arrays ``[K, k]``."""
   forward = _forward(model_cfg)
   params = jax.tree.map(lambda x: x[None], params_one)
   c = windows_WxC1.shape[1] - 1
-  best_v = np.full((len(flat_K), 0), -np.inf)
-  best_i = np.zeros((len(flat_K), 0), np.int64)
+  best_v = np.full((len(flat_J), 0), -np.inf)
+  best_i = np.zeros((len(flat_J), 0), np.int64)
   for a in range(0, len(windows_WxC1), batch_windows):
     _, post = forward(params, jnp.asarray(windows_WxC1[a:a + batch_windows, 1:], jnp.int32))
-    sel_KxB = np.asarray(post[0][:, np.asarray(flat_K)]).T
-    best_v = np.concatenate([best_v, sel_KxB], axis=1)
-    best_i = np.concatenate([best_i, np.broadcast_to(a * c + np.arange(sel_KxB.shape[1]), sel_KxB.shape)],
+    sel_JxB = np.asarray(post[0][:, np.asarray(flat_J)]).T
+    best_v = np.concatenate([best_v, sel_JxB], axis=1)
+    best_i = np.concatenate([best_i, np.broadcast_to(a * c + np.arange(sel_JxB.shape[1]), sel_JxB.shape)],
                             axis=1)
     order = np.argsort(-best_v, axis=1, kind="stable")[:, :k]
     best_v, best_i = np.take_along_axis(best_v, order, 1), np.take_along_axis(best_i, order, 1)
@@ -236,6 +233,9 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
   aggregate = _aggregate(props, vocab_class, universal, dead, arrays, have_corr)
   if have_corr and universal[0].any():
     aggregate["top_neurons"] = _top_neurons(params, windows, gpt, arrays, settings, bw, view.runs)
+  conv = convergent_of(params, windows, gpt, key, settings, bw)
+  if conv is not None:  # only when asked for: summaries without it stay as they were
+    aggregate["convergent"] = conv
   runs = []
   for i in range(s):
     live = ~dead[i]
@@ -245,6 +245,49 @@ def analyze_cohort(view, params_by_step, key, settings: dict, batch_size: int | 
                  "suppression_by_layer": [int((vocab_class[i, j] == -1).sum()) for j in range(l)],
                  "dead": int(dead[i].sum())})
   return {"task": task, "aggregate": aggregate, "runs": runs, "arrays": arrays}
+
+
+def convergent_windows(windows_WxC1: np.ndarray, key, max_inputs: int) -> np.ndarray:
+  """The indices (ascending) of the analysis windows the Convergent Learning passes read: enough whole
+  windows for ``max_inputs`` bytes, drawn from ``key`` over the held-out text (all of them if fewer)."""
+  c = windows_WxC1.shape[1] - 1
+  n = min(len(windows_WxC1), -(-int(max_inputs) // c))
+  if n == len(windows_WxC1):
+    return np.arange(n)
+  return np.sort(np.asarray(jax.random.permutation(jax.random.fold_in(key, 0x57D0), len(windows_WxC1)))[:n])
+
+
+def convergent_of(params_S, windows_WxC1, model_cfg, key, settings: dict, batch_windows: int) -> dict | None:
+  """The Convergent Learning passes on every MLP layer (post-GELU): ``{"layer<j>": convergent.to_json(...)
+  plus "inputs"}``, or None when the setting is off or the cohort has one run.
+
+  The runs read the windows ``convergent_windows`` picks (their bytes are ``convergent_text``) and each
+  layer's activations ``[S, T, N]`` go to ``convergent.analyse`` with the layer's key
+  (``convergent.key_of``); the sparse prediction's solver stays within ``convergent_memory_gb`` (b's units
+  in blocks). One layer's activations are held at a time, S·T·N floats: the model reads the T bytes once
+  per layer (T is small beside the analysis' tokens)."""
+  conv = convergent.settings_of(settings)
+  s = jax.tree.leaves(params_S)[0].shape[0]
+  if not conv.enabled or s < 2:
+    return None
+  l, n = int(model_cfg.n_layers), int(model_cfg.d_mlp)
+  sel = windows_WxC1[convergent_windows(windows_WxC1, key, conv.max_inputs)]
+  forward = _forward(model_cfg)
+  pairs = convergent.pairs_of(settings, s)
+  out = {}
+  for j in range(l):
+    cols = slice(j * n, (j + 1) * n)
+    parts = [forward(params_S, jnp.asarray(sel[a:a + batch_windows, 1:], jnp.int32))[1][:, :, cols]
+             for a in range(0, len(sel), batch_windows)]
+    acts_SxTxN = np.concatenate([np.asarray(p) for p in parts], axis=1)
+    res = convergent.analyse(acts_SxTxN, pairs, key=convergent.key_of(key, j), settings=conv)
+    out[f"layer{j}"] = dict(convergent.to_json(res), inputs=int(min(acts_SxTxN.shape[1], conv.max_inputs)))
+  return out
+
+
+def convergent_text(windows_WxC1: np.ndarray, key, max_inputs: int) -> bytes:
+  """The held-out bytes the Convergent Learning passes read (``convergent_windows``, in order)."""
+  return windows_WxC1[convergent_windows(windows_WxC1, key, max_inputs), 1:].tobytes()
 
 
 def _frac(mask, live) -> float:

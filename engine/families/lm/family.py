@@ -11,6 +11,8 @@ Config sections::
   task.eval_windows      context windows of training and of held-out text evaluated at every evaluation
   model.name             "gpt"
   model.gpt.n_layers, .d_model, .n_heads, .d_mlp, .context
+  analysis.*             the analysis settings (``ANALYSIS_SETTINGS``), among them ``convergent`` and
+                         ``convergent_*``: the Convergent Learning passes on every MLP layer (off by default)
 
 The sweep is ``lr × weight_decay × seeds`` (seeds innermost); ``batch_size`` is the number of context windows
 per step, drawn uniformly from the training text with ``fold_in(data_key, step)`` inside the compiled step.
@@ -51,6 +53,8 @@ ANALYSIS_SETTINGS = {
     "screen_tokens": 1 << 15,     # T₁: the screen's sample of held-out bytes
     "screen_z": 5.0,              # its margin, in standard errors of a sample correlation
     "screen_k": 1,                # candidates kept per neuron and model at least
+    # Convergent Learning (one-to-one, sparse prediction, spectral clusters) on every MLP layer; off.
+    **fields.CONVERGENT,
 }
 _LN2 = math.log(2.0)
 
@@ -146,6 +150,7 @@ class LMFamily(families.Family):
     fields.int_field(m.gpt, "context", 2, "model.gpt.")
     if m.gpt.d_model % m.gpt.n_heads:
       raise ValueError(f"config.model.gpt.n_heads: {m.gpt.n_heads} does not divide d_model={m.gpt.d_model}")
+    fields.convergent_values(cfg.analysis)
     if cfg.batch_size < 1:
       raise ValueError("config.batch_size: the language model trains on minibatches of context windows; "
                        f"must be >= 1, got {cfg.batch_size}")

@@ -13,13 +13,18 @@ zero-filling and copying the per-layer residuals of the backward pass (benchmark
 
 Initialisation follows GPT-2: normal(0, 0.02) weights, the two projections into the residual stream
 (attention output, MLP output) scaled by 1/√(2L), zero biases, unit LayerNorm gains.
+
+Local shape letters:
+
+  A  attention heads
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -134,8 +139,8 @@ def _affine_fwd(x, w, b):
 def _affine_bwd(res, g):
   x, w = res
   g = jax.lax.optimization_barrier(g)
-  g_MxN = _flat(g)
-  return g @ w.T, _flat(x).T @ g_MxN, jnp.sum(g_MxN, axis=0)
+  g_TxN = _flat(g)
+  return g @ w.T, _flat(x).T @ g_TxN, jnp.sum(g_TxN, axis=0)
 
 
 _affine.defvjp(_affine_fwd, _affine_bwd)
@@ -146,10 +151,10 @@ def _attention(x_BxTxD, w, n_heads: int):
   h = n_heads
   qkv = _affine(x_BxTxD, w["w_qkv"], w["b_qkv"])
   q, k, v = (z.reshape(b, t, h, d // h) for z in jnp.split(qkv, 3, axis=-1))
-  scores_BxHxTxT = jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // h)
+  scores_BxAxTxT = jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(d // h)
   causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-  scores_BxHxTxT = jnp.where(causal_TxT[None, None], scores_BxHxTxT, -jnp.inf)
-  out = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores_BxHxTxT, axis=-1), v).reshape(b, t, d)
+  scores_BxAxTxT = jnp.where(causal_TxT[None, None], scores_BxAxTxT, -jnp.inf)
+  out = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores_BxAxTxT, axis=-1), v).reshape(b, t, d)
   return _affine(out, w["w_o"], w["b_o"])
 
 
@@ -172,6 +177,34 @@ def apply(params, tokens_BxT: jax.Array, cfg) -> tuple[jax.Array, dict[str, jax.
   logits = _project(layer_norm(x, params["lnf_g"], params["lnf_b"]), params["unembed"])
   acts = {"mlp_pre": jnp.stack(pres, axis=2), "mlp_post": jnp.stack(posts, axis=2)}
   return logits, acts
+
+
+class Stacked(NamedTuple):
+  """The model over a stack of runs (leading axis S of the parameters), jitted once per architecture: what
+  training's ``Task.apply``, the analysis and the notebook view evaluate.
+
+  ``apply(params_S, tokens_BxT) -> (logits_SxBxTxV, {"mlp_pre", "mlp_post"}: [S, B, T, L, N])``;
+  ``activations(params_S, tokens_BxT) -> (pre, post)``, each ``[S, B·T, L·N]`` (the logits are never formed).
+  """
+  apply: Callable
+  activations: Callable
+
+
+def _activations(params, tokens_BxT, spec: GptSpec):
+  _, acts = apply(params, tokens_BxT, spec)
+  b, t, l, n = acts["mlp_pre"].shape
+  return acts["mlp_pre"].reshape(b * t, l * n), acts["mlp_post"].reshape(b * t, l * n)
+
+
+@functools.lru_cache(maxsize=8)
+def _stacked(spec: GptSpec) -> Stacked:
+  return Stacked(apply=jax.jit(jax.vmap(lambda p, t: apply(p, t, spec), in_axes=(0, None))),
+                 activations=jax.jit(jax.vmap(lambda p, t: _activations(p, t, spec), in_axes=(0, None))))
+
+
+def stacked(gpt) -> Stacked:
+  """``Stacked`` for the config's ``model.gpt`` section or a ``GptSpec`` (one per architecture)."""
+  return _stacked(spec_of(gpt))
 
 
 def activation_floats_per_token(cfg) -> int:

@@ -6,15 +6,14 @@ Images (``<c>`` is a cohort's position and a filename-safe name)::
   <c>_universal.png          universal fraction per layer (cohort, runs) beside Gurnee et al.'s figures
   <c>_excess.png             excess correlation of every live neuron, per layer
   <c>_properties.png         within-layer percentiles of each property, universal vs other neurons
+  <c>_convergent.png         sparse prediction against λ per layer (analysis setting ``convergent``)
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
-from universality.engine.families.lm import plots
+from universality.engine.analysis import convergent
 from universality.engine.markdown import file_prefix, markdown_table
 
 _PROPERTY_TEXT = {
@@ -36,7 +35,7 @@ def settings_line(settings: Mapping[str, Any], threshold: float) -> str:
   return (f"- Analysis: {settings['tokens']:,} held-out bytes per run; universal when the excess correlation "
           f"exceeds {settings['universal_threshold']:g}; prediction / suppression neurons: W_U kurtosis above "
           f"{settings['kurtosis_threshold']:g}. A run has learned when its held-out bits per byte beat the "
-          "unigram code.")
+          "unigram code" + convergent.settings_text(settings) + ".")
 
 
 def results_table(records: Sequence[Mapping]) -> str:
@@ -123,4 +122,27 @@ def sections(run, summary: Mapping, save: Callable[[Any, str], str]) -> list[str
              "The first seed's most universal neurons, the neuron each other seed matches best (layer.index, "
              "correlation), and the held-out text where each fires hardest; ⟦ ⟧ marks the byte at which it "
              "fires (⏎ newline, ⇥ tab).", ""] + top_neurons_md(top)
+    if agg.get("convergent"):
+      md += convergent_md(agg["convergent"], save(sub.plot.convergent(), prefix + "_convergent.png"))
+  return md
+
+
+def convergent_md(conv: Mapping | None, figure: str | None = None) -> list[str]:
+  """The Convergent Learning section of a cohort (analysis setting ``convergent``): Li et al.'s table with
+  one row per MLP layer, the saved figure ``figure`` (sparse prediction against λ), then each layer's
+  one-to-one, sparse-prediction and cluster tables; none when off."""
+  if not conv:
+    return []
+  by_layer = {layer: convergent.from_json(entry) for layer, entry in conv.items()}
+  inputs = sorted({entry.get("inputs") for entry in conv.values()} - {None})
+  md = ["### Convergent learning", "",
+        f"Post-GELU MLP activations of every layer on {', '.join(map(str, inputs)) or '?'} held-out bytes, "
+        "pairs of seeds compared as in *Convergent Learning* (Li et al. 2016; AlexNet conv1 greedy / max "
+        "matching 0.703 / 0.663, conv5 0.416 / 0.385). Means over the pairs:", "",
+        convergent.layer_table(by_layer)]
+  if figure:
+    md += [f"![sparse prediction against λ]({figure})", ""]
+  for layer, res in by_layer.items():
+    md += [f"<details><summary>Convergent learning, {layer}</summary>", "",
+           convergent.sections(res, layer=layer, heading="####"), "</details>", ""]
   return md

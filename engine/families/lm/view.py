@@ -5,6 +5,7 @@
   acts = run.activations("def f(x):\\n    return x")   # {"mlp_pre", "mlp_post"}: [S, T, L, N] on any text
   table = run.neurons()                          # one row per neuron of the cohort: excess, properties
   run.top_neurons()                              # the summary's most universal neurons and their snippets
+  run.convergent()["layer0"]["one_to_one"]       # Convergent Learning records (analysis.convergent=True)
   run.plot.universal_by_layer(); run.plot.properties()
 
 Per-cohort accessors need the selection to hold one cohort (``select(lr=...)`` narrows a sweep).
@@ -12,10 +13,12 @@ Per-cohort accessors need the selection to hold one cohort (``select(lr=...)`` n
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from universality.engine import plots as plots_lib
 from universality.engine import view as view_lib
+from universality.engine.analysis import convergent
+from universality.engine.analysis import driver
 from universality.engine import rundir
 from universality.engine.families.lm import analysis
 from universality.engine.families.lm import family as family_lib
@@ -34,11 +37,11 @@ class View(view_lib.Run):
     """The study's corpus (``universality.engine.families.lm.corpus.Corpus``), checked against config.json's fingerprint."""
     return family_lib.corpus_of(self.config)
 
-  def _forward(self):
-    """The model over the selected runs' stacked parameters on one token window, jitted once per directory."""
+  @property
+  def model(self) -> models.Stacked:
+    """The model over stacked runs (``models.stacked``): the forward the analysis and training evaluate."""
     if self._shared.forward is None:
-      gpt = self.config.model.gpt
-      self._shared.forward = jax.jit(jax.vmap(lambda p, t: models.apply(p, t, gpt), in_axes=(0, None)))
+      self._shared.forward = models.stacked(self.config.model.gpt)
     return self._shared.forward
 
   def apply(self, text: str | bytes, step: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -51,7 +54,7 @@ class View(view_lib.Run):
     tokens = np.frombuffer(data, np.uint8)
     pad = -len(tokens) % c
     windows = np.concatenate([tokens, np.zeros(pad, np.uint8)]).reshape(-1, c).astype(np.int32)
-    logits, acts = self._forward()(self.params(step), windows)
+    logits, acts = self.model.apply(self.params(step), windows)
     flat = lambda x: np.asarray(x).reshape((x.shape[0], -1) + x.shape[3:])[:, :len(tokens)]
     return flat(logits), {k: flat(v) for k, v in acts.items()}
 
@@ -80,6 +83,56 @@ class View(view_lib.Run):
     out["neuron"] = np.broadcast_to(np.arange(n)[None, None, :], (s, l, n))
     return out
 
+  def convergent(self, **filters) -> dict:
+    """The summary's Convergent Learning records of one cohort (analysis setting ``convergent``):
+    ``{"layer<j>": {"one_to_one": [convergent.OneToOne], "sparse_prediction": [convergent.SparsePrediction],
+    "clusters": [convergent.Clusters], "means": {...}}}``."""
+    entry = self.cohort_summary(**filters)
+    conv = entry["aggregate"].get("convergent")
+    if not conv:
+      raise ValueError(f"summary.json has no Convergent Learning records for {entry['cohort']}: analyse with "
+                       "--config.analysis.convergent=True (or run.analyze(convergent=True))")
+    return {layer: convergent.from_json(v) for layer, v in conv.items()}
+
+  def _convergent_named(self, overrides: dict) -> dict:
+    """The analysis settings: the defaults, the summary's (when there is one), ``overrides``; passes on."""
+    unknown = sorted(set(overrides) - set(analysis.SETTINGS))
+    if unknown:
+      raise ValueError(f"unknown analysis setting {unknown[0]!r}; settings: {', '.join(analysis.SETTINGS)}")
+    named = dict(analysis.SETTINGS)
+    try:
+      named.update({k: v for k, v in self.summary()["settings"].items() if k in named})
+    except FileNotFoundError:
+      pass
+    named.update(overrides)
+    named["convergent"] = True
+    return named
+
+  def convergent_text(self, *, seed: int = 0, **settings) -> bytes:
+    """The held-out bytes the Convergent Learning passes of the selection's cohort read, with the
+    analysis' key for ``seed`` and its settings (the summary's; ``settings`` override them):
+    ``activations(text)["mlp_post"][:, :, j]`` is layer j's ``acts_SxTxN``."""
+    sub = self.one_cohort()
+    named = self._convergent_named(settings)
+    windows = analysis.analysis_windows(self.config, named["tokens"])
+    return analysis.convergent_text(windows, driver.cohort_key(seed, sub.cohorts[0]),
+                                    convergent.settings_of(named).max_inputs)
+
+  def compute_convergent(self, step: int | None = None, *, seed: int = 0, **settings) -> dict:
+    """The Convergent Learning passes recomputed on the selection's cohort at ``step`` (``convergent_text``'s
+    bytes, each MLP layer with its key ``convergent.key_of``): ``{"layer<j>": analyse's records}``. On all
+    runs of a cohort at its last checkpoint these are the summary's (``convergent``)."""
+    sub = self.one_cohort()
+    if len(sub) < 2:
+      raise ValueError("the Convergent Learning passes compare two or more runs of a cohort")
+    named = self._convergent_named(settings)
+    conv = convergent.settings_of(named)
+    key = driver.cohort_key(seed, sub.cohorts[0])
+    acts = sub.activations(sub.convergent_text(seed=seed, **settings), step)["mlp_post"]
+    pairs = convergent.pairs_of(named, len(sub))
+    return {f"layer{j}": convergent.analyse(acts[:, :, j], pairs, key=convergent.key_of(key, j),
+                                            settings=conv) for j in range(acts.shape[2])}
+
   def top_neurons(self, **filters) -> list[dict]:
     """The cohort's most universal neurons of its first run, with their matches and top text windows."""
     return self.cohort_summary(**filters)["aggregate"].get("top_neurons", [])
@@ -99,6 +152,13 @@ class Plots:
     entry = self._run.cohort_summary(**filters)
     return plots.universal_by_layer(entry["aggregate"]["universal_by_layer"],
                                     [r["universal_by_layer"] for r in entry["records"]], entry["cohort"])
+
+  def convergent(self, **filters):
+    """The Convergent Learning sparse prediction against λ, one line per layer: held-out loss and units
+    used, means over the pairs compared (summary.json; analysis setting ``convergent``)."""
+    conv = self._run.convergent(**filters)
+    return plots_lib.sparse_prediction_curves({layer: r["means"] for layer, r in conv.items()},
+                                              title="sparse prediction between seeds, per layer")
 
   def excess(self, **filters):
     table = self._run.neurons(**filters)

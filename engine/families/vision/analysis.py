@@ -60,21 +60,21 @@ ARRAYS = ("excess", "universal", "dead", "max_corr", "baseline_max_corr", "argma
 
 @functools.lru_cache(maxsize=8)
 def forward(spec: models.ConvSpec):
-  """Jitted ``(params_S, images_BxYxXxE, mean_E, std_E) -> (logits [S, B, V], {layer: [S, B, ...]})``: every
+  """Jitted ``(params_S, images_BxHxWxC, mean_C, std_C) -> (logits [S, B, V], {layer: [S, B, ...]})``: every
   run on the same raw images, standardised with the training set's channel statistics."""
   def one(params, images, mean, std):
     return models.apply(params, family_lib.standardise(images, mean, std), spec)
   return jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
 
 
-def layer_samples(params_S, images_TxYxXxE, spec: models.ConvSpec, mean_E, std_E, *, mode: str,
+def layer_samples(params_S, images_TxHxWxC, spec: models.ConvSpec, mean_C, std_C, *, mode: str,
                   max_samples: int, batch: int, key) -> dict[str, np.ndarray]:
   """``{layer: acts_SxTxN}`` float32: each layer's units over its samples (module docstring); a layer with
   more than ``max_samples`` samples keeps a subset drawn with ``key`` (the same for every run)."""
-  chex.assert_shape(images_TxYxXxE, (None, spec.height, spec.width, spec.channels))
+  chex.assert_shape(images_TxHxWxC, (None, spec.height, spec.width, spec.channels))
   s = jax.tree.leaves(params_S)[0].shape[0]
   chex.assert_tree_shape_prefix(params_S, (s,))
-  n_images = len(images_TxYxXxE)
+  n_images = len(images_TxHxWxC)
   shapes = dict(zip(spec.layers, [s for s in spec.feature_shapes()] + [(1, 1, n) for n in spec.dense]))
   keep = {}
   for i, layer in enumerate(spec.layers):
@@ -87,8 +87,8 @@ def layer_samples(params_S, images_TxYxXxE, spec: models.ConvSpec, mean_E, std_E
   parts = {layer: [] for layer in spec.layers}
   fn = forward(spec)
   for a in range(0, n_images, batch):
-    x = images_TxYxXxE[a:a + batch]
-    _, acts = fn(params_S, jnp.asarray(x, jnp.float32), jnp.asarray(mean_E), jnp.asarray(std_E))
+    x = images_TxHxWxC[a:a + batch]
+    _, acts = fn(params_S, jnp.asarray(x, jnp.float32), jnp.asarray(mean_C), jnp.asarray(std_C))
     for layer, value in acts.items():
       per_image, idx = keep[layer]
       v = np.asarray(value)
@@ -234,8 +234,8 @@ def connectivity(params_S, spec, acts: dict[str, np.ndarray], pairs, images, lab
   for name in ALIGNMENTS:
     barriers = [p["barrier"] for p in paths[name]]
     out[name] = {"barrier": barriers, "mean_barrier": _mean(barriers),
-                 "mean_loss_path": np.mean([p["loss_L"] for p in paths[name]], axis=0).tolist(),
-                 "min_accuracy": [float(np.min(p["accuracy_L"])) for p in paths[name]]}
+                 "mean_loss_path": np.mean([p["loss_O"] for p in paths[name]], axis=0).tolist(),
+                 "min_accuracy": [float(np.min(p["accuracy_O"])) for p in paths[name]]}
   return out
 
 

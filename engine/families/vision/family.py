@@ -138,10 +138,10 @@ def eval_chunks(images, labels, n: int, chunk: int) -> dict[str, np.ndarray]:
   return {"x": x.reshape((c, chunk) + images.shape[1:]), "y": y.reshape(c, chunk), "w": w.reshape(c, chunk)}
 
 
-def standardise(images_BxYxXxE, mean_E, std_E):
+def standardise(images_BxHxWxC, mean_C, std_C):
   """float32 images with the training set's per-channel mean and std."""
-  x = images_BxYxXxE.astype(jnp.float32)
-  return (x - mean_E.reshape(1, 1, 1, -1)) / std_E.reshape(1, 1, 1, -1)
+  x = images_BxHxWxC.astype(jnp.float32)
+  return (x - mean_C.reshape(1, 1, 1, -1)) / std_C.reshape(1, 1, 1, -1)
 
 
 class VisionFamily(families.Family):
@@ -286,7 +286,7 @@ class VisionFamily(families.Family):
                          apply=functools.partial(_apply, spec=spec), metrics=self.metrics, shared=shared)
 
   def check_inputs(self, data, inputs, n_runs: int):
-    """``(images_SxBxYxXxE,)``: raw images (as the data hold them), standardised by the model's apply."""
+    """``(images_SxBxHxWxC,)``: raw images (as the data hold them), standardised by the model's apply."""
     if len(inputs) != 1:
       raise ValueError(f"apply: expected inputs (images,), got {len(inputs)} arrays")
     images = np.asarray(inputs[0])
@@ -350,8 +350,8 @@ def _evaluate(params, d, shared, *, spec):
 
 
 def _apply(params, inputs, d, shared, *, spec):
-  (images_BxYxXxE,) = inputs
-  return models.apply(params, standardise(images_BxYxXxE, shared["mean"], shared["std"]), spec)
+  (images_BxHxWxC,) = inputs
+  return models.apply(params, standardise(images_BxHxWxC, shared["mean"], shared["std"]), spec)
 
 
 FAMILY = VisionFamily()

@@ -147,7 +147,7 @@ def init(key: jax.Array, spec: ConvSpec) -> dict[str, Any]:
   return params
 
 
-def conv3x3(x_BxYxXxE, w_3x3xExN, b_N):
+def conv3x3(x_BxHxWxC, w_3x3xCxN, b_N):
   """3×3 convolution, stride 1, zero padding keeping the size, plus bias (cross-correlation, as every
   deep-learning library computes it).
 
@@ -155,34 +155,34 @@ def conv3x3(x_BxYxXxE, w_3x3xExN, b_N):
   ``[9·C, D]`` matrix: on XLA:CPU its forward and backward ran 1.1-5.8x faster than
   ``lax.conv_general_dilated`` on this family's shapes (benchmarks/README.md, "Vision training throughput").
   """
-  b, h, w, c = x_BxYxXxE.shape
-  padded = jnp.pad(x_BxYxXxE, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  b, h, w, c = x_BxHxWxC.shape
+  padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
   cols_BxYxXx9E = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
-  out = cols_BxYxXx9E.reshape(b * h * w, 9 * c) @ w_3x3xExN.reshape(9 * c, -1)
+  out = cols_BxYxXx9E.reshape(b * h * w, 9 * c) @ w_3x3xCxN.reshape(9 * c, -1)
   return out.reshape(b, h, w, -1) + b_N.reshape(1, 1, 1, -1)
 
 
-def group_norm(x_BxYxXxE, g_N, beta_N, groups: int):
+def group_norm(x_BxHxWxC, g_N, beta_N, groups: int):
   """Each image's channels in ``groups`` groups, each normalised over its positions and channels."""
-  b, h, w, c = x_BxYxXxE.shape
-  x = x_BxYxXxE.reshape(b, h, w, groups, c // groups)
+  b, h, w, c = x_BxHxWxC.shape
+  x = x_BxHxWxC.reshape(b, h, w, groups, c // groups)
   mean = jnp.mean(x, axis=(1, 2, 4), keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=(1, 2, 4), keepdims=True)
   x = ((x - mean) * jax.lax.rsqrt(var + _EPS)).reshape(b, h, w, c)
   return x * g_N.reshape(1, 1, 1, c) + beta_N.reshape(1, 1, 1, c)
 
 
-def pool2x2(x_BxYxXxE, kind: str):
+def pool2x2(x_BxHxWxC, kind: str):
   """2×2 pooling with stride 2 (an odd last row or column is dropped)."""
-  b, h, w, c = x_BxYxXxE.shape
-  x = x_BxYxXxE[:, :h - h % 2, :w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  b, h, w, c = x_BxHxWxC.shape
+  x = x_BxHxWxC[:, :h - h % 2, :w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
   return jnp.max(x, axis=(2, 4)) if kind == "max" else jnp.mean(x, axis=(2, 4))
 
 
-def apply(params, images_BxYxXxE: jax.Array, spec: ConvSpec) -> tuple[jax.Array, dict[str, jax.Array]]:
+def apply(params, images_BxHxWxC: jax.Array, spec: ConvSpec) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Logits ``[B, classes]`` and the named activations (module docstring) of standardised images."""
-  chex.assert_shape(images_BxYxXxE, (None, spec.height, spec.width, spec.channels))
-  x = images_BxYxXxE
+  chex.assert_shape(images_BxHxWxC, (None, spec.height, spec.width, spec.channels))
+  x = images_BxHxWxC
   acts = {}
   for i in range(len(spec.widths)):
     p = params[f"conv{i + 1}"]
@@ -224,14 +224,14 @@ def activation_floats(spec: ConvSpec, batch: int) -> int:
   return batch * per_image
 
 
-def augment(key, images_BxYxXxE, pad: int, flip: bool):
+def augment(key, images_BxHxWxC, pad: int, flip: bool):
   """Random crops from the images zero-padded by ``pad`` pixels, and horizontal flips with probability ½,
   drawn independently per image from ``key`` (identity when ``pad`` is 0 and ``flip`` False)."""
   if not pad and not flip:
-    return images_BxYxXxE
-  b, h, w, c = images_BxYxXxE.shape
+    return images_BxHxWxC
+  b, h, w, c = images_BxHxWxC.shape
   k_crop, k_flip = jax.random.split(key)
-  x = images_BxYxXxE
+  x = images_BxHxWxC
   if pad:
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     offsets_Bx2 = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)

@@ -158,27 +158,27 @@ def _loss_fn(spec: models.ConvSpec):
   return jax.jit(jax.vmap(one, in_axes=(0, None, None)))
 
 
-def losses(params_S, spec: models.ConvSpec, images_BxYxXxE, labels_B) -> tuple[np.ndarray, np.ndarray]:
+def losses(params_S, spec: models.ConvSpec, images_BxHxWxC, labels_B) -> tuple[np.ndarray, np.ndarray]:
   """Cross-entropy and accuracy ``[S]`` of stacked nets on standardised images."""
-  loss, acc = _loss_fn(spec)(params_S, jnp.asarray(images_BxYxXxE, jnp.float32), jnp.asarray(labels_B))
+  loss, acc = _loss_fn(spec)(params_S, jnp.asarray(images_BxHxWxC, jnp.float32), jnp.asarray(labels_B))
   return np.asarray(loss), np.asarray(acc)
 
 
-def path_losses(params_a, params_b, spec: models.ConvSpec, images_BxYxXxE, labels_B, *,
+def path_losses(params_a, params_b, spec: models.ConvSpec, images_BxHxWxC, labels_B, *,
                 points: int = DEFAULT_POINTS) -> dict:
   """Loss and accuracy along the straight path from a to b (``points`` values of λ, ends included) and
-  the barrier (module docstring): ``loss_L``, ``accuracy_L``, ``lambda_L``, ``barrier``."""
+  the barrier (module docstring): ``loss_O``, ``accuracy_O``, ``lambda_O``, ``barrier``."""
   if points < 2:
     raise ValueError(f"points must be >= 2, got {points}")
   lam = np.linspace(0.0, 1.0, points)
   path = jax.tree.map(lambda a, b: np.stack([(1 - t) * np.asarray(a) + t * np.asarray(b) for t in lam])
                       .astype(np.float32), params_a, params_b)
-  loss, acc = losses(path, spec, images_BxYxXxE, labels_B)
+  loss, acc = losses(path, spec, images_BxHxWxC, labels_B)
   ends = (1 - lam) * loss[0] + lam * loss[-1]
-  return {"loss_L": loss, "accuracy_L": acc, "lambda_L": lam, "barrier": float(np.max(loss - ends))}
+  return {"loss_O": loss, "accuracy_O": acc, "lambda_O": lam, "barrier": float(np.max(loss - ends))}
 
 
-def merge_channels(params, spec: models.ConvSpec, layer: str, images_BxYxXxE, labels_B, *,
+def merge_channels(params, spec: models.ConvSpec, layer: str, images_BxHxWxC, labels_B, *,
                    tolerance: float = 0.01, max_distance: float | None = None) -> dict:
   """Iterative feature merging of one hidden layer of one net (module docstring).
 
@@ -220,7 +220,7 @@ def merge_channels(params, spec: models.ConvSpec, layer: str, images_BxYxXxE, la
       q[reader]["w"] = rows
 
   stack = lambda q: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32)[None], q)
-  loss0 = float(losses(stack(p), spec, images_BxYxXxE, labels_B)[0][0])
+  loss0 = float(losses(stack(p), spec, images_BxHxWxC, labels_B)[0][0])
   merges = 0
   while alive.sum() > 1:
     ok = alive[:, None] & alive[None, :] & ~np.eye(n, dtype=bool)
@@ -235,11 +235,11 @@ def merge_channels(params, spec: models.ConvSpec, layer: str, images_BxYxXxE, la
     rows[keep] = rows[keep] + c * rows[drop]
     rows[drop] = 0.0
     set_rows(trial, rows)
-    loss = float(losses(stack(trial), spec, images_BxYxXxE, labels_B)[0][0])
+    loss = float(losses(stack(trial), spec, images_BxHxWxC, labels_B)[0][0])
     if loss > loss0 + tolerance:
       break
     p, merges = trial, merges + 1
     alive[drop] = False
-  merged = float(losses(stack(p), spec, images_BxYxXxE, labels_B)[0][0])
+  merged = float(losses(stack(p), spec, images_BxHxWxC, labels_B)[0][0])
   return {"alive": alive, "width": int(alive.sum()), "merges": merges, "loss": loss0, "merged_loss": merged,
           "params": jax.tree.map(lambda x: np.asarray(x, np.float32), p)}

@@ -66,6 +66,7 @@ class Context:
   dead_SxN: np.ndarray
   knn_key: Any
   hidden_on: Any  # pairs_P -> float32 [S, P, N] at the final step
+  key: Any = None  # the cohort's key, for units that draw their own samples (``fold_in`` of it)
 
   @property
   def names(self) -> list[str]:
@@ -169,4 +170,4 @@ def build(group: groups_lib.Group, irreps, model: models.Stacked, params_by_step
                  key_SxR=np.asarray(rep.key_irreps(streamed.sim_KxSxR[-1], key_threshold)),
                  matrices={k: np.asarray(v) for k, v in model.matrices(final).items()}, effective=effective,
                  neurons=neurons, neuron_source=source, corr=corr, matching=matching, dead_SxN=dead_SxN,
-                 knn_key=knn_key, hidden_on=hidden_on)
+                 knn_key=knn_key, hidden_on=hidden_on, key=key)

@@ -26,6 +26,13 @@ orthogonal projection of h onto the functions of a alone.
 All subgroups × both kinds × neurons × runs in one jitted pass: coset indicator matrices ``[Q, G]`` (Q = the
 number of cosets of all subgroups) contract with the centred functions, a one-hot ``[Q, H]`` sums the
 squared coset sums per subgroup.
+
+Local shape letters:
+
+  A  the subgroups of the group
+  Q  the cosets of every subgroup, concatenated (one kind of coset)
+  Y  the two kinds of coset: left (aH) and right (Ha)
+  J  the conjugacy classes of the group
 """
 
 from __future__ import annotations
@@ -52,45 +59,45 @@ class CosetTables:
 
   Attributes:
     subgroups: ``universality.engine.groups.Subgroups``.
-    indicator_KxQxG: float32, row q of kind k (left, right) is the indicator of one coset; the cosets of
+    indicator_YxQxG: float32, row q of kind k (left, right) is the indicator of one coset; the cosets of
       subgroup ``subgroup_Q[q]`` partition G for each kind (left and right cosets are counted alike).
     subgroup_Q: int, the subgroup of each coset row.
-    character_HxG: float64 permutation character of G on G/H (fixed cosets).
-    induced_HxR: int, multiplicity of each irrep in Ind_H^G 1.
+    character_AxG: float64 permutation character of G on G/H (fixed cosets).
+    induced_AxR: int, multiplicity of each irrep in Ind_H^G 1.
     irrep_names: names of the irreps, trivial first.
   """
 
   subgroups: groups_lib.Subgroups
-  indicator_KxQxG: np.ndarray
+  indicator_YxQxG: np.ndarray
   subgroup_Q: np.ndarray
-  character_HxG: np.ndarray
-  induced_HxR: np.ndarray
+  character_AxG: np.ndarray
+  induced_AxR: np.ndarray
   irrep_names: tuple[str, ...]
 
 
-def coset_labels(group: groups_lib.Group, masks_HxG: np.ndarray, kind: str) -> np.ndarray:
-  """int ``[H, G]``: the smallest element of a's left coset aH (or right coset Ha), per subgroup."""
+def coset_labels(group: groups_lib.Group, masks_AxG: np.ndarray, kind: str) -> np.ndarray:
+  """int ``[A, G]``: the smallest element of a's left coset aH (or right coset Ha), per subgroup."""
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   n = group.order
-  out = np.empty(masks_HxG.shape, np.int64)
+  out = np.empty(masks_AxG.shape, np.int64)
   # a·h over all h at once for a block of subgroups: [block, G, G] stays small.
   prod_GxG = group.table if kind == "left" else group.table.T  # prod[a, g] = a·g (left) or g·a (right)
   block = max(1, (1 << 22) // (n * n))
-  for lo in range(0, masks_HxG.shape[0], block):
-    m = masks_HxG[lo:lo + block]
+  for lo in range(0, masks_AxG.shape[0], block):
+    m = masks_AxG[lo:lo + block]
     out[lo:lo + block] = np.where(m[:, None, :], prod_GxG[None], n).min(axis=2)
   return out
 
 
-def permutation_character(group: groups_lib.Group, masks_HxG: np.ndarray) -> np.ndarray:
-  """float64 ``[H, G]``: the number of cosets xH fixed by g, |G|·|H ∩ cl(g)| / (|cl(g)|·|H|)."""
+def permutation_character(group: groups_lib.Group, masks_AxG: np.ndarray) -> np.ndarray:
+  """float64 ``[A, G]``: the number of cosets xH fixed by g, |G|·|H ∩ cl(g)| / (|cl(g)|·|H|)."""
   classes = group.class_of
-  onehot_GxC = np.eye(len(group.conjugacy_classes))[classes]
-  meet_HxC = masks_HxG.astype(np.float64) @ onehot_GxC
-  size_C = onehot_GxC.sum(axis=0)
-  order_H = masks_HxG.sum(axis=1).astype(np.float64)
-  return group.order * meet_HxC[:, classes] / (size_C[classes][None, :] * order_H[:, None])
+  onehot_GxJ = np.eye(len(group.conjugacy_classes))[classes]
+  meet_AxJ = masks_AxG.astype(np.float64) @ onehot_GxJ
+  size_J = onehot_GxJ.sum(axis=0)
+  order_A = masks_AxG.sum(axis=1).astype(np.float64)
+  return group.order * meet_AxJ[:, classes] / (size_J[classes][None, :] * order_A[:, None])
 
 
 def coset_tables(group: groups_lib.Group, irreps, subgroups: groups_lib.Subgroups | None = None
@@ -100,9 +107,9 @@ def coset_tables(group: groups_lib.Group, irreps, subgroups: groups_lib.Subgroup
   subs = groups_lib.subgroups(group) if subgroups is None else subgroups
   indicators, owner = [], None
   for kind in KINDS:
-    labels_HxG = coset_labels(group, subs.masks, kind)
+    labels_AxG = coset_labels(group, subs.masks, kind)
     rows, who = [], []
-    for h, lab in enumerate(labels_HxG):
+    for h, lab in enumerate(labels_AxG):
       reps_ = np.unique(lab)
       rows.append(lab[None, :] == reps_[:, None])
       who += [h] * len(reps_)
@@ -111,8 +118,8 @@ def coset_tables(group: groups_lib.Group, irreps, subgroups: groups_lib.Subgroup
   character = permutation_character(group, subs.masks)
   k_R = np.asarray([{1: 1, 0: 2, -1: 4}[int(f)] for f in tables.frobenius_schur], np.float64)
   mult = character @ tables.character_RxG.T / group.order / k_R[None, :]
-  return CosetTables(subgroups=subs, indicator_KxQxG=np.stack(indicators), subgroup_Q=owner,
-                     character_HxG=character, induced_HxR=np.rint(mult).astype(np.int64),
+  return CosetTables(subgroups=subs, indicator_YxQxG=np.stack(indicators), subgroup_Q=owner,
+                     character_AxG=character, induced_AxR=np.rint(mult).astype(np.int64),
                      irrep_names=tables.names)
 
 
@@ -127,7 +134,7 @@ def coset_neurons(f_SxIxGxN, group: groups_lib.Group, irreps, coset: CosetTables
     threshold: a neuron side is a coset side when its best subgroup's share reaches this.
 
   Returns:
-    dict of arrays: ``share_SxIxKxHxN`` (K: left, right), ``best_SxIxN`` (subgroup index; -1 when the
+    dict of arrays: ``share_SxIxYxAxN`` (K: left, right), ``best_SxIxN`` (subgroup index; -1 when the
     group has no proper non-trivial subgroup or the function is constant), ``best_kind_SxIxN`` (0 left,
     1 right), ``best_share_SxIxN``, ``best_adjusted_SxIxN``, ``coset_SxIxN`` (bool) and
     ``induced_share_SxIxN``.
@@ -142,20 +149,20 @@ def coset_neurons(f_SxIxGxN, group: groups_lib.Group, irreps, coset: CosetTables
     raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
   subs = coset.subgroups
   n_sub = len(subs)
-  onehot_QxH = np.eye(n_sub, dtype=np.float32)[coset.subgroup_Q]
-  index_H = (group.order // subs.orders).astype(np.float32)
-  induced_HxR = (coset.induced_HxR > 0).astype(np.float32)
-  induced_HxR[:, 0] = 0.0  # the constant part is not part of the variance
-  return _coset_pass(f_SxIxGxN, jnp.asarray(coset.indicator_KxQxG), jnp.asarray(onehot_QxH),
-                     jnp.asarray(subs.orders, jnp.float32), jnp.asarray(index_H),
-                     jnp.asarray(subs.proper_nontrivial), jnp.asarray(induced_HxR),
-                     jnp.asarray(tables.basis_GxM, jnp.float32), jnp.asarray(tables.basis_member_MxR, jnp.float32),
+  onehot_QxA = np.eye(n_sub, dtype=np.float32)[coset.subgroup_Q]
+  index_A = (group.order // subs.orders).astype(np.float32)
+  induced_AxR = (coset.induced_AxR > 0).astype(np.float32)
+  induced_AxR[:, 0] = 0.0  # the constant part is not part of the variance
+  return _coset_pass(f_SxIxGxN, jnp.asarray(coset.indicator_YxQxG), jnp.asarray(onehot_QxA),
+                     jnp.asarray(subs.orders, jnp.float32), jnp.asarray(index_A),
+                     jnp.asarray(subs.proper_nontrivial), jnp.asarray(induced_AxR),
+                     jnp.asarray(tables.basis_GxF, jnp.float32), jnp.asarray(tables.basis_member_FxR, jnp.float32),
                      jnp.float32(threshold))
 
 
 @jax.jit
-def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, induced_HxR, basis_GxM,
-                member_MxR, threshold):
+def _coset_pass(f_SxIxGxN, ind_YxQxG, onehot_QxA, order_A, index_A, proper_A, induced_AxR, basis_GxF,
+                member_FxR, threshold):
   g = f_SxIxGxN.shape[2]
 
   def one_run(f_IxGxN):
@@ -163,35 +170,35 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
     x = x - x.mean(axis=1, keepdims=True)
     total_IxN = jnp.sum(x * x, axis=1)
     # Projection on coset-constant functions: Σ over cosets of (coset sum)² / |H| is its squared norm.
-    sums_IxKxQxN = jnp.einsum("kqg,ign->ikqn", ind_KxQxG, x)
-    energy_IxKxHxN = jnp.einsum("ikqn,qh->ikhn", sums_IxKxQxN ** 2, onehot_QxH) / order_H[None, None, :, None]
+    sums_IxYxQxN = jnp.einsum("kqg,ign->ikqn", ind_YxQxG, x)
+    energy_IxYxAxN = jnp.einsum("ikqn,qh->ikhn", sums_IxYxQxN ** 2, onehot_QxA) / order_A[None, None, :, None]
     live_IxN = total_IxN > _EPS * jnp.maximum(jnp.max(total_IxN), 1.0)
-    share = jnp.where(live_IxN[:, None, None, :], energy_IxKxHxN / jnp.maximum(total_IxN, _EPS)[:, None, None, :],
+    share = jnp.where(live_IxN[:, None, None, :], energy_IxYxAxN / jnp.maximum(total_IxN, _EPS)[:, None, None, :],
                       0.0)
     share = jnp.clip(share, 0.0, 1.0)
-    dof_H = jnp.where(proper_H, (g - 1) / jnp.maximum(g - index_H, 1.0), 0.0)
-    adjusted = jnp.where(proper_H[None, None, :, None], 1.0 - (1.0 - share) * dof_H[None, None, :, None],
+    dof_A = jnp.where(proper_A, (g - 1) / jnp.maximum(g - index_A, 1.0), 0.0)
+    adjusted = jnp.where(proper_A[None, None, :, None], 1.0 - (1.0 - share) * dof_A[None, None, :, None],
                          -jnp.inf)
     i, k, h, n = adjusted.shape
     flat_IxKHxN = adjusted.reshape(i, k * h, n)
     top_IxN = flat_IxKHxN.max(axis=1)
     near = flat_IxKHxN >= top_IxN[:, None, :] - _TIE
-    size_KH = jnp.tile(order_H, k)
-    pick_IxN = jnp.argmax(jnp.where(near, size_KH[None, :, None], -1.0), axis=1)
+    size_YA = jnp.tile(order_A, k)
+    pick_IxN = jnp.argmax(jnp.where(near, size_YA[None, :, None], -1.0), axis=1)
     best_IxN = pick_IxN % h
     kind_IxN = pick_IxN // h
-    has_sub = jnp.any(proper_H)
+    has_sub = jnp.any(proper_A)
     valid_IxN = has_sub & live_IxN
     best_share_IxN = jnp.take_along_axis(share.reshape(i, k * h, n), pick_IxN[:, None, :], axis=1)[:, 0]
     best_adj_IxN = jnp.take_along_axis(flat_IxKHxN, pick_IxN[:, None, :], axis=1)[:, 0]
     # Irrep energies of each side's function; the induced share of the best subgroup's Ind_H^G 1.
-    coef_IxMxN = jnp.einsum("gm,ign->imn", basis_GxM, x)
-    e_IxNxR = jnp.einsum("imn,mr->inr", coef_IxMxN ** 2, member_MxR)
-    in_IxNxR = induced_HxR[best_IxN]
+    coef_IxFxN = jnp.einsum("gm,ign->imn", basis_GxF, x)
+    e_IxNxR = jnp.einsum("imn,mr->inr", coef_IxFxN ** 2, member_FxR)
+    in_IxNxR = induced_AxR[best_IxN]
     nontrivial_IxN = e_IxNxR[..., 1:].sum(-1)
     induced_IxN = jnp.where(nontrivial_IxN > _EPS, jnp.sum(e_IxNxR * in_IxNxR, -1) / jnp.maximum(nontrivial_IxN,
                                                                                                _EPS), 0.0)
-    return {"share_IxKxHxN": share,
+    return {"share_IxYxAxN": share,
             "best_IxN": jnp.where(valid_IxN, best_IxN, -1).astype(jnp.int32),
             "best_kind_IxN": jnp.where(valid_IxN, kind_IxN, -1).astype(jnp.int32),
             "best_share_IxN": jnp.where(valid_IxN, best_share_IxN, 0.0),
@@ -208,17 +215,17 @@ def _coset_pass(f_SxIxGxN, ind_KxQxG, onehot_QxH, order_H, index_H, proper_H, in
 # JSON-ready records (universality.engine.families.group.passes.pipeline).
 
 
-def input_functions(pre_a_SxGxN, pre_b_SxGxN, hidden_SxAxBxN=None, *,
+def input_functions(pre_a_SxGxN, pre_b_SxGxN, hidden_SxGxGxN=None, *,
                     marginals=None) -> tuple[np.ndarray, str]:
   """``(f_SxIxGxN, source)``: P_a and P_b when the model has additive pre-activations (``"pre_activation"``),
   else the marginals of the hidden activations over the other input (``"hidden"``): from
-  ``hidden_SxAxBxN``, or given as ``marginals`` = (mean over b ``[S, A, N]``, mean over a ``[S, B, N]``)
+  ``hidden_SxGxGxN``, or given as ``marginals`` = (mean over b ``[S, A, N]``, mean over a ``[S, B, N]``)
   by a pass that streams the pairs."""
   if pre_a_SxGxN is not None and pre_b_SxGxN is not None:
     return np.stack([np.asarray(pre_a_SxGxN), np.asarray(pre_b_SxGxN)], axis=1), "pre_activation"
   if marginals is not None:
     return np.stack([np.asarray(m, np.float32) for m in marginals], axis=1), "hidden"
-  h = np.asarray(hidden_SxAxBxN, np.float32)
+  h = np.asarray(hidden_SxGxGxN, np.float32)
   return np.stack([h.mean(axis=2), h.mean(axis=1)], axis=1), "hidden"
 
 
@@ -281,7 +288,7 @@ def cohort_record(records: list[dict], coset: CosetTables) -> dict:
           classes[lab] = {
               "order": int(subs.orders[i]), "conjugates": int(np.sum(subs.classes == subs.classes[i])),
               "normal": bool(subs.normal[i]), "neurons": 0, "runs": 0,
-              "induced": {n: int(m) for n, m in zip(coset.irrep_names, coset.induced_HxR[i]) if m}}
+              "induced": {n: int(m) for n, m in zip(coset.irrep_names, coset.induced_AxR[i]) if m}}
         classes[lab]["neurons"] += count
         used.add(lab)
     for lab in used:

@@ -29,51 +29,51 @@ DEFAULT_SINGLE_THRESHOLD = 0.9
 HOMOGENEITY = 2  # the MLP in its effective weights (module docstring)
 
 
-def normalised_margin(logits_SxAxBxC, table_AxB, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN) -> dict:
+def normalised_margin(logits_SxGxGxV, table_GxG, pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN) -> dict:
   """Margin of every run on all pairs and its normalisation by the effective weights' norm.
 
   Args:
-    logits_SxAxBxC: logits on all pairs (padded classes sliced off).
-    table_AxB: the group's Cayley table (the correct class of each pair).
-    pre_a_SxGxN, pre_b_SxGxN: effective first-layer weights; unembed_SxCxN: unembedding rows per class.
+    logits_SxGxGxV: logits on all pairs (padded classes sliced off).
+    table_GxG: the group's Cayley table (the correct class of each pair).
+    pre_a_SxGxN, pre_b_SxGxN: effective first-layer weights; unembed_SxVxN: unembedding rows per class.
 
   Returns:
     dict of float32 ``margin_S`` (min over pairs of correct − best wrong logit), ``norm_S`` (‖θ‖^ν, the
     summed squares of the effective weights) and ``normalised_S`` (their ratio).
   """
-  logits_SxAxBxC = jnp.asarray(logits_SxAxBxC)
-  pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN = (jnp.asarray(x) for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN))
-  chex.assert_rank([logits_SxAxBxC, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN], [4, 3, 3, 3])
-  s, g = logits_SxAxBxC.shape[:2]
-  chex.assert_shape(logits_SxAxBxC, (s, g, g, g))
+  logits_SxGxGxV = jnp.asarray(logits_SxGxGxV)
+  pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN = (jnp.asarray(x) for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN))
+  chex.assert_rank([logits_SxGxGxV, pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN], [4, 3, 3, 3])
+  s, g = logits_SxGxGxV.shape[:2]
+  chex.assert_shape(logits_SxGxGxV, (s, g, g, g))
   chex.assert_equal_shape([pre_a_SxGxN, pre_b_SxGxN])
-  chex.assert_shape(unembed_SxCxN, (s, g, pre_a_SxGxN.shape[2]))
-  return _normalised_margin(logits_SxAxBxC, jnp.asarray(table_AxB, jnp.int32), pre_a_SxGxN, pre_b_SxGxN,
-                            unembed_SxCxN)
+  chex.assert_shape(unembed_SxVxN, (s, g, pre_a_SxGxN.shape[2]))
+  return _normalised_margin(logits_SxGxGxV, jnp.asarray(table_GxG, jnp.int32), pre_a_SxGxN, pre_b_SxGxN,
+                            unembed_SxVxN)
 
 
 @jax.jit
-def _normalised_margin(logits_SxAxBxC, table_AxB, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN):
-  logits = logits_SxAxBxC.astype(jnp.float32)
-  target_SxAxBx1 = jnp.broadcast_to(table_AxB[None, :, :, None], logits.shape[:3] + (1,))
-  correct = jnp.take_along_axis(logits, target_SxAxBx1, axis=-1)[..., 0]
-  is_target = jnp.arange(logits.shape[-1])[None, None, None, :] == target_SxAxBx1
+def _normalised_margin(logits_SxGxGxV, table_GxG, pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN):
+  logits = logits_SxGxGxV.astype(jnp.float32)
+  target_SxGxGx1 = jnp.broadcast_to(table_GxG[None, :, :, None], logits.shape[:3] + (1,))
+  correct = jnp.take_along_axis(logits, target_SxGxGx1, axis=-1)[..., 0]
+  is_target = jnp.arange(logits.shape[-1])[None, None, None, :] == target_SxGxGx1
   wrong = jnp.max(jnp.where(is_target, -jnp.inf, logits), axis=-1)
-  return _normalise(jnp.min(correct - wrong, axis=(1, 2)), pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN)
+  return _normalise(jnp.min(correct - wrong, axis=(1, 2)), pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN)
 
 
-def normalise(margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN) -> dict:
+def normalise(margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN) -> dict:
   """``normalised_margin``'s dict from a margin computed elsewhere (e.g. streamed over blocks of pairs:
   the minimum over pairs of correct − best wrong logit)."""
-  arrays = [jnp.asarray(x) for x in (margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN)]
+  arrays = [jnp.asarray(x) for x in (margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN)]
   chex.assert_rank(arrays, [1, 3, 3, 3])
   return _normalise(*arrays)
 
 
 @jax.jit
-def _normalise(margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN):
+def _normalise(margin_S, pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN):
   norm_S = sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2))
-               for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN)) ** (HOMOGENEITY / 2)
+               for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN)) ** (HOMOGENEITY / 2)
   margin_S = margin_S.astype(jnp.float32)
   return {"margin_S": margin_S, "norm_S": norm_S, "normalised_S": margin_S / jnp.maximum(norm_S, 1e-30)}
 

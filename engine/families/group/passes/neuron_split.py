@@ -21,12 +21,12 @@ def from_fibres(fibre_SxGxN, mean_SxN, m2_SxN, group, irreps) -> dict:
   s, g, n = fibre.shape
   per_SNxR = rep.fibre_fve(jnp.moveaxis(fibre, 2, 1).reshape(s * n, g, 1),
                            jnp.asarray(m2_SxN, jnp.float32).reshape(s * n),
-                           jnp.asarray(tables.basis_GxM, jnp.float32),
-                           jnp.asarray(tables.basis_member_MxR, jnp.float32))
+                           jnp.asarray(tables.basis_GxF, jnp.float32),
+                           jnp.asarray(tables.basis_member_FxR, jnp.float32))
   return _neuron_shares(np.array(per_SNxR, dtype=np.float32).reshape(s, n, -1))
 
 
-def from_hidden(hidden_SxAxBxN, group, irreps) -> dict:
+def from_hidden(hidden_SxGxGxN, group, irreps) -> dict:
   """Per-neuron split of each neuron's activation, as a function of a·b, over irreps.
 
   For models whose pre-activation is not P_a[a] + P_b[b] (the transformer): a neuron's share in irrep ρ is
@@ -34,7 +34,7 @@ def from_hidden(hidden_SxAxBxN, group, irreps) -> dict:
   part that is not a function of a·b. Same keys as ``representation.neuron_irreps``.
   """
   tables = rep.irrep_tables(group, irreps)
-  h = jnp.asarray(hidden_SxAxBxN, jnp.float32)
+  h = jnp.asarray(hidden_SxGxGxN, jnp.float32)
   s, g, _, n = h.shape
   h = h - h.mean(axis=(1, 2), keepdims=True)
   # hidden_fve per neuron: move neurons into the run axis.

@@ -48,9 +48,8 @@ def analyze_group(group: groups_lib.Group, irreps, model: models.Stacked, params
   ctx = context_lib.build(group, irreps, model, params_by_step, runs, key=key, generalised=generalised,
                           key_threshold=key_threshold, universal_threshold=universal_threshold,
                           memory_bytes=memory_bytes, batch_size=batch_size)
-  passes = units.Passes(irreps=units.Irreps(order_threshold), similarity=units.Similarity(knn_k, knn_inputs),
-                        cosets=units.Cosets(coset_threshold), margins=units.Margins(single_threshold),
-                        redundancy=units.Redundancy(merge_tolerance),
-                        connectivity=units.Connectivity(connectivity_points))
+  passes = (units.Irreps(order_threshold), units.Similarity(knn_k, knn_inputs), units.Neurons(),
+            units.Cosets(coset_threshold), units.Margins(single_threshold), units.Redundancy(merge_tolerance),
+            units.Connectivity(connectivity_points))
   out = units.run(ctx, passes).to_json()
   return {"group": out["task"], "runs": out["runs"], "aggregate": out["aggregate"]}

@@ -332,6 +332,15 @@ class Aggregate(IrrepCohort):
   margins: Optional[CohortMargins] = None
   redundancy: Optional[CohortRedundancy] = None
   connectivity: Optional[Connectivity] = None
+  # Convergent Learning passes per layer ({"hidden": universality.engine.analysis.convergent.to_json of
+  # its records, plus "inputs"}), only when the analysis setting ``convergent`` is on: absent otherwise.
+  convergent: Optional[dict] = None
+
+  def to_json(self) -> dict:
+    out = super().to_json()
+    if out.get("convergent") is None:
+      out.pop("convergent", None)
+    return out
 
 
 @record

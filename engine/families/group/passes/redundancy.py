@@ -12,6 +12,10 @@ least-squares scale c = ⟨w_m, w_n⟩/‖w_n‖² — as long as the cross-entr
 ``tolerance`` of the unmerged model's. The width left is the run's **feature complexity**.
 
 One ``lax.while_loop`` over merges, vectorised over runs (a run that has stopped keeps its state).
+
+Local shape letters:
+
+  J  a neuron's input weights from a and from b, concatenated
 """
 
 from __future__ import annotations
@@ -28,23 +32,23 @@ from universality.engine.families.group.passes import representation as rep
 DEFAULT_TOLERANCE = 0.01
 
 
-def merge_features(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, *,
+def merge_features(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN, table_GxG, *,
                    tolerance: float = DEFAULT_TOLERANCE,
                    memory_bytes: int = rep.DEFAULT_MEMORY_BYTES) -> dict:
   """Iterative feature merging of every run (module docstring).
 
   Args:
-    pre_a_SxGxN, pre_b_SxGxN: effective first-layer weights; unembed_SxCxN: unembedding rows per class
-      (padded classes sliced off); table_AxB: the Cayley table.
+    pre_a_SxGxN, pre_b_SxGxN: effective first-layer weights; unembed_SxVxN: unembedding rows per class
+      (padded classes sliced off); table_GxG: the Cayley table.
     tolerance: the largest rise of the loss on all pairs a merge may cause.
     memory_bytes: working memory of one block of pairs in the loss (``representation.loss_chunks``).
 
   Returns:
-    dict of arrays: ``alive_SxN`` (neurons left), ``unembed_SxCxN`` (outgoing weights after folding),
+    dict of arrays: ``alive_SxN`` (neurons left), ``unembed_SxVxN`` (outgoing weights after folding),
     ``width_S`` (feature complexity), ``never_active_S``, ``merges_S``, ``loss_S`` (before) and
     ``merged_loss_S`` (after).
   """
-  pa, pb, u = (jnp.asarray(x, jnp.float32) for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN))
+  pa, pb, u = (jnp.asarray(x, jnp.float32) for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN))
   chex.assert_rank([pa, pb, u], 3)
   chex.assert_equal_shape([pa, pb])
   s, g, n = pa.shape
@@ -52,24 +56,24 @@ def merge_features(pre_a_SxGxN, pre_b_SxGxN, unembed_SxCxN, table_AxB, *,
   if not np.isfinite(tolerance) or tolerance < 0:
     raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
   rows, runs = rep.loss_chunks(g, n, g, s, memory_bytes)
-  return _merge(pa, pb, u, jnp.asarray(table_AxB, jnp.int32), jnp.float32(tolerance), rows=rows, runs=runs)
+  return _merge(pa, pb, u, jnp.asarray(table_GxG, jnp.int32), jnp.float32(tolerance), rows=rows, runs=runs)
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "runs"))
-def _merge(pa, pb, u, table_AxB, tolerance, *, rows, runs):
+def _merge(pa, pb, u, table_GxG, tolerance, *, rows, runs):
   s, _, n = pa.shape
 
-  def _loss(pa_SxGxN, pb_SxGxN, u_SxCxN, alive_SxN, table):
+  def _loss(pa_SxGxN, pb_SxGxN, u_SxVxN, alive_SxN, table):
     # A removed neuron's outgoing weights are zeroed, which removes it from the logits.
-    return rep.mlp_loss(pa_SxGxN, pb_SxGxN, u_SxCxN * alive_SxN[:, None, :], table, rows=rows, runs=runs)[0]
+    return rep.mlp_loss(pa_SxGxN, pb_SxGxN, u_SxVxN * alive_SxN[:, None, :], table, rows=rows, runs=runs)[0]
 
-  w_SxNxF = jnp.concatenate([pa, pb], axis=1).transpose(0, 2, 1)
-  norm_SxN = jnp.linalg.norm(w_SxNxF, axis=-1)
-  unit = w_SxNxF / jnp.maximum(norm_SxN, 1e-30)[..., None]
+  w_SxNxJ = jnp.concatenate([pa, pb], axis=1).transpose(0, 2, 1)
+  norm_SxN = jnp.linalg.norm(w_SxNxJ, axis=-1)
+  unit = w_SxNxJ / jnp.maximum(norm_SxN, 1e-30)[..., None]
   cos_SxNxN = jnp.einsum("snf,smf->snm", unit, unit)
-  dots_SxNxN = jnp.einsum("snf,smf->snm", w_SxNxF, w_SxNxF)
+  dots_SxNxN = jnp.einsum("snf,smf->snm", w_SxNxJ, w_SxNxJ)
   ever_active_SxN = jnp.any(pa.max(axis=1)[:, None, :] + pb.max(axis=1)[:, None, :] > 0, axis=1)
-  loss0_S = _loss(pa, pb, u, jnp.ones((s, n)), table_AxB)
+  loss0_S = _loss(pa, pb, u, jnp.ones((s, n)), table_GxG)
   runs_S = jnp.arange(s)
 
   def propose(state):
@@ -90,7 +94,7 @@ def _merge(pa, pb, u, table_AxB, tolerance, *, rows, runs):
   def body(state):
     alive, u_cur, done, merges = state
     alive_new, u_new, valid = propose(state)
-    loss_S = _loss(pa, pb, u_new, alive_new.astype(jnp.float32), table_AxB)
+    loss_S = _loss(pa, pb, u_new, alive_new.astype(jnp.float32), table_GxG)
     accept = ~done & valid & (loss_S <= loss0_S + tolerance)
     alive = jnp.where(accept[:, None], alive_new, alive)
     u_cur = jnp.where(accept[:, None, None], u_new, u_cur)
@@ -99,6 +103,6 @@ def _merge(pa, pb, u, table_AxB, tolerance, *, rows, runs):
   u_start = u * ever_active_SxN[:, None, :]
   state = (ever_active_SxN, u_start, jnp.zeros((s,), bool), jnp.zeros((s,), jnp.int32))
   alive, u_out, _, merges = jax.lax.while_loop(lambda st: ~jnp.all(st[2]), body, state)
-  return {"alive_SxN": alive, "unembed_SxCxN": u_out, "width_S": alive.sum(axis=1),
+  return {"alive_SxN": alive, "unembed_SxVxN": u_out, "width_S": alive.sum(axis=1),
           "never_active_S": n - ever_active_SxN.sum(axis=1), "merges_S": merges, "loss_S": loss0_S,
-          "merged_loss_S": _loss(pa, pb, u_out, alive.astype(jnp.float32), table_AxB)}
+          "merged_loss_S": _loss(pa, pb, u_out, alive.astype(jnp.float32), table_GxG)}

@@ -41,6 +41,10 @@ Definitions (following *A Toy Model of Universality*, Chughtai et al. 2023, and 
   and u′, v′ split over the non-trivial irreps. The neuron's share in a non-trivial irrep ρ is
   |G|(‖Π_ρ P_a‖² + ‖Π_ρ P_b‖²)/‖f‖²; the trivial share is the constant part. The dominant irrep is the
   non-trivial irrep of largest share, and its ``dominant_share`` is relative to the non-constant part.
+
+Local shape letters:
+
+  J  the functions on G a pass decomposes (a model's neurons or output classes)
 """
 
 from __future__ import annotations
@@ -74,10 +78,10 @@ class IrrepTables:
     dims: int ``[R]`` dimensions D.
     frobenius_schur: int ``[R]`` indicators (1 real, 0 complex, -1 quaternionic type).
     character_RxG: float64 characters.
-    entries_GxQ: every irrep's matrix entries g ↦ ρ_ij(g), concatenated (Q = Σ D²).
-    entry_member_QxR: one-hot, which irrep each entry column belongs to.
-    basis_GxM: every irrep's ``basis`` concatenated; an orthogonal matrix (M = |G|).
-    basis_member_MxR: one-hot, which irrep each basis column belongs to.
+    entries_GxF: every irrep's matrix entries g ↦ ρ_ij(g), concatenated (F = Σ d_ρ² = |G| columns).
+    entry_member_FxR: one-hot, which irrep each entry column belongs to.
+    basis_GxF: every irrep's ``basis`` concatenated; an orthogonal matrix (F = |G|).
+    basis_member_FxR: one-hot, which irrep each basis column belongs to.
     table: int32 ``[G, G]`` the group's Cayley table; inverse: int32 ``[G]``.
     irreps: the irreps these tables were built from.
   """
@@ -86,10 +90,10 @@ class IrrepTables:
   dims: np.ndarray
   frobenius_schur: np.ndarray
   character_RxG: np.ndarray
-  entries_GxQ: np.ndarray
-  entry_member_QxR: np.ndarray
-  basis_GxM: np.ndarray
-  basis_member_MxR: np.ndarray
+  entries_GxF: np.ndarray
+  entry_member_FxR: np.ndarray
+  basis_GxF: np.ndarray
+  basis_member_FxR: np.ndarray
   table: np.ndarray
   inverse: np.ndarray
   irreps: tuple
@@ -141,20 +145,20 @@ def irrep_tables(group: groups_lib.Group, irreps) -> IrrepTables:
   character = np.stack(chars)
   if not np.allclose(character[0], 1.0):
     raise ValueError(f"the first irrep must be the trivial one, got {irreps[0].name!r}")
-  basis_GxM = np.concatenate(bases, axis=1)
-  if basis_GxM.shape[1] != n or not np.allclose(basis_GxM.T @ basis_GxM, np.eye(n), atol=1e-6):
+  basis_GxF = np.concatenate(bases, axis=1)
+  if basis_GxF.shape[1] != n or not np.allclose(basis_GxF.T @ basis_GxF, np.eye(n), atol=1e-6):
     raise ValueError(f"the irreps' bases do not form an orthonormal basis of functions on {group.name} "
-                     f"({basis_GxM.shape[1]} columns for order {n}): an irrep is missing or repeated")
+                     f"({basis_GxF.shape[1]} columns for order {n}): an irrep is missing or repeated")
   r_count = len(irreps)
   return IrrepTables(
       names=tuple(str(ir.name) for ir in irreps),
       dims=np.asarray([ir.matrices.shape[1] for ir in irreps], dtype=np.int32),
       frobenius_schur=np.asarray([int(ir.frobenius_schur) for ir in irreps], dtype=np.int32),
       character_RxG=character,
-      entries_GxQ=np.concatenate(entries, axis=1),
-      entry_member_QxR=np.eye(r_count)[np.asarray(entry_owner)],
-      basis_GxM=basis_GxM,
-      basis_member_MxR=np.eye(r_count)[np.asarray(basis_owner)],
+      entries_GxF=np.concatenate(entries, axis=1),
+      entry_member_FxR=np.eye(r_count)[np.asarray(entry_owner)],
+      basis_GxF=basis_GxF,
+      basis_member_FxR=np.eye(r_count)[np.asarray(basis_owner)],
       table=np.asarray(group.table, dtype=np.int32),
       inverse=np.asarray(group.inverse, dtype=np.int32),
       irreps=tuple(irreps),
@@ -175,27 +179,27 @@ def _check_group_axis(name: str, size: int, tables: IrrepTables) -> None:
 # Logit similarity.
 
 
-def logit_similarity(logits_SxAxBxC, group: groups_lib.Group, irreps) -> jax.Array:
+def logit_similarity(logits_SxGxGxV, group: groups_lib.Group, irreps) -> jax.Array:
   """float32 ``[S, R]``: mean over pairs (a, b) of cos_c(centred L[a, b, :], tr ρ(a·b·c⁻¹)) per irrep."""
   tables = irrep_tables(group, irreps)
-  logits_SxAxBxC = jnp.asarray(logits_SxAxBxC)
-  chex.assert_rank(logits_SxAxBxC, 4)
-  _, a, b, c = logits_SxAxBxC.shape
+  logits_SxGxGxV = jnp.asarray(logits_SxGxGxV)
+  chex.assert_rank(logits_SxGxGxV, 4)
+  _, a, b, c = logits_SxGxGxV.shape
   for name, size in (("A", a), ("B", b), ("C", c)):
     _check_group_axis(f"logits axis {name}", size, tables)
-  c_of_MxY, character_YxR, char_norm_R = similarity_constants(tables)
-  return _logit_similarity(logits_SxAxBxC, c_of_MxY, character_YxR, jnp.asarray(tables.table), char_norm_R)
+  c_of_GxG, character_GxR, char_norm_R = similarity_constants(tables)
+  return _logit_similarity(logits_SxGxGxV, c_of_GxG, character_GxR, jnp.asarray(tables.table), char_norm_R)
 
 
 @jax.jit
-def _logit_similarity(logits_SxAxBxC, c_of_MxY, character_YxR, table_AxB, char_norm_R):
-  s, a, b, c = logits_SxAxBxC.shape
-  cos_SxPxR = pair_cosines(logits_SxAxBxC.reshape(s, a * b, c), table_AxB.reshape(a * b), c_of_MxY,
-                           character_YxR, char_norm_R)
+def _logit_similarity(logits_SxGxGxV, c_of_GxG, character_GxR, table_GxG, char_norm_R):
+  s, a, b, c = logits_SxGxGxV.shape
+  cos_SxPxR = pair_cosines(logits_SxGxGxV.reshape(s, a * b, c), table_GxG.reshape(a * b), c_of_GxG,
+                           character_GxR, char_norm_R)
   return cos_SxPxR.mean(axis=1)
 
 
-def pair_cosines(logits_SxPxC, product_P, c_of_MxY, character_YxR, char_norm_R):
+def pair_cosines(logits_SxPxV, product_P, c_of_GxG, character_GxR, char_norm_R):
   """float32 ``[S, P, R]``: per pair, cos_c(centred logits, tr ρ(m·c⁻¹)) with m = ``product_P`` (= a·b).
 
   Traceable building block of ``logit_similarity`` for any set of pairs (``universality.engine.families.group.passes.pipeline``
@@ -203,10 +207,10 @@ def pair_cosines(logits_SxPxC, product_P, c_of_MxY, character_YxR, char_norm_R):
   """
   # Σ_c L[c] χ(m·c⁻¹) = Σ_y L[y⁻¹·m] χ(y): reorder each pair's logits by y, then one product with the
   # characters ([P, G] × [G, R]); the G³ trace cube is never built, nor a |G|²-wide projection per pair.
-  logits = logits_SxPxC.astype(jnp.float32)
+  logits = logits_SxPxV.astype(jnp.float32)
   centred = logits - logits.mean(-1, keepdims=True)
-  by_y_SxPxY = centred[:, jnp.arange(product_P.shape[0])[:, None], c_of_MxY[product_P]]
-  dot_SxPxR = jnp.einsum("spy,yr->spr", by_y_SxPxY, character_YxR, precision=jax.lax.Precision.HIGHEST)
+  by_y_SxPxG = centred[:, jnp.arange(product_P.shape[0])[:, None], c_of_GxG[product_P]]
+  dot_SxPxR = jnp.einsum("spy,yr->spr", by_y_SxPxG, character_GxR, precision=jax.lax.Precision.HIGHEST)
   logit_norm_SxP = jnp.sqrt(jnp.sum(centred * centred, axis=-1))
   # Non-trivial characters sum to 0 over c, so centring them changes nothing; the trivial one centres to 0.
   denom = logit_norm_SxP[..., None] * char_norm_R[None, None, :]
@@ -214,12 +218,12 @@ def pair_cosines(logits_SxPxC, product_P, c_of_MxY, character_YxR, char_norm_R):
 
 
 def similarity_constants(tables: "IrrepTables") -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(c_of_MxY, character_YxR, char_norm_R)``: the constants of ``pair_cosines`` (int32 y⁻¹·m; float32
+  """``(c_of_GxG, character_GxR, char_norm_R)``: the constants of ``pair_cosines`` (int32 y⁻¹·m; float32
   characters and the norms of the centred characters)."""
   n = tables.order
-  c_of_MxY = tables.table[tables.inverse[None, :], np.arange(n)[:, None]]  # [m, y] = y⁻¹·m
+  c_of_GxG = tables.table[tables.inverse[None, :], np.arange(n)[:, None]]  # [m, y] = y⁻¹·m
   char_norm_R = np.linalg.norm(tables.character_RxG - tables.character_RxG.mean(1, keepdims=True), axis=1)
-  return jnp.asarray(c_of_MxY, jnp.int32), _f32(tables.character_RxG.T), _f32(char_norm_R)
+  return jnp.asarray(c_of_GxG, jnp.int32), _f32(tables.character_RxG.T), _f32(char_norm_R)
 
 
 def fraction_explained(sim_SxR) -> jax.Array:
@@ -243,7 +247,7 @@ def _key_irreps(sim_SxR, threshold):
   return (sim_SxR > threshold).at[:, 0].set(False)
 
 
-def logit_fourier_power(logits_SxAxBxC, group: groups_lib.Group, irreps) -> jax.Array:
+def logit_fourier_power(logits_SxGxGxV, group: groups_lib.Group, irreps) -> jax.Array:
   """float32 ``[S, R]``: each irrep's share of the Fourier power of g ↦ mean centred L[a, b, c], a·b·c⁻¹ = g.
 
   The paper's logits are functions of a·b·c⁻¹; averaging the centred logits over the |G|² triples of each
@@ -254,11 +258,11 @@ def logit_fourier_power(logits_SxAxBxC, group: groups_lib.Group, irreps) -> jax.
   from universality.engine import irreps as irreps_lib  # pylint: disable=import-outside-toplevel
 
   tables = irrep_tables(group, irreps)
-  logits_SxAxBxC = jnp.asarray(logits_SxAxBxC)
-  chex.assert_rank(logits_SxAxBxC, 4)
-  for name, size in zip("ABC", logits_SxAxBxC.shape[1:]):
+  logits_SxGxGxV = jnp.asarray(logits_SxGxGxV)
+  chex.assert_rank(logits_SxGxGxV, 4)
+  for name, size in zip("ABC", logits_SxGxGxV.shape[1:]):
     _check_group_axis(f"logits axis {name}", size, tables)
-  f_SxG = _mean_over_abcinv(logits_SxAxBxC, jnp.asarray(tables.table), jnp.asarray(tables.inverse))
+  f_SxG = _mean_over_abcinv(logits_SxGxGxV, jnp.asarray(tables.table), jnp.asarray(tables.inverse))
   power_SxR = jnp.asarray(irreps_lib.fourier_power(np.asarray(f_SxG, dtype=np.float64), list(tables.irreps)))
   power_SxR = power_SxR.at[:, 0].set(0.0)
   total = power_SxR.sum(axis=1, keepdims=True)
@@ -266,76 +270,76 @@ def logit_fourier_power(logits_SxAxBxC, group: groups_lib.Group, irreps) -> jax.
 
 
 @jax.jit
-def _mean_over_abcinv(logits_SxAxBxC, table, inverse):
+def _mean_over_abcinv(logits_SxGxGxV, table, inverse):
   n = table.shape[0]
-  logits = logits_SxAxBxC.astype(jnp.float32)
+  logits = logits_SxGxGxV.astype(jnp.float32)
   centred = logits - logits.mean(-1, keepdims=True)
   # First the mean over pairs with a·b = m (each m has |G| pairs (a, a⁻¹m)), then over c = g⁻¹·m.
-  b_of_AxM = table[inverse[:, None], jnp.arange(n)[None, :]]
-  by_m_SxAxMxC = jnp.take_along_axis(centred, b_of_AxM[None, :, :, None], axis=2)
-  by_m_SxMxC = by_m_SxAxMxC.mean(axis=1)
-  c_of_GxM = table[inverse[:, None], jnp.arange(n)[None, :]]  # c = g⁻¹·m
-  f_SxGxM = jnp.take_along_axis(by_m_SxMxC[:, None, :, :], c_of_GxM[None, :, :, None], axis=3)[..., 0]
-  return f_SxGxM.mean(axis=2)
+  b_of_GxG = table[inverse[:, None], jnp.arange(n)[None, :]]
+  by_m_SxGxGxV = jnp.take_along_axis(centred, b_of_GxG[None, :, :, None], axis=2)
+  by_m_SxGxV = by_m_SxGxGxV.mean(axis=1)
+  c_of_GxG = table[inverse[:, None], jnp.arange(n)[None, :]]  # c = g⁻¹·m
+  f_SxGxG = jnp.take_along_axis(by_m_SxGxV[:, None, :, :], c_of_GxG[None, :, :, None], axis=3)[..., 0]
+  return f_SxGxG.mean(axis=2)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Fractions of variance explained.
 
 
-def fve(x_SxGxF, group: groups_lib.Group, irreps) -> jax.Array:
+def fve(x_SxGxJ, group: groups_lib.Group, irreps) -> jax.Array:
   """float32 ``[S, R]``: share of ‖x‖² (rows indexed by group element, not centred) in each irrep's span.
 
   Use it for embeddings ``[S, G, E]``, unembeddings ``[S, G, N]`` (rows c; slice padded classes off) and
   total embeddings P_a, P_b ``[S, G, N]``. Rows sum to 1 (up to rounding) for any non-zero input.
   """
   tables = irrep_tables(group, irreps)
-  x_SxGxF = jnp.asarray(x_SxGxF)
-  chex.assert_rank(x_SxGxF, 3)
-  _check_group_axis("fve rows", x_SxGxF.shape[1], tables)
-  return _fve(x_SxGxF, _f32(tables.basis_GxM), _f32(tables.basis_member_MxR))
+  x_SxGxJ = jnp.asarray(x_SxGxJ)
+  chex.assert_rank(x_SxGxJ, 3)
+  _check_group_axis("fve rows", x_SxGxJ.shape[1], tables)
+  return _fve(x_SxGxJ, _f32(tables.basis_GxF), _f32(tables.basis_member_FxR))
 
 
 @jax.jit
-def _fve(x_SxGxF, basis_GxM, member_MxR):
-  x = x_SxGxF.astype(jnp.float32)
-  coef_SxMxF = jnp.einsum("gm,sgf->smf", basis_GxM, x)
-  energy_SxR = jnp.einsum("smf,mr->sr", coef_SxMxF * coef_SxMxF, member_MxR)
+def _fve(x_SxGxJ, basis_GxF, member_FxR):
+  x = x_SxGxJ.astype(jnp.float32)
+  coef_SxFxJ = jnp.einsum("gm,sgf->smf", basis_GxF, x)
+  energy_SxR = jnp.einsum("smf,mr->sr", coef_SxFxJ * coef_SxFxJ, member_FxR)
   total_S = jnp.sum(x * x, axis=(1, 2))
   return energy_SxR / jnp.maximum(total_S, _EPS)[:, None]
 
 
-def hidden_fve(hidden_SxAxBxN, group: groups_lib.Group, irreps) -> jax.Array:
+def hidden_fve(hidden_SxGxGxN, group: groups_lib.Group, irreps) -> jax.Array:
   """float32 ``[S, R]``: share of ‖H‖² over all pairs in the span of (a, b) ↦ ρ_ij(a·b), per irrep.
 
   The sum over irreps is the share of the hidden layer that is a function of a·b (see module docstring).
   """
   tables = irrep_tables(group, irreps)
-  hidden_SxAxBxN = jnp.asarray(hidden_SxAxBxN)
-  chex.assert_rank(hidden_SxAxBxN, 4)
-  for name, size in zip("AB", hidden_SxAxBxN.shape[1:3]):
+  hidden_SxGxGxN = jnp.asarray(hidden_SxGxGxN)
+  chex.assert_rank(hidden_SxGxGxN, 4)
+  for name, size in zip("AB", hidden_SxGxGxN.shape[1:3]):
     _check_group_axis(f"hidden axis {name}", size, tables)
-  return _hidden_fve(hidden_SxAxBxN, _f32(tables.basis_GxM), _f32(tables.basis_member_MxR),
+  return _hidden_fve(hidden_SxGxGxN, _f32(tables.basis_GxF), _f32(tables.basis_member_FxR),
                      jnp.asarray(tables.table), jnp.asarray(tables.inverse))
 
 
 @jax.jit
-def _hidden_fve(hidden_SxAxBxN, basis_GxM, member_MxR, table, inverse):
+def _hidden_fve(hidden_SxGxGxN, basis_GxF, member_FxR, table, inverse):
   n = table.shape[0]
-  h = hidden_SxAxBxN.astype(jnp.float32)
+  h = hidden_SxGxGxN.astype(jnp.float32)
   # Orthogonal projection onto functions of a·b = the mean over each fibre {(a, a⁻¹m)}.
-  b_of_AxM = table[inverse[:, None], jnp.arange(n)[None, :]]
-  by_m_SxMxN = jnp.take_along_axis(h, b_of_AxM[None, :, :, None], axis=2).mean(axis=1)
-  return fibre_fve(by_m_SxMxN, jnp.sum(h * h, axis=(1, 2, 3)), basis_GxM, member_MxR)
+  b_of_GxG = table[inverse[:, None], jnp.arange(n)[None, :]]
+  by_m_SxGxN = jnp.take_along_axis(h, b_of_GxG[None, :, :, None], axis=2).mean(axis=1)
+  return fibre_fve(by_m_SxGxN, jnp.sum(h * h, axis=(1, 2, 3)), basis_GxF, member_FxR)
 
 
-def fibre_fve(by_m_SxMxN, total_S, basis_GxM, member_MxR):
+def fibre_fve(by_m_SxGxN, total_S, basis_GxF, member_FxR):
   """float32 ``[S, R]``: ``hidden_fve`` from the fibre means of H (mean over the pairs with a·b = m) and
   ‖H‖² over all pairs; traceable, so a streamed pass that accumulates those two gives the same numbers."""
-  n = basis_GxM.shape[0]
+  n = basis_GxF.shape[0]
   # Lifting a function of a·b back to pairs multiplies squared norms by the fibre size |G|.
-  coef_SxMxN = jnp.einsum("gm,sgn->smn", basis_GxM, by_m_SxMxN.astype(jnp.float32))
-  energy_SxR = n * jnp.einsum("smn,mr->sr", coef_SxMxN * coef_SxMxN, member_MxR)
+  coef_SxFxN = jnp.einsum("gm,sgn->smn", basis_GxF, by_m_SxGxN.astype(jnp.float32))
+  energy_SxR = n * jnp.einsum("smn,mr->sr", coef_SxFxN * coef_SxFxN, member_FxR)
   return energy_SxR / jnp.maximum(total_S, _EPS)[:, None]
 
 
@@ -355,19 +359,19 @@ def neuron_irreps(pre_a_SxGxN, pre_b_SxGxN, group: groups_lib.Group, irreps) -> 
   chex.assert_rank([pre_a_SxGxN, pre_b_SxGxN], 3)
   chex.assert_equal_shape([pre_a_SxGxN, pre_b_SxGxN])
   _check_group_axis("pre-activation rows", pre_a_SxGxN.shape[1], tables)
-  share, dominant, dom_share = _neuron_irreps(pre_a_SxGxN, pre_b_SxGxN, _f32(tables.basis_GxM),
-                                              _f32(tables.basis_member_MxR))
+  share, dominant, dom_share = _neuron_irreps(pre_a_SxGxN, pre_b_SxGxN, _f32(tables.basis_GxF),
+                                              _f32(tables.basis_member_FxR))
   return {"share_SxNxR": share, "dominant_SxN": dominant, "dominant_share_SxN": dom_share}
 
 
 @jax.jit
-def _neuron_irreps(pre_a_SxGxN, pre_b_SxGxN, basis_GxM, member_MxR):
+def _neuron_irreps(pre_a_SxGxN, pre_b_SxGxN, basis_GxF, member_FxR):
   n = pre_a_SxGxN.shape[1]
   u, v = pre_a_SxGxN.astype(jnp.float32), pre_b_SxGxN.astype(jnp.float32)
 
   def energies(x_SxGxN):
-    coef_SxMxN = jnp.einsum("gm,sgn->smn", basis_GxM, x_SxGxN)
-    return jnp.einsum("smn,mr->snr", coef_SxMxN * coef_SxMxN, member_MxR)
+    coef_SxFxN = jnp.einsum("gm,sgn->smn", basis_GxF, x_SxGxN)
+    return jnp.einsum("smn,mr->snr", coef_SxFxN * coef_SxFxN, member_FxR)
 
   e_SxNxR = n * (energies(u) + energies(v))
   const_SxN = (n * (u.mean(axis=1) + v.mean(axis=1))) ** 2
@@ -421,8 +425,8 @@ def ablation_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN, keep_SxR, group: gr
   chex.assert_shape(ob, (s, unembed_SxVxN.shape[1]))
   rows, runs = loss_chunks(n_g, n_hidden, n_g, s, memory_bytes)
   return _ablation_losses(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN[:, :n_g], hb, ob[:, :n_g],
-                          keep_SxR.astype(jnp.float32), _f32(tables.basis_GxM),
-                          _f32(tables.basis_member_MxR), jnp.asarray(tables.table), per_irrep=per_irrep,
+                          keep_SxR.astype(jnp.float32), _f32(tables.basis_GxF),
+                          _f32(tables.basis_member_FxR), jnp.asarray(tables.table), per_irrep=per_irrep,
                           rows=rows, runs=runs)
 
 
@@ -442,7 +446,7 @@ def loss_chunks(order: int, n_hidden: int, n_classes: int, n_runs: int, memory_b
   return rows, runs
 
 
-def mlp_loss(u_SxGxN, v_SxGxN, unembed_SxCxN, table_AxB, hb_SxN=None, ob_SxC=None, *, rows: int, runs: int):
+def mlp_loss(u_SxGxN, v_SxGxN, unembed_SxVxN, table_GxG, hb_SxN=None, ob_SxV=None, *, rows: int, runs: int):
   """float32 ``(loss_S, accuracy_S)`` over all |G|² pairs of the MLP ReLU(u[a] + v[b] + b₁)·Uᵀ + b₂.
 
   Traceable; the pairs go ``rows`` values of a at a time (a scan, the last block padded) and the runs
@@ -451,7 +455,7 @@ def mlp_loss(u_SxGxN, v_SxGxN, unembed_SxCxN, table_AxB, hb_SxN=None, ob_SxC=Non
   """
   s, g, n = u_SxGxN.shape
   hb_SxN = jnp.zeros((s, n), jnp.float32) if hb_SxN is None else hb_SxN
-  ob_SxC = jnp.zeros((s, unembed_SxCxN.shape[1]), jnp.float32) if ob_SxC is None else ob_SxC
+  ob_SxV = jnp.zeros((s, unembed_SxVxN.shape[1]), jnp.float32) if ob_SxV is None else ob_SxV
   rows = min(rows, g)
   blocks = -(-g // rows)
   a_KxR = jnp.arange(blocks * rows).reshape(blocks, rows)
@@ -459,39 +463,39 @@ def mlp_loss(u_SxGxN, v_SxGxN, unembed_SxCxN, table_AxB, hb_SxN=None, ob_SxC=Non
   a_KxR = jnp.minimum(a_KxR, g - 1)
 
   def one_run(args):
-    u_GxN, v_GxN, w_CxN, hb_N, ob_C = args
+    u_GxN, v_GxN, w_VxN, hb_N, ob_V = args
 
     def block(carry, xs):
       a_R, valid_R = xs
       hidden_RxGxN = jax.nn.relu(u_GxN[a_R][:, None, :] + v_GxN[None] + hb_N[None, None, :])
-      logits_RxGxC = jnp.einsum("abn,cn->abc", hidden_RxGxN, w_CxN) + ob_C[None, None, :]
-      target_RxG = table_AxB[a_R]
-      logp = jax.nn.log_softmax(logits_RxGxC, axis=-1)
+      logits_RxGxV = jnp.einsum("abn,cn->abc", hidden_RxGxN, w_VxN) + ob_V[None, None, :]
+      target_RxG = table_GxG[a_R]
+      logp = jax.nn.log_softmax(logits_RxGxV, axis=-1)
       nll_R = -jnp.take_along_axis(logp, target_RxG[..., None], axis=-1)[..., 0].sum(axis=1)
-      hit_R = jnp.sum(jnp.argmax(logits_RxGxC, axis=-1) == target_RxG, axis=1).astype(jnp.float32)
+      hit_R = jnp.sum(jnp.argmax(logits_RxGxV, axis=-1) == target_RxG, axis=1).astype(jnp.float32)
       nll, hit = carry
       return (nll + jnp.where(valid_R, nll_R, 0.0).sum(), hit + jnp.where(valid_R, hit_R, 0.0).sum()), None
 
     (nll, hit), _ = jax.lax.scan(block, (jnp.float32(0.0), jnp.float32(0.0)), (a_KxR, valid_KxR))
     return nll / (g * g), hit / (g * g)
 
-  args = tuple(x.astype(jnp.float32) for x in (u_SxGxN, v_SxGxN, unembed_SxCxN, hb_SxN, ob_SxC))
+  args = tuple(x.astype(jnp.float32) for x in (u_SxGxN, v_SxGxN, unembed_SxVxN, hb_SxN, ob_SxV))
   return jax.lax.map(one_run, args, batch_size=min(runs, s))
 
 
-def _project(x_SxGxN, weight_SxM, basis_GxM):
-  coef_SxMxN = jnp.einsum("gm,sgn->smn", basis_GxM, x_SxGxN)
-  return jnp.einsum("gm,smn->sgn", basis_GxM, coef_SxMxN * weight_SxM[:, :, None])
+def _project(x_SxGxN, weight_SxF, basis_GxF):
+  coef_SxFxN = jnp.einsum("gm,sgn->smn", basis_GxF, x_SxGxN)
+  return jnp.einsum("gm,smn->sgn", basis_GxF, coef_SxFxN * weight_SxF[:, :, None])
 
 
 @functools.partial(jax.jit, static_argnames=("per_irrep", "rows", "runs"))
-def _ablation_losses(u, v, unembed, hb, ob, keep_SxR, basis_GxM, member_MxR, table, *, per_irrep, rows, runs):
+def _ablation_losses(u, v, unembed, hb, ob, keep_SxR, basis_GxF, member_FxR, table, *, per_irrep, rows, runs):
   u, v = u.astype(jnp.float32), v.astype(jnp.float32)
   loss = lambda u_, v_: mlp_loss(u_, v_, unembed, table, hb, ob, rows=rows, runs=runs)[0]  # noqa: E731
 
   def loss_keeping(keep):
-    w_SxM = jnp.einsum("sr,mr->sm", keep, member_MxR)
-    return loss(_project(u, w_SxM, basis_GxM), _project(v, w_SxM, basis_GxM))
+    w_SxF = jnp.einsum("sr,mr->sm", keep, member_FxR)
+    return loss(_project(u, w_SxF, basis_GxF), _project(v, w_SxF, basis_GxF))
 
   out = {"full_S": loss(u, v),
          "restricted_S": loss_keeping(keep_SxR),

@@ -50,9 +50,9 @@ def evaluate_all_pairs(apply_fn: ApplyFn, params_S, n_runs: int, order: int,
     lg, hd = np.asarray(lg), np.asarray(hd)
     logits.append(lg[..., :order].astype(np.float32))
     hidden.append(hd.astype(np.float32))
-  logits_SxPxC = np.concatenate(logits, axis=1)
+  logits_SxPxV = np.concatenate(logits, axis=1)
   hidden_SxPxN = np.concatenate(hidden, axis=1)
-  return (logits_SxPxC.reshape(n_runs, order, order, order),
+  return (logits_SxPxV.reshape(n_runs, order, order, order),
           hidden_SxPxN.reshape(n_runs, order, order, -1))
 
 
@@ -89,7 +89,7 @@ def _zero_sums(n_runs: int, order: int, n_hidden: int, n_irreps: int, hidden_sta
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _accumulate(sums, logits_SxPxV, hidden_SxPxN, a_P, b_P, valid, table, c_of_MxY, character_YxR,
+def _accumulate(sums, logits_SxPxV, hidden_SxPxN, a_P, b_P, valid, table, c_of_GxG, character_GxR,
                 char_norm_R):
   """``sums`` plus one block of pairs: Σ per-pair cosines per irrep, Σ cross-entropy, Σ correct, min margin
   and, when ``sums`` has them, the hidden layer summed per fibre a·b = m, per a, per b, and Σ H²."""
@@ -97,7 +97,7 @@ def _accumulate(sums, logits_SxPxV, hidden_SxPxN, a_P, b_P, valid, table, c_of_M
   logits = logits_SxPxV[..., :g].astype(jnp.float32)
   w_P = (jnp.arange(a_P.shape[0]) < valid).astype(jnp.float32)
   m_P = table[a_P, b_P]
-  cos_SxPxR = rep.pair_cosines(logits, m_P, c_of_MxY, character_YxR, char_norm_R)
+  cos_SxPxR = rep.pair_cosines(logits, m_P, c_of_GxG, character_GxR, char_norm_R)
   target_SxPx1 = jnp.broadcast_to(m_P[None, :, None], logits.shape[:2] + (1,))
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll_SxP = -jnp.take_along_axis(logp, target_SxPx1, axis=-1)[..., 0]

@@ -1,17 +1,20 @@
 """The group family's analysis passes as units: each holds its settings and turns a cohort's ``Context``
-into its typed record (``records``). The family's analysis lists the units it runs (``Passes``);
-``run`` assembles their records into the cohort's record, the one summary.json holds.
+into its typed record (``records``). The family's analysis lists the units it runs (``Passes``: a sequence
+of units); ``run`` assembles what each contributes (``Unit.part``: fields of every run's record, of the
+cohort's aggregate and of the task record) into the cohort's record, the one summary.json holds. A new
+pass is a unit with ``part`` and the fields it fills on the records; nothing here names it.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from universality.engine.analysis import convergent as convergent_lib
 from universality.engine.analysis import cross_seed
 from universality.engine.families.group.passes import connectivity as connectivity_lib
 from universality.engine.families.group.passes import cosets as cosets_lib
@@ -22,6 +25,26 @@ from universality.engine.families.group.passes import representation as rep
 from universality.engine.families.group.passes.context import Context
 
 unit = dataclasses.dataclass(frozen=True)
+
+
+class Part(NamedTuple):
+  """What one unit adds to a cohort's record: fields of each run's record (one mapping per run, or none),
+  of the aggregate and of the task record, by field name (``records.RunRecord``, ``Aggregate``, ``Task``)."""
+  runs: Sequence[Mapping[str, Any]] = ()
+  aggregate: Mapping[str, Any] = {}
+  task: Mapping[str, Any] = {}
+
+
+class Unit(Protocol):
+  """A pass: frozen settings, and ``part(ctx)`` -> its ``Part`` of the cohort's record."""
+
+  def part(self, ctx: Context) -> Part:
+    ...
+
+
+def _fields(record) -> dict:
+  """A record's fields by name, values as they are (not serialised)."""
+  return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
 def _mean(xs):
@@ -67,6 +90,11 @@ class Irreps:
             for i in range(ctx.n_runs)]
     return IrrepResult(runs, self._cohort(runs, ctx.names))
 
+  def part(self, ctx: Context) -> Part:
+    res = self(ctx)
+    return Part(runs=[_fields(r) for r in res.runs], aggregate=_fields(res.cohort),
+                task={"order_threshold": float(self.order_threshold)})
+
   @staticmethod
   def _fves(ctx: Context):
     g, mats = ctx.order, dict(ctx.matrices)
@@ -77,7 +105,7 @@ class Irreps:
             if m.ndim == 3 and m.shape[0] == ctx.n_runs and m.shape[1] >= g}
     t = ctx.tables
     hidden = np.asarray(rep.fibre_fve(*(np.asarray(x, np.float32) for x in (
-        ctx.streamed.fibre_SxGxN, ctx.streamed.sq_S, t.basis_GxM, t.basis_member_MxR))))
+        ctx.streamed.fibre_SxGxN, ctx.streamed.sq_S, t.basis_GxF, t.basis_member_FxR))))
     return fves, hidden
 
   @staticmethod
@@ -146,6 +174,9 @@ class Similarity:
     return rec.Similarity(cka=mats["cka"], procrustes=mats["procrustes"], mutual_knn=mats["mutual_knn"],
                           similarity_means={k: _offdiag_mean(v) for k, v in mats.items()})
 
+  def part(self, ctx: Context) -> Part:
+    return Part(aggregate=_fields(self(ctx)))
+
 
 class NeuronResult(NamedTuple):
   runs: list
@@ -165,6 +196,11 @@ class Neurons:
     matched = ctx.matching["mean_matched_SxS"]
     return NeuronResult(runs, self._correlation(ctx),
                         rec.Matching(mean_matched_corr=matched, mean_offdiagonal=_offdiag_mean(matched)))
+
+  def part(self, ctx: Context) -> Part:
+    res = self(ctx)
+    return Part(runs=[{"neurons": n} for n in res.runs],
+                aggregate={"correlation": res.correlation, "matching": res.matching})
 
   @staticmethod
   def _run(ctx: Context, i: int) -> rec.Neurons:
@@ -221,6 +257,10 @@ class Cosets:
                        rec.CosetCohort.from_json(cosets_lib.cohort_record(runs, table)),
                        cosets_lib.task_record(table, self.threshold))
 
+  def part(self, ctx: Context) -> Part:
+    res = self(ctx)
+    return Part(runs=[{"cosets": c} for c in res.runs], aggregate={"cosets": res.cohort}, task=res.task)
+
 
 class MarginResult(NamedTuple):
   runs: list
@@ -252,6 +292,12 @@ class Margins:
         mean_single_irrep_fraction=_mean([m.single_irrep_fraction for m in runs]),
         mean_irrep_coverage=_mean([m.irrep_coverage for m in runs]),
         mean_irrep_coverage_generalised=_mean([m.irrep_coverage for m in done])))
+
+  def part(self, ctx: Context) -> Part:
+    res = self(ctx)
+    return Part(runs=[{"margins": m} for m in res.runs], aggregate={"margins": res.cohort},
+                task={"single_threshold": float(self.single_threshold),
+                      "predicted_coverage": margins_lib.predicted_coverage(ctx.group.name)})
 
 
 class RedundancyResult(NamedTuple):
@@ -285,6 +331,10 @@ class Redundancy:
             float(np.mean([r.feature_complexity for r in done])) if done else None),
         feature_complexity_by_key_irreps={str(k): float(np.mean(v)) for k, v in sorted(by_keys.items())}))
 
+  def part(self, ctx: Context) -> Part:
+    res = self(ctx)
+    return Part(runs=[{"redundancy": r} for r in res.runs], aggregate={"redundancy": res.cohort})
+
 
 @unit
 class Connectivity:
@@ -300,45 +350,64 @@ class Connectivity:
     keys = [[n for n, k in zip(ctx.names, key_R) if k] for key_R in ctx.key_SxR]
     return rec.Connectivity.from_json(connectivity_lib.cohort_record(conn, keys, ctx.generalised))
 
-
-class Passes(NamedTuple):
-  """The units a group analysis runs, each with its settings."""
-  irreps: Irreps = Irreps()
-  similarity: Similarity = Similarity()
-  neurons: Neurons = Neurons()
-  cosets: Cosets = Cosets()
-  margins: Margins = Margins()
-  redundancy: Redundancy = Redundancy()
-  connectivity: Connectivity = Connectivity()
+  def part(self, ctx: Context) -> Part:
+    return Part(aggregate={"connectivity": self(ctx)})
 
 
-def task_record(ctx: Context, passes: Passes, coset_task: dict) -> rec.Task:
+@unit
+class Convergent:
+  """The Convergent Learning passes (``universality.engine.analysis.convergent``: one-to-one matching,
+  sparse prediction, spectral clusters) on the final hidden layer, with the analysis' ``convergent*``
+  settings (``universality.engine.fields.CONVERGENT``); nothing when they are off or the cohort has one run.
+  Only the subsample of the |G|² pairs the passes keep is evaluated; the records equal
+  ``convergent.analyse`` on all of them."""
+  settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __call__(self, ctx: Context) -> dict | None:
+    conv = convergent_lib.settings_of(self.settings)
+    if not conv.enabled or ctx.n_runs < 2:
+      return None
+    k = convergent_lib.key_of(ctx.key, 0)
+    t = ctx.order * ctx.order
+    keep = convergent_lib.subsample(k, t, conv.max_inputs)
+    acts_SxTxN = ctx.hidden_on(np.arange(t) if keep is None else keep)
+    res = convergent_lib.analyse(acts_SxTxN, convergent_lib.pairs_of(self.settings, ctx.n_runs), key=k,
+                                 settings=conv)
+    return {"hidden": dict(convergent_lib.to_json(res), inputs=int(acts_SxTxN.shape[1]))}
+
+  def part(self, ctx: Context) -> Part:
+    return Part(aggregate={"convergent": self(ctx)})
+
+
+# The units a group analysis runs, in order; each with its settings.
+Passes = Sequence[Unit]
+DEFAULT_PASSES: Passes = (Irreps(), Similarity(), Neurons(), Cosets(), Margins(), Redundancy(), Connectivity())
+
+
+def task_fields(ctx: Context) -> dict:
+  """The task record's fields that come from the cohort itself rather than from a unit."""
   t = ctx.tables
-  return rec.Task(
-      name=ctx.group.name, order=ctx.order, steps=ctx.steps, key_threshold=ctx.key_threshold,
-      order_threshold=float(passes.irreps.order_threshold), **coset_task,
-      single_threshold=float(passes.margins.single_threshold),
-      predicted_coverage=margins_lib.predicted_coverage(ctx.group.name),
-      universal_threshold=ctx.universal_threshold,
-      irreps=[rec.Irrep(name=n, dim=int(d), frobenius_schur=int(fs))
-              for n, d, fs in zip(t.names, t.dims, t.frobenius_schur)])
+  return dict(name=ctx.group.name, order=ctx.order, steps=ctx.steps, key_threshold=ctx.key_threshold,
+              universal_threshold=ctx.universal_threshold,
+              irreps=[rec.Irrep(name=n, dim=int(d), frobenius_schur=int(fs))
+                      for n, d, fs in zip(t.names, t.dims, t.frobenius_schur)])
 
 
-def run(ctx: Context, passes: Passes = Passes()) -> rec.Cohort:
-  """Every unit of ``passes`` on the context, assembled into the cohort's record (plain JSON values)."""
-  irreps = passes.irreps(ctx)
-  similarity = passes.similarity(ctx)
-  neurons = passes.neurons(ctx)
-  cosets = passes.cosets(ctx)
-  margins = passes.margins(ctx)
-  redundancy = passes.redundancy(ctx)
-  runs = [rec.RunRecord(**{f.name: getattr(r, f.name) for f in dataclasses.fields(r)}, neurons=n, cosets=c,
-                        margins=m, redundancy=d)
-          for r, n, c, m, d in zip(irreps.runs, neurons.runs, cosets.runs, margins.runs, redundancy.runs)]
-  aggregate = rec.Aggregate(
-      **{f.name: getattr(irreps.cohort, f.name) for f in dataclasses.fields(irreps.cohort)},
-      **{f.name: getattr(similarity, f.name) for f in dataclasses.fields(similarity)},
-      correlation=neurons.correlation, matching=neurons.matching, cosets=cosets.cohort,
-      margins=margins.cohort, redundancy=redundancy.cohort, connectivity=passes.connectivity(ctx))
-  cohort = rec.Cohort(task=task_record(ctx, passes, cosets.task), runs=runs, aggregate=aggregate)
+def run(ctx: Context, passes: Passes = DEFAULT_PASSES) -> rec.Cohort:
+  """Every unit of ``passes`` on the context, their parts assembled into the cohort's record (plain JSON
+  values); a field no unit fills keeps its record's default."""
+  runs: list[dict] = [{} for _ in range(ctx.n_runs)]
+  aggregate: dict = {}
+  task = task_fields(ctx)
+  for unit_ in passes:
+    part = unit_.part(ctx)
+    if part.runs:
+      if len(part.runs) != ctx.n_runs:
+        raise ValueError(f"{type(unit_).__name__}: {len(part.runs)} run parts for {ctx.n_runs} runs")
+      for fields, extra in zip(runs, part.runs):
+        fields.update(extra)
+    aggregate.update(part.aggregate)
+    task.update(part.task)
+  cohort = rec.Cohort(task=rec.Task(**task), runs=[rec.RunRecord(**r) for r in runs],
+                      aggregate=rec.Aggregate(**aggregate))
   return rec.Cohort.from_json(cohort.to_json())
