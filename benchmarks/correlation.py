@@ -25,7 +25,7 @@ cancellation there; Chan's merge does not). Needs ``pip install torch``.
 Local shape letters:
 
   Q  the dimension of the latent signal the planted neurons share
-  W  rows of the reference matmul
+  J  rows of the reference matmul
 """
 
 from __future__ import annotations
@@ -152,12 +152,12 @@ def large(args):
 
   # Bare reference: a plain 1024-row block of XᵀX for one batch (1024×B by B×S·N), times the number of
   # such products in the full XᵀX. Timed before and after max_correlation, in this process.
-  rows_WxB = jax.device_put(rng.standard_normal((1024, batch), dtype=np.float32))
+  rows_JxB = jax.device_put(rng.standard_normal((1024, batch), dtype=np.float32))
   x_BxM = make(0).transpose(1, 0, 2).reshape(batch, m)
   prod = jax.jit(lambda a, b: a @ b)
 
   def bare():
-    return _best_of(lambda: prod(rows_WxB, x_BxM), 2) * (m / 1024) * (t // batch)
+    return _best_of(lambda: prod(rows_JxB, x_BxM), 2) * (m / 1024) * (t // batch)
 
   t_bare = [bare()]
   t_gen = _best_of(lambda: [make(i) for i in range(t // batch)][-1], 1) * passes
@@ -169,7 +169,7 @@ def large(args):
   jax.block_until_ready(res)
   t_ours = time.perf_counter() - t0
   t_bare.append(bare())
-  del rows_WxB, x_BxM
+  del rows_JxB, x_BxM
   print(f"  fp32 matmul rate at end:   {_matmul_rate():.0f} GFLOP/s")
   for when, tb in zip(("before", "after"), t_bare):
     print(f"  bare fp32 XᵀX row-block products, {when:6s}  {tb:8.1f} s  {flops / tb / 1e9:7.1f} GFLOP/s")

@@ -14,9 +14,9 @@ Shape letters (each means this in every module):
   D  the model's width (embedding, residual stream)
   R  irreducible representations of a group
   F  the irreps' matrix entries as functions on G, concatenated (Σ d_ρ² = |G|): the group's Fourier basis
-  H  subgroups of a group
-  Y  the two kinds of coset: left (aH) and right (Ha)
-  C  conjugacy classes of a group
+  H  rows of an image or of a conv layer's feature map (its height)
+  W  columns of an image or of a conv layer's feature map (its width)
+  C  channels of an image, or the input channels of a conv layer (its output channels are its neurons, N)
   E  evaluations logged during training (rows of the metrics log)
   K  checkpointed steps
   L  layers of a model

@@ -92,15 +92,15 @@ def test_permutation_character_counts_fixed_cosets_and_induced_irreps_span(spec)
     # Brute force: g fixes the coset xH when g·x lies in xH, i.e. has the same label.
     fixed = [len({labels[h, x] for x in range(g.order) if labels[h, g.table[e, x]] == labels[h, x]})
              for e in range(g.order)]
-    np.testing.assert_allclose(table.character_HxG[h], fixed, atol=1e-9)
+    np.testing.assert_allclose(table.character_AxG[h], fixed, atol=1e-9)
     # Functions constant on left cosets carry Ind_H^G 1: their part in W_ρ has dimension multiplicity · D.
     cosets_of = np.unique(labels[h])
     span_GxC = (labels[h][:, None] == cosets_of[None, :]).astype(np.float64)
     for r, ir in enumerate(irreps):
       rank = np.linalg.matrix_rank(ir.basis.T @ span_GxC, tol=1e-8)
-      assert rank == table.induced_HxR[h, r] * ir.dim, (h, ir.name)
+      assert rank == table.induced_AxR[h, r] * ir.dim, (h, ir.name)
     dims = np.asarray([ir.dim for ir in irreps])
-    assert table.induced_HxR[h] @ dims == g.order // mask.sum()  # the index [G:H]
+    assert table.induced_AxR[h] @ dims == g.order // mask.sum()  # the index [G:H]
 
 
 def _share_reference(f_SxIxGxN, g, masks):
@@ -130,7 +130,7 @@ def test_coset_shares_match_explicit_projection(spec):
   res = cosets.coset_neurons(f, g, irreps)
   subs = groups.subgroups(g)
   ref = _share_reference(f, g, subs.masks)
-  np.testing.assert_allclose(np.asarray(res["share_SxIxYxHxN"]), ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(res["share_SxIxYxAxN"]), ref, atol=1e-5)
   np.testing.assert_allclose(ref[:, :, :, 0], 1.0, atol=1e-9)     # the trivial subgroup explains all
   np.testing.assert_allclose(ref[:, :, :, -1], 0.0, atol=1e-9)    # the whole group nothing
 

@@ -51,7 +51,7 @@ blocks (``sparse_prediction(memory_bytes=...)``), and ``analyse`` keeps no weigh
 
 Local shape letters:
 
-  W  the coordinates of the points k-means clusters
+  Q  the coordinates of the points k-means clusters
   J  units of run b solved together in one block of a sparse-prediction sweep
 """
 
@@ -507,10 +507,10 @@ def spectral_labels(affinity: np.ndarray, clusters: int, *, seed: int = 0, n_ini
   return kmeans(emb, clusters, seed=seed, n_init=n_init)
 
 
-def kmeans(x_TxW: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
+def kmeans(x_TxQ: np.ndarray, clusters: int, *, seed: int = 0, n_init: int = 10,
            iterations: int = 300) -> np.ndarray:
   """Lloyd's k-means with k-means++ seeding; the labels of the start with the least inertia."""
-  x = np.asarray(x_TxW, np.float64)
+  x = np.asarray(x_TxQ, np.float64)
   rng = np.random.default_rng(seed)
   best, best_inertia = None, np.inf
   for _ in range(max(n_init, 1)):

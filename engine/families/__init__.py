@@ -35,7 +35,7 @@ import numpy as np
 
 from universality.engine import optim
 
-NAMES = ("group", "lm", "imported")
+NAMES = ("group", "lm", "vision", "imported")
 
 
 class Task(NamedTuple):

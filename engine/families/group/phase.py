@@ -18,7 +18,7 @@ Everything here is numpy on plain arrays, deterministic given its ``seed``.
 Local shape letters:
 
   Q  the groups (their transitions) a scaling law is fitted to
-  W  the coefficients of a fitted law
+  J  the coefficients of a fitted law
 """
 
 from __future__ import annotations
@@ -211,13 +211,13 @@ class ScalingFit:
     return dict(dataclasses.asdict(self), groups=list(self.groups))
 
 
-def _ols(design_QxW: np.ndarray, y_Q: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-  coef, *_ = np.linalg.lstsq(design_QxW, y_Q, rcond=None)
-  dof = len(y_Q) - design_QxW.shape[1]
+def _ols(design_QxJ: np.ndarray, y_Q: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+  coef, *_ = np.linalg.lstsq(design_QxJ, y_Q, rcond=None)
+  dof = len(y_Q) - design_QxJ.shape[1]
   if dof <= 0:
     return coef, None
-  resid = y_Q - design_QxW @ coef
-  cov = np.linalg.pinv(design_QxW.T @ design_QxW) * float(resid @ resid) / dof
+  resid = y_Q - design_QxJ @ coef
+  cov = np.linalg.pinv(design_QxJ.T @ design_QxJ) * float(resid @ resid) / dof
   return coef, np.sqrt(np.maximum(np.diag(cov), 0.0))
 
 

@@ -10,6 +10,11 @@
 
 Per-cohort accessors (``group_summary``, the plots) need the selection to hold one cohort: a group swept over
 several learning rates is narrowed with ``select(lr=...)`` or the accessor's filters.
+
+Local shape letters:
+
+  A  the subgroups of a group (coset neurons)
+  Y  the two kinds of coset: left (aH) and right (Ha)
 """
 
 from __future__ import annotations
@@ -203,7 +208,7 @@ class View(view_lib.Run):
     computes them: per run, input side (a, b) and neuron, the share of each subgroup's left / right cosets,
     the best subgroup, its coset kind, share, adjusted share and induced share.
 
-    Returns numpy ``share_SxIxYxHxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
+    Returns numpy ``share_SxIxYxAxN``, ``best_SxIxN``, ``best_kind_SxIxN``, ``best_share_SxIxN``,
     ``best_adjusted_SxIxN``, ``coset_SxIxN``, ``induced_share_SxIxN``, ``source``, ``subgroups``
     (``universality.engine.groups.Subgroups``) and ``labels`` (each subgroup's class label).
     """

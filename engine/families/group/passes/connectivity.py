@@ -22,7 +22,7 @@ budget (never ``points`` whole hidden layers of |G|² × N).
 
 Local shape letters:
 
-  W  a neuron's weights from input a, from input b and to the output classes, concatenated
+  J  a neuron's weights from input a, from input b and to the output classes, concatenated
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def weight_matching(pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN, pairs_Zx2) -> np.nd
   maximising the summed inner products of the neurons' effective weights."""
   pa, pb, u = (np.asarray(x, np.float64) for x in (pre_a_SxGxN, pre_b_SxGxN, unembed_SxVxN))
   chex.assert_rank([pa, pb, u], 3)
-  feats_SxNxW = np.concatenate([pa.transpose(0, 2, 1), pb.transpose(0, 2, 1), u.transpose(0, 2, 1)], axis=2)
+  feats_SxNxJ = np.concatenate([pa.transpose(0, 2, 1), pb.transpose(0, 2, 1), u.transpose(0, 2, 1)], axis=2)
   pairs_Zx2 = np.asarray(pairs_Zx2, np.int64).reshape(-1, 2)
-  sim_ZxNxN = np.einsum("pnf,pmf->pnm", feats_SxNxW[pairs_Zx2[:, 0]], feats_SxNxW[pairs_Zx2[:, 1]])
+  sim_ZxNxN = np.einsum("pnf,pmf->pnm", feats_SxNxJ[pairs_Zx2[:, 0]], feats_SxNxJ[pairs_Zx2[:, 1]])
   perm = np.empty(sim_ZxNxN.shape[:2], np.int64)
   for p, sim in enumerate(sim_ZxNxN):  # one assignment problem per pair (scipy, on the host)
     rows, cols = scipy.optimize.linear_sum_assignment(sim, maximize=True)

@@ -29,7 +29,10 @@ squared coset sums per subgroup.
 
 Local shape letters:
 
+  A  the subgroups of the group
   Q  the cosets of every subgroup, concatenated (one kind of coset)
+  Y  the two kinds of coset: left (aH) and right (Ha)
+  J  the conjugacy classes of the group
 """
 
 from __future__ import annotations
@@ -59,42 +62,42 @@ class CosetTables:
     indicator_YxQxG: float32, row q of kind k (left, right) is the indicator of one coset; the cosets of
       subgroup ``subgroup_Q[q]`` partition G for each kind (left and right cosets are counted alike).
     subgroup_Q: int, the subgroup of each coset row.
-    character_HxG: float64 permutation character of G on G/H (fixed cosets).
-    induced_HxR: int, multiplicity of each irrep in Ind_H^G 1.
+    character_AxG: float64 permutation character of G on G/H (fixed cosets).
+    induced_AxR: int, multiplicity of each irrep in Ind_H^G 1.
     irrep_names: names of the irreps, trivial first.
   """
 
   subgroups: groups_lib.Subgroups
   indicator_YxQxG: np.ndarray
   subgroup_Q: np.ndarray
-  character_HxG: np.ndarray
-  induced_HxR: np.ndarray
+  character_AxG: np.ndarray
+  induced_AxR: np.ndarray
   irrep_names: tuple[str, ...]
 
 
-def coset_labels(group: groups_lib.Group, masks_HxG: np.ndarray, kind: str) -> np.ndarray:
-  """int ``[H, G]``: the smallest element of a's left coset aH (or right coset Ha), per subgroup."""
+def coset_labels(group: groups_lib.Group, masks_AxG: np.ndarray, kind: str) -> np.ndarray:
+  """int ``[A, G]``: the smallest element of a's left coset aH (or right coset Ha), per subgroup."""
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   n = group.order
-  out = np.empty(masks_HxG.shape, np.int64)
+  out = np.empty(masks_AxG.shape, np.int64)
   # a·h over all h at once for a block of subgroups: [block, G, G] stays small.
   prod_GxG = group.table if kind == "left" else group.table.T  # prod[a, g] = a·g (left) or g·a (right)
   block = max(1, (1 << 22) // (n * n))
-  for lo in range(0, masks_HxG.shape[0], block):
-    m = masks_HxG[lo:lo + block]
+  for lo in range(0, masks_AxG.shape[0], block):
+    m = masks_AxG[lo:lo + block]
     out[lo:lo + block] = np.where(m[:, None, :], prod_GxG[None], n).min(axis=2)
   return out
 
 
-def permutation_character(group: groups_lib.Group, masks_HxG: np.ndarray) -> np.ndarray:
-  """float64 ``[H, G]``: the number of cosets xH fixed by g, |G|·|H ∩ cl(g)| / (|cl(g)|·|H|)."""
+def permutation_character(group: groups_lib.Group, masks_AxG: np.ndarray) -> np.ndarray:
+  """float64 ``[A, G]``: the number of cosets xH fixed by g, |G|·|H ∩ cl(g)| / (|cl(g)|·|H|)."""
   classes = group.class_of
-  onehot_GxC = np.eye(len(group.conjugacy_classes))[classes]
-  meet_HxC = masks_HxG.astype(np.float64) @ onehot_GxC
-  size_C = onehot_GxC.sum(axis=0)
-  order_H = masks_HxG.sum(axis=1).astype(np.float64)
-  return group.order * meet_HxC[:, classes] / (size_C[classes][None, :] * order_H[:, None])
+  onehot_GxJ = np.eye(len(group.conjugacy_classes))[classes]
+  meet_AxJ = masks_AxG.astype(np.float64) @ onehot_GxJ
+  size_J = onehot_GxJ.sum(axis=0)
+  order_A = masks_AxG.sum(axis=1).astype(np.float64)
+  return group.order * meet_AxJ[:, classes] / (size_J[classes][None, :] * order_A[:, None])
 
 
 def coset_tables(group: groups_lib.Group, irreps, subgroups: groups_lib.Subgroups | None = None
@@ -104,9 +107,9 @@ def coset_tables(group: groups_lib.Group, irreps, subgroups: groups_lib.Subgroup
   subs = groups_lib.subgroups(group) if subgroups is None else subgroups
   indicators, owner = [], None
   for kind in KINDS:
-    labels_HxG = coset_labels(group, subs.masks, kind)
+    labels_AxG = coset_labels(group, subs.masks, kind)
     rows, who = [], []
-    for h, lab in enumerate(labels_HxG):
+    for h, lab in enumerate(labels_AxG):
       reps_ = np.unique(lab)
       rows.append(lab[None, :] == reps_[:, None])
       who += [h] * len(reps_)
@@ -116,7 +119,7 @@ def coset_tables(group: groups_lib.Group, irreps, subgroups: groups_lib.Subgroup
   k_R = np.asarray([{1: 1, 0: 2, -1: 4}[int(f)] for f in tables.frobenius_schur], np.float64)
   mult = character @ tables.character_RxG.T / group.order / k_R[None, :]
   return CosetTables(subgroups=subs, indicator_YxQxG=np.stack(indicators), subgroup_Q=owner,
-                     character_HxG=character, induced_HxR=np.rint(mult).astype(np.int64),
+                     character_AxG=character, induced_AxR=np.rint(mult).astype(np.int64),
                      irrep_names=tables.names)
 
 
@@ -131,7 +134,7 @@ def coset_neurons(f_SxIxGxN, group: groups_lib.Group, irreps, coset: CosetTables
     threshold: a neuron side is a coset side when its best subgroup's share reaches this.
 
   Returns:
-    dict of arrays: ``share_SxIxYxHxN`` (K: left, right), ``best_SxIxN`` (subgroup index; -1 when the
+    dict of arrays: ``share_SxIxYxAxN`` (K: left, right), ``best_SxIxN`` (subgroup index; -1 when the
     group has no proper non-trivial subgroup or the function is constant), ``best_kind_SxIxN`` (0 left,
     1 right), ``best_share_SxIxN``, ``best_adjusted_SxIxN``, ``coset_SxIxN`` (bool) and
     ``induced_share_SxIxN``.
@@ -146,19 +149,19 @@ def coset_neurons(f_SxIxGxN, group: groups_lib.Group, irreps, coset: CosetTables
     raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
   subs = coset.subgroups
   n_sub = len(subs)
-  onehot_QxH = np.eye(n_sub, dtype=np.float32)[coset.subgroup_Q]
-  index_H = (group.order // subs.orders).astype(np.float32)
-  induced_HxR = (coset.induced_HxR > 0).astype(np.float32)
-  induced_HxR[:, 0] = 0.0  # the constant part is not part of the variance
-  return _coset_pass(f_SxIxGxN, jnp.asarray(coset.indicator_YxQxG), jnp.asarray(onehot_QxH),
-                     jnp.asarray(subs.orders, jnp.float32), jnp.asarray(index_H),
-                     jnp.asarray(subs.proper_nontrivial), jnp.asarray(induced_HxR),
+  onehot_QxA = np.eye(n_sub, dtype=np.float32)[coset.subgroup_Q]
+  index_A = (group.order // subs.orders).astype(np.float32)
+  induced_AxR = (coset.induced_AxR > 0).astype(np.float32)
+  induced_AxR[:, 0] = 0.0  # the constant part is not part of the variance
+  return _coset_pass(f_SxIxGxN, jnp.asarray(coset.indicator_YxQxG), jnp.asarray(onehot_QxA),
+                     jnp.asarray(subs.orders, jnp.float32), jnp.asarray(index_A),
+                     jnp.asarray(subs.proper_nontrivial), jnp.asarray(induced_AxR),
                      jnp.asarray(tables.basis_GxF, jnp.float32), jnp.asarray(tables.basis_member_FxR, jnp.float32),
                      jnp.float32(threshold))
 
 
 @jax.jit
-def _coset_pass(f_SxIxGxN, ind_YxQxG, onehot_QxH, order_H, index_H, proper_H, induced_HxR, basis_GxF,
+def _coset_pass(f_SxIxGxN, ind_YxQxG, onehot_QxA, order_A, index_A, proper_A, induced_AxR, basis_GxF,
                 member_FxR, threshold):
   g = f_SxIxGxN.shape[2]
 
@@ -168,34 +171,34 @@ def _coset_pass(f_SxIxGxN, ind_YxQxG, onehot_QxH, order_H, index_H, proper_H, in
     total_IxN = jnp.sum(x * x, axis=1)
     # Projection on coset-constant functions: Σ over cosets of (coset sum)² / |H| is its squared norm.
     sums_IxYxQxN = jnp.einsum("kqg,ign->ikqn", ind_YxQxG, x)
-    energy_IxYxHxN = jnp.einsum("ikqn,qh->ikhn", sums_IxYxQxN ** 2, onehot_QxH) / order_H[None, None, :, None]
+    energy_IxYxAxN = jnp.einsum("ikqn,qh->ikhn", sums_IxYxQxN ** 2, onehot_QxA) / order_A[None, None, :, None]
     live_IxN = total_IxN > _EPS * jnp.maximum(jnp.max(total_IxN), 1.0)
-    share = jnp.where(live_IxN[:, None, None, :], energy_IxYxHxN / jnp.maximum(total_IxN, _EPS)[:, None, None, :],
+    share = jnp.where(live_IxN[:, None, None, :], energy_IxYxAxN / jnp.maximum(total_IxN, _EPS)[:, None, None, :],
                       0.0)
     share = jnp.clip(share, 0.0, 1.0)
-    dof_H = jnp.where(proper_H, (g - 1) / jnp.maximum(g - index_H, 1.0), 0.0)
-    adjusted = jnp.where(proper_H[None, None, :, None], 1.0 - (1.0 - share) * dof_H[None, None, :, None],
+    dof_A = jnp.where(proper_A, (g - 1) / jnp.maximum(g - index_A, 1.0), 0.0)
+    adjusted = jnp.where(proper_A[None, None, :, None], 1.0 - (1.0 - share) * dof_A[None, None, :, None],
                          -jnp.inf)
     i, k, h, n = adjusted.shape
     flat_IxKHxN = adjusted.reshape(i, k * h, n)
     top_IxN = flat_IxKHxN.max(axis=1)
     near = flat_IxKHxN >= top_IxN[:, None, :] - _TIE
-    size_YH = jnp.tile(order_H, k)
-    pick_IxN = jnp.argmax(jnp.where(near, size_YH[None, :, None], -1.0), axis=1)
+    size_YA = jnp.tile(order_A, k)
+    pick_IxN = jnp.argmax(jnp.where(near, size_YA[None, :, None], -1.0), axis=1)
     best_IxN = pick_IxN % h
     kind_IxN = pick_IxN // h
-    has_sub = jnp.any(proper_H)
+    has_sub = jnp.any(proper_A)
     valid_IxN = has_sub & live_IxN
     best_share_IxN = jnp.take_along_axis(share.reshape(i, k * h, n), pick_IxN[:, None, :], axis=1)[:, 0]
     best_adj_IxN = jnp.take_along_axis(flat_IxKHxN, pick_IxN[:, None, :], axis=1)[:, 0]
     # Irrep energies of each side's function; the induced share of the best subgroup's Ind_H^G 1.
     coef_IxFxN = jnp.einsum("gm,ign->imn", basis_GxF, x)
     e_IxNxR = jnp.einsum("imn,mr->inr", coef_IxFxN ** 2, member_FxR)
-    in_IxNxR = induced_HxR[best_IxN]
+    in_IxNxR = induced_AxR[best_IxN]
     nontrivial_IxN = e_IxNxR[..., 1:].sum(-1)
     induced_IxN = jnp.where(nontrivial_IxN > _EPS, jnp.sum(e_IxNxR * in_IxNxR, -1) / jnp.maximum(nontrivial_IxN,
                                                                                                _EPS), 0.0)
-    return {"share_IxYxHxN": share,
+    return {"share_IxYxAxN": share,
             "best_IxN": jnp.where(valid_IxN, best_IxN, -1).astype(jnp.int32),
             "best_kind_IxN": jnp.where(valid_IxN, kind_IxN, -1).astype(jnp.int32),
             "best_share_IxN": jnp.where(valid_IxN, best_share_IxN, 0.0),
@@ -285,7 +288,7 @@ def cohort_record(records: list[dict], coset: CosetTables) -> dict:
           classes[lab] = {
               "order": int(subs.orders[i]), "conjugates": int(np.sum(subs.classes == subs.classes[i])),
               "normal": bool(subs.normal[i]), "neurons": 0, "runs": 0,
-              "induced": {n: int(m) for n, m in zip(coset.irrep_names, coset.induced_HxR[i]) if m}}
+              "induced": {n: int(m) for n, m in zip(coset.irrep_names, coset.induced_AxR[i]) if m}}
         classes[lab]["neurons"] += count
         used.add(lab)
     for lab in used:

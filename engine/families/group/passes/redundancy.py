@@ -15,7 +15,7 @@ One ``lax.while_loop`` over merges, vectorised over runs (a run that has stopped
 
 Local shape letters:
 
-  W  a neuron's input weights from a and from b, concatenated
+  J  a neuron's input weights from a and from b, concatenated
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ def _merge(pa, pb, u, table_GxG, tolerance, *, rows, runs):
     # A removed neuron's outgoing weights are zeroed, which removes it from the logits.
     return rep.mlp_loss(pa_SxGxN, pb_SxGxN, u_SxVxN * alive_SxN[:, None, :], table, rows=rows, runs=runs)[0]
 
-  w_SxNxW = jnp.concatenate([pa, pb], axis=1).transpose(0, 2, 1)
-  norm_SxN = jnp.linalg.norm(w_SxNxW, axis=-1)
-  unit = w_SxNxW / jnp.maximum(norm_SxN, 1e-30)[..., None]
+  w_SxNxJ = jnp.concatenate([pa, pb], axis=1).transpose(0, 2, 1)
+  norm_SxN = jnp.linalg.norm(w_SxNxJ, axis=-1)
+  unit = w_SxNxJ / jnp.maximum(norm_SxN, 1e-30)[..., None]
   cos_SxNxN = jnp.einsum("snf,smf->snm", unit, unit)
-  dots_SxNxN = jnp.einsum("snf,smf->snm", w_SxNxW, w_SxNxW)
+  dots_SxNxN = jnp.einsum("snf,smf->snm", w_SxNxJ, w_SxNxJ)
   ever_active_SxN = jnp.any(pa.max(axis=1)[:, None, :] + pb.max(axis=1)[:, None, :] > 0, axis=1)
   loss0_S = _loss(pa, pb, u, jnp.ones((s, n)), table_GxG)
   runs_S = jnp.arange(s)

@@ -44,7 +44,7 @@ Definitions (following *A Toy Model of Universality*, Chughtai et al. 2023, and 
 
 Local shape letters:
 
-  W  the functions on G a pass decomposes (a model's neurons or output classes)
+  J  the functions on G a pass decomposes (a model's neurons or output classes)
 """
 
 from __future__ import annotations
@@ -287,24 +287,24 @@ def _mean_over_abcinv(logits_SxGxGxV, table, inverse):
 # Fractions of variance explained.
 
 
-def fve(x_SxGxW, group: groups_lib.Group, irreps) -> jax.Array:
+def fve(x_SxGxJ, group: groups_lib.Group, irreps) -> jax.Array:
   """float32 ``[S, R]``: share of ‖x‖² (rows indexed by group element, not centred) in each irrep's span.
 
   Use it for embeddings ``[S, G, E]``, unembeddings ``[S, G, N]`` (rows c; slice padded classes off) and
   total embeddings P_a, P_b ``[S, G, N]``. Rows sum to 1 (up to rounding) for any non-zero input.
   """
   tables = irrep_tables(group, irreps)
-  x_SxGxW = jnp.asarray(x_SxGxW)
-  chex.assert_rank(x_SxGxW, 3)
-  _check_group_axis("fve rows", x_SxGxW.shape[1], tables)
-  return _fve(x_SxGxW, _f32(tables.basis_GxF), _f32(tables.basis_member_FxR))
+  x_SxGxJ = jnp.asarray(x_SxGxJ)
+  chex.assert_rank(x_SxGxJ, 3)
+  _check_group_axis("fve rows", x_SxGxJ.shape[1], tables)
+  return _fve(x_SxGxJ, _f32(tables.basis_GxF), _f32(tables.basis_member_FxR))
 
 
 @jax.jit
-def _fve(x_SxGxW, basis_GxF, member_FxR):
-  x = x_SxGxW.astype(jnp.float32)
-  coef_SxFxW = jnp.einsum("gm,sgf->smf", basis_GxF, x)
-  energy_SxR = jnp.einsum("smf,mr->sr", coef_SxFxW * coef_SxFxW, member_FxR)
+def _fve(x_SxGxJ, basis_GxF, member_FxR):
+  x = x_SxGxJ.astype(jnp.float32)
+  coef_SxFxJ = jnp.einsum("gm,sgf->smf", basis_GxF, x)
+  energy_SxR = jnp.einsum("smf,mr->sr", coef_SxFxJ * coef_SxFxJ, member_FxR)
   total_S = jnp.sum(x * x, axis=(1, 2))
   return energy_SxR / jnp.maximum(total_S, _EPS)[:, None]
 
