@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from universality.engine import optim
+from universality.engine import fields, optim
 
 NAMES = ("group", "lm", "vision", "imported")
 
@@ -183,6 +183,31 @@ def buckets(cfg, family: Family | None = None) -> list[tuple[str, Any]]:
     cfg_o.opt.name = name
     out += [(f"{name}-{b}", cfg_b) for b, cfg_b in family.buckets(cfg_o)]
   return out
+
+
+def key_of(*entropy: int) -> np.ndarray:
+  """A uint32 [2] PRNG key from integers (NumPy's SeedSequence: no collisions between nearby seeds)."""
+  return np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
+
+
+def optimiser_sweep(cfg, cohort_name: Callable[[dict], str], run_name: Callable[[dict], str]) -> list[dict]:
+  """The rows of a family whose task has no sweep axes of its own: one per (lr, weight decay, seed number),
+  seeds innermost, each with ``seed``, ``base_seed``, ``lr``, ``weight_decay``, ``cohort`` and ``name``."""
+  out = []
+  for lr in fields.parse_floats(cfg.opt.lr, "opt.lr"):
+    for wd in fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
+      for k in fields.seed_numbers(cfg):
+        row = dict(seed=k, base_seed=int(cfg.seed), lr=lr, weight_decay=wd)
+        row["cohort"] = cohort_name(row)
+        row["name"] = run_name(row)
+        out.append(row)
+  return out
+
+
+def optimiser_sweep_size(cfg) -> int:
+  """``len(optimiser_sweep(cfg, ...))`` without building the rows."""
+  return (len(fields.parse_floats(cfg.opt.lr, "opt.lr"))
+          * len(fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
 
 
 def get(name: str) -> Family:

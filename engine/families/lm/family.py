@@ -67,11 +67,6 @@ def run_name(row: Mapping[str, Any]) -> str:
   return f"lm/seed{row['seed']}/lr{row['lr']:g}/wd{row['weight_decay']:g}"
 
 
-def _key(*entropy: int) -> np.ndarray:
-  """A uint32 [2] PRNG key from integers (NumPy's SeedSequence: no collisions between nearby seeds)."""
-  return np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
-
-
 CORPUS_COPIES = 4  # per count of the size check (host and, on the CPU, the device again): 8 in all there
 
 
@@ -166,19 +161,10 @@ class LMFamily(families.Family):
     return out
 
   def runs(self, cfg) -> list[dict]:
-    out = []
-    for lr in fields.parse_floats(cfg.opt.lr, "opt.lr"):
-      for wd in fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
-        for k in fields.seed_numbers(cfg):
-          row = dict(seed=k, base_seed=int(cfg.seed), lr=lr, weight_decay=wd)
-          row["cohort"] = cohort_name(row)
-          row["name"] = run_name(row)
-          out.append(row)
-    return out
+    return families.optimiser_sweep(cfg, cohort_name, run_name)
 
   def n_runs(self, cfg) -> int:
-    return (len(fields.parse_floats(cfg.opt.lr, "opt.lr"))
-            * len(fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
+    return families.optimiser_sweep_size(cfg)
 
   def footprint(self, cfg) -> families.Footprint:
     """The model's abstract init, the corpus (shared by every run) and the activations of one step.
@@ -204,13 +190,13 @@ class LMFamily(families.Family):
     return cohort_name(row)
 
   def run_key(self, row):
-    return _key(int(row["base_seed"]), int(row["seed"]), 0x1B7E)
+    return families.key_of(int(row["base_seed"]), int(row["seed"]), 0x1B7E)
 
   def data_key(self, cfg, row) -> np.ndarray:
     """The key of a run's stream of training windows: shared by every seed unless task.vary_data_order."""
     if cfg.task.vary_data_order:
-      return _key(int(row["base_seed"]), int(row["seed"]), 0xDA7A)
-    return _key(int(row["base_seed"]), 0xDA7A)
+      return families.key_of(int(row["base_seed"]), int(row["seed"]), 0xDA7A)
+    return families.key_of(int(row["base_seed"]), 0xDA7A)
 
   def make_task(self, cfg, rows) -> families.Task:
     corpus = corpus_of(cfg)

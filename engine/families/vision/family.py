@@ -101,11 +101,6 @@ def run_name(row: Mapping[str, Any]) -> str:
   return f"vision/seed{row['seed']}/lr{row['lr']:g}/wd{row['weight_decay']:g}"
 
 
-def _key(*entropy: int) -> np.ndarray:
-  """A uint32 [2] PRNG key from integers (NumPy's SeedSequence: no collisions between nearby seeds)."""
-  return np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
-
-
 def dataset_of(cfg) -> data_lib.Dataset:
   """The study's images, checked against the fingerprint in its config (when one is set)."""
   t = cfg.task
@@ -226,19 +221,10 @@ class VisionFamily(families.Family):
     return out
 
   def runs(self, cfg) -> list[dict]:
-    out = []
-    for lr in fields.parse_floats(cfg.opt.lr, "opt.lr"):
-      for wd in fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay"):
-        for k in fields.seed_numbers(cfg):
-          row = dict(seed=k, base_seed=int(cfg.seed), lr=lr, weight_decay=wd)
-          row["cohort"] = cohort_name(row)
-          row["name"] = run_name(row)
-          out.append(row)
-    return out
+    return families.optimiser_sweep(cfg, cohort_name, run_name)
 
   def n_runs(self, cfg) -> int:
-    return (len(fields.parse_floats(cfg.opt.lr, "opt.lr"))
-            * len(fields.parse_floats(cfg.opt.weight_decay, "opt.weight_decay")) * int(cfg.seeds))
+    return families.optimiser_sweep_size(cfg)
 
   def footprint(self, cfg) -> families.Footprint:
     """The net's abstract init, the images (shared by every run, held twice: the host's and the devices'
@@ -259,13 +245,13 @@ class VisionFamily(families.Family):
     return cohort_name(row)
 
   def run_key(self, row):
-    return _key(int(row["base_seed"]), int(row["seed"]), 0x1C0E)
+    return families.key_of(int(row["base_seed"]), int(row["seed"]), 0x1C0E)
 
   def data_key(self, cfg, row) -> np.ndarray:
     """The key of a run's minibatches and augmentation: shared by every seed unless task.vary_data_order."""
     if cfg.task.vary_data_order:
-      return _key(int(row["base_seed"]), int(row["seed"]), 0xDA7A)
-    return _key(int(row["base_seed"]), 0xDA7A)
+      return families.key_of(int(row["base_seed"]), int(row["seed"]), 0xDA7A)
+    return families.key_of(int(row["base_seed"]), 0xDA7A)
 
   def make_task(self, cfg, rows) -> families.Task:
     d = dataset_of(cfg)
