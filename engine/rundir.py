@@ -161,7 +161,8 @@ def lock(workdir: str) -> Iterator[None]:
   """Exclusive use of ``workdir`` by one launch; a second writer of the same directory is refused.
 
   Local: an advisory flock on ``workdir/.lock``. The kernel drops it when the process dies (even by SIGKILL),
-  so a crashed run can be relaunched. gs://: the lease object ``workdir/.lock`` (``universality.engine.paths.lease``).
+  so a crashed run can be relaunched. gs://: the lease object ``workdir/.lock``
+  (``universality.engine.paths.lease``).
   """
   if paths.is_remote(workdir):
     with paths.lease(path(workdir, LOCK), on_lost=lambda: _lease_lost(path(workdir, LOCK))):

@@ -1,7 +1,7 @@
 """Task families: what a run learns, and the one place the engine plugs a family in.
 
-A family is a package ``universality.engine.families.<name>`` whose ``FAMILY`` is a ``Family``. The trainer, launcher,
-checkpoints, analysis driver, report and notebook view speak to a study only through it:
+A family is a package ``universality.engine.families.<name>`` whose ``FAMILY`` is a ``Family``. The trainer,
+launcher, checkpoints, analysis driver, report and notebook view speak to a study only through it:
 
   config      ``add_config(cfg)`` adds the family's ``task`` and ``model`` sections; ``validate(cfg)``
   sweep       ``runs(cfg)``: one row per run (``seed``, ``base_seed``, ``lr``, ``weight_decay``, the task
@@ -110,9 +110,9 @@ class Family:
     """The study as buckets ``[(name, cfg_b)]``, each trained as one program (compiled once).
 
     Each ``cfg_b`` is a whole study config whose own buckets are ``[(name, cfg_b)]``, so a bucket launched
-    alone writes the run directory the bucket writes inside its study (universality.engine.rundir); the rule that splits
-    a study must be a function of the study's identity (``universality.engine.config.identity``). A family whose runs all
-    share one program keeps this default: one bucket, ``cfg`` itself.
+    alone writes the run directory the bucket writes inside its study (universality.engine.rundir); the rule
+    that splits a study must be a function of the study's identity (``universality.engine.config.identity``).
+    A family whose runs all share one program keeps this default: one bucket, ``cfg`` itself.
     """
     return [(self.name, cfg)]
 

@@ -1,10 +1,10 @@
 """The two architectures of *A Toy Model of Universality* (Chughtai, Chan, Nanda 2023), as pure functions.
 
-``init(key, model_cfg, vocab, order)`` returns a dict of float32 arrays; ``apply(params, a_B, b_B, model_cfg)``
-returns ``(logits_BxV, hidden_BxN)``, ``hidden`` being the ReLU layer the analyses read (MLP: its ``hidden``
-neurons; transformer: the ``d_mlp`` neurons of the last block at the ``=`` position). ``model_cfg`` is a
-frozen ``ModelSpec`` (``MlpSpec`` or ``TransformerSpec``), built from the config's ``model`` section once at
-the boundary by ``spec_of`` (which the functions here also apply to a section they are given).
+``init(key, model_cfg, vocab, order)`` returns a dict of float32 arrays; ``apply(params, a_B, b_B,
+model_cfg)`` returns ``(logits_BxV, hidden_BxN)``, ``hidden`` being the ReLU layer the analyses read (MLP: its
+``hidden`` neurons; transformer: the ``d_mlp`` neurons of the last block at the ``=`` position). ``model_cfg``
+is a frozen ``ModelSpec`` (``MlpSpec`` or ``TransformerSpec``), built from the config's ``model`` section once
+at the boundary by ``spec_of`` (which the functions here also apply to a section they are given).
 
 MLP: ``logits = ReLU(concat(W_a[a], W_b[b]) · W1) · U``, computed in the factorised form
 ``ReLU(P_a[a] + P_b[b]) · U`` with ``P_a = W_a · W1[:E]``, ``P_b = W_b · W1[E:]``: the same function and the
@@ -193,12 +193,12 @@ def _mlp(params, a_B, b_B):
 def mlp_xent_grads(params, a_B, b_B, c_B, w_B, order):
   """``(Σ w·cross-entropy, gradients)`` of the MLP, its backward pass written out by hand.
 
-  The loss is ``universality.engine.train.masked_xent`` of ``apply``'s logits (classes ``>= order`` masked to −inf) and
-  the gradients are those ``jax.grad`` derives, to float rounding. Written out, the step reads and writes
-  the ``[B, V]`` activations fewer times than the derived one: the softmax and the one-hot of the
-  cross-entropy gradient are one elementwise pass, ``w · (softmax − onehot)``, over the exponentials that
-  the forward pass already holds, the target logit is a gather (no ``[B, V]`` one-hot select and its
-  transpose) and nothing of the accuracy is computed.
+  The loss is ``universality.engine.train.masked_xent`` of ``apply``'s logits (classes ``>= order`` masked to
+  −inf) and the gradients are those ``jax.grad`` derives, to float rounding. Written out, the step reads and
+  writes the ``[B, V]`` activations fewer times than the derived one: the softmax and the one-hot of the
+  cross-entropy gradient are one elementwise pass, ``w · (softmax − onehot)``, over the exponentials that the
+  forward pass already holds, the target logit is a gather (no ``[B, V]`` one-hot select and its transpose)
+  and nothing of the accuracy is computed.
   """
   shapes = [jnp.shape(x) for x in (a_B, b_B, c_B, w_B)]
   if len(shapes[0]) != 1 or any(s != shapes[0] for s in shapes):

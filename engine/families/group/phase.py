@@ -8,10 +8,11 @@ step it generalised), this module fits, per (group, optimiser), the logistic
   P(generalised | n) = σ(slope · (ln n − ln n*))
 
 by maximum likelihood (a weak ridge on the slope keeps perfectly separated outcomes finite: n* then lies
-between the largest size that failed and the smallest that generalised, and its interval spans that
-bracket), so that n* is the size at which half the seeds generalise, with a percentile bootstrap interval
-that resamples *seeds* (each seed's runs at every size travel together). Across the groups of one
-optimiser it fits ln(n*/s) against ln M and ln ln M, beside the predicted form n*/s = C · M ln M (s: the law's group factor, ``task.law_s``).
+between the largest size that failed and the smallest that generalised, and its interval spans that bracket),
+so that n* is the size at which half the seeds generalise, with a percentile bootstrap interval that resamples
+*seeds* (each seed's runs at every size travel together). Across the groups of one optimiser it fits ln(n*/s)
+against ln M and ln ln M, beside the predicted form n*/s = C · M ln M (s: the law's group factor,
+``task.law_s``).
 
 Everything here is numpy on plain arrays, deterministic given its ``seed``.
 

@@ -230,7 +230,8 @@ class View(view_lib.Run):
   def connectivity(self, step: int | None = None, group: str | None = None, *, points: int | None = None
                    ) -> dict:
     """Linear mode connectivity between every pair of the selected runs of one group (MLP), raw and after
-    activation and weight matching (``universality.engine.families.group.passes.connectivity``): ``pairs_Zx2``, ``lambda_O`` and per
+    activation and weight matching (``universality.engine.families.group.passes.connectivity``):
+    ``pairs_Zx2``, ``lambda_O`` and per
     alignment ``perm_ZxN``, ``loss_ZxO``, ``accuracy_ZxO``, ``barrier_Z``."""
     sub = self.one_group(group)
     if len(sub) < 2:

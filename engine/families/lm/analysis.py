@@ -25,7 +25,8 @@ context windows. The MLP activations of every layer are computed batch by batch 
 
 Only the last checkpoint is analysed (``LAST_STEP_ONLY``): universality is a property of trained models.
 Per-neuron arrays (``[S, L, N]`` and the ``[S, L·N, S]`` match tables) go to the cohort's arrays file
-(``universality.engine.rundir``); summary.json holds per-layer fractions, property contrasts and the top neurons.
+(``universality.engine.rundir``); summary.json holds per-layer fractions, property contrasts and the top
+neurons.
 
 Local shape letters:
 

@@ -1,9 +1,9 @@
 """Margins (*Feature emergence via margin maximization*, Morwani et al. 2023): how far each checkpoint is
 from the max-margin solutions the paper derives, and the neuron structure those solutions have.
 
-The MLP is h = ReLU(P_a[a] + P_b[b]), logits = h·U (``universality.engine.families.group.models``): in the effective
-per-neuron weights θ_n = (P_a[:, n], P_b[:, n], U[n, :]) it is positively homogeneous of degree ν = 2
-(scaling every θ_n by t scales the logits by t²). The raw weights (W_a, W_b, W₁, U) are of degree 3, but the
+The MLP is h = ReLU(P_a[a] + P_b[b]), logits = h·U (``universality.engine.families.group.models``): in the
+effective per-neuron weights θ_n = (P_a[:, n], P_b[:, n], U[n, :]) it is positively homogeneous of degree ν =
+2 (scaling every θ_n by t scales the logits by t²). The raw weights (W_a, W_b, W₁, U) are of degree 3, but the
 same function has many raw parametrisations; the effective weights are the function's own.
 
 * **Normalised margin**: min over all |G|² pairs of (correct logit − largest wrong logit), divided by

@@ -1,8 +1,8 @@
 """Representation-theoretic passes over stacked runs: which irreps does each model use, and how much?
 
-Every pass takes arrays with a leading run axis ``S`` and the real irreps of ``universality.engine.irreps`` for any
-finite group (trivial irrep first), and is jitted; the group enters as constant tables built once per call
-(``irrep_tables``), so a second call with the same shapes does not recompile.
+Every pass takes arrays with a leading run axis ``S`` and the real irreps of ``universality.engine.irreps``
+for any finite group (trivial irrep first), and is jitted; the group enters as constant tables built once per
+call (``irrep_tables``), so a second call with the same shapes does not recompile.
 
 Definitions (following *A Toy Model of Universality*, Chughtai et al. 2023, and its code):
 
@@ -202,8 +202,9 @@ def _logit_similarity(logits_SxGxGxV, c_of_GxG, character_GxR, table_GxG, char_n
 def pair_cosines(logits_SxPxV, product_P, c_of_GxG, character_GxR, char_norm_R):
   """float32 ``[S, P, R]``: per pair, cos_c(centred logits, tr ρ(m·c⁻¹)) with m = ``product_P`` (= a·b).
 
-  Traceable building block of ``logit_similarity`` for any set of pairs (``universality.engine.families.group.passes.pipeline``
-  streams all |G|² pairs through it in blocks); the constants are ``similarity_constants``.
+  Traceable building block of ``logit_similarity`` for any set of pairs
+  (``universality.engine.families.group.passes.pipeline`` streams all |G|² pairs through it in blocks); the
+  constants are ``similarity_constants``.
   """
   # Σ_c L[c] χ(m·c⁻¹) = Σ_y L[y⁻¹·m] χ(y): reorder each pair's logits by y, then one product with the
   # characters ([P, G] × [G, R]); the G³ trace cube is never built, nor a |G|²-wide projection per pair.
