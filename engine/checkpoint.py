@@ -54,11 +54,12 @@ from universality.engine import rundir
 
 
 def _drop_closed_loop_callbacks() -> None:
-  """Drops the "Event loop is closed" errors of a failed restore from ``sys.unraisablehook`` (once).
+  """Drops the "Event loop is closed" errors of a failed restore or save from ``sys.unraisablehook`` (once).
 
-  When Orbax gives up on a corrupt checkpoint it closes its event loop while TensorStore still completes the
-  reads in flight; each completion raises in a TensorStore thread and would print a traceback, burying the
-  one-line warning. Every other unraisable error goes to the previous hook.
+  When Orbax gives up on a corrupt checkpoint, or on a save that failed (a full disk), it closes its event
+  loop while TensorStore still completes the reads or writes in flight; each completion raises in a
+  TensorStore thread and would print a traceback, burying the one-line warning or error. Every other
+  unraisable error goes to the previous hook.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop", False):
@@ -122,6 +123,7 @@ class Checkpointer:
     """
     if this_process_only and not read_only:
       raise ValueError("this_process_only=True is for read-only access")
+    _drop_closed_loop_callbacks()  # a failed save or restore must end in its one line (see there)
     self.directory = paths.resolve(directory)
     if not read_only:
       try:

@@ -450,6 +450,9 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
 
   timer = _ResumeSchedule(cfg.exec.resume_every_steps, cfg.exec.resume_every_minutes)
   try:
+    stopped_by, _ = stop.agreed(False)
+    if stopped_by and step < cfg.steps:  # a signal while restoring or starting: its checkpoint is on disk
+      raise Preempted(stopped_by, step)
     while step < cfg.steps:
       state, metrics = trainer.run(state, 1)  # metrics come back on the host, one row per run
       step += cfg.eval_every

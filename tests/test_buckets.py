@@ -206,6 +206,22 @@ def test_replay_across_buckets(launches):
   assert "| order7 |" in text and "not written" in text  # analyze=False: no bucket report yet
 
 
+def test_replay_refuses_a_bucket_whose_runs_json_disagrees_with_its_sweep(launches, tmp_path):
+  mixed, _, _ = launches
+  copy = tmp_path / "mixed"
+  shutil.copytree(mixed, copy, ignore=shutil.ignore_patterns(".lock"))
+  runs_path = os.path.join(rundir.bucket_dir(str(copy), "order5-6"), rundir.RUNS)
+  rows = json.load(open(runs_path))
+  rows[0], rows[2] = rows[2], rows[0]  # C5 seed 0 and S3 seed 0 swap places: each points at the other's weights
+  with open(runs_path, "w") as f:
+    json.dump(rows, f)
+  with pytest.raises(rundir.RunDirError, match=r"order5-6.*runs\.json") as e:
+    replay.open(str(copy))
+  assert "\n" not in str(e.value)
+  with replay.open(mixed) as study:  # the original still opens
+    assert len(study) == 6
+
+
 @pytest.mark.slow
 def test_preempted_mixed_launch_resumes_the_bucket_in_progress(launches, tmp_path, capsys):
   _, _, alone = launches

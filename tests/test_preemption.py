@@ -183,6 +183,35 @@ def test_sigint_in_process_raises_preempted_restores_handlers_and_resumes(tmp_pa
   assert launch.run_study(cfg, str(workdir), progress=False)["step"] == 3000
 
 
+def test_a_signal_during_restore_stops_before_training(tmp_path, monkeypatch):
+  cfg = group_config(groups="C5", embed_dim=8, hidden=8, analyze=False)
+  cfg.seeds, cfg.steps, cfg.eval_every, cfg.num_checkpoints = 1, 3000, 100, 3
+  workdir = tmp_path / "w"
+
+  def terminate_once_logging():
+    while len(_logged_steps(workdir)) < 2:
+      time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=terminate_once_logging, daemon=True).start()
+  with pytest.raises(launch.Preempted) as first:
+    launch.run_study(cfg, str(workdir), progress=False)
+  logged = (workdir / rundir.METRICS).read_text()
+  real = checkpoint.restore_newest
+
+  def signalled(*args, **kwargs):  # SIGTERM arrives while the checkpoint is read
+    found = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return found
+
+  monkeypatch.setattr(checkpoint, "restore_newest", signalled)
+  with pytest.raises(launch.Preempted, match=rf"^SIGTERM: stopped at step {first.value.step} with a checkpoint"):
+    launch.run_study(cfg, str(workdir), progress=False)
+  assert (workdir / rundir.METRICS).read_text() == logged  # not one step trained after the signal
+  monkeypatch.setattr(checkpoint, "restore_newest", real)
+  assert launch.run_study(cfg, str(workdir), progress=False)["step"] == 3000
+
+
 def test_resume_checkpoints_by_time_are_never_analysed_and_a_corrupt_one_falls_back(tmp_path, capsys):
   cfg = group_config(groups="C5", embed_dim=8, hidden=8, analyze=False)
   cfg.seeds, cfg.steps, cfg.eval_every, cfg.num_checkpoints = 1, 400, 20, 3

@@ -411,3 +411,52 @@ def test_disk_full_at_start_is_one_line_naming_the_file(tmp_path):
   lines = res.stderr.splitlines()
   one_error_line(res, lines, f"error: {tmp_path / 'w'}/", ": No space left on device")  # the file named
   assert not (tmp_path / "w" / rundir.CONFIG).exists()
+
+
+_FULL_FLAGS = ["--config.task.groups=C11", "--config.seeds=4", "--config.model.mlp.embed_dim=32",
+               "--config.model.mlp.hidden=256", "--config.steps=30", "--config.eval_every=10",
+               "--config.num_checkpoints=4", "--config.opt.lr=1e-3", "--config.task.train_frac=0.4",
+               "--config.exec.resume_every_minutes=0", "--noprogress", "--noanalyze"]
+
+
+def _mount_works() -> bool:
+  import shutil
+  import subprocess
+  if shutil.which("unshare") is None:
+    return False
+  res = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                       capture_output=True, timeout=30)
+  return res.returncode == 0
+
+
+def test_disk_full_mid_checkpoint_is_one_line_and_a_relaunch_resumes_bit_identically(tmp_path):
+  """A launch whose disk fills while it writes its third checkpoint (a 2.8 MB tmpfs; each checkpoint of this
+  study takes about 1 MB) ends in one line, exit 2; the committed checkpoints and metrics survive, and a
+  relaunch with space resumes from the last committed step to the metrics of a launch never interrupted."""
+  import subprocess
+  import sys
+  if not _mount_works():
+    pytest.skip("needs a private mount namespace (unshare -rm) to mount a small tmpfs")
+  from tests.test_hardening import ROOT
+  command = [sys.executable, "-m", "universality.experiments.group_universality"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  mnt, kept, whole = tmp_path / "mnt", tmp_path / "kept", tmp_path / "whole"
+  mnt.mkdir()
+  script = ('mount -t tmpfs -o size=2800k tmpfs "$1" && shift && "$@" --workdir="$MNT/w"; rc=$?; '
+            'cp -a "$MNT/w" "$KEPT"; exit $rc')
+  res = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mnt), *command, *_FULL_FLAGS], cwd=ROOT,
+                       capture_output=True, text=True, env=dict(env, MNT=str(mnt), KEPT=str(kept)), timeout=300)
+  lines = res.stderr.splitlines()
+  one_error_line(res, lines, "No space left on device")
+  committed = sorted(int(p) for p in os.listdir(kept / "checkpoints") if p.isdigit())
+  assert committed and committed[-1] < 30, committed  # the disk filled mid-run, after a checkpoint committed
+  for step in committed:
+    assert (kept / "checkpoints" / str(step) / rundir.CHECKSUMS).is_file()
+  again = subprocess.run([*command, f"--workdir={kept}", *_FULL_FLAGS], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"Resuming from checkpoint at step {committed[-1]}" in again.stdout
+  ref = subprocess.run([*command, f"--workdir={whole}", *_FULL_FLAGS], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=300)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  assert (kept / rundir.METRICS).read_text() == (whole / rundir.METRICS).read_text()
