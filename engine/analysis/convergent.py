@@ -69,6 +69,7 @@ import scipy.optimize
 
 from universality.engine import fields
 from universality.engine.analysis.jsonable import to_json as _jsonable
+from universality.engine.analysis.records import Num, Record, record
 from universality.engine.markdown import markdown_table
 
 DEFAULT_LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3)
@@ -81,51 +82,10 @@ _DEAD_RTOL = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------
-# Typed records (the style of ``engine/families/group/passes/records.py``: frozen dataclasses whose fields
-# are the keys of their JSON object; non-finite numbers as null).
-
-Num = Optional[float]
+# Typed records (``universality.engine.analysis.records``).
 
 
-class Record:
-  """A frozen dataclass read from and written to plain JSON."""
-
-  def to_json(self) -> dict:
-    return _jsonable({f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)})
-
-  @classmethod
-  def from_json(cls, obj: typing.Mapping[str, Any]):
-    hints = typing.get_type_hints(cls)
-    return cls(**{f.name: _parse(hints[f.name], obj.get(f.name)) for f in dataclasses.fields(cls)})
-
-
-def _plain(value):
-  if isinstance(value, Record):
-    return value.to_json()
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  return value
-
-
-def _parse(hint, value):
-  if value is None:
-    return None
-  origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if origin is typing.Union:
-    inner = [a for a in args if a is not type(None)]
-    return _parse(inner[0], value) if len(inner) == 1 else value
-  if isinstance(hint, type) and issubclass(hint, Record):
-    return hint.from_json(value)
-  if origin is list and args:
-    return [_parse(args[0], v) for v in value]
-  return value
-
-
-def _record(cls):
-  return dataclasses.dataclass(frozen=True)(cls)
-
-
-@_record
+@record
 class OneToOne(Record):
   """One pair of runs: greedy semi-matching vs maximum bipartite matching of a's units to b's."""
   run_a: int
@@ -136,7 +96,7 @@ class OneToOne(Record):
   same_partner_share: Num  # share of a's live units that both matchings pair with the same unit of b
 
 
-@_record
+@record
 class SparsePrediction(Record):
   """One pair of runs: b's units predicted from a's, per λ of the sweep."""
   run_a: int
@@ -147,7 +107,7 @@ class SparsePrediction(Record):
   mean_units_used: list[Num]  # mean over b's live units of how many of a's units have a nonzero weight
 
 
-@_record
+@record
 class Cluster(Record):
   units_a: list[int]
   units_b: list[int]
@@ -157,7 +117,7 @@ class Cluster(Record):
   svcca: Num  # mean canonical correlation of the two runs' parts (null unless mixed)
 
 
-@_record
+@record
 class Clusters(Record):
   """One pair of runs: spectral clusters of their units together."""
   run_a: int

@@ -190,6 +190,14 @@ def key_of(*entropy: int) -> np.ndarray:
   return np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
 
 
+def data_key_of(cfg, row) -> np.ndarray:
+  """The key of a run's minibatch stream (and augmentation): shared by every seed of a cohort, so that seeds
+  differ only in their initialisation, unless ``task.vary_data_order``."""
+  if cfg.task.vary_data_order:
+    return key_of(int(row["base_seed"]), int(row["seed"]), 0xDA7A)
+  return key_of(int(row["base_seed"]), 0xDA7A)
+
+
 def optimiser_sweep(cfg, cohort_name: Callable[[dict], str], run_name: Callable[[dict], str]) -> list[dict]:
   """The rows of a family whose task has no sweep axes of its own: one per (lr, weight decay, seed number),
   seeds innermost, each with ``seed``, ``base_seed``, ``lr``, ``weight_decay``, ``cohort`` and ``name``."""

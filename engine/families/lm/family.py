@@ -194,9 +194,7 @@ class LMFamily(families.Family):
 
   def data_key(self, cfg, row) -> np.ndarray:
     """The key of a run's stream of training windows: shared by every seed unless task.vary_data_order."""
-    if cfg.task.vary_data_order:
-      return families.key_of(int(row["base_seed"]), int(row["seed"]), 0xDA7A)
-    return families.key_of(int(row["base_seed"]), 0xDA7A)
+    return families.data_key_of(cfg, row)
 
   def make_task(self, cfg, rows) -> families.Task:
     corpus = corpus_of(cfg)

@@ -249,9 +249,7 @@ class VisionFamily(families.Family):
 
   def data_key(self, cfg, row) -> np.ndarray:
     """The key of a run's minibatches and augmentation: shared by every seed unless task.vary_data_order."""
-    if cfg.task.vary_data_order:
-      return families.key_of(int(row["base_seed"]), int(row["seed"]), 0xDA7A)
-    return families.key_of(int(row["base_seed"]), 0xDA7A)
+    return families.data_key_of(cfg, row)
 
   def make_task(self, cfg, rows) -> families.Task:
     d = dataset_of(cfg)
