@@ -60,6 +60,7 @@ from universality.engine.analysis import neuron_stats
 from universality.engine.families.imported import family as family_lib
 from universality.engine.families.imported import models
 from universality.engine.families.imported import tokens as tokens_lib
+from universality.engine.families.lm.analysis import percentile_within_layer  # noqa: F401 - the view's too
 from universality.kernels import screen as screen_lib
 
 LAST_STEP_ONLY = True
@@ -401,14 +402,6 @@ def pass_bytes(spec: models.Spec, n_runs: int, settings: dict) -> dict[str, int]
           "forward": 4 * s * rows * (spec.n_heads * context_of(spec, settings) + 8 * spec.d_model
                                      + spec.vocab),
           "weights": 4 * s * weights}
-
-
-def percentile_within_layer(x_SxLxN: np.ndarray) -> np.ndarray:
-  """Each neuron's percentile (0..100) among the neurons of its layer, pooled over the cohort's runs."""
-  s, l, n = x_SxLxN.shape
-  x = np.moveaxis(x_SxLxN, 1, 0).reshape(l, s * n)
-  ranks = np.argsort(np.argsort(x, axis=1, kind="stable"), axis=1, kind="stable")
-  return np.moveaxis((100.0 * ranks / max(s * n - 1, 1)).reshape(l, s, n), 0, 1)
 
 
 def _frac(mask, live) -> float:
