@@ -10,6 +10,7 @@ see BUILD.md). Bad flags, config files and configs end with one line ``error: ..
 2.
 """
 
+import atexit
 import difflib
 import logging as pylogging
 import os
@@ -151,17 +152,25 @@ def main(argv):
       print("\n".join(launch.describe(study)), flush=True)
     launch.run_study(study, _WORKDIR.value, progress=_PROGRESS.value, analyze=_ANALYZE.value)
   except checkpoint.SaveAbandoned as e:  # Orbax's threads still wait on the storage: exit without them
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(2)
+    _error_exit(str(e))
   except launch.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)  # every process: each host keeps its own log
     sys.exit(launch.PREEMPTED_EXIT)
   except (ValueError, launch.LaunchError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _error_exit(str(e))
   except OSError as e:  # a full disk, a read-only or vanished directory: what was written is kept
     where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-    print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-    sys.exit(2)
+    _error_exit(f"{where}{e.strerror or e}")
+
+
+def _error_exit(message: str) -> None:
+  """The one ``error:`` line and exit status 2, without the interpreter's teardown: every context manager
+  of the launch has closed by now (locks released, files written atomically), and what is left are Orbax's
+  and TensorStore's threads, whose writes still in flight after a failed save (a full disk) would print
+  their own tracebacks below the line."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  atexit._run_exitfuncs()  # the exit handlers still run (a caller's, absl's); the teardown does not
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(2)
 
