@@ -9,26 +9,42 @@ model's neurons (and over that model's rotated neurons), yet the exact pass
    (1 for independent Gaussians, larger for heavy tails; for a bivariate Gaussian it bounds the delta-method
    variance ``(1 - r²)²``). Each pair gets the interval ``r̂ ± z·se``. For every neuron and model the
    candidates are the neurons whose upper bound reaches the best lower bound (at least the ``k`` highest
-   upper bounds, at most ``max_candidates``); the highest upper bound left out is the *bar*.
-2. *Exact over all T* for the candidate pairs only (a gathered product: each row's few candidate columns,
-   rows grouped by candidate count), in one pass that also takes the full rows of the neurons the sample
-   could not separate (their bar reaches their best lower bound, or they were constant on the sample).
-3. *Check*: a neuron is settled by the screen when its exact winner exceeds its bar; the others get their
+   upper bounds, at most ``max_candidates``); the highest upper bound left out is the *bar*. One product
+   per pair of models serves both directions.
+2. *Refine* on prefixes of ``growth × `` more inputs while they are at most half of all inputs: exact
+   co-moments (and ``m22``) over the prefix for the candidates only, and for the rows the screen could not
+   separate, in full; the same intervals, now ``sqrt(growth)`` times narrower, drop candidates (their upper
+   bound raises the bar) and settle most of those rows. On byte-LM activations a prefix of 16 × T₁ cuts
+   the candidates ~4× and the rows taken in full ~20× (benchmarks/README.md).
+3. *Exact over all T* for the remaining candidate pairs (a gathered product: each row's few candidate
+   columns, rows grouped by candidate count) and the full rows of the neurons still not separated (their
+   bar reaches their best lower bound, or they were constant on the last prefix).
+4. *Check*: a neuron is settled by the screen when its exact winner exceeds its bar; the others get their
    whole row computed exactly over all T in one more pass. Every reported maximum and argmax is then an
-   exact full-T correlation; the only residual risk is a neuron left out whose sample estimate was off by
-   more than ``z`` standard errors.
+   exact full-T correlation; the only residual risk is a neuron left out whose estimate on a sample or
+   prefix was off by more than ``z`` standard errors.
+
+The exact passes sum about a fixed shift (the sample's means): ``C = Σx̃ỹ − n·d_x·d_y`` with ``x̃ = x −
+shift`` and ``d = Σx̃/n``, exact algebra that stays well conditioned because the shift is close to the
+mean. Sums run over chunks of ``_CHUNK`` inputs and join the totals with compensation (Kahan), so the
+maxima are within ~5e-7 of float64 — closer than the exact pass's own float32 products over whole batches
+(up to ~2e-6 on heavy-tailed activations).
 
 A neuron constant on the sample may vary over all T, so as a column it is a candidate of every row and
 as a row it takes its full row. Rotated neurons (``baseline='rotation'``) are columns like any other: the
 gathered product reads the rotations of the candidate rotated neurons only; a neuron whose rotated
-maximum is not settled needs every rotated neuron of that model, i.e. each model's own co-moment, which
-costs what the exact pass pays for it.
+maximum is not settled needs every rotated neuron of that model, i.e. a rotation of the whole batch,
+which costs what the exact pass pays for it.
 
 Results are :class:`universality.kernels.correlation.MaxCorrelation` with ``settled_SxN`` (``SETTLED_*``:
 exact pass, screen, or full row) and ``margin`` (``z / sqrt(T₁)``, the half-width for ``m22 = 1``; None
-when the exact pass ran). Under
-``jax.jit`` (traced activations) the data-dependent candidate sets have no static shape, so the exact
-pass runs and ``settled_SxN`` says so.
+when the exact pass ran). Under ``jax.jit`` (traced activations) the data-dependent candidate sets have no
+static shape, so the exact pass runs and ``settled_SxN`` says so.
+
+Local shape letters:
+
+  E  columns of a batch made neuron-major: the M neurons, then the rotated union, then every rotated neuron
+  V  inputs of one chunk of a batch (``_CHUNK``)
 """
 
 from __future__ import annotations
@@ -48,11 +64,15 @@ from universality.kernels import correlation as kc
 MODES = ("auto", "off", "on")
 SETTLED_EXACT, SETTLED_SCREEN, SETTLED_FULL_ROW = 0, 1, 2
 _HIGHEST = lax.Precision.HIGHEST
+_NT = (((1,), (1,)), ((), ()))  # contract the last axis of both operands: A·Bᵀ
 _ROW_BLOCK = 256  # rows of the sample correlation screened at once: R × H·N floats in memory
-_GATHER_ROWS = 32  # rows per step of the gathered product
-# Relative cost of one gathered pair against one co-moment entry of the exact pass's GEMM on the CPU
-# (gather-bound, measured ~3.5 GB/s against ~130 GFLOP/s), used by 'auto' to judge whether screening pays.
-_PAIR_COST = 40.0
+_ROW_PAD = 32  # rows of a bucket of the gathered product are padded to a multiple of this
+_CHUNK = 128  # inputs per step of the gathered product: the chunk of every neuron stays in cache
+# Costs on the CPU in co-moment entries of the exact pass's product (benchmarks/README.md, screened pass),
+# used by 'auto' to judge whether screening pays: one gathered pair, and one neuron's share of a pass
+# that shifts, transposes and sums every input (memory-bound).
+_PAIR_COST = 26.0
+_PASS_COST = 256.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +88,8 @@ class Screen:
     k: candidates kept per neuron and model at least.
     max_candidates: at most this many; a neuron needing more takes its full row.
     inputs: how many inputs a source holds, when the caller knows (lets 'auto' decide before reading it).
+    growth: each refinement reads this many times the inputs of the previous screen (T₁, then
+      growth·T₁, ...) while that is at most half of the inputs (of the source, when it is not known).
   """
 
   mode: str = "auto"
@@ -76,6 +98,7 @@ class Screen:
   k: int = 1
   max_candidates: int = 32
   inputs: int | None = None
+  growth: int = 16
 
   def may_screen(self) -> bool:
     """False when the mode or the size of the data rule the screen out before any is read."""
@@ -96,14 +119,16 @@ class Screen:
     if not 1 <= int(self.k) <= int(self.max_candidates):
       raise kc.CorrelationError(f"screen needs 1 <= k <= max_candidates, got k={self.k}, "
                                 f"max_candidates={self.max_candidates}")
+    if int(self.growth) < 2:
+      raise kc.CorrelationError(f"screen growth must be >= 2, got {self.growth}")
     return self
 
 
 def settings(mode: str = "auto", tokens: int = 1 << 15, z: float = 5.0, k: int = 1,
-             max_candidates: int = 32, inputs: int | None = None) -> Screen:
+             max_candidates: int = 32, inputs: int | None = None, growth: int = 16) -> Screen:
   """A checked :class:`Screen` from plain values (e.g. a config's ``analysis.screen*`` fields)."""
   return Screen(str(mode), int(tokens), float(z), int(k), int(max_candidates),
-                None if inputs is None else int(inputs)).check()
+                None if inputs is None else int(inputs), int(growth)).check()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,6 +216,44 @@ def _bounds(rows_TxR, rows2_TxR, cols_HxTxN, cols2_HxTxN, cdead_HxN, *, z, k_top
           best_lower.reshape(nb * r, g)[:m])
 
 
+@functools.partial(jax.jit, static_argnames=("z", "k_top"))
+def _bounds_both(rows_TxN, rows2_TxN, rdead_N, cols_TxN, cols2_TxN, cdead_N, *, z, k_top):
+  """Model i's neurons against model j's and, from the same products, j's against i's: per neuron of
+  either side the ``k_top`` highest upper bounds with their neurons and the best lower bound. Rows go in
+  blocks; the other direction's top bounds are merged block by block."""
+  t, n = rows_TxN.shape
+  r = min(_ROW_BLOCK, n)
+  nb = -(-n // r)
+  pad = nb * r - n
+  rows = jnp.pad(rows_TxN, ((0, 0), (0, pad)))
+  rows2 = jnp.pad(rows2_TxN, ((0, 0), (0, pad)))
+  rdead = jnp.pad(rdead_N, (0, pad))
+  valid = jnp.arange(nb * r) < n
+  k_blk = min(k_top, r)
+
+  def block(carry, i):
+    a = lax.dynamic_slice_in_dim(rows, i * r, r, axis=1)
+    a2 = lax.dynamic_slice_in_dim(rows2, i * r, r, axis=1)
+    ok = lax.dynamic_slice_in_dim(valid, i * r, r)[:, None]
+    dead = lax.dynamic_slice_in_dim(rdead, i * r, r)[:, None]
+    corr = jnp.clip(jnp.dot(a.T, cols_TxN, precision=_HIGHEST), -1.0, 1.0)
+    se = z * jnp.sqrt(jnp.maximum(jnp.dot(a2.T, cols2_TxN, precision=_HIGHEST), 1.0) / t)
+    top, idx = lax.top_k(jnp.where(cdead_N[None, :], jnp.inf, corr + se), k_top)
+    best = jnp.max(jnp.where(cdead_N[None, :], -jnp.inf, corr - se), axis=-1)
+    up_t = jnp.where(ok, jnp.where(dead, jnp.inf, corr + se), -jnp.inf).T
+    lo_t = jnp.where(ok & ~dead, corr - se, -jnp.inf).T
+    ct, ci = lax.top_k(up_t, k_blk)
+    cv, cidx, cbest = carry
+    mv, mi = lax.top_k(jnp.concatenate([cv, ct], axis=1), k_top)
+    midx = jnp.take_along_axis(jnp.concatenate([cidx, ci + i * r], axis=1), mi, axis=1)
+    return (mv, midx, jnp.maximum(cbest, lo_t.max(-1))), (top, idx, best)
+
+  init = (jnp.full((n, k_top), -jnp.inf), jnp.zeros((n, k_top), jnp.int32), jnp.full((n,), -jnp.inf))
+  (cv, ci, cbest), (top, idx, best) = lax.scan(block, init, jnp.arange(nb))
+  return (top.reshape(nb * r, k_top)[:n], idx.reshape(nb * r, k_top)[:n], best.reshape(nb * r)[:n],
+          cv, ci, cbest)
+
+
 def _screen_rows(sample_SxTxN, q_SxNxN, *, z, k_top, dead_rtol, within):
   """Per row neuron and group: the ``k_top`` highest upper bounds with their neurons, the best lower bound,
   and the rows constant on the sample. Without ``within`` each model's rows meet only the other models'
@@ -207,14 +270,33 @@ def _screen_rows(sample_SxTxN, q_SxNxN, *, z, k_top, dead_rtol, within):
   idx = np.zeros((s, n, g, k_top), np.int32)
   best_lower = np.full((s, n, g), -np.inf, np.float32)
   for i in range(s):
-    others = np.array([grp for grp in range(g) if grp % s != i])
-    if not len(others):
+    for j in range(i + 1, s):  # one product per pair of models serves both directions
+      res = [np.asarray(a) for a in _bounds_both(zr[i], zr2[i], dead[i], zr[j], zr2[j], dead[j], z=z,
+                                                 k_top=k_top)]
+      top[i, :, j], idx[i, :, j], best_lower[i, :, j] = res[:3]
+      top[j, :, i], idx[j, :, i], best_lower[j, :, i] = res[3:]
+    rotated = np.array([s + j for j in range(s) if j != i and g > s], np.int64)
+    if not len(rotated):
       continue
-    o = jnp.asarray(others)
+    o = jnp.asarray(rotated)
     res = bounds(zr[i], zr2[i], cols[o], cols2[o], cdead[o], exclude_self=False)
-    top[i][:, others], idx[i][:, others], best_lower[i][:, others] = (np.asarray(a) for a in res)
+    top[i][:, rotated], idx[i][:, rotated], best_lower[i][:, rotated] = (np.asarray(a) for a in res)
   return (top.reshape(s * n, g, k_top), idx.reshape(s * n, g, k_top), best_lower.reshape(s * n, g),
           np.asarray(dead).reshape(s * n))
+
+
+def _select(top_MxHxJ, idx_MxHxJ, best_lower_MxH, screen: Screen):
+  """From the highest upper bounds of a group (sorted, with their neurons): which to keep, the bar (the
+  highest upper bound left out) and the candidates. Every neuron left out has an upper bound at most the
+  largest one not kept among the top ones (the last of them is never kept when there are
+  ``max_candidates + 1`` of fewer than N)."""
+  k_top = top_MxHxJ.shape[-1]
+  rank = np.arange(k_top)[None, None, :]
+  keep = np.isfinite(top_MxHxJ) & ((top_MxHxJ >= best_lower_MxH[..., None]) | (rank < screen.k))
+  keep &= rank < screen.max_candidates
+  bar = np.where(keep, -np.inf, top_MxHxJ).max(-1)
+  cand = np.where(keep, idx_MxHxJ, -1)[..., :min(screen.max_candidates, k_top)]
+  return keep, bar, cand
 
 
 def plan(sample_SxTxN, q_SxNxN, screen: Screen, *, within: bool, dead_rtol: float) -> Plan:
@@ -224,13 +306,7 @@ def plan(sample_SxTxN, q_SxNxN, screen: Screen, *, within: bool, dead_rtol: floa
   top, idx, best_lower, sdead = _screen_rows(jnp.asarray(sample_SxTxN), q_SxNxN, z=float(screen.z),
                                              k_top=k_top, dead_rtol=dead_rtol, within=within)
   m, g = top.shape[:2]
-  rank = np.arange(k_top)[None, None, :]
-  keep = np.isfinite(top) & ((top >= best_lower[..., None]) | (rank < screen.k))
-  keep &= rank < screen.max_candidates
-  # Every neuron left out has an upper bound at most the largest one not kept among the top k_top (the
-  # last of them is never kept when k_top = max_candidates + 1 < N).
-  bar = np.where(keep, -np.inf, top).max(-1)
-  cand = np.where(keep, idx, -1)[..., :min(screen.max_candidates, k_top)]
+  keep, bar, cand = _select(top, idx, best_lower, screen)
   full = (bar >= best_lower) | sdead[:, None] | ~np.any(keep, axis=-1)
   model_M = np.repeat(np.arange(s), n)
   skip = np.zeros((m, g), bool)
@@ -244,7 +320,7 @@ def plan(sample_SxTxN, q_SxNxN, screen: Screen, *, within: bool, dead_rtol: floa
 
 
 # --------------------------------------------------------------------------------------------------
-# Phases 2 and 3: exact co-moments over all inputs for what the plan asks
+# Phases 2 and 3: co-moments over a prefix of the inputs (a refinement) or over all of them (exact)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,9 +328,8 @@ class _Layout:
   """Which co-moments one pass accumulates (host arrays; their shapes fix the compiled update).
 
   Pairs are unordered for two real neurons (one co-moment serves both rows) and (real row, rotated
-  column) otherwise. Columns index ``[aug of the M neurons; aug of the rotated union, model-major,
-  U per model]``. Pairs are grouped by row, rows into buckets by their pair count (a power of two),
-  ``_GATHER_ROWS`` rows per step.
+  column) otherwise. Columns index ``[the M neurons; the rotated union, model-major, U per model]``. Pairs
+  are grouped by row, rows into buckets by their pair count (:func:`_bucket`), padded to ``_ROW_PAD``.
   """
 
   bucket_rows: tuple[np.ndarray, ...]   # each [nb·R]
@@ -272,14 +347,22 @@ class _Layout:
     return len(self.pair_rows)
 
 
-def _pow2(x: int) -> int:
-  return 1 << max(0, int(x - 1).bit_length())
+def _bucket(x: int) -> int:
+  """The bucket of a row with ``x`` pairs: the next of 1, 2, 3, 4, 6, 8, 12, 16, ... (at most ~1.5× padding,
+  few distinct compiled shapes)."""
+  p = 1 << max(0, int(x - 1).bit_length())
+  return 3 * p // 4 if p >= 4 and x <= 3 * p // 4 else p
 
 
 def _pad_to(idx: np.ndarray, size: int) -> np.ndarray:
   out = np.zeros(size, np.int32)
   out[:len(idx)] = idx
   return out
+
+
+def _padded(idx, multiple=None):
+  multiple = multiple or _ROW_PAD
+  return _pad_to(idx, -(-len(idx) // multiple) * multiple) if len(idx) else np.zeros(0, np.int32)
 
 
 def layout(pl: Plan, full_MxH: np.ndarray, s: int, n: int, rotation: bool) -> _Layout:
@@ -310,17 +393,18 @@ def layout(pl: Plan, full_MxH: np.ndarray, s: int, n: int, rotation: bool) -> _L
   rows, counts = np.unique(prow, return_counts=True)
   start = np.cumsum(counts) - counts
   within_row = np.arange(len(prow)) - np.repeat(start, counts)
-  buckets = np.array([_pow2(c) for c in counts], np.int64)
+  buckets = np.array([_bucket(c) for c in counts], np.int64)
   row_of_pair = np.repeat(np.arange(len(rows)), counts)
   b_rows, b_cols, slot = [], [], np.zeros(len(prow), np.int64)
   offset = 0
   for bsize in sorted(set(buckets.tolist())):
     sel = np.nonzero(buckets == bsize)[0]
-    nr = -(-len(sel) // _GATHER_ROWS) * _GATHER_ROWS
+    nr = -(-len(sel) // _ROW_PAD) * _ROW_PAD
     place = np.zeros(len(rows), np.int64)
     place[sel] = np.arange(len(sel))
     mine = buckets[row_of_pair] == bsize
-    cols = np.zeros((nr, bsize), np.int32)
+    # Padding slots point at the row's own column: finite, and never read back.
+    cols = np.repeat(_pad_to(rows[sel], nr)[:, None], bsize, axis=1).astype(np.int32)
     cols[place[row_of_pair[mine]], within_row[mine]] = pcol[mine]
     slot[mine] = offset + place[row_of_pair[mine]] * bsize + within_row[mine]
     b_rows.append(_pad_to(rows[sel], nr))
@@ -332,94 +416,216 @@ def layout(pl: Plan, full_MxH: np.ndarray, s: int, n: int, rotation: bool) -> _L
                  rot_rows.astype(np.int32), prow, pcol, slot, cand_pair)
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["count", "mean_SxN", "m2_SxN", "finite", "pairs", "rot_m2_SxU", "full_FxM",
-                                "rot_full_FxM", "rot_m2_SxN"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class _Acc:
-  """One pass's exact accumulators (Chan's merge, as in :mod:`universality.kernels.correlation`)."""
-
-  count: jax.Array
-  mean_SxN: jax.Array
-  m2_SxN: jax.Array
-  finite: jax.Array
-  pairs: tuple                  # per bucket [nb·R, J] co-moments
-  rot_m2_SxU: jax.Array         # M2 of the rotated union
-  full_FxM: jax.Array           # full rows against the real neurons
-  rot_full_FxM: jax.Array       # full rows against the rotated neurons
-  rot_m2_SxN: jax.Array         # M2 of every rotated neuron (only with rotated full rows)
+def _kahan(acc, inc):
+  """Compensated float32 accumulation (``acc`` is (sum, compensation)): sums of 2^22 and more batch
+  increments stay within a few ulps, as the exact pass's pairwise merges do."""
+  total, comp = acc
+  y = inc - comp
+  new = total + y
+  return new, (new - total) - y
 
 
-def _padded(idx, multiple=_GATHER_ROWS):
-  return _pad_to(idx, -(-len(idx) // multiple) * multiple) if len(idx) else np.zeros(0, np.int32)
-
-
-def _acc_init(lay: _Layout, s: int, n: int) -> _Acc:
-  z = functools.partial(jnp.zeros, dtype=jnp.float32)
+def _acc_init(lay: _Layout, s: int, n: int, squares: bool) -> dict:
+  """Zeroed sums of one pass: per neuron Σx̃ and Σx̃² (x̃ = x − shift), per pair Σx̃ỹ (and Σ(x̃ỹ)² with
+  ``squares``), the full rows, and the rotated neurons' Σr̃²."""
   m = s * n
   f, f2 = len(_padded(lay.full_F)), len(_padded(lay.rot_full_F))
-  return _Acc(count=jnp.zeros((), jnp.int32), mean_SxN=z((s, n)), m2_SxN=z((s, n)), finite=jnp.ones((), bool),
-              pairs=tuple(z(c.shape) for c in lay.bucket_cols), rot_m2_SxU=z(lay.union_SxU.shape),
-              full_FxM=z((f, m)), rot_full_FxM=z((f2, m)), rot_m2_SxN=z((s, n) if f2 else (s, 0)))
+  shapes = {"s1": (m,), "s2": (m,), "r2": (lay.union_SxU.size,),
+            "full": (f, m), "rot_full": (f2, m), "rall2": (m if f2 else 0,)}
+  for i, c in enumerate(lay.bucket_cols):
+    shapes[f"p{i}"] = c.shape
+    if squares:
+      shapes[f"q{i}"] = c.shape
+  if squares:
+    shapes.update(full2=(f, m), rot_full2=(f2, m))
+  sums = {k: (jnp.zeros(v, jnp.float32), jnp.zeros(v, jnp.float32)) for k, v in shapes.items()}
+  return {"count": jnp.zeros((), jnp.int32), "finite": jnp.ones((), bool), "sums": sums}
 
 
-def _gathered(rows_BR, cols_BRxJ, aug_MxK, colaug_CxK):
-  """Co-moment increments of each row with its own columns, ``_GATHER_ROWS`` rows per step: the columns
-  are gathered (J·K floats per row), never the full product."""
-  nr, j = cols_BRxJ.shape
-
-  def step(i):
-    rows = lax.dynamic_slice_in_dim(rows_BR, i * _GATHER_ROWS, _GATHER_ROWS)
-    cols = lax.dynamic_slice_in_dim(cols_BRxJ, i * _GATHER_ROWS, _GATHER_ROWS)
-    return lax.dot_general(colaug_CxK[cols], aug_MxK[rows], (((2,), (1,)), ((0,), (0,))),
-                           precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-  return lax.map(step, jnp.arange(nr // _GATHER_ROWS)).reshape(nr, j)
+def _gathered(chunk_ExV, rows_R, cols_RxJ, squares):
+  """Σ over the chunk's inputs of x̃_row·x̃_col for each row's own columns (and of its square): the columns'
+  rows of the neuron-major chunk are gathered (J·V floats per row, from cache), never the full product."""
+  cols_RxJxV = chunk_ExV.at[cols_RxJ].get(mode="promise_in_bounds")  # the layout's indices are in range
+  rows_RxV = chunk_ExV.at[rows_R].get(mode="promise_in_bounds")
+  p = jnp.einsum("rjv,rv->rj", cols_RxJxV, rows_RxV, precision=_HIGHEST)
+  if not squares:
+    return p, None
+  return p, jnp.einsum("rjv,rv->rj", jnp.square(cols_RxJxV), jnp.square(rows_RxV), precision=_HIGHEST)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _acc_update(acc: _Acc, x_SxBxN, b, bucket_rows, bucket_cols, q_sel_SxNxU, full_F, rot_full_F, q_SxNxN):
-  s, _, n = x_SxBxN.shape
-  count, mean, m2, aug_SxNxK, finite = kc._chan_batch(  # pylint: disable=protected-access
-      acc.count, acc.mean_SxN, acc.m2_SxN, x_SxBxN, b)
-  k = aug_SxNxK.shape[-1]
-  aug_MxK = aug_SxNxK.reshape(s * n, k)
-  colaug = aug_MxK
-  rot_m2 = acc.rot_m2_SxU
-  if q_sel_SxNxU.shape[-1]:
-    # The rotated neurons' augmented batch is the rotation of the real one (the rotation is linear), so
-    # their co-moments and M2 follow Chan's update exactly as the real neurons' do.
-    raug_SxUxK = jnp.einsum("snu,snk->suk", q_sel_SxNxU, aug_SxNxK, precision=_HIGHEST)
-    rot_m2 = rot_m2 + jnp.sum(jnp.square(raug_SxUxK), axis=-1)
-    colaug = jnp.concatenate([aug_MxK, raug_SxUxK.reshape(-1, k)])
-  pairs = tuple(p + _gathered(r, c, aug_MxK, colaug) for p, r, c in zip(acc.pairs, bucket_rows, bucket_cols))
-  full = acc.full_FxM
-  if full_F.shape[0]:
-    full = full + lax.dot_general(aug_MxK[full_F], aug_MxK, kc._NT, precision=_HIGHEST,  # pylint: disable=protected-access
-                                  preferred_element_type=jnp.float32)
-  rot_full, rot_m2_all = acc.rot_full_FxM, acc.rot_m2_SxN
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("squares",))
+def _acc_update(acc, x_SxBxN, b, shift_SxN, bucket_rows, bucket_cols, q_sel_SxNxU, full_F, rot_full_F,
+                q_SxNxN, *, squares):
+  """Add one batch (its first ``b`` inputs are data) to the sums of :func:`_acc_init`.
+
+  The batch is shifted and made neuron-major once; products run over chunks of ``_CHUNK`` inputs, so that
+  float32 rounding grows with sequential runs of ``_CHUNK`` inputs, not with the batch, and each batch's
+  sums join the totals with compensation (Kahan)."""
+  s, bmax, n = x_SxBxN.shape
+  m = s * n
+  v = min(_CHUNK, bmax)
+  pad = -bmax % v
+  x = jnp.pad(x_SxBxN, ((0, 0), (0, pad), (0, 0))) if pad else x_SxBxN
+  nck = (bmax + pad) // v
+  valid_B = jnp.arange(bmax + pad) < b
+  xs_SxBxN = jnp.where(valid_B[None, :, None], x - shift_SxN[:, None, :], 0.0)
+  cols = [xs_SxBxN.transpose(0, 2, 1).reshape(m, bmax + pad)]
+  u = q_sel_SxNxU.shape[-1]
+  if u:  # rotated neurons are mixtures of one model's neurons: one product per batch
+    cols.append(jnp.einsum("sbn,snu->sub", xs_SxBxN, q_sel_SxNxU, precision=_HIGHEST).reshape(s * u, -1))
   if rot_full_F.shape[0]:
-    rall_SxNxK = jnp.einsum("skn,skt->snt", q_SxNxN, aug_SxNxK, precision=_HIGHEST)
-    rot_m2_all = rot_m2_all + jnp.sum(jnp.square(rall_SxNxK), axis=-1)
-    rot_full = rot_full + lax.dot_general(aug_MxK[rot_full_F], rall_SxNxK.reshape(s * n, k), kc._NT,  # pylint: disable=protected-access
-                                          precision=_HIGHEST, preferred_element_type=jnp.float32)
-  return _Acc(count=count, mean_SxN=mean, m2_SxN=m2, finite=acc.finite & finite, pairs=pairs,
-              rot_m2_SxU=rot_m2, full_FxM=full, rot_full_FxM=rot_full, rot_m2_SxN=rot_m2_all)
+    cols.append(jnp.einsum("sbk,skn->snb", xs_SxBxN, q_SxNxN, precision=_HIGHEST).reshape(m, -1))
+  cols_ExB = jnp.concatenate(cols) if len(cols) > 1 else cols[0]
+  e = cols_ExB.shape[0]
+  n_rot = s * u
+  nf, nf2 = full_F.shape[0], rot_full_F.shape[0]
+  names = ["s1", "s2"] + [f"p{k}" for k in range(len(bucket_rows))]
+  names += [f"q{k}" for k in range(len(bucket_rows))] if squares else []
+  names += (["full"] + (["full2"] if squares else [])) if nf else []
+  names += (["rot_full"] + (["rot_full2"] if squares else [])) if nf2 else []
+
+  def chunk(i, inc):
+    c_ExV = lax.dynamic_slice_in_dim(cols_ExB, i * v, v, axis=1)
+    sq_ExV = jnp.square(c_ExV)
+    out = dict(inc)
+    out["s1"] = inc["s1"] + jnp.sum(c_ExV, axis=1)
+    out["s2"] = inc["s2"] + jnp.sum(sq_ExV, axis=1)
+    for k, (r, c) in enumerate(zip(bucket_rows, bucket_cols)):
+      p, p2 = _gathered(c_ExV, r, c, squares)
+      out[f"p{k}"] = inc[f"p{k}"] + p
+      if squares:
+        out[f"q{k}"] = inc[f"q{k}"] + p2
+    for name, rows, lo in (("full", full_F, 0), ("rot_full", rot_full_F, m + n_rot)):
+      if rows.shape[0]:
+        blk = lax.dynamic_slice_in_dim(c_ExV, lo, m, axis=0)
+        out[name] = inc[name] + lax.dot_general(c_ExV[rows], blk, _NT, precision=_HIGHEST)
+        if squares:
+          sq_blk = lax.dynamic_slice_in_dim(sq_ExV, lo, m, axis=0)
+          out[name + "2"] = inc[name + "2"] + lax.dot_general(sq_ExV[rows], sq_blk, _NT, precision=_HIGHEST)
+    return out
+
+  zeros = {k: jnp.zeros_like(acc["sums"][k][0]) for k in names}
+  zeros["s1"] = zeros["s2"] = jnp.zeros((e,), jnp.float32)
+  inc = lax.fori_loop(0, nck, chunk, zeros)
+  # s1 and s2 cover every column: the real neurons, the rotated union, every rotated neuron.
+  inc["r2"] = inc["s2"][m:m + n_rot]
+  if nf2:
+    inc["rall2"] = inc["s2"][m + n_rot:]
+  inc["s1"], inc["s2"] = inc["s1"][:m], inc["s2"][:m]
+  sums = dict(acc["sums"])
+  for k, val in inc.items():
+    sums[k] = _kahan(sums[k], val)
+  finite = jnp.all(jnp.isfinite(sums["s2"][0]))
+  return {"count": acc["count"] + b, "finite": acc["finite"] & finite, "sums": sums}
 
 
-def _accumulate(batches, lay: _Layout, q_SxNxN, s, n) -> _Acc:
+def _accumulate(batches, lay: _Layout, shift_SxN, q_SxNxN, s, n, squares) -> dict:
   """One pass over ``batches`` (``(acts_SxBmaxxN, b)`` as ``correlation._batches`` yields them)."""
-  acc = _acc_init(lay, s, n)
+  acc = _acc_init(lay, s, n, squares)
   q_sel = (jnp.take_along_axis(q_SxNxN, jnp.asarray(lay.union_SxU)[:, None, :], axis=2)
            if lay.union_SxU.shape[1] else jnp.zeros((s, n, 0), jnp.float32))
-  args = (tuple(jnp.asarray(r) for r in lay.bucket_rows), tuple(jnp.asarray(c) for c in lay.bucket_cols),
-          q_sel, jnp.asarray(_padded(lay.full_F)), jnp.asarray(_padded(lay.rot_full_F)),
-          q_SxNxN if len(lay.rot_full_F) else None)
+  args = (jnp.asarray(shift_SxN, jnp.float32), tuple(jnp.asarray(r) for r in lay.bucket_rows),
+          tuple(jnp.asarray(c) for c in lay.bucket_cols), q_sel, jnp.asarray(_padded(lay.full_F)),
+          jnp.asarray(_padded(lay.rot_full_F)), q_SxNxN if len(lay.rot_full_F) else None)
   for x, b in batches:
     if x.shape[0] != s or x.shape[2] != n:
       raise kc.CorrelationError(f"batch has (S, N) = {(x.shape[0], x.shape[2])}, the first had {(s, n)}")
-    acc = _acc_update(acc, x, jnp.int32(b), *args)
+    acc = _acc_update(acc, x, jnp.int32(b), *args, squares=squares)
   return acc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Observed:
+  """What one pass measured, in float64: per candidate its correlation (and ``m22``), the full rows'
+  correlations with every neuron of every group, and the rows dead over the pass's inputs."""
+
+  count: int
+  dead_M: np.ndarray
+  cand_corr_MxHxJ: np.ndarray            # -inf where no candidate was computed
+  cand_m22_MxHxJ: np.ndarray | None
+  full_rows_F: np.ndarray                # rows whose real groups were computed in full
+  full_corr_FxSxN: np.ndarray
+  full_m22_FxSxN: np.ndarray | None
+  rot_rows_F: np.ndarray                 # rows whose rotated groups were computed in full
+  rot_corr_FxSxN: np.ndarray
+  rot_m22_FxSxN: np.ndarray | None
+
+
+def _value(acc, name):
+  total, comp = acc["sums"][name]
+  return np.asarray(total, np.float64) - np.asarray(comp, np.float64)
+
+
+def _inv(m2, dead):
+  return np.where(dead, 0.0, 1.0 / np.sqrt(np.where(dead, 1.0, m2)))
+
+
+def _observe(acc, lay: _Layout, shift_SxN, q_SxNxN, *, s, n, dead_rtol, squares) -> _Observed:
+  m = s * n
+  cnt = int(acc["count"])
+  if cnt < 2:
+    raise kc.CorrelationError(f"need at least 2 inputs, the source yielded {cnt}")
+  if not bool(acc["finite"]):
+    raise kc.CorrelationError("activations contain NaN or infinity")
+  d_M = _value(acc, "s1") / cnt
+  mean_M = np.asarray(shift_SxN, np.float64).reshape(m) + d_M
+  m2_M = np.maximum(_value(acc, "s2") - cnt * d_M * d_M, 0.0)
+  tol_M = cnt * np.square(dead_rtol * np.maximum(np.abs(mean_M), 1.0))
+  dead_M = m2_M <= tol_M
+  inv_M = _inv(m2_M, dead_M)
+  q = None if q_SxNxN is None else np.asarray(q_SxNxN, np.float64)
+  cand_corr = np.full(lay.cand_pair_MxHxJ.shape, -np.inf)
+  cand_m22 = np.full(lay.cand_pair_MxHxJ.shape, np.nan) if squares else None
+  if lay.n_pairs:
+    d_col, m2_col, inv_col = d_M, m2_M, inv_M
+    if lay.union_SxU.shape[1]:
+      q_sel = np.take_along_axis(q, lay.union_SxU[:, None, :], axis=2)
+      d_rot = np.einsum("sn,snu->su", d_M.reshape(s, n), q_sel).reshape(-1)
+      m2_rot = np.maximum(_value(acc, "r2") - cnt * d_rot * d_rot, 0.0)
+      rdead = m2_rot <= np.einsum("snu,sn->su", np.square(q_sel), tol_M.reshape(s, n)).reshape(-1)
+      d_col = np.concatenate([d_M, d_rot])
+      m2_col = np.concatenate([m2_M, m2_rot])
+      inv_col = np.concatenate([inv_M, _inv(m2_rot, rdead)])
+    buckets = range(len(lay.bucket_rows))
+    raw = np.concatenate([_value(acc, f"p{k}").reshape(-1) for k in buckets])[lay.pair_slot]
+    pr, pc = lay.pair_rows, lay.pair_cols
+    co = raw - cnt * d_M[pr] * d_col[pc]
+    corr_P = np.clip(co * inv_M[pr] * inv_col[pc], -1.0, 1.0)
+    have = lay.cand_pair_MxHxJ >= 0
+    idx = np.maximum(lay.cand_pair_MxHxJ, 0)
+    cand_corr = np.where(have, corr_P[idx], -np.inf)
+    if squares:
+      raw2 = np.concatenate([_value(acc, f"q{k}").reshape(-1) for k in buckets])[lay.pair_slot]
+      m22_P = raw2 * cnt / np.maximum(m2_M[pr] * m2_col[pc], 1e-300)
+      cand_m22 = np.where(have, m22_P[idx], np.nan)
+  empty = np.zeros((0, s, n))
+  full_corr, full_m22, rot_corr, rot_m22 = empty, None, empty, None
+  rows = lay.full_F
+  if len(rows):
+    co = _value(acc, "full")[:len(rows)] - cnt * d_M[rows, None] * d_M[None, :]
+    full_corr = np.clip(co * inv_M[rows, None] * inv_M[None, :], -1.0, 1.0).reshape(-1, s, n)
+    if squares:
+      full_m22 = (_value(acc, "full2")[:len(rows)] * cnt
+                  / np.maximum(m2_M[rows, None] * m2_M[None, :], 1e-300)).reshape(-1, s, n)
+  rrows = lay.rot_full_F
+  if len(rrows):
+    d_rall = np.einsum("sk,skn->sn", d_M.reshape(s, n), q).reshape(m)
+    m2_rall = np.maximum(_value(acc, "rall2") - cnt * d_rall * d_rall, 0.0)
+    rdead = m2_rall <= np.einsum("skn,sk->sn", np.square(q), tol_M.reshape(s, n)).reshape(m)
+    co = _value(acc, "rot_full")[:len(rrows)] - cnt * d_M[rrows, None] * d_rall[None, :]
+    rot_corr = np.clip(co * inv_M[rrows, None] * _inv(m2_rall, rdead)[None, :], -1.0, 1.0).reshape(-1, s, n)
+    if squares:
+      rot_m22 = (_value(acc, "rot_full2")[:len(rrows)] * cnt
+                 / np.maximum(m2_M[rrows, None] * m2_rall[None, :], 1e-300)).reshape(-1, s, n)
+  return _Observed(cnt, dead_M, cand_corr, cand_m22, rows, full_corr, full_m22, rrows, rot_corr, rot_m22)
+
+
+def _full_groups(obs: _Observed, s: int, g: int):
+  """Rows computed in full, as ``(rows, corr_RxHxN, m22_RxHxN or None, groups)`` per kind (real, rotated)."""
+  out = [(obs.full_rows_F, obs.full_corr_FxSxN, obs.full_m22_FxSxN, slice(0, s))]
+  if g > s:
+    out.append((obs.rot_rows_F, obs.rot_corr_FxSxN, obs.rot_m22_FxSxN, slice(s, g)))
+  return out
 
 
 @dataclasses.dataclass
@@ -431,62 +637,84 @@ class _Result:
   full_row_M: np.ndarray
 
 
-def _reduce_full(co_FxM, rowinv_F, colinv_M, rows_F, s, n, exclude_self):
-  corr = np.clip(co_FxM * rowinv_F[:, None] * colinv_M[None, :], -1.0, 1.0).reshape(-1, s, n)
-  if exclude_self:
-    corr = corr.reshape(len(rows_F), s * n)
-    corr[np.arange(len(rows_F)), rows_F] = -np.inf
-    corr = corr.reshape(-1, s, n)
-  best = corr.max(-1)
-  arg = np.argmax(corr == best[..., None], axis=-1)  # the first index attaining the max, as the exact pass
-  empty = best == -np.inf
-  return np.where(empty, 0.0, best).astype(np.float32), np.where(empty, -1, arg).astype(np.int32)
+def _exclude_self(corr_RxHxN, rows_R, groups: slice, s: int, n: int, within: bool):
+  """-inf where a row meets itself (real groups only) and where its group is not wanted."""
+  out = corr_RxHxN.copy()
+  if groups.start == 0:
+    out[np.arange(len(rows_R)), rows_R // n, rows_R % n] = -np.inf
+    if not within:
+      out[np.arange(len(rows_R)), rows_R // n, :] = -np.inf
+  elif not within:
+    out[np.arange(len(rows_R)), rows_R // n, :] = -np.inf
+  return out
 
 
-def _finish(acc: _Acc, lay: _Layout, pl: Plan, full_MxH, q_SxNxN, res: _Result, *, s, n, dead_rtol):
-  """Write the pass's exact maxima into ``res``; returns (row dead mask, the screened (row, group)s whose
-  exact winner does not beat their bar)."""
-  m = s * n
-  dead, tol = (np.asarray(a) for a in kc._dead(  # pylint: disable=protected-access
-      acc.count.astype(jnp.float32), acc.mean_SxN, acc.m2_SxN, dead_rtol))
-  m2 = np.asarray(acc.m2_SxN)
-  inv_M = np.where(dead, 0.0, 1.0 / np.sqrt(np.where(dead, 1.0, m2))).astype(np.float32).reshape(m)
-  dead_M = dead.reshape(m)
-  surprise = np.zeros(full_MxH.shape, bool)
-  if lay.n_pairs:
-    colinv = inv_M
-    if lay.union_SxU.shape[1]:
-      q_sel = np.take_along_axis(np.asarray(q_SxNxN), lay.union_SxU[:, None, :], axis=2)
-      rvar = np.asarray(acc.rot_m2_SxU)
-      rdead = rvar <= np.einsum("snu,sn->su", np.square(q_sel), tol)
-      rinv = np.where(rdead, 0.0, 1.0 / np.sqrt(np.where(rdead, 1.0, rvar))).astype(np.float32)
-      colinv = np.concatenate([inv_M, rinv.reshape(-1)])
-    flat = np.concatenate([np.asarray(p).reshape(-1) for p in acc.pairs])
-    corr_P = np.clip(flat[lay.pair_slot] * inv_M[lay.pair_rows] * colinv[lay.pair_cols], -1.0, 1.0)
-    have = lay.cand_pair_MxHxJ >= 0
-    vals = np.where(have, corr_P[np.maximum(lay.cand_pair_MxHxJ, 0)], -np.inf)
-    best = vals.max(-1)
-    arg = np.where(vals == best[..., None], pl.cand_MxHxJ, np.iinfo(np.int32).max).min(-1)
-    screened = have.any(-1)
-    res.max_MxH[screened] = best[screened]
-    res.arg_MxH[screened] = arg[screened]
-    surprise = screened & ~(best > pl.bar_MxH) & ~dead_M[:, None]
-  if len(lay.full_F):
-    rows = lay.full_F
-    co = np.asarray(acc.full_FxM)[:len(rows)]
-    mx, ar = _reduce_full(co, inv_M[rows], inv_M, rows, s, n, exclude_self=True)
-    res.max_MxH[rows, :s], res.arg_MxH[rows, :s] = mx, ar
+def _final(obs: _Observed, pl: Plan, full_MxH, res: _Result, *, s, n, within):
+  """Write the exact maxima of a pass over all inputs into ``res``; returns the screened (row, group)s
+  whose exact winner does not beat their bar."""
+  g = pl.cand_MxHxJ.shape[1]
+  vals = obs.cand_corr_MxHxJ
+  have = np.isfinite(vals)
+  best = vals.max(-1)
+  arg = np.where((vals == best[..., None]) & have, pl.cand_MxHxJ, np.iinfo(np.int32).max).min(-1)
+  screened = have.any(-1) & ~full_MxH
+  res.max_MxH[screened] = best[screened]
+  res.arg_MxH[screened] = arg[screened]
+  surprise = screened & ~(best > pl.bar_MxH) & ~obs.dead_M[:, None]
+  for rows, corr, _, groups in _full_groups(obs, s, g):
+    if not len(rows):
+      continue
+    c = _exclude_self(corr, rows, groups, s, n, within)
+    mx = c.max(-1)
+    ar = np.argmax(c == mx[..., None], axis=-1)  # the first index attaining the max, as the exact pass
+    none = mx == -np.inf
+    res.max_MxH[rows, groups] = np.where(none, 0.0, mx)
+    res.arg_MxH[rows, groups] = np.where(none, -1, ar)
     res.full_row_M[rows] = True
-  if len(lay.rot_full_F):
-    rows = lay.rot_full_F
-    rvar = np.asarray(acc.rot_m2_SxN)
-    rdead = rvar <= np.einsum("skn,sk->sn", np.square(np.asarray(q_SxNxN)), tol)
-    rinv = np.where(rdead, 0.0, 1.0 / np.sqrt(np.where(rdead, 1.0, rvar))).astype(np.float32).reshape(m)
-    co = np.asarray(acc.rot_full_FxM)[:len(rows)]
-    mx, ar = _reduce_full(co, inv_M[rows], rinv, rows, s, n, exclude_self=False)
-    res.max_MxH[rows, s:], res.arg_MxH[rows, s:] = mx, ar
-    res.full_row_M[rows] = True
-  return dead_M, surprise
+  return surprise
+
+
+def _refine(obs: _Observed, pl: Plan, screen: Screen, *, s, n, within) -> Plan:
+  """The plan for the next pass from exact co-moments over a prefix: the intervals ``r ± z·se`` of the
+  computed candidates and full rows (``se`` from this prefix's ``m22``) drop every candidate whose upper
+  bound falls below the group's best lower bound; a dropped candidate's upper bound raises the bar."""
+  g = pl.cand_MxHxJ.shape[1]
+  t = float(obs.count)
+  se = lambda m22: screen.z * np.sqrt(np.maximum(np.nan_to_num(m22, nan=1.0), 1.0) / t)  # noqa: E731
+  vals = obs.cand_corr_MxHxJ
+  have = np.isfinite(vals)
+  cand_dead = have & (vals == 0.0)  # a column dead over the prefix may still vary later: keep it
+  upper = np.where(have, np.where(cand_dead, np.inf, vals + se(obs.cand_m22_MxHxJ)), -np.inf)
+  lower = np.where(have & ~cand_dead, vals - se(obs.cand_m22_MxHxJ), -np.inf)
+  order = np.argsort(-upper, axis=-1, kind="stable")
+  upper_s = np.take_along_axis(upper, order, -1)
+  idx_s = np.take_along_axis(pl.cand_MxHxJ, order, -1)
+  best_lower = lower.max(-1)
+  rank = np.arange(upper.shape[-1])[None, None, :]
+  keep = np.isfinite(upper_s) & ((upper_s >= best_lower[..., None]) | (rank < screen.k))
+  bar = np.maximum(pl.bar_MxH, np.where(keep | ~np.isfinite(upper_s), -np.inf, upper_s).max(-1))
+  cand = np.where(keep, idx_s, -1).astype(np.int32)
+  full = (bar >= best_lower) | ~keep.any(-1)
+  j = cand.shape[-1]
+  for rows, corr, m22, groups in _full_groups(obs, s, g):
+    if not len(rows):
+      continue
+    c = _exclude_self(corr, rows, groups, s, n, within)
+    dead_col = (corr == 0.0) & np.isfinite(c)
+    up = np.where(dead_col, np.inf, c + se(m22))
+    lo = np.where(dead_col | ~np.isfinite(c), -np.inf, c - se(m22))
+    k_top = min(screen.max_candidates + 1, n)
+    top_idx = np.argsort(-up, axis=-1, kind="stable")[..., :k_top]
+    top = np.take_along_axis(up, top_idx, -1)
+    kp, b, cd = _select(top, top_idx, lo.max(-1), screen)
+    cand[rows, groups] = np.pad(cd, ((0, 0), (0, 0), (0, j - cd.shape[-1])), constant_values=-1)[..., :j]
+    bar[rows, groups] = b
+    full[rows, groups] = (b >= lo.max(-1)) | ~kp.any(-1)
+  full |= obs.dead_M[:, None]
+  full &= ~pl.skip_MxH
+  cand = np.where(pl.skip_MxH[..., None] | full[..., None], -1, cand)
+  return Plan(cand_MxHxJ=cand, bar_MxH=bar.astype(np.float32), full_MxH=full, skip_MxH=pl.skip_MxH,
+              sample_dead_M=obs.dead_M)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,13 +752,14 @@ def _exact(acts, *, baseline, key, within, dead_rtol, **options) -> kc.MaxCorrel
 
 
 def _worth_it(pl: Plan, s: int, n: int, within: bool, rotation: bool) -> bool:
-  """Whether the planned passes do less than half the exact pass's work, per input (co-moment entries)."""
+  """Whether the planned pass does less than half the exact pass's work, per input (in co-moment entries
+  of the exact pass's product: a pass over every neuron, the gathered pairs, the full rows)."""
   blocks = s * (s + 1) // 2 if within else s * (s - 1) // 2 + (s if rotation else 0)
   exact = blocks * n * n
   pairs = int(((pl.cand_MxHxJ >= 0) & ~pl.full_MxH[..., None]).sum())
   full = int(pl.full_MxH[:, :s].any(1).sum()) * s * n
   rot_full = pl.full_MxH[:, s:].any() * s * n * n
-  return _PAIR_COST * pairs + full + rot_full < 0.5 * exact
+  return _PASS_COST * s * n + _PAIR_COST * pairs + full + rot_full < 0.5 * exact
 
 
 def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baseline: str | None = None,
@@ -542,11 +771,12 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
   Args:
     acts_SxTxN: an array or a re-iterable source of batches, as for the exact pass.
     screen: a :class:`Screen`, or a mode name with the default sample, margin and candidates.
-    baseline, key, within, dead_rtol, rotation_blocks, **options: as for the exact pass (``options`` reach it when it runs:
-      ``backend``, ``memory_bytes``, block sizes).
-    stats: a dict to fill with what ran: ``ran`` ('exact' or 'screen'), ``pairs`` (gathered co-moments),
-      ``full_rows_sample`` (rows computed in full because the sample did not separate them),
-      ``full_rows_check`` (rows whose exact winner did not beat the bar: one more pass), ``passes``.
+    baseline, key, within, dead_rtol, rotation_blocks, **options: as for the exact pass (``options`` reach it
+      when it runs: ``backend``, ``memory_bytes``, block sizes).
+    stats: a dict to fill with what ran: ``ran`` ('exact' or 'screen'), ``pairs`` (gathered co-moments of
+      the pass over all inputs), ``full_rows_sample`` (rows computed in full in that pass because the screen
+      did not separate them), ``full_rows_check`` (rows whose exact winner did not beat the bar: one more
+      pass), ``passes`` (passes over all inputs), ``refine`` (per refinement: inputs read, pairs, full rows).
 
   Returns:
     :class:`MaxCorrelation` with ``settled_SxN`` (``SETTLED_EXACT`` everywhere when the exact pass ran) and
@@ -555,7 +785,7 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
   screen = (Screen(mode=screen) if isinstance(screen, str) else screen or Screen(mode="off")).check()
   kc._check_options("xla", baseline, key, dead_rtol)  # pylint: disable=protected-access
   stats = {} if stats is None else stats
-  stats.update(ran="exact", pairs=0, full_rows_sample=0, full_rows_check=0, passes=1)
+  stats.update(ran="exact", pairs=0, full_rows_sample=0, full_rows_check=0, passes=1, refine=[])
   exact = functools.partial(_exact, baseline=baseline, key=key, within=within,
                             dead_rtol=dead_rtol, rotation_blocks=rotation_blocks, **options)
   is_source = callable(acts_SxTxN) and not hasattr(acts_SxTxN, "shape")
@@ -564,7 +794,7 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
   t1 = int(screen.tokens)
   if is_source:
     sample, more = _prefix_sample(acts_SxTxN, t1)
-    source = acts_SxTxN
+    source, inputs = acts_SxTxN, screen.inputs
     if not more:
       return exact(lambda: iter([sample]))
   else:
@@ -573,8 +803,11 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
     if t <= t1 or (screen.mode == "auto" and t < 8 * t1):
       return exact(acts_SxTxN)
     sample = _spread_sample(acts_SxTxN, t1)
-    arr = jnp.asarray(acts_SxTxN)
-    source = lambda: (arr[:, a:a + kc.XLA_BATCH] for a in range(0, t, kc.XLA_BATCH))  # noqa: E731
+    arr, inputs = jnp.asarray(acts_SxTxN), t
+    # Batches in a fixed shuffled order, so that the prefix a refinement reads is spread over the array
+    # (the co-moments do not depend on the order).
+    starts = np.random.default_rng(0).permutation(np.arange(0, t, kc.XLA_BATCH))
+    source = lambda: (arr[:, a:a + kc.XLA_BATCH] for a in starts)  # noqa: E731
   if not np.isfinite(sample).all():
     raise kc.CorrelationError("activations contain NaN or infinity")
   s, _, n = sample.shape
@@ -582,7 +815,8 @@ def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baselin
   pl = plan(sample, q, screen, within=within, dead_rtol=dead_rtol)
   if screen.mode == "auto" and not _worth_it(pl, s, n, within, q is not None):
     return exact(source)
-  return _screened(source, pl, q, screen, s=s, n=n, within=within, dead_rtol=dead_rtol, stats=stats)
+  return _screened(source, pl, q, screen, s=s, n=n, within=within, dead_rtol=dead_rtol, stats=stats,
+                   shift_SxN=sample.mean(axis=1), inputs=inputs)
 
 
 def _spread_full(full_MxH, s):
@@ -594,41 +828,73 @@ def _spread_full(full_MxH, s):
   return out
 
 
-def _screened(source, pl: Plan, q, screen: Screen, *, s, n, within, dead_rtol, stats) -> kc.MaxCorrelation:
+def _prefix_batches(source, bmax: int, upto: int, state: dict):
+  """The first ``upto`` inputs of a source as ``(acts_SxBmaxxN, b)``; ``state['more']``: whether it holds
+  more."""
+  have = 0
+  state["more"] = False
+  for x, b in kc._batches(source, bmax):  # pylint: disable=protected-access
+    if have >= upto:
+      state["more"] = True
+      return
+    take = min(b, upto - have)
+    yield x, take
+    have += take
+    if take < b:
+      state["more"] = True
+      return
+
+
+def _screened(source, pl: Plan, q, screen: Screen, *, s, n, within, dead_rtol, stats, shift_SxN,
+              inputs) -> kc.MaxCorrelation:
   m, g = pl.cand_MxHxJ.shape[:2]
   first = next(iter(source()))
   bmax = first.shape[1]
   del first
   res = _Result(np.zeros((m, g), np.float32), np.full((m, g), -1, np.int32), np.zeros(m, bool))
-  full = _spread_full(pl.full_MxH, s) & ~pl.skip_MxH
-  lay = layout(pl, full, s, n, q is not None)
-  stats.update(ran="screen", pairs=lay.n_pairs, full_rows_sample=int(full.any(1).sum()))
-  acc = _accumulate(kc._batches(source, bmax), lay, q, s, n)  # pylint: disable=protected-access
-  if int(acc.count) < 2:
-    raise kc.CorrelationError(f"need at least 2 inputs, the source yielded {int(acc.count)}")
-  if not bool(acc.finite):
-    raise kc.CorrelationError("activations contain NaN or infinity")
-  count = int(acc.count)
-  dead_M, surprise = _finish(acc, lay, pl, full, q, res, s=s, n=n, dead_rtol=dead_rtol)
-  del acc
+  rotation = q is not None
+  observe = functools.partial(_observe, shift_SxN=shift_SxN, q_SxNxN=q, s=s, n=n, dead_rtol=dead_rtol)
+  accumulate = functools.partial(_accumulate, shift_SxN=shift_SxN, q_SxNxN=q, s=s, n=n)
+  refined, level = [], int(screen.tokens)
+  while True:
+    full = _spread_full(pl.full_MxH, s) & ~pl.skip_MxH
+    lay = layout(pl, full, s, n, rotation)
+    upto = level * int(screen.growth)
+    state = {"more": False}
+    if inputs is not None and 2 * upto > inputs:
+      acc = accumulate(kc._batches(source, bmax), lay, squares=False)  # pylint: disable=protected-access
+      obs = observe(acc, lay, squares=False)
+    else:
+      acc = accumulate(_prefix_batches(source, bmax, upto, state), lay, squares=True)
+      obs = observe(acc, lay, squares=True)
+    del acc
+    if not state["more"]:
+      break
+    refined.append({"tokens": obs.count, "pairs": lay.n_pairs, "full_rows": int(full.any(1).sum())})
+    pl = _refine(obs, pl, screen, s=s, n=n, within=within)
+    level = upto
+  stats.update(ran="screen", pairs=lay.n_pairs, full_rows_sample=int(full.any(1).sum()), refine=refined)
+  surprise = _final(obs, pl, full, res, s=s, n=n, within=within)
+  dead_M, count = obs.dead_M, obs.count
   if surprise.any():
     again = _spread_full(surprise, s) & ~pl.skip_MxH
     none = dataclasses.replace(pl, cand_MxHxJ=np.full_like(pl.cand_MxHxJ, -1))
-    lay3 = layout(none, again, s, n, q is not None)
+    lay3 = layout(none, again, s, n, rotation)
     stats.update(full_rows_check=int(again.any(1).sum()), passes=2)
-    acc = _accumulate(kc._batches(source, bmax), lay3, q, s, n)  # pylint: disable=protected-access
-    if int(acc.count) != count:
-      raise kc.CorrelationError(f"source is not re-iterable: {int(acc.count)} inputs in a later pass, "
+    acc = accumulate(kc._batches(source, bmax), lay3, squares=False)  # pylint: disable=protected-access
+    if int(acc["count"]) != count:
+      raise kc.CorrelationError(f"source is not re-iterable: {int(acc['count'])} inputs in a later pass, "
                                 f"{count} in the first")
-    _finish(acc, lay3, none, again, q, res, s=s, n=n, dead_rtol=dead_rtol)
+    _final(observe(acc, lay3, squares=False), none, again, res, s=s, n=n, within=within)
   res.max_MxH[dead_M] = 0.0
   res.arg_MxH[dead_M] = -1
   res.max_MxH[pl.skip_MxH], res.arg_MxH[pl.skip_MxH] = 0.0, -1
   shaped = lambda a: jnp.asarray(a.reshape(s, n, -1))  # noqa: E731
   settled = np.where(res.full_row_M, SETTLED_FULL_ROW, SETTLED_SCREEN).astype(np.int8).reshape(s, n)
-  out = kc.MaxCorrelation(shaped(res.max_MxH[:, :s]), shaped(res.arg_MxH[:, :s]), jnp.asarray(dead_M.reshape(s, n)),
-                          shaped(res.max_MxH[:, s:]) if q is not None else None,
-                          shaped(res.arg_MxH[:, s:]) if q is not None else None,
+  out = kc.MaxCorrelation(shaped(res.max_MxH[:, :s]), shaped(res.arg_MxH[:, :s]),
+                          jnp.asarray(dead_M.reshape(s, n)),
+                          shaped(res.max_MxH[:, s:]) if rotation else None,
+                          shaped(res.arg_MxH[:, s:]) if rotation else None,
                           settled_SxN=jnp.asarray(settled), margin=screen.margin)
   return kc._without_self(out, within)  # pylint: disable=protected-access
 
