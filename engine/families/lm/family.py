@@ -172,7 +172,7 @@ class LMFamily(families.Family):
     directory's text once (``corpus.load`` reads it into its training and held-out arrays) and a one-file
     corpus not at all: it is memory-mapped, and the kernel pages it in from the file and may drop it again
     (``corpus.held_in_memory``). Both count the evaluation windows. A 256 MiB corpus file raised the peak
-    RSS of a CPU launch by 1.2x its size (pages of the map), 7.2x before it was mapped
+    RSS of a CPU launch by 1.2x its size (pages of the map), 7.1x before it was mapped
     (benchmarks/README.md, "LM corpus memory")."""
     gpt = models.spec_of(cfg.model.gpt)
     params = jax.eval_shape(lambda k: models.init(k, gpt), jax.ShapeDtypeStruct((2,), jnp.uint32))
