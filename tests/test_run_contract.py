@@ -358,7 +358,7 @@ def test_huge_corpus_is_refused_by_the_size_check_before_it_is_read(tmp_path):
   assert peak_kb and peak_kb[0] < 1024 * 1024, peak_kb  # the 30 GiB were never read
   assert not (tmp_path / "w").exists()
   # A one-file corpus is memory-mapped: the estimate grows with it by the device's copy alone (on the CPU,
-  # where host and device share the RAM: 1.0x the corpus; benchmarks/README.md, "Checkpoint stall").
+  # where host and device share the RAM: 1.0x the corpus; benchmarks/README.md, "LM corpus memory").
   small, big = tmp_path / "small.txt", tmp_path / "big.txt"
   small.write_bytes(b"ab" * 5_000)
   big.write_bytes(b"ab" * 505_000)
