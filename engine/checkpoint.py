@@ -18,8 +18,8 @@ this class writes the sha256 of every file of the step into it on process 0
 (``universality.engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait
 for it. Where the devices are the host's own CPU cores (``overlap=False``, as a launch on the CPU sets), the
 save instead waits for its commit and checksums before it returns: there the writer and the hasher would take
-the cores from training, whose jitted steps wait for their slowest share, so that overlapping costs more wall
-time than waiting (benchmarks/README.md, "Checkpoint stall"). A restore first verifies the checksums, so a
+the cores from training, whose jitted steps wait for their slowest share, while waiting bounds what a
+checkpoint costs by the time ``save`` blocks (benchmarks/README.md, "Checkpoint stall"). A restore first verifies the checksums, so a
 flipped byte that Orbax would read without complaint is caught. A step without checksums — written by an
 older engine, or a step of a launch killed between its commit and its checksums (the next launch seals such
 steps once it has restored: ``seal_committed``) — is verified only by restoring it (noted in the log).
@@ -123,8 +123,8 @@ class Checkpointer:
     ``overlap``: whether the caller goes on while a save is written and hashed (``save`` returns after
     Orbax's synchronous part). Without, ``save`` returns once the step is committed and sealed: where the
     devices are the host's own CPU cores, the writer and the hasher would take them from training, and a
-    jitted step split over the cores waits for its slowest share, so that overlapping costs more wall time
-    than it hides (benchmarks/README.md, "Checkpoint stall"). The wait is the same bounded one as the next
+    jitted step split over the cores waits for its slowest share; waiting bounds the wall time a checkpoint
+    adds by the time ``save`` blocks (benchmarks/README.md, "Checkpoint stall"). The wait is the same bounded one as the next
     save's (``SEAL_GRACE_S`` once a stop was asked), and the state needs no copy of its own for the save.
 
     Saving and restoring are collective in a multi-process job: every process must take part. A reader
