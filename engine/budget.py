@@ -101,7 +101,8 @@ def estimate(cfg, n_devices: int, on_cpu: bool, family: families.Family | None =
   state = state_bytes(cfg, footprint.params, family)
   # The update of the runs in flight holds the old and the new state besides their activations.
   device = per_device * (state + footprint.data) + chunk * (2 * state + footprint.step) + footprint.shared
-  host = n_runs * (state + footprint.data + ROW_BYTES) + footprint.shared
+  host_shared = footprint.shared if footprint.host_shared is None else footprint.host_shared
+  host = n_runs * (state + footprint.data + ROW_BYTES) + host_shared
   return Estimate(n_runs, per_device, state, footprint.data, footprint.step, device, host)
 
 

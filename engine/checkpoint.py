@@ -16,10 +16,13 @@ A save blocks only while Orbax takes the arrays (device buffers of their own: ``
 writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread of
 this class writes the sha256 of every file of the step into it on process 0
 (``universality.engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait
-for it. A restore first verifies them, so a flipped byte that Orbax would read without complaint is caught. A
-step without checksums — written by an older engine, or a step of a launch killed between its commit and its
-checksums (the next launch seals such steps once it has restored: ``seal_committed``) — is verified only by
-restoring it (noted in the log).
+for it. Where the devices are the host's own CPU cores (``overlap=False``, as a launch on the CPU sets), the
+save instead waits for its commit and checksums before it returns: there the writer and the hasher would take
+the cores from training, whose jitted steps wait for their slowest share, while waiting bounds what a
+checkpoint costs by the time ``save`` blocks (benchmarks/README.md, "Checkpoint stall"). A restore first verifies the checksums, so a
+flipped byte that Orbax would read without complaint is caught. A step without checksums — written by an
+older engine, or a step of a launch killed between its commit and its checksums (the next launch seals such
+steps once it has restored: ``seal_committed``) — is verified only by restoring it (noted in the log).
 
 Once the launch has been asked to stop (SIGTERM), a save still waiting for its commit after ``SEAL_GRACE_S``
 is given up (``SaveAbandoned``): a storage server that died would otherwise hold the launch for ever.
@@ -106,15 +109,23 @@ class Checkpointer:
 
   ``timings``: per save, ``{"step", "wait_s", "save_s"}`` — seconds the caller was blocked waiting for the
   previous step's commit and checksums, and in Orbax's synchronous part — completed by the sealing thread
-  with ``commit_s`` (from the end of ``save`` until Orbax committed) and ``checksum_s``.
+  with ``commit_s`` (from the end of ``save`` until Orbax committed), ``checksum_s`` and ``checksum_cpu_s``
+  (its wall and CPU seconds), and without ``overlap`` by ``sealed_s`` (the wait for both in ``save``).
   """
 
   def __init__(self, directory: str | os.PathLike, *, async_save: bool = True, read_only: bool = False,
-               this_process_only: bool = False, keep: int | None = None):
+               this_process_only: bool = False, keep: int | None = None, overlap: bool = True):
     """Opens (and unless ``read_only`` creates) the checkpoint directory.
 
     ``keep``: how many of the newest steps to keep (None: all); a save beyond it deletes the oldest once
     the new one is committed, as the rolling resume checkpoint does (``keep=1``).
+
+    ``overlap``: whether the caller goes on while a save is written and hashed (``save`` returns after
+    Orbax's synchronous part). Without, ``save`` returns once the step is committed and sealed: where the
+    devices are the host's own CPU cores, the writer and the hasher would take them from training, and a
+    jitted step split over the cores waits for its slowest share; waiting bounds the wall time a checkpoint
+    adds by the time ``save`` blocks (benchmarks/README.md, "Checkpoint stall"). The wait is the same bounded one as the next
+    save's (``SEAL_GRACE_S`` once a stop was asked), and the state needs no copy of its own for the save.
 
     Saving and restoring are collective in a multi-process job: every process must take part. A reader
     that runs on one process alone (a notebook, the report written by process 0) passes
@@ -135,6 +146,7 @@ class Checkpointer:
       me = jax.process_index()
       processes = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     self.read_only = read_only
+    self.overlap = overlap
     self.timings: list[dict] = []
     self._sealer: threading.Thread | None = None  # commits and checksums the newest save
     self._seal_error: BaseException | None = None
@@ -174,10 +186,12 @@ class Checkpointer:
     return sealed
 
   def save(self, step: int, state: Any) -> None:
-    """Starts an asynchronous save of ``state`` at ``step`` (a step that exists already is kept).
+    """Starts an asynchronous save of ``state`` at ``step`` (a step that exists already is kept); without
+    ``overlap``, returns once it is committed and sealed.
 
     Collective: every process calls it with the same step. ``state`` must not change until the save is
-    committed: arrays that a later jitted call donates are to be copied first (``Trainer.checkpoint_view``).
+    committed: with ``overlap``, arrays that a later jitted call donates are to be copied first
+    (``Trainer.checkpoint_view``).
     """
     if step in self._manager.all_steps():
       return
@@ -191,6 +205,9 @@ class Checkpointer:
     self._sealer = threading.Thread(target=self._commit_and_checksum, args=(int(step), timing),
                                     name=f"checkpoint-seal-{step}", daemon=True)
     self._sealer.start()
+    if not self.overlap:
+      self._seal()
+      timing["sealed_s"] = time.perf_counter() - t2
 
   def _step_dir(self, step: int) -> str:
     return paths.join(self.directory, str(step))
@@ -204,10 +221,11 @@ class Checkpointer:
     try:
       t0 = time.perf_counter()
       self._manager.wait_until_finished()
-      t1 = time.perf_counter()
+      t1, c1 = time.perf_counter(), time.thread_time()
       if jax.process_index() == 0 and paths.isdir(self._step_dir(step)):
         rundir.write_checksums(self._step_dir(step))
-      timing.update(commit_s=t1 - t0, checksum_s=time.perf_counter() - t1)
+      timing.update(commit_s=t1 - t0, checksum_s=time.perf_counter() - t1,
+                    checksum_cpu_s=time.thread_time() - c1)
     except BaseException as e:  # handed to the caller's thread
       self._seal_error = e
 

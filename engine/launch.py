@@ -364,9 +364,12 @@ def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) ->
   schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
   # The handlers outlive the checkpointers: a signal that arrives while the last checkpoint is committed
   # must not cut it short.
+  # On the CPU a save waits for its commit and checksums rather than competing with training for the cores.
+  overlap = trainer.mesh.devices.flat[0].platform != "cpu"
   with _StopRequests() as stop, \
-      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt, \
-      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.RESUME_CHECKPOINTS), keep=1) as resume:
+      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS), overlap=overlap) as ckpt, \
+      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.RESUME_CHECKPOINTS), keep=1,
+                                  overlap=overlap) as resume:
     for c in (ckpt, resume):  # a stopped launch waits a bounded time for a save (a dead storage server)
       c.stop_requested = lambda: stop.signal is not None
     return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt, resume,
@@ -432,7 +435,7 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
     log.mirror = events.ScalarEvents(workdir, names, step if resumed else None)
   last = _recompute_missing(trainer, state, step, log, names) if step else None
   if step == 0:
-    ckpt.save(0, trainer.checkpoint_view(state))
+    ckpt.save(0, trainer.checkpoint_view(state, copy=ckpt.overlap))
   bar = _Progress(cfg.steps, step, len(rows), show_progress, trainer.family)
 
   def log_metrics(at_step, metrics):
@@ -459,10 +462,12 @@ def _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, sc
       log_metrics(step, metrics)
       stopped_by, due = stop.agreed(timer.due(step - cfg.eval_every, step))
       if step in schedule:
-        ckpt.save(step, trainer.checkpoint_view(state))  # the whole state too: a point to resume from as well
+        # the whole state too: a point to resume from as well
+        ckpt.save(step, trainer.checkpoint_view(state, copy=ckpt.overlap))
         timer.saved()
       elif due or stopped_by:
-        resume.save(step, trainer.checkpoint_view(state))  # replaces the previous one once committed (keep=1)
+        # replaces the previous one once committed (keep=1)
+        resume.save(step, trainer.checkpoint_view(state, copy=resume.overlap))
         timer.saved()
       if stopped_by:
         raise Preempted(stopped_by, step)  # the checkpoints are committed and sealed as their managers close

@@ -231,17 +231,19 @@ class Trainer:
     """Host numpy copy of a run-stacked pytree without the padding runs (gathered across processes)."""
     return jax.tree.map(lambda x: self._to_host(x)[:self.n_runs], tree)
 
-  def checkpoint_view(self, tree):
+  def checkpoint_view(self, tree, copy: bool = True):
     """A run-stacked pytree as a checkpoint saves it: the real runs only (``host_state_spec``), in buffers
     of its own that no later ``run`` donates, so an asynchronous save may read them while training goes on.
 
     Without padding runs (the run count a multiple of the device count) this is a copy on the devices, in
-    the same sharding: no host gather, and in a multi-process job each process writes its own runs. With
-    padding runs the unpadded axis cannot be split evenly over the devices, so it is ``unpad``'s host copy.
+    the same sharding: no host gather, and in a multi-process job each process writes its own runs; with
+    ``copy=False`` it is ``tree`` itself, for a save that is committed before the next ``run`` (a
+    checkpointer without ``overlap``). With padding runs the unpadded axis cannot be split evenly over the
+    devices, so it is ``unpad``'s host copy.
     """
     if self.n_padded != self.n_runs:
       return self.unpad(tree)
-    return self._copy_jit(tree)
+    return self._copy_jit(tree) if copy else tree
 
   @staticmethod
   def _to_host(x) -> np.ndarray:

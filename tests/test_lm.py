@@ -82,6 +82,33 @@ def test_stdlib_corpus_ships_with_python():
   assert 3.0 < entropy < 6.0 and cross > entropy - 0.5
 
 
+def test_corpus_is_held_once_and_the_size_estimate_counts_what_is_held(tmp_path):
+  # A one-file corpus is a read-only map of the file that the task's training text is a view of (no copy on
+  # the host); a directory is read once into its two arrays. The estimate counts exactly that on the host,
+  # and one copy per device.
+  rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+  one = tmp_path / "one.txt"
+  one.write_bytes(rng.integers(32, 127, 50_000, dtype=np.uint8).tobytes())
+  directory = _write_corpus(tmp_path / "dir")
+  for name, mapped in ((str(one), True), (directory, False)):
+    cfg = lm_config(name)
+    c = family.corpus_of(cfg)
+    assert corpus.is_mapped(name) == mapped
+    assert corpus.held_in_memory(c) == (0 if mapped else c.n_bytes)
+    if mapped:
+      assert not c.train.flags.writeable and bytes(c.train) + bytes(c.test) == one.read_bytes()
+    task = family.FAMILY.make_task(cfg, family.FAMILY.runs(cfg))
+    assert np.shares_memory(task.shared["train"], c.train)
+    windows = task.shared["eval_train"].nbytes + task.shared["eval_test"].nbytes
+    fp = family.FAMILY.footprint(cfg)
+    assert fp.host_shared == corpus.held_in_memory(c) + windows and fp.shared == c.n_bytes + windows
+    # The unigram entropies, counted block by block, against the whole-array formula.
+    counts = np.bincount(c.train, minlength=256) + 1.0
+    p = counts / counts.sum()
+    np.testing.assert_allclose(corpus.unigram_bits(c.train, c.test),
+                               (-(p * np.log2(p)).sum(), -np.log2(p)[c.test].mean()), rtol=1e-12)
+
+
 def _text(path, text):
   path.write_text(text)
   return str(path)

@@ -70,11 +70,14 @@ class Footprint(NamedTuple):
     data: one run's task data (padded to the largest run of the sweep).
     step: the live activations of one training step or one evaluation of one run, whichever is larger.
     shared: the data every run reads (``Task.shared``), held once per device and once on the host.
+    host_shared: what the host holds of it besides the devices' copies, where that differs from ``shared``
+      (None: as much), e.g. a corpus memory-mapped from its file, which the kernel may drop from RAM.
   """
   params: Any
   data: int
   step: int
   shared: int = 0
+  host_shared: int | None = None
 
 
 class Family:

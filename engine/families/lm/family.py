@@ -67,9 +67,6 @@ def run_name(row: Mapping[str, Any]) -> str:
   return f"lm/seed{row['seed']}/lr{row['lr']:g}/wd{row['weight_decay']:g}"
 
 
-CORPUS_COPIES = 4  # per count of the size check (host and, on the CPU, the device again): 8 in all there
-
-
 @functools.lru_cache(maxsize=4)
 def load_corpus(name: str, heldout_frac: float, max_bytes: int, context: int) -> corpus_lib.Corpus:
   return corpus_lib.load(name, heldout_frac, max_bytes, min_bytes=context + 1)
@@ -170,18 +167,23 @@ class LMFamily(families.Family):
     """The model's abstract init, the corpus (shared by every run) and the activations of one step.
 
     The corpus is sized from its files (``corpus.size_on_disk``), not read, so a corpus too large for memory
-    is refused before it is loaded. It is held several times over: the bytes read and kept (the corpus
-    cache), the training text, the device copy the compiled step reads, and transient copies while the task
-    is built; a 200 MB corpus raised the peak RSS of a CPU launch by 6.6× its size, so ``shared`` counts
-    ``CORPUS_COPIES`` (the CPU check adds the device's share on top of the host's)."""
+    is refused before it is loaded. Each device holds one copy of it (the text the compiled step reads; on
+    the CPU, JAX reads an aligned host array in place, so there this is an upper bound); the host holds a
+    directory's text once (``corpus.load`` reads it into its training and held-out arrays) and a one-file
+    corpus not at all: it is memory-mapped, and the kernel pages it in from the file and may drop it again
+    (``corpus.held_in_memory``). Both count the evaluation windows. A 256 MiB corpus file raised the peak
+    RSS of a CPU launch by 1.2x its size (pages of the map), 7.1x before it was mapped
+    (benchmarks/README.md, "LM corpus memory")."""
     gpt = models.spec_of(cfg.model.gpt)
     params = jax.eval_shape(lambda k: models.init(k, gpt), jax.ShapeDtypeStruct((2,), jnp.uint32))
     n_bytes = corpus_lib.size_on_disk(cfg.task.corpus, int(cfg.task.max_bytes))
+    mapped = corpus_lib.is_mapped(cfg.task.corpus)
+    windows = 2 * int(cfg.task.eval_windows) * (int(gpt.context) + 1)
     tokens = max(int(cfg.batch_size), 2 * int(cfg.task.eval_windows)) * int(gpt.context)
     return families.Footprint(
         params=params, data=8,
         step=4 * tokens * models.activation_floats_per_token(gpt),
-        shared=CORPUS_COPIES * n_bytes + 2 * int(cfg.task.eval_windows) * (int(gpt.context) + 1))
+        shared=n_bytes + windows, host_shared=(0 if mapped else n_bytes) + windows)
 
   def param_roles(self, params):
     return models.param_roles(params)
