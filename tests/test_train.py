@@ -181,7 +181,9 @@ def test_chunked_calls_are_bitwise_equal_and_compile_once():
   resumed, _ = tr.run(tr.shard(tr.unpad(tr.run(tr.init(), 2)[0])), 1)  # host round trip, as a checkpoint
   _assert_trees_equal(tr.unpad(resumed), tr.unpad(whole_state))
   for k in whole:
-    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k], err_msg=k)
+    # The parameters above are bit-identical; a metric is evaluated inside whichever program ran the
+    # interval, which XLA may fuse differently for another chunking: equal within float32 rounding.
+    np.testing.assert_allclose(np.concatenate([p[k] for p in parts]), whole[k], rtol=2e-6, atol=0, err_msg=k)
     assert whole[k].shape == (3, len(tr.runs)) and whole[k].dtype == np.float32
   assert np.isfinite(whole["train_loss"]).all() and (whole["train_loss"][-1] < whole["train_loss"][0]).all()
   assert int(tr.unpad(whole_state).step[0]) == cfg.steps

@@ -141,9 +141,16 @@ class View(view_lib.Run):
     fn = self.model.apply
     logits, hidden = [], []
     for lo in range(0, n_in, size):
-      lg, hd = fn(params, a_SxB[:, lo:lo + size], b_SxB[:, lo:lo + size])
-      logits.append(np.asarray(lg, np.float32))
-      hidden.append(np.asarray(hd, np.float32))
+      # Every call has the same shape (the last chunk padded with the pair (0, 0)): one compilation, and
+      # each input's logits do not depend on how the inputs were cut.
+      a_chunk, b_chunk = a_SxB[:, lo:lo + size], b_SxB[:, lo:lo + size]
+      got = a_chunk.shape[1]
+      if got < size:
+        pad = ((0, 0), (0, size - got))
+        a_chunk, b_chunk = np.pad(a_chunk, pad), np.pad(b_chunk, pad)
+      lg, hd = fn(params, a_chunk, b_chunk)
+      logits.append(np.asarray(lg, np.float32)[:, :got])
+      hidden.append(np.asarray(hd, np.float32)[:, :got])
     logits_SxBxV = np.concatenate(logits, axis=1)
     hidden_SxBxN = np.concatenate(hidden, axis=1)
     return np.asarray(task_lib.mask_padding(logits_SxBxV, self.orders()[:, None, None])), hidden_SxBxN
