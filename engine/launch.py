@@ -364,8 +364,10 @@ def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) ->
   schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
   # The handlers outlive the checkpointers: a signal that arrives while the last checkpoint is committed
   # must not cut it short.
-  # On the CPU a save waits for its commit and checksums rather than competing with training for the cores.
-  overlap = trainer.mesh.devices.flat[0].platform != "cpu"
+  # Saves overlap training on every platform: waiting for each save on the CPU (overlap=False) measured
+  # 9.5 s of wall time per extra checkpoint on a quiet machine against 3.4 s overlapping
+  # (benchmarks/README.md, "Checkpoint stall").
+  overlap = True
   with _StopRequests() as stop, \
       checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS), overlap=overlap) as ckpt, \
       checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.RESUME_CHECKPOINTS), keep=1,
