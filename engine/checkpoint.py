@@ -16,10 +16,9 @@ A save blocks only while Orbax takes the arrays (device buffers of their own: ``
 writing and committing run in Orbax's background thread. Once Orbax has committed a step, a sealing thread of
 this class writes the sha256 of every file of the step into it on process 0
 (``universality.engine.rundir.write_checksums``) while training goes on; the next save, and ``close``, wait
-for it. Where the devices are the host's own CPU cores (``overlap=False``, as a launch on the CPU sets), the
-save instead waits for its commit and checksums before it returns: there the writer and the hasher would take
-the cores from training, whose jitted steps wait for their slowest share, while waiting bounds what a
-checkpoint costs by the time ``save`` blocks (benchmarks/README.md, "Checkpoint stall"). A restore first verifies the checksums, so a
+for it. With ``overlap=False`` the save instead waits for its commit and checksums before it returns (launches
+do not use it: on the CPU it made the training after each save slower, benchmarks/README.md, "Checkpoint
+stall"). A restore first verifies the checksums, so a
 flipped byte that Orbax would read without complaint is caught. A step without checksums — written by an
 older engine, or a step of a launch killed between its commit and its checksums (the next launch seals such
 steps once it has restored: ``seal_committed``) — is verified only by restoring it (noted in the log).
