@@ -364,14 +364,11 @@ def _train_loop(cfg, trainer, rows, workdir, started, show_progress, is_main) ->
   schedule = set(checkpoint_lib.log_spaced_steps(cfg.steps, cfg.num_checkpoints, cfg.eval_every))
   # The handlers outlive the checkpointers: a signal that arrives while the last checkpoint is committed
   # must not cut it short.
-  # Saves overlap training on every platform: waiting for each save on the CPU (overlap=False) measured
-  # 9.5 s of wall time per extra checkpoint on a quiet machine against 3.4 s overlapping
+  # Saves overlap training on every platform: waiting for each save on the CPU (overlap=False) cost more
   # (benchmarks/README.md, "Checkpoint stall").
-  overlap = True
   with _StopRequests() as stop, \
-      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS), overlap=overlap) as ckpt, \
-      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.RESUME_CHECKPOINTS), keep=1,
-                                  overlap=overlap) as resume:
+      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS)) as ckpt, \
+      checkpoint_lib.Checkpointer(rundir.path(workdir, rundir.RESUME_CHECKPOINTS), keep=1) as resume:
     for c in (ckpt, resume):  # a stopped launch waits a bounded time for a save (a dead storage server)
       c.stop_requested = lambda: stop.signal is not None
     return _train_with(cfg, trainer, rows, workdir, started, show_progress, is_main, schedule, ckpt, resume,
