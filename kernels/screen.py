@@ -360,9 +360,8 @@ def _pad_to(idx: np.ndarray, size: int) -> np.ndarray:
   return out
 
 
-def _padded(idx, multiple=None):
-  multiple = multiple or _ROW_PAD
-  return _pad_to(idx, -(-len(idx) // multiple) * multiple) if len(idx) else np.zeros(0, np.int32)
+def _padded(idx):
+  return _pad_to(idx, -(-len(idx) // _ROW_PAD) * _ROW_PAD) if len(idx) else np.zeros(0, np.int32)
 
 
 def layout(pl: Plan, full_MxH: np.ndarray, s: int, n: int, rotation: bool) -> _Layout:
