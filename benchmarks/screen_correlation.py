@@ -81,14 +81,15 @@ def _timed(fn):
 def compare(args):
   cache = np.load(args.cache, mmap_mode="r")
   nb, s, b, m = cache.shape
+  nb = min(nb, args.batches or nb)
   t = nb * b
-  source = lambda: (jnp.asarray(cache[i], jnp.float32) for i in range(nb))  # noqa: E731
+  source = lambda: (np.asarray(cache[i], np.float32) for i in range(nb))  # noqa: E731
   flops_exact = 2.0 * t * m * m
   print(f"{s} models x {m} neurons, T={t} tokens in {nb} batches of {b}; load {_load()}; "
         f"matmul {_matmul_rate():.0f} GFLOP/s; cross block {flops_exact / 1e12:.1f} TFLOP")
   def read_all():
-    for x in source():
-      x.block_until_ready()
+    for _ in source():
+      pass
 
   _, t_src = _timed(read_all)
   print(f"  the source alone (read + float32): {t_src:7.1f} s per pass; load {_load()}", flush=True)
@@ -102,7 +103,7 @@ def compare(args):
   print(f"  one read of every input (resident batches, no source): {t_floor:7.1f} s per pass", flush=True)
   base = "rotation" if args.baseline else None
   key = jax.random.key(0)
-  screen = ks.Screen("on", args.screen_tokens, args.z, args.k, args.max_candidates)
+  screen = ks.Screen("on", args.screen_tokens, args.z, args.k, args.max_candidates, inputs=t)
   stats = {}
   scr, t_scr = _timed(lambda: ks.max_correlation(source, screen=screen, baseline=base, key=key, within=False,
                                                  stats=stats))
@@ -175,6 +176,7 @@ def main(argv=None):
   p.add_argument("--tokens", type=int, default=1 << 22)
   p.add_argument("--batch_windows", type=int, default=32)
   p.add_argument("--cache", default="")
+  p.add_argument("--batches", type=int, default=0, help="use the first this many batches of the cache (0: all)")
   p.add_argument("--screen_tokens", type=int, default=ks.Screen.tokens)
   p.add_argument("--z", type=float, default=ks.Screen.z)
   p.add_argument("--k", type=int, default=ks.Screen.k)

@@ -39,6 +39,7 @@ from typing import Callable, Iterator, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from universality.kernels import pallas_correlation
@@ -725,7 +726,13 @@ def _batches(source: Source, bmax: int):
     for a in range(0, batch.shape[1], bmax):
       piece = batch if batch.shape[1] <= bmax else batch[:, a:a + bmax]
       b = piece.shape[1]
-      if b == bmax and piece.dtype == jnp.float32:
+      if isinstance(piece, np.ndarray):
+        # Host batches stay on the host, all of them (one kind of argument, one compilation): a jitted
+        # update takes them as they are, the CPU loop of the screened pass (kernels.gathered) reads them
+        # without a copy.
+        x = piece.astype(np.float32, copy=False)
+        yield (x if b == bmax else np.pad(x, ((0, 0), (0, bmax - b), (0, 0)))), b
+      elif b == bmax and piece.dtype == jnp.float32:
         yield jnp.asarray(piece), b
       else:
         yield _pad_batch(jnp.asarray(piece), bmax=bmax), b

@@ -60,6 +60,7 @@ import numpy as np
 from jax import lax
 
 from universality.kernels import correlation as kc
+from universality.kernels import gathered
 
 MODES = ("auto", "off", "on")
 SETTLED_EXACT, SETTLED_SCREEN, SETTLED_FULL_ROW = 0, 1, 2
@@ -68,11 +69,12 @@ _NT = (((1,), (1,)), ((), ()))  # contract the last axis of both operands: A·B�
 _ROW_BLOCK = 256  # rows of the sample correlation screened at once: R × H·N floats in memory
 _ROW_PAD = 32  # rows of a bucket of the gathered product are padded to a multiple of this
 _CHUNK = 128  # inputs per step of the gathered product: the chunk of every neuron stays in cache
-# Costs on the CPU in co-moment entries of the exact pass's product (benchmarks/README.md, screened pass),
-# used by 'auto' to judge whether screening pays: one gathered pair, and one neuron's share of a pass
-# that shifts, transposes and sums every input (memory-bound).
-_PAIR_COST = 26.0
-_PASS_COST = 256.0
+# Costs per input in co-moment entries of the exact pass's product (benchmarks/README.md, screened pass),
+# used by 'auto' to judge whether screening pays: one neuron's share of a pass that reads, shifts and sums
+# every input (memory-bound), one gathered pair, one entry of a full row. XLA (measured on the CPU, where
+# the pass transposes each batch) and the CPU loop of kernels.gathered.
+_COSTS_XLA = (256.0, 26.0, 1.0)
+_COSTS_HOST = (13.0, 21.0, 2.3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,11 +520,23 @@ def _acc_update(acc, x_SxBxN, b, shift_SxN, bucket_rows, bucket_cols, q_sel_SxNx
   return {"count": acc["count"] + b, "finite": acc["finite"] & finite, "sums": sums}
 
 
-def _accumulate(batches, lay: _Layout, shift_SxN, q_SxNxN, s, n, squares) -> dict:
-  """One pass over ``batches`` (``(acts_SxBmaxxN, b)`` as ``correlation._batches`` yields them)."""
-  acc = _acc_init(lay, s, n, squares)
+def _accumulate(batches, lay: _Layout, shift_SxN, q_SxNxN, s, n, squares, host: bool | None = None,
+                precise: bool = True) -> dict:
+  """One pass over ``batches`` (``(acts_SxBmaxxN, b)`` as ``correlation._batches`` yields them): on the
+  CPU by :mod:`universality.kernels.gathered` (``host``; default: where it runs), else by XLA. A pass
+  that only steers the screen (never reported) is not ``precise``: the CPU loop may take float32
+  products for its full rows."""
   q_sel = (jnp.take_along_axis(q_SxNxN, jnp.asarray(lay.union_SxU)[:, None, :], axis=2)
            if lay.union_SxU.shape[1] else jnp.zeros((s, n, 0), jnp.float32))
+  if gathered.available() if host is None else host:
+    sums = gathered.Sums(lay.pair_rows, lay.pair_cols, lay.full_F, lay.rot_full_F,
+                         q_sel if lay.union_SxU.shape[1] else None, q_SxNxN, s, n, squares, precise)
+    for x, b in batches:
+      if x.shape[0] != s or x.shape[2] != n:
+        raise kc.CorrelationError(f"batch has (S, N) = {(x.shape[0], x.shape[2])}, the first had {(s, n)}")
+      sums.add(x, b, shift_SxN)
+    return sums.as_acc()
+  acc = _acc_init(lay, s, n, squares)
   args = (jnp.asarray(shift_SxN, jnp.float32), tuple(jnp.asarray(r) for r in lay.bucket_rows),
           tuple(jnp.asarray(c) for c in lay.bucket_cols), q_sel, jnp.asarray(_padded(lay.full_F)),
           jnp.asarray(_padded(lay.rot_full_F)), q_SxNxN if len(lay.rot_full_F) else None)
@@ -586,7 +600,8 @@ def _observe(acc, lay: _Layout, shift_SxN, q_SxNxN, *, s, n, dead_rtol, squares)
       m2_col = np.concatenate([m2_M, m2_rot])
       inv_col = np.concatenate([inv_M, _inv(m2_rot, rdead)])
     buckets = range(len(lay.bucket_rows))
-    raw = np.concatenate([_value(acc, f"p{k}").reshape(-1) for k in buckets])[lay.pair_slot]
+    raw = (_value(acc, "pairs") if "pairs" in acc["sums"]
+           else np.concatenate([_value(acc, f"p{k}").reshape(-1) for k in buckets])[lay.pair_slot])
     pr, pc = lay.pair_rows, lay.pair_cols
     co = raw - cnt * d_M[pr] * d_col[pc]
     corr_P = np.clip(co * inv_M[pr] * inv_col[pc], -1.0, 1.0)
@@ -594,7 +609,8 @@ def _observe(acc, lay: _Layout, shift_SxN, q_SxNxN, *, s, n, dead_rtol, squares)
     idx = np.maximum(lay.cand_pair_MxHxJ, 0)
     cand_corr = np.where(have, corr_P[idx], -np.inf)
     if squares:
-      raw2 = np.concatenate([_value(acc, f"q{k}").reshape(-1) for k in buckets])[lay.pair_slot]
+      raw2 = (_value(acc, "pairs2") if "pairs2" in acc["sums"]
+              else np.concatenate([_value(acc, f"q{k}").reshape(-1) for k in buckets])[lay.pair_slot])
       m22_P = raw2 * cnt / np.maximum(m2_M[pr] * m2_col[pc], 1e-300)
       cand_m22 = np.where(have, m22_P[idx], np.nan)
   empty = np.zeros((0, s, n))
@@ -758,7 +774,8 @@ def _worth_it(pl: Plan, s: int, n: int, within: bool, rotation: bool) -> bool:
   pairs = int(((pl.cand_MxHxJ >= 0) & ~pl.full_MxH[..., None]).sum())
   full = int(pl.full_MxH[:, :s].any(1).sum()) * s * n
   rot_full = pl.full_MxH[:, s:].any() * s * n * n
-  return _PASS_COST * s * n + _PAIR_COST * pairs + full + rot_full < 0.5 * exact
+  pass_cost, pair_cost, full_cost = _COSTS_HOST if gathered.available() else _COSTS_XLA
+  return pass_cost * s * n + pair_cost * pairs + full_cost * (full + rot_full) < 0.5 * exact
 
 
 def max_correlation(acts_SxTxN, *, screen: Screen | str | None = "auto", baseline: str | None = None,
@@ -864,7 +881,8 @@ def _screened(source, pl: Plan, q, screen: Screen, *, s, n, within, dead_rtol, s
       acc = accumulate(kc._batches(source, bmax), lay, squares=False)  # pylint: disable=protected-access
       obs = observe(acc, lay, squares=False)
     else:
-      acc = accumulate(_prefix_batches(source, bmax, upto, state), lay, squares=True)
+      # With the inputs known this prefix is not the last pass, and only steers the screen.
+      acc = accumulate(_prefix_batches(source, bmax, upto, state), lay, squares=True, precise=inputs is None)
       obs = observe(acc, lay, squares=True)
     del acc
     if not state["more"]:

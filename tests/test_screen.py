@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from universality.kernels import correlation as kc
+from universality.kernels import gathered
 from universality.kernels import screen as ks
 
 
@@ -76,9 +77,15 @@ def _source(acts, batch):
   return lambda: (acts[:, a:a + batch] for a in range(0, acts.shape[1], batch))
 
 
-@pytest.mark.parametrize("seed,baseline,within,as_source", [
-    (0, None, False, True), (1, "rotation", False, False), (2, None, True, False), (3, "rotation", True, True)])
-def test_screen_matches_exact_on_heavy_tailed_mixtures(seed, baseline, within, as_source):
+@pytest.mark.parametrize("seed,baseline,within,as_source,path", [
+    (0, None, False, True, "cpu loop"), (1, "rotation", False, False, "cpu loop"), (2, None, True, False, "cpu loop"),
+    (3, "rotation", True, True, "cpu loop"), (1, "rotation", False, False, "xla"), (3, "rotation", True, True, "xla")])
+def test_screen_matches_exact_on_heavy_tailed_mixtures(seed, baseline, within, as_source, path, monkeypatch):
+  """Both ways of running the passes over all inputs: the CPU loop (kernels.gathered) and XLA's gathered
+  product (the accelerators' path)."""
+  assert gathered.available()
+  if path == "xla":
+    monkeypatch.setattr(gathered, "available", lambda: False)
   acts = _mixture(seed, 3, 12_000, 24)
   key = jax.random.key(seed)
   data = _source(acts, 1_000) if as_source else acts
@@ -152,6 +159,53 @@ def test_planted_weak_in_sample_winner_forces_a_full_row(refine):
   else:
     assert stats["refine"] == [] and stats["full_rows_check"] >= 1 and stats["passes"] == 2
   assert (np.asarray(screened.settled_SxN) == ks.SETTLED_SCREEN).mean() > 0.5  # the rest was screened
+
+
+@pytest.mark.parametrize("squares,precise,in_loop", [(True, True, True), (False, True, False),
+                                                     (True, True, False), (True, False, False)])
+def test_cpu_loop_sums_equal_float64(squares, precise, in_loop, monkeypatch):
+  """kernels.gathered against float64 numpy on one layout's sums over padded batches: per neuron, rotated
+  union and every rotated neuron; the pairs (rows against real and rotated columns) and the full rows, held
+  by the loop or taken as products over the batch (float32 ones where not ``precise``)."""
+  if not in_loop:
+    monkeypatch.setattr(gathered, "ROW_ENTRIES", 0)
+  rng = np.random.default_rng(20)
+  s, n, t, u, bmax = 3, 17, 2_300, 4, 1_000
+  m = s * n
+  acts = _mixture(21, s, t, n, dead=1)
+  shift = (acts[:, :300].mean(1) + rng.normal(0, 0.5, (s, n))).astype(np.float32)
+  q = np.asarray(kc.rotations(jax.random.key(4), s, n))
+  union = np.stack([rng.choice(n, u, replace=False) for _ in range(s)])
+  q_sel = np.take_along_axis(q, union[:, None, :], axis=2)
+  rows_P, cols_P = rng.integers(0, m, 40), rng.integers(0, m + s * u, 40)
+  full_F, rot_F = rng.choice(m, 3, replace=False), rng.choice(m, 2, replace=False)
+  # A large offset (the shift must be applied exactly) and padding beyond each batch's b (never counted).
+  acts, shift = (acts + 1e3).astype(np.float32), (shift + 1e3).astype(np.float32)
+  sums = gathered.Sums(rows_P, cols_P, full_F, rot_F, q_sel, q, s, n, squares, precise)
+  for a in range(0, t, bmax):
+    x = rng.normal(0, 1e4, (s, bmax, n)).astype(np.float32)
+    x[:, :min(bmax, t - a)] = acts[:, a:a + bmax]
+    sums.add(x, min(bmax, t - a), shift)
+  xs = np.asarray(acts, np.float64) - shift[:, None, :]
+  real = xs.transpose(1, 0, 2).reshape(t, m)
+  rot_u = np.einsum("stn,snu->tsu", xs, q_sel).reshape(t, s * u)
+  rot_all = np.einsum("stk,skn->tsn", xs, q).reshape(t, m)
+  cols = np.concatenate([real, rot_u], axis=1)
+  prod = real[:, rows_P] * cols[:, cols_P]
+  want = {"s1": real.sum(0), "s2": (real ** 2).sum(0), "r2": (rot_u ** 2).sum(0), "rall2": (rot_all ** 2).sum(0),
+          "pairs": prod.sum(0), "full": real[:, full_F].T @ real, "rot_full": real[:, rot_F].T @ rot_all}
+  if squares:
+    want.update(pairs2=(prod ** 2).sum(0), full2=(real[:, full_F] ** 2).T @ real ** 2,
+                rot_full2=(real[:, rot_F] ** 2).T @ rot_all ** 2)
+  acc = sums.as_acc()
+  assert acc["count"] == t and acc["finite"]
+  assert set(acc["sums"]) == set(want)
+  for name, w in want.items():
+    # x - shift is exact here, rotated values are rounded to float32 in the loop; not ``precise``: float32
+    # products for the full rows.
+    rtol = 1e-9 if name in ("s1", "s2", "full", "full2") else 1e-6
+    rtol = rtol if precise or not name.endswith(("full", "full2")) else 1e-5
+    np.testing.assert_allclose(ks._value(acc, name), w, atol=rtol * np.abs(w).max(), rtol=0, err_msg=name)
 
 
 def test_constant_on_the_sample_but_live_later():
