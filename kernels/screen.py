@@ -18,7 +18,9 @@ model's neurons (and over that model's rotated neurons), yet the exact pass
    the candidates ~4× and the rows taken in full ~20× (benchmarks/README.md).
 3. *Exact over all T* for the remaining candidate pairs (a gathered product: each row's few candidate
    columns, rows grouped by candidate count) and the full rows of the neurons still not separated (their
-   bar reaches their best lower bound, or they were constant on the last prefix).
+   bar reaches their best lower bound, or they were constant on the last prefix). On the CPU the passes
+   of 2 and 3 run as one compiled loop over the model-major batches (:mod:`universality.kernels.gathered`);
+   elsewhere as XLA products over neuron-major chunks (``_acc_update``).
 4. *Check*: a neuron is settled by the screen when its exact winner exceeds its bar; the others get their
    whole row computed exactly over all T in one more pass. Every reported maximum and argmax is then an
    exact full-T correlation; the only residual risk is a neuron left out whose estimate on a sample or
