@@ -176,7 +176,7 @@ def main(argv=None):
   p.add_argument("--tokens", type=int, default=1 << 22)
   p.add_argument("--batch_windows", type=int, default=32)
   p.add_argument("--cache", default="")
-  p.add_argument("--batches", type=int, default=0, help="use the first this many batches of the cache (0: all)")
+  p.add_argument("--batches", type=int, default=0, help="the first this many batches of the cache (0: all)")
   p.add_argument("--screen_tokens", type=int, default=ks.Screen.tokens)
   p.add_argument("--z", type=float, default=ks.Screen.z)
   p.add_argument("--k", type=int, default=ks.Screen.k)

@@ -149,14 +149,12 @@ class Plan:
     bar_MxH: the highest upper bound among the neurons left out (-inf when none is left out).
     full_MxH: the sample could not separate the winner: the row is computed in full for this group.
     skip_MxH: groups not wanted (a model with itself when ``within=False``).
-    sample_dead_M: rows constant on the sample.
   """
 
   cand_MxHxJ: np.ndarray
   bar_MxH: np.ndarray
   full_MxH: np.ndarray
   skip_MxH: np.ndarray
-  sample_dead_M: np.ndarray
 
 
 def _standardise(xc_SxTxN, dead_rtol, mean_SxN):
@@ -320,7 +318,7 @@ def plan(sample_SxTxN, q_SxNxN, screen: Screen, *, within: bool, dead_rtol: floa
   full &= ~skip
   cand = np.where(skip[..., None], -1, cand)
   return Plan(cand_MxHxJ=cand.astype(np.int32), bar_MxH=bar.astype(np.float32), full_MxH=full,
-              skip_MxH=skip, sample_dead_M=sdead)
+              skip_MxH=skip)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -730,8 +728,7 @@ def _refine(obs: _Observed, pl: Plan, screen: Screen, *, s, n, within) -> Plan:
   full |= obs.dead_M[:, None]
   full &= ~pl.skip_MxH
   cand = np.where(pl.skip_MxH[..., None] | full[..., None], -1, cand)
-  return Plan(cand_MxHxJ=cand, bar_MxH=bar.astype(np.float32), full_MxH=full, skip_MxH=pl.skip_MxH,
-              sample_dead_M=obs.dead_M)
+  return Plan(cand_MxHxJ=cand, bar_MxH=bar.astype(np.float32), full_MxH=full, skip_MxH=pl.skip_MxH)
 
 
 # --------------------------------------------------------------------------------------------------

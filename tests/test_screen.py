@@ -78,8 +78,9 @@ def _source(acts, batch):
 
 
 @pytest.mark.parametrize("seed,baseline,within,as_source,path", [
-    (0, None, False, True, "cpu loop"), (1, "rotation", False, False, "cpu loop"), (2, None, True, False, "cpu loop"),
-    (3, "rotation", True, True, "cpu loop"), (1, "rotation", False, False, "xla"), (3, "rotation", True, True, "xla")])
+    (0, None, False, True, "cpu loop"), (1, "rotation", False, False, "cpu loop"),
+    (2, None, True, False, "cpu loop"), (3, "rotation", True, True, "cpu loop"),
+    (1, "rotation", False, False, "xla"), (3, "rotation", True, True, "xla")])
 def test_screen_matches_exact_on_heavy_tailed_mixtures(seed, baseline, within, as_source, path, monkeypatch):
   """Both ways of running the passes over all inputs: the CPU loop (kernels.gathered) and XLA's gathered
   product (the accelerators' path)."""
@@ -192,8 +193,8 @@ def test_cpu_loop_sums_equal_float64(squares, precise, in_loop, monkeypatch):
   rot_all = np.einsum("stk,skn->tsn", xs, q).reshape(t, m)
   cols = np.concatenate([real, rot_u], axis=1)
   prod = real[:, rows_P] * cols[:, cols_P]
-  want = {"s1": real.sum(0), "s2": (real ** 2).sum(0), "r2": (rot_u ** 2).sum(0), "rall2": (rot_all ** 2).sum(0),
-          "pairs": prod.sum(0), "full": real[:, full_F].T @ real, "rot_full": real[:, rot_F].T @ rot_all}
+  want = {"s1": real.sum(0), "s2": (real ** 2).sum(0), "r2": (rot_u ** 2).sum(0),
+          "rall2": (rot_all ** 2).sum(0), "pairs": prod.sum(0), "full": real[:, full_F].T @ real, "rot_full": real[:, rot_F].T @ rot_all}
   if squares:
     want.update(pairs2=(prod ** 2).sum(0), full2=(real[:, full_F] ** 2).T @ real ** 2,
                 rot_full2=(real[:, rot_F] ** 2).T @ rot_all ** 2)
